@@ -1,0 +1,82 @@
+// RingAttention: the exact ring schedule (forward and backward) over a Backend and a Transport.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "ringattn/backend.hpp"
+#include "ringattn/layout.hpp"
+#include "ringattn/spec.hpp"
+#include "ringattn/transport.hpp"
+
+namespace ringattn {
+
+// What one hop of a pass did; times in milliseconds.
+struct HopStats {
+  int hop = 0;
+  int source_rank = 0;        // whose K/V chunk was visiting
+  bool skipped = false;       // every key of the chunk hidden by the mask: no compute
+  double compute_ms = 0.0;    // block-attention work of this hop
+  double exposed_comm_ms = 0.0;  // time compute waited for the next chunk to arrive
+};
+
+struct PassStats {
+  std::vector<HopStats> hops;
+  double total_ms = 0.0;  // first mark to last mark on the compute timeline
+  double compute_ms() const;
+  double exposed_comm_ms() const;
+};
+
+// Observer called on the host after each hop is enqueued (progress display, telemetry).
+using HopCallback = void (*)(int hop, int hops, void* user);
+
+class RingAttention {
+ public:
+  // The transport's rank/world define the ring. Buffers (two K/V chunks, accumulators) are
+  // allocated here, once for this shape.
+  RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend> backend,
+                std::unique_ptr<Transport> transport);
+  ~RingAttention();
+  RingAttention(const RingAttention&) = delete;
+  RingAttention& operator=(const RingAttention&) = delete;
+
+  const AttentionSpec& spec() const { return spec_; }
+  int rank() const;
+  int world() const;
+  int64_t local_seq() const { return local_seq_; }
+  const ChunkPositions& positions() const { return q_pos_; }
+  Backend& backend() { return *backend_; }
+  Transport& transport() { return *transport_; }
+
+  // q: (B, S_local, H, D); k, v: (B, S_local, Hkv, D), spec.dtype, in the backend's memory.
+  // out: (B, S_local, H, D) spec.dtype; lse: (B, H, S_local) fp32 (fp64 for fp64 runs).
+  void forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+               const TensorView& lse);
+  // Training: dout like out; writes dq like q, dk and dv like k and v (spec.dtype). Uses the
+  // global lse from forward (no second forward pass).
+  void backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                const TensorView& dk, const TensorView& dv);
+
+  const PassStats& last_stats() const { return stats_; }
+  void set_hop_callback(HopCallback cb, void* user) { hop_cb_ = cb; hop_user_ = user; }
+
+ private:
+  void check_inputs(const TensorView& t, int heads, const char* what) const;
+  void run_hops(bool backward);
+
+  AttentionSpec spec_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<Transport> transport_;
+  int64_t local_seq_ = 0;
+  ChunkPositions q_pos_;
+  std::size_t kv_bytes_ = 0;       // K + V of one chunk
+  std::size_t grad_bytes_ = 0;     // dK + dV accumulators of one chunk (backward)
+  void* buffers_[2] = {nullptr, nullptr};
+  void* grad_buffers_[2] = {nullptr, nullptr};
+  PassStats stats_;
+  HopCallback hop_cb_ = nullptr;
+  void* hop_user_ = nullptr;
+};
+
+}  // namespace ringattn

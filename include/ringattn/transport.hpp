@@ -1,0 +1,33 @@
+// Transport: the ring exchange (send to rank+1, receive from rank-1) over MPI host memory or NCCL device memory.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+namespace ringattn {
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual const char* name() const = 0;
+  virtual int rank() const = 0;
+  virtual int world() const = 0;
+  // Posts the exchange of hop `hop`: `send` (bytes) to rank+1 and `recv` (bytes) from rank-1.
+  // For device transports, the send starts only after the work already enqueued on the compute
+  // stream, so a buffer written by that work (or read by it, for recv) is safe.
+  virtual void start_exchange(const void* send, void* recv, std::size_t bytes, int hop) = 0;
+  // Completes the exchange of hop `hop`. Host transports block (with the timeout); device
+  // transports make the compute stream wait for it. Throws ringattn::Error naming the hop and
+  // peer on timeout or communicator failure.
+  virtual void wait(int hop) = 0;
+  // Tears the communicator down after a failure so that no rank hangs.
+  virtual void abort(const std::string& why) = 0;
+  // Milliseconds a wait may take before the job is aborted.
+  virtual void set_timeout_ms(double ms) = 0;
+};
+
+// A transport for one process (world 1): exchanges never happen.
+std::unique_ptr<Transport> make_local_transport();
+
+}  // namespace ringattn
