@@ -60,6 +60,8 @@ class Backend {
   virtual std::vector<double> synchronize_and_read_marks() = 0;
   // Forgets previous marks (called at the start of each pass).
   virtual void reset_marks() = 0;
+  // The compute stream (a cudaStream_t) for device backends; nullptr on the host.
+  virtual void* stream() const { return nullptr; }
 };
 
 // The CPU reference backend (fp64, fp32; bf16/fp16 are widened to fp32 on the fly).

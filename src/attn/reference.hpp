@@ -1,0 +1,25 @@
+// The naive fp64 reference: materialises every score row; used only by tests and --check.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "ringattn/layout.hpp"
+#include "ringattn/spec.hpp"
+#include "ringattn/tensor.hpp"
+
+namespace ringattn {
+
+// q: (B, Sq, H, D) host, any dtype; k, v: (B, Sk, Hkv, D) host, any dtype.
+// out: (B, Sq, H, D) fp64 host; lse: (B, H, Sq) fp64 host (natural log, -inf for rows that see no key).
+// Query row i has global position q_pos.at(i), key row j has k_pos.at(j). When `rows` is given,
+// only those local query rows are computed (the others are left untouched).
+void reference_attention(const AttentionSpec& spec, const TensorView& q, const ChunkPositions& q_pos,
+                         const TensorView& k, const TensorView& v, const ChunkPositions& k_pos,
+                         const TensorView& out, const TensorView& lse,
+                         const std::vector<int64_t>* rows = nullptr);
+
+// Positions 0..n-1 (a whole sequence in global order).
+ChunkPositions identity_positions(int64_t n);
+
+}  // namespace ringattn
