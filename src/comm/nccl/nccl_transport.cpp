@@ -1,0 +1,345 @@
+// NcclTransport: dedicated NCCL communicator, comm stream, per-hop events, and the timeout watchdog.
+#include "comm/nccl/nccl_transport.hpp"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+
+#include "comm/transports.hpp"
+#include "ringattn/error.hpp"
+#include "ringattn/session.hpp"
+
+namespace ringattn {
+namespace {
+
+constexpr auto kWatchdogPeriod = std::chrono::milliseconds(10);
+constexpr auto kSettlePoll = std::chrono::microseconds(50);
+constexpr int kHostRecordBytes = 128;  // "host pid" of one rank, for messages
+
+void check_cuda(cudaError_t e, const char* call) {
+  if (e != cudaSuccess) {
+    fail(ErrorKind::kCuda, std::string(call) + " failed: " + cudaGetErrorString(e),
+         "check that each rank has its own GPU (CUDA_VISIBLE_DEVICES, RINGATTN_LOCAL_RANK)");
+  }
+}
+
+void check_mpi(int rc, const char* call) {
+  if (rc != MPI_SUCCESS) {
+    char text[MPI_MAX_ERROR_STRING] = {0};
+    int len = 0;
+    MPI_Error_string(rc, text, &len);
+    fail(ErrorKind::kComm, std::string(call) + " failed: " + text, "");
+  }
+}
+
+std::string seconds_text(double ms) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.1f s", ms / 1000.0);
+  return buf;
+}
+
+}  // namespace
+
+NcclTransport::NcclTransport(MPI_Comm comm, int device, cudaStream_t compute_stream, double timeout_ms)
+    : device_(device), compute_stream_(compute_stream) {
+  timeout_ms_.store(timeout_ms > 0 ? timeout_ms : kDefaultTimeoutMs);
+  check_mpi(MPI_Comm_rank(comm, &rank_), "MPI_Comm_rank");
+  check_mpi(MPI_Comm_size(comm, &world_), "MPI_Comm_size");
+  next_ = (rank_ + 1) % world_;
+  prev_ = (rank_ + world_ - 1) % world_;
+  RINGATTN_CHECK(compute_stream_ != nullptr, ErrorKind::kInternal, "NCCL transport needs the backend's compute stream",
+                 "build the CUDA backend before the transport");
+
+  // "host pid" of every rank, so a timeout can say who the silent peer is.
+  char mine[kHostRecordBytes] = {0};
+  std::snprintf(mine, sizeof(mine), "host %s pid %d", process_context().host.c_str(), static_cast<int>(getpid()));
+  std::vector<char> all(static_cast<std::size_t>(kHostRecordBytes) * world_);
+  check_mpi(MPI_Allgather(mine, kHostRecordBytes, MPI_CHAR, all.data(), kHostRecordBytes, MPI_CHAR, comm),
+            "MPI_Allgather of host names");
+  for (int r = 0; r < world_; ++r) {
+    const char* rec = all.data() + static_cast<std::size_t>(r) * kHostRecordBytes;
+    peers_.emplace_back(rec, strnlen(rec, kHostRecordBytes));
+  }
+
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  int lo = 0, hi = 0;
+  check_cuda(cudaDeviceGetStreamPriorityRange(&lo, &hi), "cudaDeviceGetStreamPriorityRange");
+  // Highest priority: the NCCL kernels get SMs as soon as any frees up, instead of queueing
+  // behind the whole attention grid.
+  check_cuda(cudaStreamCreateWithPriority(&comm_stream_, cudaStreamNonBlocking, hi), "cudaStreamCreateWithPriority");
+  check_cuda(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming), "cudaEventCreate");
+  // A pass posts at most `world` exchanges (backward: world, dK/dV travel home); keep two
+  // passes' worth so a slot is never reused while it can still be pending.
+  slots_.resize(static_cast<std::size_t>(2 * world_ + 2));
+  for (Slot& s : slots_) check_cuda(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "cudaEventCreate");
+
+  ncclUniqueId id;
+  std::memset(&id, 0, sizeof(id));
+  if (rank_ == 0) {
+    const ncclResult_t r = ncclGetUniqueId(&id);
+    if (r != ncclSuccess) {
+      fail(ErrorKind::kComm, std::string("ncclGetUniqueId failed: ") + ncclGetErrorString(r),
+           "set NCCL_DEBUG=WARN for details; NCCL_SOCKET_IFNAME may need to name a reachable interface");
+    }
+  }
+  check_mpi(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, comm), "MPI_Bcast of the NCCL unique id");
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;  // no NCCL call may block the host: waits are ours, with a deadline
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const ncclResult_t r = ncclCommInitRankConfig(&comm_, world_, id, rank_, &config);
+    if (r != ncclSuccess && r != ncclInProgress) {
+      fail(ErrorKind::kComm, std::string("ncclCommInitRankConfig failed: ") + ncclGetErrorString(r),
+           "set NCCL_DEBUG=WARN for details");
+    }
+    settle_locked("ncclCommInitRankConfig", -1);
+  }
+  watchdog_ = std::thread([this] { watchdog_loop(); });
+}
+
+NcclTransport::~NcclTransport() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (watchdog_.joinable()) watchdog_.join();
+  cudaSetDevice(device_);
+  if (comm_ != nullptr && !aborted_.load()) {
+    // Drain what is still in flight (with the deadline), then finalize; abort if anything hangs.
+    bool clean = true;
+    const auto deadline = Clock::now() + timeout();
+    for (Slot& s : slots_) {
+      while (s.pending && cudaEventQuery(s.done) == cudaErrorNotReady) {
+        if (Clock::now() > deadline) { clean = false; break; }
+        std::this_thread::sleep_for(kSettlePoll);
+      }
+      if (!clean) break;
+    }
+    if (clean) {
+      ncclResult_t r = ncclCommFinalize(comm_);
+      ncclResult_t state = r;
+      while (state == ncclInProgress && Clock::now() < deadline) {
+        std::this_thread::sleep_for(kSettlePoll);
+        if (ncclCommGetAsyncError(comm_, &state) != ncclSuccess) break;
+      }
+      clean = (r == ncclSuccess || r == ncclInProgress) && state == ncclSuccess;
+    }
+    if (clean) {
+      ncclCommDestroy(comm_);
+    } else {
+      std::fprintf(stderr, "ringattn: %s NCCL communicator did not finalize within %s; aborting it\n",
+                   context_prefix().c_str(), seconds_text(timeout_ms_.load()).c_str());
+      ncclCommAbort(comm_);
+    }
+    comm_ = nullptr;
+  }
+  for (Slot& s : slots_) {
+    if (s.done) cudaEventDestroy(s.done);
+  }
+  if (ready_) cudaEventDestroy(ready_);
+  if (comm_stream_) cudaStreamDestroy(comm_stream_);
+}
+
+std::chrono::milliseconds NcclTransport::timeout() const {
+  return std::chrono::milliseconds(static_cast<int64_t>(timeout_ms_.load()));
+}
+
+void NcclTransport::set_timeout_ms(double ms) {
+  RINGATTN_CHECK(ms > 0, ErrorKind::kInvalidArgument, "timeout " + std::to_string(ms) + " ms is not positive",
+                 "pass -T with a positive number of seconds");
+  timeout_ms_.store(ms);
+}
+
+std::string NcclTransport::peer_text(int peer) const {
+  std::string s = "rank " + std::to_string(peer);
+  if (peer >= 0 && peer < static_cast<int>(peers_.size())) s += " (" + peers_[peer] + ")";
+  return s;
+}
+
+void NcclTransport::check() const {
+  if (failed_.load()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    throw Error(ErrorKind::kComm, failure_);
+  }
+}
+
+void NcclTransport::fail_locked(const std::string& message) {
+  if (failed_.load()) return;
+  failure_ = context_prefix() + " " + message;
+  failed_.store(true);
+  if (comm_ != nullptr && !aborted_.load()) {
+    // Ends the NCCL kernels in flight, so streams (and host threads synchronising on them) drain.
+    ncclCommAbort(comm_);
+    aborted_.store(true);
+  }
+}
+
+void NcclTransport::settle_locked(const char* what, int hop) {
+  const auto deadline = Clock::now() + timeout();
+  ncclResult_t state = ncclInProgress;
+  while (true) {
+    const ncclResult_t r = ncclCommGetAsyncError(comm_, &state);
+    if (r != ncclSuccess) state = r;
+    if (state != ncclInProgress) break;
+    if (Clock::now() > deadline) break;
+    std::this_thread::sleep_for(kSettlePoll);
+  }
+  if (state == ncclSuccess) return;
+  std::string where = hop >= 0 ? "hop " + std::to_string(hop) + ": " : "";
+  std::string msg;
+  if (state == ncclInProgress) {
+    msg = where + std::string(what) + " did not complete within " + seconds_text(timeout_ms_.load()) +
+          " (send to " + peer_text(next_) + ", receive from " + peer_text(prev_) +
+          "); a peer is stalled or dead; communicator aborted";
+  } else {
+    msg = where + std::string(what) + " failed: " + ncclGetErrorString(state) + " (send to " + peer_text(next_) +
+          ", receive from " + peer_text(prev_) + "); communicator aborted";
+  }
+  fail_locked(msg + " (hint: set NCCL_DEBUG=WARN; raise -T if a step legitimately takes longer)");
+  throw Error(ErrorKind::kComm, failure_);
+}
+
+void NcclTransport::start_exchange(const void* send, void* recv, std::size_t bytes, int hop) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (failed_.load()) throw Error(ErrorKind::kComm, failure_);
+  RINGATTN_CHECK(hop >= 0, ErrorKind::kInternal, "negative hop " + std::to_string(hop), "");
+  Slot& slot = slot_for(hop);
+  if (slot.pending) {
+    // Only possible when a caller posts more than two passes' hops without waiting: let it drain.
+    const auto deadline = Clock::now() + timeout();
+    while (cudaEventQuery(slot.done) == cudaErrorNotReady) {
+      if (Clock::now() > deadline) {
+        fail_locked("hop " + std::to_string(slot.hop) + ": exchange still pending when hop " + std::to_string(hop) +
+                    " needs its slot (send to " + peer_text(next_) + ", receive from " + peer_text(prev_) + ")");
+        throw Error(ErrorKind::kComm, failure_);
+      }
+      lock.unlock();
+      std::this_thread::sleep_for(kSettlePoll);
+      lock.lock();
+      if (failed_.load()) throw Error(ErrorKind::kComm, failure_);
+    }
+    slot.pending = false;
+  }
+  // Sends must see finished data; receives must not overwrite a buffer that compute still reads.
+  check_cuda(cudaEventRecord(ready_, compute_stream_), "cudaEventRecord (compute -> comm)");
+  check_cuda(cudaStreamWaitEvent(comm_stream_, ready_, 0), "cudaStreamWaitEvent (comm waits for compute)");
+  // Byte counts with ncclInt8: counts are elements of the datatype, here bytes.
+  ncclResult_t r = ncclGroupStart();
+  if (r == ncclSuccess || r == ncclInProgress) r = ncclSend(send, bytes, ncclInt8, next_, comm_, comm_stream_);
+  if (r == ncclSuccess || r == ncclInProgress) r = ncclRecv(recv, bytes, ncclInt8, prev_, comm_, comm_stream_);
+  const ncclResult_t end = ncclGroupEnd();
+  if (r == ncclSuccess || r == ncclInProgress) r = end;
+  if (r != ncclSuccess && r != ncclInProgress) {
+    fail_locked("hop " + std::to_string(hop) + ": posting the NCCL exchange failed: " + ncclGetErrorString(r) +
+                " (send to " + peer_text(next_) + ", receive from " + peer_text(prev_) + ")");
+    throw Error(ErrorKind::kComm, failure_);
+  }
+  // Non-blocking communicator: the kernels are on the stream only once the group has settled
+  // (the first hop also connects to the peers here).
+  settle_locked("NCCL exchange", hop);
+  check_cuda(cudaEventRecord(slot.done, comm_stream_), "cudaEventRecord (exchange done)");
+  slot.hop = hop;
+  slot.pending = true;
+  slot.posted = Clock::now();
+  lock.unlock();
+  cv_.notify_all();
+}
+
+void NcclTransport::wait(int hop) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (failed_.load()) throw Error(ErrorKind::kComm, failure_);
+  if (hop >= 0) {
+    Slot& slot = slot_for(hop);
+    RINGATTN_CHECK(slot.hop == hop, ErrorKind::kInternal,
+                   "wait for hop " + std::to_string(hop) + " that was never started", "");
+    check_cuda(cudaStreamWaitEvent(compute_stream_, slot.done, 0), "cudaStreamWaitEvent (compute waits for comm)");
+    return;
+  }
+  // Host-side drain: every posted exchange complete (the watchdog enforces the deadline).
+  while (true) {
+    bool pending = false;
+    for (Slot& s : slots_) {
+      if (!s.pending) continue;
+      const cudaError_t e = cudaEventQuery(s.done);
+      if (e == cudaSuccess) {
+        s.pending = false;
+      } else if (e == cudaErrorNotReady) {
+        pending = true;
+      } else {
+        fail_locked("hop " + std::to_string(s.hop) + ": " + cudaGetErrorString(e));
+        throw Error(ErrorKind::kComm, failure_);
+      }
+    }
+    if (!pending) return;
+    lock.unlock();
+    std::this_thread::sleep_for(kSettlePoll);
+    lock.lock();
+    if (failed_.load()) throw Error(ErrorKind::kComm, failure_);
+  }
+}
+
+void NcclTransport::abort(const std::string& why) {
+  std::lock_guard<std::mutex> lock(mu_);
+  fail_locked("aborted: " + why);
+}
+
+void NcclTransport::watchdog_loop() {
+  cudaSetDevice(device_);
+  std::unique_lock<std::mutex> lock(mu_);
+  // Progress clock: a hop can only start once the one before it finished, so its age counts from
+  // the later of its posting and the last completion seen.
+  Clock::time_point last_progress = Clock::now();
+  while (!stop_) {
+    cv_.wait_for(lock, kWatchdogPeriod);
+    if (stop_ || failed_.load()) continue;
+    const Slot* oldest = nullptr;
+    for (Slot& s : slots_) {
+      if (!s.pending) continue;
+      const cudaError_t e = cudaEventQuery(s.done);
+      if (e == cudaSuccess) {
+        s.pending = false;
+        last_progress = Clock::now();
+      } else if (e == cudaErrorNotReady) {
+        if (!oldest || s.posted < oldest->posted) oldest = &s;
+      } else {
+        fail_locked("hop " + std::to_string(s.hop) + ": CUDA error on the communication stream: " +
+                    cudaGetErrorString(e));
+      }
+    }
+    if (failed_.load()) break;
+    ncclResult_t state = ncclSuccess;
+    const ncclResult_t r = ncclCommGetAsyncError(comm_, &state);
+    if (r != ncclSuccess) state = r;
+    if (state != ncclSuccess && state != ncclInProgress) {
+      const int hop = oldest ? oldest->hop : -1;
+      fail_locked("hop " + std::to_string(hop) + ": NCCL reported " + ncclGetErrorString(state) + " (send to " +
+                  peer_text(next_) + ", receive from " + peer_text(prev_) + "); communicator aborted");
+    } else if (oldest) {
+      const auto start = std::max(oldest->posted, last_progress);
+      if (Clock::now() - start > timeout()) {
+        fail_locked("hop " + std::to_string(oldest->hop) + ": NCCL exchange timed out after " +
+                    seconds_text(timeout_ms_.load()) + " (send to " + peer_text(next_) + ", receive from " +
+                    peer_text(prev_) + " never completed); a peer is stalled or dead; communicator aborted "
+                    "(hint: raise -T if one step legitimately takes longer)");
+      }
+    }
+    if (failed_.load()) {
+      std::fprintf(stderr, "ringattn: watchdog: %s\n", failure_.c_str());
+      std::fflush(stderr);
+      break;
+    }
+  }
+}
+
+void check_transport(const Transport& transport) {
+  if (const auto* nccl = dynamic_cast<const NcclTransport*>(&transport)) nccl->check();
+}
+
+std::unique_ptr<Transport> make_nccl_transport(MPI_Comm comm, int device, void* compute_stream) {
+  return std::make_unique<NcclTransport>(comm, device, static_cast<cudaStream_t>(compute_stream),
+                                         kDefaultTimeoutMs);
+}
+
+}  // namespace ringattn

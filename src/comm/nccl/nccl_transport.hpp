@@ -1,0 +1,101 @@
+// NcclTransport: the ring exchange over a dedicated NCCL communicator, with a host watchdog that aborts hung hops.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <mpi.h>
+#include <nccl.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ringattn/transport.hpp"
+
+namespace ringattn {
+
+// Send to rank+1 and receive from rank-1 inside one NCCL group on a communication stream of its
+// own. Ordering (DESIGN.md "Overlap scheduler"):
+//   compute stream --ready event--> comm stream: sends see finished data, receives do not overwrite
+//                                   a buffer that earlier compute still reads;
+//   comm stream --done event[hop]--> compute stream (wait()): compute on the received chunk starts
+//                                   only after the receive completed.
+// Events are created once (a ring of them, indexed by hop), so nothing is allocated per hop.
+//
+// Hang safety: the communicator is non-blocking (ncclConfig_t::blocking = 0), so no NCCL call
+// blocks the host. A watchdog thread polls every posted hop (cudaEventQuery) and the
+// communicator's asynchronous error; when a hop is older than the timeout or NCCL reports an error
+// it aborts the communicator (which also ends the NCCL kernels, so a host blocked in a stream
+// synchronise returns) and records an error naming the hop and the peers. Every later call of this
+// transport, and check(), throws that error as ringattn::Error(kComm).
+class NcclTransport final : public Transport {
+ public:
+  // Collective over `comm`: rank 0 creates the unique id, MPI_Bcast hands it out.
+  NcclTransport(MPI_Comm comm, int device, cudaStream_t compute_stream, double timeout_ms);
+  ~NcclTransport() override;
+  NcclTransport(const NcclTransport&) = delete;
+  NcclTransport& operator=(const NcclTransport&) = delete;
+
+  const char* name() const override { return "nccl"; }
+  int rank() const override { return rank_; }
+  int world() const override { return world_; }
+  void start_exchange(const void* send, void* recv, std::size_t bytes, int hop) override;
+  // hop >= 0: the compute stream waits (on the device) for that hop's exchange.
+  // hop < 0: the host waits, with the timeout, until every posted exchange has completed.
+  void wait(int hop) override;
+  void abort(const std::string& why) override;
+  void set_timeout_ms(double ms) override;
+
+  // Throws the recorded failure, if any (a hop timed out or NCCL reported an error).
+  void check() const;
+  bool failed() const { return failed_.load(); }
+  ncclComm_t comm() const { return comm_; }
+  cudaStream_t comm_stream() const { return comm_stream_; }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  struct Slot {
+    cudaEvent_t done = nullptr;
+    int hop = -1;
+    bool pending = false;
+    Clock::time_point posted;
+  };
+
+  Slot& slot_for(int hop) { return slots_[static_cast<std::size_t>(hop) % slots_.size()]; }
+  std::string peer_text(int peer) const;
+  // Polls ncclCommGetAsyncError until the last call left the in-progress state; mu_ held.
+  void settle_locked(const char* what, int hop);
+  // Aborts the communicator once and records `message`; mu_ held.
+  void fail_locked(const std::string& message);
+  void watchdog_loop();
+  std::chrono::milliseconds timeout() const;
+
+  int rank_ = 0;
+  int world_ = 1;
+  int device_ = -1;
+  int next_ = 0;
+  int prev_ = 0;
+  std::vector<std::string> peers_;  // "host pid" of every rank, for messages
+  ncclComm_t comm_ = nullptr;
+  cudaStream_t compute_stream_ = nullptr;
+  cudaStream_t comm_stream_ = nullptr;
+  cudaEvent_t ready_ = nullptr;
+  std::vector<Slot> slots_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<bool> failed_{false};
+  std::atomic<bool> aborted_{false};
+  std::atomic<double> timeout_ms_{0.0};
+  std::string failure_;
+  bool stop_ = false;
+  std::thread watchdog_;
+};
+
+// Throws when `transport` is an NcclTransport whose watchdog recorded a failure; no-op otherwise.
+void check_transport(const Transport& transport);
+
+}  // namespace ringattn
