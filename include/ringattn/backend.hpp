@@ -48,6 +48,8 @@ class Backend {
   virtual void cast_accumulator(const TensorView& acc, const TensorView& dst);
   // Fills an accumulator view with zeros.
   virtual void zero(const TensorView& acc);
+  // dst += src for two accumulator views of the same shape and dtype (travelling dK/dV partials).
+  virtual void accumulate(const TensorView& dst, const TensorView& src);
 
   // ---- memory and timing helpers used by the scheduler ----
   // Allocates `bytes` in the backend's memory (host or device); freed with the backend.

@@ -63,7 +63,6 @@ class RingAttention {
 
  private:
   void check_inputs(const TensorView& t, int heads, const char* what) const;
-  void run_hops(bool backward);
 
   AttentionSpec spec_;
   std::unique_ptr<Backend> backend_;
@@ -73,7 +72,8 @@ class RingAttention {
   std::size_t kv_bytes_ = 0;       // K + V of one chunk
   std::size_t grad_bytes_ = 0;     // dK + dV accumulators of one chunk (backward)
   void* buffers_[2] = {nullptr, nullptr};
-  void* grad_buffers_[2] = {nullptr, nullptr};
+  void* grad_buffers_[2] = {nullptr, nullptr};  // [K | V | dK | dV] messages of the backward ring
+  void* local_grad_ = nullptr;                   // this rank's dK/dV share for the visiting chunk
   PassStats stats_;
   HopCallback hop_cb_ = nullptr;
   void* hop_user_ = nullptr;

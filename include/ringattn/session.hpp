@@ -55,7 +55,7 @@ class Session {
   virtual std::unique_ptr<RingAttention> make_ring(const AttentionSpec& spec) = 0;
   // The backend alone (for device-memory helpers around the ring).
   virtual std::unique_ptr<Backend> make_backend() = 0;
-  // The MPI communicator (an MPI_Comm) or nullptr without MPI.
+  // A pointer to the session's MPI_Comm, or nullptr when built without MPI.
   virtual void* mpi_comm() const = 0;
 };
 

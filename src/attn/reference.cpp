@@ -75,3 +75,68 @@ void reference_attention(const AttentionSpec& spec, const TensorView& q, const C
 }
 
 }  // namespace ringattn
+
+namespace ringattn {
+
+void reference_attention_backward(const AttentionSpec& spec, const TensorView& q, const TensorView& k,
+                                  const TensorView& v, const TensorView& dout, const TensorView& dq,
+                                  const TensorView& dk, const TensorView& dv) {
+  const int64_t B = q.shape[0], S = q.shape[1], H = q.shape[2], D = q.shape[3], Hkv = k.shape[2];
+  const int64_t group = H / Hkv;
+  const double scale = spec.scale();
+  auto* dqp = static_cast<double*>(dq.data);
+  auto* dkp = static_cast<double*>(dk.data);
+  auto* dvp = static_cast<double*>(dv.data);
+  std::fill(dqp, dqp + dq.numel(), 0.0);
+  std::fill(dkp, dkp + dk.numel(), 0.0);
+  std::fill(dvp, dvp + dv.numel(), 0.0);
+  std::vector<double> P(static_cast<std::size_t>(S * S)), dP(P.size()), O(static_cast<std::size_t>(S * D));
+  auto qi = [&](int64_t b, int64_t i, int64_t h, int64_t d) { return ((b * S + i) * H + h) * D + d; };
+  auto ki = [&](int64_t b, int64_t j, int64_t h, int64_t d) { return ((b * S + j) * Hkv + h) * D + d; };
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t hk = h / group;
+      for (int64_t i = 0; i < S; ++i) {
+        double mx = -std::numeric_limits<double>::infinity();
+        for (int64_t j = 0; j < S; ++j) {
+          double s = -std::numeric_limits<double>::infinity();
+          if (!spec.causal || j <= i) {
+            s = 0.0;
+            for (int64_t d = 0; d < D; ++d) s += load_as_double(q, qi(b, i, h, d)) * load_as_double(k, ki(b, j, hk, d));
+            s *= scale;
+          }
+          P[i * S + j] = s;
+          mx = std::max(mx, s);
+        }
+        double sum = 0.0;
+        for (int64_t j = 0; j < S; ++j) {
+          P[i * S + j] = std::exp(P[i * S + j] - mx);
+          sum += P[i * S + j];
+        }
+        for (int64_t j = 0; j < S; ++j) P[i * S + j] /= sum;
+        for (int64_t d = 0; d < D; ++d) {
+          double o = 0.0;
+          for (int64_t j = 0; j < S; ++j) o += P[i * S + j] * load_as_double(v, ki(b, j, hk, d));
+          O[i * D + d] = o;
+        }
+      }
+      for (int64_t i = 0; i < S; ++i) {
+        double delta = 0.0;
+        for (int64_t d = 0; d < D; ++d) delta += load_as_double(dout, qi(b, i, h, d)) * O[i * D + d];
+        for (int64_t j = 0; j < S; ++j) {
+          double dp = 0.0;
+          for (int64_t d = 0; d < D; ++d) dp += load_as_double(dout, qi(b, i, h, d)) * load_as_double(v, ki(b, j, hk, d));
+          const double p = P[i * S + j];
+          const double ds = p * (dp - delta) * scale;
+          for (int64_t d = 0; d < D; ++d) {
+            dvp[ki(b, j, hk, d)] += p * load_as_double(dout, qi(b, i, h, d));
+            dqp[qi(b, i, h, d)] += ds * load_as_double(k, ki(b, j, hk, d));
+            dkp[ki(b, j, hk, d)] += ds * load_as_double(q, qi(b, i, h, d));
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace ringattn

@@ -23,3 +23,14 @@ void reference_attention(const AttentionSpec& spec, const TensorView& q, const C
 ChunkPositions identity_positions(int64_t n);
 
 }  // namespace ringattn
+
+namespace ringattn {
+
+// Naive fp64 backward over a whole sequence (positions 0..S-1): materialises P per (batch, head).
+// q, dout: (B, S, H, D); k, v: (B, S, Hkv, D), any dtype on the host.
+// dq: (B, S, H, D) fp64; dk, dv: (B, S, Hkv, D) fp64 (shared kv heads summed over their query heads).
+void reference_attention_backward(const AttentionSpec& spec, const TensorView& q, const TensorView& k,
+                                  const TensorView& v, const TensorView& dout, const TensorView& dq,
+                                  const TensorView& dk, const TensorView& dv);
+
+}  // namespace ringattn

@@ -1,0 +1,25 @@
+// LocalTransport: the ring of one process, where no exchange ever happens.
+#include "ringattn/error.hpp"
+#include "ringattn/transport.hpp"
+
+namespace ringattn {
+namespace {
+
+class LocalTransport final : public Transport {
+ public:
+  const char* name() const override { return "local"; }
+  int rank() const override { return 0; }
+  int world() const override { return 1; }
+  void start_exchange(const void*, void*, std::size_t, int hop) override {
+    fail(ErrorKind::kInternal, "a ring of one rank was asked to exchange at hop " + std::to_string(hop), "");
+  }
+  void wait(int) override {}
+  void abort(const std::string&) override {}
+  void set_timeout_ms(double) override {}
+};
+
+}  // namespace
+
+std::unique_ptr<Transport> make_local_transport() { return std::make_unique<LocalTransport>(); }
+
+}  // namespace ringattn

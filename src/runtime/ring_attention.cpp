@@ -1,0 +1,216 @@
+// The ring schedule: K/V chunks rotate over the transport while the backend folds each into fp32 state.
+#include "ringattn/ring_attention.hpp"
+
+#include "ringattn/error.hpp"
+
+namespace ringattn {
+namespace {
+
+// Source rank of the chunk visiting `rank` at step `step`: after k hops rank r holds chunk (r-k) mod p.
+int source_of(int rank, int step, int world) { return ((rank - step) % world + world) % world; }
+
+DType accumulator_dtype(DType dtype) { return dtype == DType::kF64 ? DType::kF64 : DType::kF32; }
+
+TensorView chunk_view(void* base, std::size_t offset_bytes, DType dtype, Device device, int64_t b, int64_t s,
+                      int64_t h, int64_t d) {
+  return make_view(static_cast<char*>(base) + offset_bytes, dtype, device, {b, s, h, d});
+}
+
+}  // namespace
+
+double PassStats::compute_ms() const {
+  double t = 0.0;
+  for (const auto& h : hops) t += h.compute_ms;
+  return t;
+}
+
+double PassStats::exposed_comm_ms() const {
+  double t = 0.0;
+  for (const auto& h : hops) t += h.exposed_comm_ms;
+  return t;
+}
+
+RingAttention::RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend> backend,
+                             std::unique_ptr<Transport> transport)
+    : spec_(spec), backend_(std::move(backend)), transport_(std::move(transport)) {
+  RINGATTN_CHECK(backend_ && transport_, ErrorKind::kInternal, "RingAttention needs a backend and a transport", "");
+  if (spec_.kv_heads == 0) spec_.kv_heads = spec_.heads;
+  spec_.validate(transport_->world());
+  local_seq_ = spec_.local_seq(transport_->world());
+  q_pos_ = chunk_positions(spec_.layout, spec_.seq_len, transport_->rank(), transport_->world());
+  backend_->prepare(spec_, local_seq_, local_seq_);
+  const std::size_t kv_elems =
+      static_cast<std::size_t>(spec_.batch * local_seq_ * spec_.effective_kv_heads() * spec_.head_dim);
+  kv_bytes_ = 2 * kv_elems * dtype_size(spec_.dtype);
+  grad_bytes_ = 2 * kv_elems * dtype_size(accumulator_dtype(spec_.dtype));
+}
+
+RingAttention::~RingAttention() = default;
+
+int RingAttention::rank() const { return transport_->rank(); }
+int RingAttention::world() const { return transport_->world(); }
+
+void RingAttention::check_inputs(const TensorView& t, int heads, const char* what) const {
+  const bool ok = t.rank == 4 && t.shape[0] == spec_.batch && t.shape[1] == local_seq_ && t.shape[2] == heads &&
+                  t.shape[3] == spec_.head_dim && t.dtype == spec_.dtype && t.device == backend_->device() &&
+                  t.is_contiguous();
+  RINGATTN_CHECK(ok, ErrorKind::kInvalidArgument,
+                 std::string(what) + " is " + t.describe() + (t.is_contiguous() ? "" : " (not contiguous)") +
+                     ", expected contiguous " + dtype_name(spec_.dtype) + "[" + std::to_string(spec_.batch) + ", " +
+                     std::to_string(local_seq_) + ", " + std::to_string(heads) + ", " +
+                     std::to_string(spec_.head_dim) + "] on " +
+                     (backend_->device() == Device::kHost ? "host" : "cuda"),
+                 "pass each rank's chunk of seq_len / ranks tokens in the (batch, seq, heads, head_dim) layout");
+}
+
+void RingAttention::forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                            const TensorView& lse) {
+  check_inputs(q, spec_.heads, "q");
+  check_inputs(k, spec_.effective_kv_heads(), "k");
+  check_inputs(v, spec_.effective_kv_heads(), "v");
+  check_inputs(out, spec_.heads, "out");
+  const int p = world(), r = rank();
+  const int64_t B = spec_.batch, S = local_seq_, Hkv = spec_.effective_kv_heads(), D = spec_.head_dim;
+  const Device dev = backend_->device();
+  if (!buffers_[0]) {
+    buffers_[0] = backend_->allocate(kv_bytes_);
+    buffers_[1] = p > 1 ? backend_->allocate(kv_bytes_) : nullptr;
+  }
+  backend_->reset_marks();
+  const int start_mark = backend_->mark();
+  backend_->forward_begin(q, q_pos_);
+  backend_->copy(buffers_[0], k.data, kv_bytes_ / 2);
+  backend_->copy(static_cast<char*>(buffers_[0]) + kv_bytes_ / 2, v.data, kv_bytes_ / 2);
+
+  struct HopMarks { int begin, computed, arrived; };
+  std::vector<HopMarks> marks(p);
+  stats_ = PassStats{};
+  stats_.hops.resize(p);
+  for (int s = 0; s < p; ++s) {
+    void* cur = buffers_[s % 2];
+    if (s + 1 < p) transport_->start_exchange(cur, buffers_[(s + 1) % 2], kv_bytes_, s);
+    const int src = source_of(r, s, p);
+    const ChunkPositions k_pos = chunk_positions(spec_.layout, spec_.seq_len, src, p);
+    const bool skip = classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty;
+    marks[s].begin = backend_->mark();
+    if (!skip) {
+      backend_->forward_step(chunk_view(cur, 0, spec_.dtype, dev, B, S, Hkv, D),
+                             chunk_view(cur, kv_bytes_ / 2, spec_.dtype, dev, B, S, Hkv, D), k_pos);
+    }
+    marks[s].computed = backend_->mark();
+    if (s + 1 < p) transport_->wait(s);
+    marks[s].arrived = backend_->mark();
+    stats_.hops[s].hop = s;
+    stats_.hops[s].source_rank = src;
+    stats_.hops[s].skipped = skip;
+    if (hop_cb_) hop_cb_(s, p, hop_user_);
+  }
+  backend_->forward_end(out, lse);
+  const int end_mark = backend_->mark();
+  const std::vector<double> t = backend_->synchronize_and_read_marks();
+  for (int s = 0; s < p; ++s) {
+    stats_.hops[s].compute_ms = t[marks[s].computed] - t[marks[s].begin];
+    stats_.hops[s].exposed_comm_ms = t[marks[s].arrived] - t[marks[s].computed];
+  }
+  stats_.total_ms = t[end_mark] - t[start_mark];
+}
+
+void RingAttention::backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                             const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                             const TensorView& dk, const TensorView& dv) {
+  check_inputs(q, spec_.heads, "q");
+  check_inputs(k, spec_.effective_kv_heads(), "k");
+  check_inputs(v, spec_.effective_kv_heads(), "v");
+  check_inputs(out, spec_.heads, "out");
+  check_inputs(dout, spec_.heads, "dout");
+  check_inputs(dq, spec_.heads, "dq");
+  check_inputs(dk, spec_.effective_kv_heads(), "dk");
+  check_inputs(dv, spec_.effective_kv_heads(), "dv");
+  const int p = world(), r = rank();
+  const int64_t B = spec_.batch, S = local_seq_, Hkv = spec_.effective_kv_heads(), D = spec_.head_dim;
+  const Device dev = backend_->device();
+  const DType acc_dtype = accumulator_dtype(spec_.dtype);
+  // Message layout per hop: [K | V | dK partial | dV partial]; the gradient part belongs to the
+  // chunk this rank processed one step earlier, so it travels one hop behind its K/V.
+  const std::size_t msg_bytes = kv_bytes_ + grad_bytes_;
+  if (!grad_buffers_[0]) {
+    grad_buffers_[0] = backend_->allocate(msg_bytes);
+    grad_buffers_[1] = p > 1 ? backend_->allocate(msg_bytes) : nullptr;
+    local_grad_ = backend_->allocate(grad_bytes_);
+  }
+  auto kview = [&](void* base) { return chunk_view(base, 0, spec_.dtype, dev, B, S, Hkv, D); };
+  auto vview = [&](void* base) { return chunk_view(base, kv_bytes_ / 2, spec_.dtype, dev, B, S, Hkv, D); };
+  auto gview = [&](void* base, std::size_t offset) {
+    return make_view(static_cast<char*>(base) + offset, acc_dtype, dev, {2, B, S, Hkv * D});
+  };
+  auto dk_of = [&](void* base, std::size_t offset) { return chunk_view(base, offset, acc_dtype, dev, B, S, Hkv, D); };
+  auto dv_of = [&](void* base, std::size_t offset) {
+    return chunk_view(base, offset + grad_bytes_ / 2, acc_dtype, dev, B, S, Hkv, D);
+  };
+
+  backend_->reset_marks();
+  const int start_mark = backend_->mark();
+  backend_->backward_begin(q, out, dout, lse, q_pos_);
+  backend_->copy(grad_buffers_[0], k.data, kv_bytes_ / 2);
+  backend_->copy(static_cast<char*>(grad_buffers_[0]) + kv_bytes_ / 2, v.data, kv_bytes_ / 2);
+
+  struct HopMarks { int begin, computed, arrived; };
+  std::vector<HopMarks> marks(p);
+  stats_ = PassStats{};
+  stats_.hops.resize(p);
+  for (int s = 0; s < p; ++s) {
+    void* cur = grad_buffers_[s % 2];
+    void* nxt = p > 1 ? grad_buffers_[(s + 1) % 2] : nullptr;
+    if (s >= 1) {
+      // Gradient partial of the chunk processed at step s-1: what arrived plus this rank's share.
+      if (s == 1) {
+        backend_->copy(static_cast<char*>(cur) + kv_bytes_, local_grad_, grad_bytes_);
+      } else {
+        backend_->accumulate(gview(cur, kv_bytes_), gview(local_grad_, 0));
+      }
+    }
+    const bool send_kv = s + 1 < p, send_grad = s >= 1;
+    if (send_kv || send_grad) {
+      const std::size_t offset = send_kv ? 0 : kv_bytes_;
+      const std::size_t bytes = (send_kv ? kv_bytes_ : 0) + (send_grad ? grad_bytes_ : 0);
+      transport_->start_exchange(static_cast<char*>(cur) + offset, static_cast<char*>(nxt) + offset, bytes, s);
+    }
+    const int src = source_of(r, s, p);
+    const ChunkPositions k_pos = chunk_positions(spec_.layout, spec_.seq_len, src, p);
+    const bool skip = classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty;
+    marks[s].begin = backend_->mark();
+    backend_->zero(gview(local_grad_, 0));
+    if (!skip) backend_->backward_step(kview(cur), vview(cur), k_pos, dk_of(local_grad_, 0), dv_of(local_grad_, 0));
+    marks[s].computed = backend_->mark();
+    if (send_kv || send_grad) transport_->wait(s);
+    marks[s].arrived = backend_->mark();
+    stats_.hops[s] = HopStats{s, src, skip, 0.0, 0.0};
+    if (hop_cb_) hop_cb_(s, p, hop_user_);
+  }
+  // Home hop: the chunk processed last belongs to rank r+1; send it its finished gradients.
+  void* home = grad_buffers_[0];
+  if (p > 1) {
+    void* cur = grad_buffers_[p % 2];
+    void* nxt = grad_buffers_[(p + 1) % 2];
+    backend_->accumulate(gview(cur, kv_bytes_), gview(local_grad_, 0));
+    transport_->start_exchange(static_cast<char*>(cur) + kv_bytes_, static_cast<char*>(nxt) + kv_bytes_,
+                               grad_bytes_, p);
+    transport_->wait(p);
+    home = nxt;
+    backend_->cast_accumulator(dk_of(home, kv_bytes_), dk);
+    backend_->cast_accumulator(dv_of(home, kv_bytes_), dv);
+  } else {
+    backend_->cast_accumulator(dk_of(local_grad_, 0), dk);
+    backend_->cast_accumulator(dv_of(local_grad_, 0), dv);
+  }
+  backend_->backward_end(dq);
+  const int end_mark = backend_->mark();
+  const std::vector<double> t = backend_->synchronize_and_read_marks();
+  for (int s = 0; s < p; ++s) {
+    stats_.hops[s].compute_ms = t[marks[s].computed] - t[marks[s].begin];
+    stats_.hops[s].exposed_comm_ms = t[marks[s].arrived] - t[marks[s].computed];
+  }
+  stats_.total_ms = t[end_mark] - t[start_mark];
+}
+
+}  // namespace ringattn

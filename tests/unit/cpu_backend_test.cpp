@@ -1,0 +1,186 @@
+// CpuBackend against the naive fp64 reference: blockwise forward, chunk chaining, hidden rows, backward and finite differences.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "attn/reference.hpp"
+#include "ringattn/ringattn.hpp"
+
+namespace ringattn {
+namespace {
+
+struct Buf {
+  std::vector<double> data;
+  TensorView view;
+};
+
+Buf random_buf(std::initializer_list<int64_t> shape, std::mt19937_64& rng) {
+  Buf b;
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;
+  std::uniform_real_distribution<double> dist(-1.5, 1.5);
+  b.data.resize(static_cast<std::size_t>(n));
+  for (auto& x : b.data) x = dist(rng);
+  b.view = make_view(b.data.data(), DType::kF64, Device::kHost, shape);
+  return b;
+}
+
+Buf poisoned(std::initializer_list<int64_t> shape) {
+  Buf b;
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;
+  b.data.assign(static_cast<std::size_t>(n), std::numeric_limits<double>::quiet_NaN());
+  b.view = make_view(b.data.data(), DType::kF64, Device::kHost, shape);
+  return b;
+}
+
+double max_abs_diff(const Buf& a, const Buf& b) {
+  double e = 0.0;
+  for (std::size_t i = 0; i < a.data.size(); ++i) {
+    const double x = a.data[i], y = b.data[i];
+    if (std::isinf(x) && std::isinf(y) && (x > 0) == (y > 0)) continue;
+    const double d = std::fabs(x - y);
+    if (std::isnan(d)) return INFINITY;
+    e = std::max(e, d);
+  }
+  return e;
+}
+
+AttentionSpec spec_for(int64_t batch, int heads, int kv_heads, int head_dim, bool causal) {
+  AttentionSpec s;
+  s.batch = batch;
+  s.heads = heads;
+  s.kv_heads = kv_heads;
+  s.head_dim = head_dim;
+  s.causal = causal;
+  s.dtype = DType::kF64;
+  return s;
+}
+
+TEST(CpuBackend, BlockwiseForwardEqualsNaiveReference) {
+  std::mt19937_64 rng(1);
+  for (bool causal : {false, true}) {
+    const int64_t B = 2, S = 133, H = 4, Hkv = 2, D = 9;  // S crosses several tiles with a tail
+    AttentionSpec spec = spec_for(B, H, Hkv, D, causal);
+    spec.seq_len = S;
+    Buf q = random_buf({B, S, H, D}, rng), k = random_buf({B, S, Hkv, D}, rng), v = random_buf({B, S, Hkv, D}, rng);
+    const ChunkPositions pos = identity_positions(S);
+    Buf ref_o = poisoned({B, S, H, D}), ref_l = poisoned({B, H, S});
+    reference_attention(spec, q.view, pos, k.view, v.view, pos, ref_o.view, ref_l.view);
+    auto be = make_cpu_backend();
+    be->prepare(spec, S, S);
+    be->forward_begin(q.view, pos);
+    be->forward_step(k.view, v.view, pos);
+    Buf o = poisoned({B, S, H, D}), l = poisoned({B, H, S});
+    be->forward_end(o.view, l.view);
+    EXPECT_LT(max_abs_diff(o, ref_o), 1e-13) << "causal=" << causal;
+    EXPECT_LT(max_abs_diff(l, ref_l), 1e-13) << "causal=" << causal;
+  }
+}
+
+TEST(CpuBackend, ChainedChunksMergeExactlyAndHiddenRowsGiveMinusInfinity) {
+  std::mt19937_64 rng(2);
+  const int64_t B = 1, Sq = 40, Sk = 24, H = 2, D = 6;
+  AttentionSpec spec = spec_for(B, H, H, D, true);
+  // Queries at positions 10..49; two key chunks at positions 20..43 and 44..67 (stride 1).
+  ChunkPositions qpos;
+  qpos.num_segments = 1;
+  qpos.seg[0] = {10, 1, Sq};
+  ChunkPositions k1, k2;
+  k1.num_segments = k2.num_segments = 1;
+  k1.seg[0] = {20, 1, Sk};
+  k2.seg[0] = {44, 1, Sk};
+  Buf q = random_buf({B, Sq, H, D}, rng);
+  Buf ka = random_buf({B, Sk, H, D}, rng), va = random_buf({B, Sk, H, D}, rng);
+  Buf kb = random_buf({B, Sk, H, D}, rng), vb = random_buf({B, Sk, H, D}, rng);
+  // Whole key set = concatenation, with positions as a two-segment chunk.
+  Buf kall = poisoned({B, 2 * Sk, H, D}), vall = poisoned({B, 2 * Sk, H, D});
+  std::copy(ka.data.begin(), ka.data.end(), kall.data.begin());
+  std::copy(kb.data.begin(), kb.data.end(), kall.data.begin() + static_cast<long>(ka.data.size()));
+  std::copy(va.data.begin(), va.data.end(), vall.data.begin());
+  std::copy(vb.data.begin(), vb.data.end(), vall.data.begin() + static_cast<long>(va.data.size()));
+  ChunkPositions kpos_all;
+  kpos_all.num_segments = 2;
+  kpos_all.seg[0] = k1.seg[0];
+  kpos_all.seg[1] = k2.seg[0];
+  Buf ref_o = poisoned({B, Sq, H, D}), ref_l = poisoned({B, H, Sq});
+  reference_attention(spec, q.view, qpos, kall.view, vall.view, kpos_all, ref_o.view, ref_l.view);
+
+  auto be = make_cpu_backend();
+  be->prepare(spec, Sq, Sk);
+  be->forward_begin(q.view, qpos);
+  be->forward_step(kb.view, vb.view, k2);  // order must not matter
+  be->forward_step(ka.view, va.view, k1);
+  Buf o = poisoned({B, Sq, H, D}), l = poisoned({B, H, Sq});
+  be->forward_end(o.view, l.view);
+  EXPECT_LT(max_abs_diff(o, ref_o), 1e-13);
+  EXPECT_LT(max_abs_diff(l, ref_l), 1e-13);
+  // Queries at positions 10..19 see no key at all: lse = -inf, output exactly 0, never NaN.
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t i = 0; i < 10; ++i) {
+      EXPECT_EQ(l.data[h * Sq + i], -std::numeric_limits<double>::infinity());
+      for (int64_t d = 0; d < D; ++d) EXPECT_EQ(o.data[(i * H + h) * D + d], 0.0);
+    }
+  }
+}
+
+// Loss = sum(out * dout); its gradient wrt an input element by central differences.
+double loss(const AttentionSpec& spec, const Buf& q, const Buf& k, const Buf& v, const Buf& dout) {
+  const int64_t S = q.view.shape[1];
+  const ChunkPositions pos = identity_positions(S);
+  Buf o = poisoned({q.view.shape[0], S, q.view.shape[2], q.view.shape[3]});
+  Buf l = poisoned({q.view.shape[0], q.view.shape[2], S});
+  reference_attention(spec, q.view, pos, k.view, v.view, pos, o.view, l.view);
+  double s = 0.0;
+  for (std::size_t i = 0; i < o.data.size(); ++i) s += o.data[i] * dout.data[i];
+  return s;
+}
+
+TEST(CpuBackend, BackwardMatchesReferenceAndFiniteDifferences) {
+  std::mt19937_64 rng(3);
+  const int64_t B = 1, S = 12, H = 4, Hkv = 2, D = 3;
+  AttentionSpec spec = spec_for(B, H, Hkv, D, true);
+  spec.seq_len = S;
+  Buf q = random_buf({B, S, H, D}, rng), k = random_buf({B, S, Hkv, D}, rng), v = random_buf({B, S, Hkv, D}, rng);
+  Buf dout = random_buf({B, S, H, D}, rng);
+  const ChunkPositions pos = identity_positions(S);
+  auto be = make_cpu_backend();
+  be->prepare(spec, S, S);
+  be->forward_begin(q.view, pos);
+  be->forward_step(k.view, v.view, pos);
+  Buf o = poisoned({B, S, H, D}), l = poisoned({B, H, S});
+  be->forward_end(o.view, l.view);
+  be->backward_begin(q.view, o.view, dout.view, l.view, pos);
+  Buf dk = random_buf({B, S, Hkv, D}, rng), dv = random_buf({B, S, Hkv, D}, rng);
+  be->zero(dk.view);
+  be->zero(dv.view);
+  be->backward_step(k.view, v.view, pos, dk.view, dv.view);
+  Buf dq = poisoned({B, S, H, D});
+  be->backward_end(dq.view);
+
+  Buf rq = poisoned({B, S, H, D}), rk = poisoned({B, S, Hkv, D}), rv = poisoned({B, S, Hkv, D});
+  reference_attention_backward(spec, q.view, k.view, v.view, dout.view, rq.view, rk.view, rv.view);
+  EXPECT_LT(max_abs_diff(dq, rq), 1e-12);
+  EXPECT_LT(max_abs_diff(dk, rk), 1e-12);
+  EXPECT_LT(max_abs_diff(dv, rv), 1e-12);
+
+  constexpr double kStep = 1e-5;
+  for (Buf* x : {&q, &k, &v}) {
+    const Buf& grad = x == &q ? dq : (x == &k ? dk : dv);
+    for (std::size_t i = 0; i < x->data.size(); i += 5) {
+      const double saved = x->data[i];
+      x->data[i] = saved + kStep;
+      const double up = loss(spec, q, k, v, dout);
+      x->data[i] = saved - kStep;
+      const double down = loss(spec, q, k, v, dout);
+      x->data[i] = saved;
+      EXPECT_NEAR(grad.data[i], (up - down) / (2 * kStep), 1e-7) << "element " << i;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace ringattn
