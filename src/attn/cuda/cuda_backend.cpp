@@ -1,0 +1,279 @@
+// CudaBackend: the forward step on one GPU, fp32 running state on the device, events for timelines.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "attn/cuda/cuda_check.hpp"
+#include "attn/cuda/flash_fwd.hpp"
+#include "ringattn/backend.hpp"
+#include "ringattn/error.hpp"
+
+namespace ringattn {
+namespace {
+
+constexpr int kMaxMarks = 4096;           // timeline events per pass, created once
+constexpr int64_t kVectorElems = 8;       // the kernels move 16-byte vectors of 2-byte elements
+constexpr std::size_t kVectorBytes = 16;
+constexpr double kLog2e = 1.4426950408889634;
+
+void require(bool cond, const std::string& what, const std::string& hint) {
+  RINGATTN_CHECK(cond, ErrorKind::kInvalidArgument, what, hint);
+}
+
+// An attention tensor (B, S, heads, D) on the device with the layout the kernels need.
+void check_attention_view(const TensorView& t, const char* name, DType dtype, int64_t batch, int64_t rows,
+                          int64_t heads, int64_t head_dim) {
+  const std::string n = name;
+  require(t.device == Device::kCuda, n + " " + t.describe() + " is not on the device",
+          "pass device pointers to the CUDA backend");
+  require(t.dtype == dtype, n + " " + t.describe() + " has the wrong dtype, expected " + dtype_name(dtype),
+          "all attention tensors use the spec's dtype");
+  require(t.rank == 4 && t.shape[0] == batch && t.shape[1] == rows && t.shape[2] == heads && t.shape[3] == head_dim,
+          n + " " + t.describe() + " does not have shape (" + std::to_string(batch) + ", " + std::to_string(rows) +
+              ", " + std::to_string(heads) + ", " + std::to_string(head_dim) + ")",
+          "tensors are (batch, seq, heads, head_dim)");
+  require(t.stride[3] == 1 && t.stride[0] % kVectorElems == 0 && t.stride[1] % kVectorElems == 0 &&
+              t.stride[2] % kVectorElems == 0 && reinterpret_cast<uintptr_t>(t.data) % kVectorBytes == 0,
+          n + " " + t.describe() + " needs a contiguous head_dim, strides that are multiples of 8 and 16-byte alignment",
+          "make the tensor contiguous");
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(void* stream) {
+    int device = 0;
+    RINGATTN_CUDA_CHECK(cudaGetDevice(&device));
+    if (stream != nullptr) {
+      stream_ = static_cast<cudaStream_t>(stream);
+    } else {
+      RINGATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+      owns_stream_ = true;
+    }
+  }
+
+  ~CudaBackend() override {
+    // Destructors must not throw: errors here are ignored, the process is usually ending.
+    cudaStreamSynchronize(stream_);
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+    for (void* p : allocations_) cudaFree(p);
+    if (owns_stream_) cudaStreamDestroy(stream_);
+  }
+
+  const char* name() const override { return "cuda"; }
+  Device device() const override { return Device::kCuda; }
+  void* stream() const override { return stream_; }
+
+  void prepare(const AttentionSpec& spec, int64_t q_rows, int64_t k_rows) override {
+    require(spec.dtype == DType::kBF16 || spec.dtype == DType::kF16,
+            std::string("the CUDA backend computes bf16 and fp16, not ") + dtype_name(spec.dtype),
+            "use --dtype bf16 or fp16, or the CPU backend for fp32/fp64");
+    require(spec.head_dim == 64 || spec.head_dim == 128,
+            "the CUDA backend has kernels for head_dim 64 and 128, not " + std::to_string(spec.head_dim),
+            "use --head-dim 64 or 128, or the CPU backend");
+    require(spec.heads > 0 && spec.heads % spec.effective_kv_heads() == 0,
+            "heads " + std::to_string(spec.heads) + " not a multiple of kv heads " +
+                std::to_string(spec.effective_kv_heads()),
+            "choose --kv-heads dividing --heads");
+    require(q_rows >= 0 && k_rows >= 0 && q_rows < (int64_t{1} << 31) && k_rows < (int64_t{1} << 31),
+            "chunk of " + std::to_string(q_rows) + " x " + std::to_string(k_rows) + " rows out of range",
+            "use more ranks");
+    const int64_t rows = spec.batch * spec.heads * q_rows;
+    const bool same_shape = spec_.batch == spec.batch && spec_.heads == spec.heads && spec_.head_dim == spec.head_dim &&
+                            q_rows_ == q_rows && acc_ != nullptr;
+    spec_ = spec;
+    q_rows_ = q_rows;
+    k_rows_ = k_rows;
+    if (!same_shape) {
+      release_state();
+      acc_ = static_cast<float*>(allocate(static_cast<std::size_t>(rows * spec.head_dim) * sizeof(float)));
+      row_max_ = static_cast<float*>(allocate(static_cast<std::size_t>(rows) * sizeof(float)));
+      row_sum_ = static_cast<float*>(allocate(static_cast<std::size_t>(rows) * sizeof(float)));
+    }
+    if (events_.empty()) {
+      events_.resize(kMaxMarks);
+      for (cudaEvent_t& e : events_) RINGATTN_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDefault));
+    }
+  }
+
+  // q: (B, q_rows, H, D) spec.dtype on the device.
+  void forward_begin(const TensorView& q, const ChunkPositions& q_pos) override {
+    require_prepared();
+    check_attention_view(q, "q", spec_.dtype, spec_.batch, q_rows_, spec_.heads, spec_.head_dim);
+    require(q_pos.size() == q_rows_, "query positions cover " + std::to_string(q_pos.size()) + " rows, q has " +
+                                         std::to_string(q_rows_), "");
+    q_ = q;
+    q_pos_ = q_pos;
+    first_step_ = true;
+  }
+
+  // k, v: (B, Sk, Hkv, D) spec.dtype on the device, Sk <= k_rows.
+  void forward_step(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos) override {
+    require(q_.data != nullptr, "forward_step before forward_begin", "call forward_begin first");
+    const int64_t sk = k.rank == 4 ? k.shape[1] : -1;
+    check_attention_view(k, "k", spec_.dtype, spec_.batch, sk, spec_.effective_kv_heads(), spec_.head_dim);
+    check_attention_view(v, "v", spec_.dtype, spec_.batch, sk, spec_.effective_kv_heads(), spec_.head_dim);
+    require(k_pos.size() == sk, "key positions cover " + std::to_string(k_pos.size()) + " rows, k has " +
+                                    std::to_string(sk), "");
+    // A chunk nobody sees leaves the state alone (and does not count as the first step).
+    if (sk == 0 || classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty) return;
+    cuda::FlashFwdParams p;
+    p.q = q_.data;
+    p.k = k.data;
+    p.v = v.data;
+    p.q_batch_stride = q_.stride[0];
+    p.q_row_stride = q_.stride[1];
+    p.q_head_stride = q_.stride[2];
+    p.k_batch_stride = k.stride[0];
+    p.k_row_stride = k.stride[1];
+    p.k_head_stride = k.stride[2];
+    p.v_batch_stride = v.stride[0];
+    p.v_row_stride = v.stride[1];
+    p.v_head_stride = v.stride[2];
+    p.acc = acc_;
+    p.row_max = row_max_;
+    p.row_sum = row_sum_;
+    p.batch = static_cast<int>(spec_.batch);
+    p.heads = spec_.heads;
+    p.kv_group = spec_.group_size();
+    p.seq_q = static_cast<int>(q_rows_);
+    p.seq_k = static_cast<int>(sk);
+    p.scale_log2 = static_cast<float>(spec_.scale() * kLog2e);
+    p.causal = spec_.causal;
+    p.first_step = first_step_;
+    p.q_pos = q_pos_;
+    p.k_pos = k_pos;
+    cuda::flash_fwd_step(p, spec_.dtype, spec_.head_dim, stream_);
+    first_step_ = false;
+  }
+
+  // out: (B, q_rows, H, D) spec.dtype; lse: (B, H, q_rows) fp32, natural log.
+  void forward_end(const TensorView& out, const TensorView& lse) override {
+    require(q_.data != nullptr, "forward_end before forward_begin", "call forward_begin first");
+    check_attention_view(out, "out", spec_.dtype, spec_.batch, q_rows_, spec_.heads, spec_.head_dim);
+    require(lse.device == Device::kCuda && lse.dtype == DType::kF32 && lse.rank == 3 && lse.shape[0] == spec_.batch &&
+                lse.shape[1] == spec_.heads && lse.shape[2] == q_rows_,
+            "lse " + lse.describe() + " must be fp32 (B, H, q_rows) on the device", "allocate lse as (B, H, S) fp32");
+    cuda::FlashFinalizeParams p;
+    p.acc = acc_;
+    p.row_max = row_max_;
+    p.row_sum = row_sum_;
+    p.out = out.data;
+    p.out_batch_stride = out.stride[0];
+    p.out_row_stride = out.stride[1];
+    p.out_head_stride = out.stride[2];
+    p.lse = lse.as<float>();
+    p.lse_batch_stride = lse.stride[0];
+    p.lse_head_stride = lse.stride[1];
+    p.lse_row_stride = lse.stride[2];
+    p.batch = static_cast<int>(spec_.batch);
+    p.heads = spec_.heads;
+    p.seq_q = static_cast<int>(q_rows_);
+    p.head_dim = spec_.head_dim;
+    p.nothing_visible = first_step_;
+    cuda::flash_fwd_finalize(p, spec_.dtype, stream_);
+    q_ = TensorView{};
+  }
+
+  void cast_accumulator(const TensorView& acc, const TensorView& dst) override {
+    require(acc.device == Device::kCuda && dst.device == Device::kCuda && acc.dtype == DType::kF32 &&
+                acc.is_contiguous() && dst.is_contiguous() && acc.numel() == dst.numel(),
+            "cast_accumulator from " + acc.describe() + " to " + dst.describe(),
+            "both contiguous on the device, fp32 source, same number of elements");
+    cuda::cast_f32(acc.as<float>(), dst.data, dst.dtype, acc.numel(), stream_);
+  }
+
+  void zero(const TensorView& acc) override {
+    require(acc.device == Device::kCuda && acc.is_contiguous(), "zero of " + acc.describe(),
+            "the accumulator must be contiguous on the device");
+    RINGATTN_CUDA_CHECK(cudaMemsetAsync(acc.data, 0, acc.nbytes(), stream_));
+  }
+
+  void* allocate(std::size_t bytes) override {
+    void* p = nullptr;
+    if (bytes == 0) return nullptr;
+    RINGATTN_CUDA_CHECK(cudaMalloc(&p, bytes));
+    allocations_.push_back(p);
+    return p;
+  }
+
+  void copy(void* dst, const void* src, std::size_t bytes) override {
+    if (bytes == 0) return;
+    RINGATTN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_));
+  }
+
+  int mark() override {
+    require(!events_.empty(), "mark() before prepare()", "call prepare first: it creates the event pool");
+    RINGATTN_CHECK(marks_ < static_cast<int>(events_.size()), ErrorKind::kInternal,
+                   "more than " + std::to_string(events_.size()) + " timeline marks in one pass",
+                   "call reset_marks() at the start of each pass");
+    RINGATTN_CUDA_CHECK(cudaEventRecord(events_[marks_], stream_));
+    return marks_++;
+  }
+
+  std::vector<double> synchronize_and_read_marks() override {
+    RINGATTN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    std::vector<double> ms(marks_, 0.0);
+    for (int i = 1; i < marks_; ++i) {
+      float t = 0.f;
+      RINGATTN_CUDA_CHECK(cudaEventElapsedTime(&t, events_[0], events_[i]));
+      ms[i] = t;
+    }
+    return ms;
+  }
+
+  void reset_marks() override { marks_ = 0; }
+
+ private:
+  void require_prepared() const {
+    RINGATTN_CHECK(acc_ != nullptr || spec_.batch * spec_.heads * q_rows_ == 0, ErrorKind::kInternal,
+                   "CUDA backend used before prepare()", "call prepare(spec, q_rows, k_rows) first");
+  }
+
+  void release_state() {
+    for (float* p : {acc_, row_max_, row_sum_}) {
+      if (p == nullptr) continue;
+      RINGATTN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      RINGATTN_CUDA_CHECK(cudaFree(p));
+      for (auto it = allocations_.begin(); it != allocations_.end(); ++it) {
+        if (*it == p) {
+          allocations_.erase(it);
+          break;
+        }
+      }
+    }
+    acc_ = row_max_ = row_sum_ = nullptr;
+  }
+
+  cudaStream_t stream_ = nullptr;
+  bool owns_stream_ = false;
+  std::vector<void*> allocations_;
+  std::vector<cudaEvent_t> events_;
+  int marks_ = 0;
+
+  AttentionSpec spec_;
+  int64_t q_rows_ = 0;
+  int64_t k_rows_ = 0;
+  float* acc_ = nullptr;      // (B, H, q_rows, D) unnormalised output
+  float* row_max_ = nullptr;  // (B, H, q_rows) running max of score * scale * log2(e)
+  float* row_sum_ = nullptr;  // (B, H, q_rows) running sum of 2^(score * scale * log2(e) - max)
+
+  TensorView q_;
+  ChunkPositions q_pos_;
+  bool first_step_ = true;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(void* stream) { return std::make_unique<CudaBackend>(stream); }
+
+bool cuda_backend_available() {
+  int count = 0;
+  const bool ok = cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+  cudaGetLastError();  // a missing device must not linger as the next launch's error
+  return ok;
+}
+
+}  // namespace ringattn

@@ -1,0 +1,140 @@
+// Runtime dispatch of the forward step (dtype, head_dim, tile variant), the finalize pass and casts.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+
+#include "attn/cuda/cuda_check.hpp"
+#include "attn/cuda/flash_device.cuh"
+#include "attn/cuda/flash_fwd.hpp"
+
+namespace ringattn::cuda {
+namespace {
+
+constexpr int kElemsPerVector = 8;  // 16-byte vectors of 2-byte elements
+constexpr int kFinalizeThreads = 256;
+constexpr int kCastThreads = 256;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// RINGATTN_FWD_VARIANT (0 .. kFwdVariants-1) selects a tuning variant of the bf16 tiles; 0 when unset.
+int fwd_variant() {
+  static const int variant = [] {
+    const char* env = std::getenv("RINGATTN_FWD_VARIANT");
+    const int v = env != nullptr ? std::atoi(env) : 0;
+    return v >= 0 && v < kFwdVariants ? v : 0;
+  }();
+  return variant;
+}
+
+template <typename Elem, int kHeadDim>
+void launch_variant(const FlashFwdParams& params, cudaStream_t stream, int variant) {
+  static_assert(kFwdVariants == 3, "one branch per variant");
+  if (variant == 2) return launch_flash_fwd<Elem, kHeadDim, 2>(params, stream);
+  if (variant == 1) return launch_flash_fwd<Elem, kHeadDim, 1>(params, stream);
+  launch_flash_fwd<Elem, kHeadDim, 0>(params, stream);
+}
+
+// One thread per 8 output elements: out = acc / sum, lse = (max + log2(sum)) * ln 2.
+template <typename Elem>
+__global__ void flash_finalize_kernel(const FlashFinalizeParams p) {
+  const int vectors_per_row = p.head_dim / kElemsPerVector;
+  const int64_t total = static_cast<int64_t>(p.batch) * p.heads * p.seq_q * vectors_per_row;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int vec = static_cast<int>(idx % vectors_per_row);
+    const int64_t state_row = idx / vectors_per_row;  // (b * H + h) * Sq + row
+    const int row = static_cast<int>(state_row % p.seq_q);
+    const int bh = static_cast<int>(state_row / p.seq_q);
+    const int b = bh / p.heads;
+    const int h = bh % p.heads;
+    const float sum = p.nothing_visible ? 0.f : p.row_sum[state_row];
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    float values[kElemsPerVector];
+    if (sum > 0.f) {
+      const float4* src = reinterpret_cast<const float4*>(p.acc + state_row * p.head_dim + vec * kElemsPerVector);
+      const float4 lo = src[0], hi = src[1];
+      values[0] = lo.x; values[1] = lo.y; values[2] = lo.z; values[3] = lo.w;
+      values[4] = hi.x; values[5] = hi.y; values[6] = hi.z; values[7] = hi.w;
+    } else {
+#pragma unroll
+      for (int i = 0; i < kElemsPerVector; ++i) values[i] = 0.f;
+    }
+    uint4 packed;
+    uint32_t* words = reinterpret_cast<uint32_t*>(&packed);
+#pragma unroll
+    for (int i = 0; i < kElemsPerVector / 2; ++i) words[i] = pack2<Elem>(values[2 * i] * inv, values[2 * i + 1] * inv);
+    Elem* out = static_cast<Elem*>(p.out) + b * p.out_batch_stride + row * p.out_row_stride + h * p.out_head_stride +
+                vec * kElemsPerVector;
+    *reinterpret_cast<uint4*>(out) = packed;
+    if (vec == 0) {
+      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] =
+          sum > 0.f ? (p.row_max[state_row] + log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+template <typename Elem>
+__global__ void cast_f32_kernel(const float* src, Elem* dst, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = from_float<Elem>(src[i]);
+}
+
+unsigned grid_for(int64_t work, int threads) {
+  constexpr int64_t kMaxBlocks = 1 << 16;
+  const int64_t blocks = (work + threads - 1) / threads;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
+}
+
+[[noreturn]] void unsupported(DType dtype, int head_dim) {
+  fail(ErrorKind::kInvalidArgument,
+       std::string("the CUDA backend has no kernel for ") + dtype_name(dtype) + " with head_dim " +
+           std::to_string(head_dim),
+       "use --dtype bf16 or fp16 with head_dim 64 or 128, or the CPU backend");
+}
+
+}  // namespace
+
+void flash_fwd_step(const FlashFwdParams& params, DType dtype, int head_dim, cudaStream_t stream) {
+  const int variant = dtype == DType::kBF16 ? fwd_variant() : 0;
+  if (dtype == DType::kBF16 && head_dim == 64) return launch_variant<__nv_bfloat16, 64>(params, stream, variant);
+  if (dtype == DType::kBF16 && head_dim == 128) return launch_variant<__nv_bfloat16, 128>(params, stream, variant);
+  if (dtype == DType::kF16 && head_dim == 64) return launch_flash_fwd<__half, 64, 0>(params, stream);
+  if (dtype == DType::kF16 && head_dim == 128) return launch_flash_fwd<__half, 128, 0>(params, stream);
+  unsupported(dtype, head_dim);
+}
+
+void flash_fwd_finalize(const FlashFinalizeParams& params, DType dtype, cudaStream_t stream) {
+  const int64_t work = static_cast<int64_t>(params.batch) * params.heads * params.seq_q * (params.head_dim / kElemsPerVector);
+  if (work == 0) return;
+  const unsigned grid = grid_for(work, kFinalizeThreads);
+  if (dtype == DType::kBF16) {
+    flash_finalize_kernel<__nv_bfloat16><<<grid, kFinalizeThreads, 0, stream>>>(params);
+  } else if (dtype == DType::kF16) {
+    flash_finalize_kernel<__half><<<grid, kFinalizeThreads, 0, stream>>>(params);
+  } else {
+    unsupported(dtype, params.head_dim);
+  }
+  RINGATTN_CUDA_CHECK_LAUNCH("flash_finalize_kernel");
+}
+
+void cast_f32(const float* src, void* dst, DType dtype, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  const unsigned grid = grid_for(n, kCastThreads);
+  if (dtype == DType::kBF16) {
+    cast_f32_kernel<<<grid, kCastThreads, 0, stream>>>(src, static_cast<__nv_bfloat16*>(dst), n);
+  } else if (dtype == DType::kF16) {
+    cast_f32_kernel<<<grid, kCastThreads, 0, stream>>>(src, static_cast<__half*>(dst), n);
+  } else if (dtype == DType::kF32) {
+    RINGATTN_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+    return;
+  } else {
+    fail(ErrorKind::kInvalidArgument, std::string("cannot cast an fp32 accumulator to ") + dtype_name(dtype),
+         "use bf16, fp16 or fp32");
+  }
+  RINGATTN_CUDA_CHECK_LAUNCH("cast_f32_kernel");
+}
+
+}  // namespace ringattn::cuda

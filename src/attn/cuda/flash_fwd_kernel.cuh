@@ -1,0 +1,253 @@
+// The forward kernel: one query tile against the visible key tiles of one visiting K/V chunk,
+// continuing the fp32 online softmax held in global memory (FlashAttention-2 structure, mma.sync).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "attn/cuda/flash_device.cuh"
+#include "attn/cuda/flash_fwd_params.hpp"
+#include "attn/cuda/flash_positions.cuh"
+#include "attn/cuda/flash_softmax.cuh"
+
+namespace ringattn::cuda {
+
+// Element offset of 16-byte chunk c of row r in a swizzled tile.
+template <typename T>
+__device__ __forceinline__ int swizzled(int row, int chunk) {
+  return row * T::kHeadDim + ((chunk ^ (row & T::kSwizzleMask)) * T::kChunkElems);
+}
+
+// The shared-memory addresses one lane hands to ldmatrix for a swizzled tile. The lane supplies row
+// `row` (+ multiples of 8) and logical chunk 2 * step + half; since the XOR spans 8 chunks (4 steps),
+// four per-lane bases plus compile-time offsets cover every (step, row offset) of the unrolled loops.
+template <typename T>
+struct LdmatrixLane {
+  static constexpr int kBases = T::kSwizzleRows / 2;
+  uint32_t base[kBases];
+
+  __device__ __forceinline__ LdmatrixLane(uint32_t tile, int row, int half) {
+#pragma unroll
+    for (int k = 0; k < kBases; ++k)
+      base[k] = tile + (row * T::kHeadDim + (((2 * k + half) ^ (row & T::kSwizzleMask)) * T::kChunkElems)) *
+                           T::kElemBytes;
+  }
+  // row_offset: a multiple of 8, compile-time in the unrolled loops, like step.
+  __device__ __forceinline__ uint32_t at(int step, int row_offset) const {
+    return base[step % kBases] +
+           ((step / kBases) * T::kSwizzleRows * T::kChunkElems + row_offset * T::kHeadDim) * T::kElemBytes;
+  }
+};
+
+// Starts the copy of rows [row0, row0 + kRows) of one head into a swizzled shared tile; rows at or
+// after `seq` are zero-filled so masked columns never multiply garbage.
+// gmem: the head's row 0, rows `row_stride` elements apart, head_dim contiguous.
+template <typename T, int kRows, typename Elem>
+__device__ __forceinline__ void load_tile_async(Elem* smem, const Elem* gmem, int64_t row_stride, int row0, int seq) {
+  constexpr int kChunks = kRows * T::kChunksPerRow;
+#pragma unroll
+  for (int i = 0; i < kChunks / T::kThreads; ++i) {
+    const int idx = static_cast<int>(threadIdx.x) + i * T::kThreads;
+    const int row = idx / T::kChunksPerRow;
+    const int chunk = idx % T::kChunksPerRow;
+    const bool valid = row0 + row < seq;
+    const Elem* src = gmem + (valid ? static_cast<int64_t>(row0 + row) * row_stride : 0) + chunk * T::kChunkElems;
+    cp_async_16(smem + swizzled<T>(row, chunk), src, valid);
+  }
+}
+
+template <typename T, typename Elem>
+__global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_kernel(const __grid_constant__ FlashFwdParams p) {
+  constexpr int kMTiles = T::kMTiles;
+  constexpr int kNTilesS = T::kNTilesS;
+  constexpr int kNTilesO = T::kNTilesO;
+  constexpr int kRows = OnlineSoftmax<kMTiles>::kRowsPerThread;
+  constexpr int kQuad = 4;            // lanes sharing one accumulator row
+  constexpr int kHalfTileRows = 8;    // second row of a thread in an m16 tile
+  constexpr int kLdmRows = 8;         // rows of one ldmatrix 8x8 matrix
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  Elem* s_q = reinterpret_cast<Elem*>(smem);  // (kBlockM, D) swizzled
+  Elem* s_k = s_q + T::kSmemQElems;           // (kBlockN, D) swizzled
+  Elem* s_v = s_k + T::kSmemKElems;           // (kBlockN, D) swizzled
+
+  // Heaviest query tiles first (under a causal mask the last tiles see the most keys).
+  const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
+  const int bh = static_cast<int>(blockIdx.y);
+  const int b = bh / p.heads;
+  const int h = bh % p.heads;
+  const int kv_h = h / p.kv_group;
+  const int q_lo = m_block * T::kBlockM;
+  const int q_hi = min(q_lo + T::kBlockM, p.seq_q);
+  const int lane = static_cast<int>(threadIdx.x) % T::kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / T::kWarpSize;
+  const int quad_row = lane / kQuad;
+  const int quad_col = lane % kQuad;
+  const int warp_row0 = warp * T::kRowsPerWarp;
+  // ldmatrix.x4 row suppliers: Q as the A operand (16 rows x 2 chunks), K as B of S (two n8 key
+  // tiles x 2 chunks), V transposed as B of P V (16 keys x two n8 column tiles).
+  const LdmatrixLane<T> lane_q(smem_addr(s_q), lane % T::kMmaM, lane / T::kMmaM);
+  const LdmatrixLane<T> lane_k(smem_addr(s_k), lane % kLdmRows + (lane / (2 * kLdmRows)) * kLdmRows,
+                               (lane / kLdmRows) % 2);
+  const LdmatrixLane<T> lane_v(smem_addr(s_v), lane % kLdmRows + ((lane / kLdmRows) % 2) * kLdmRows,
+                               lane / (2 * kLdmRows));
+
+  // q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D).
+  const Elem* q_head = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const Elem* k_head = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + kv_h * p.k_head_stride;
+  const Elem* v_head = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + kv_h * p.v_head_stride;
+  // State: acc (B, H, Sq, D), row_max / row_sum (B, H, Sq).
+  const int64_t state_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.seq_q;
+  float* acc_g = p.acc + state_row0 * T::kHeadDim;
+  float* max_g = p.row_max + state_row0;
+  float* sum_g = p.row_sum + state_row0;
+
+  const int64_t q_min = position_min(p.q_pos, q_lo, q_hi);
+  const int64_t q_max = position_max(p.q_pos, q_lo, q_hi);
+  const int num_n_tiles = (p.seq_k + T::kBlockN - 1) / T::kBlockN;
+  int tile = next_visible_tile(p.k_pos, 0, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+  if (tile == num_n_tiles && !p.first_step) return;  // this chunk adds nothing: the state stays
+
+  if (tile < num_n_tiles) {
+    load_tile_async<T, T::kBlockM>(s_q, q_head, p.q_row_stride, q_lo, p.seq_q);
+    load_tile_async<T, T::kBlockN>(s_k, k_head, p.k_row_stride, tile * T::kBlockN, p.seq_k);
+    cp_async_commit();
+  }
+
+  // Accumulator fragment (m16n8): thread holds rows quad_row (+8) and columns 2*quad_col (+1).
+  float acc[kMTiles][kNTilesO][4];
+  OnlineSoftmax<kMTiles> softmax;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int row = q_lo + warp_row0 + mt * T::kMmaM + quad_row + r * kHalfTileRows;
+      const bool load = row < p.seq_q && !p.first_step;
+      softmax.row_max[mt][r] = load ? max_g[row] : -INFINITY;
+      softmax.row_sum[mt][r] = load && quad_col == 0 ? sum_g[row] : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNTilesO; ++nt) {
+        float2 v = make_float2(0.f, 0.f);
+        if (load) v = *reinterpret_cast<const float2*>(acc_g + static_cast<int64_t>(row) * T::kHeadDim +
+                                                       nt * T::kMmaN + 2 * quad_col);
+        acc[mt][nt][2 * r] = v.x;
+        acc[mt][nt][2 * r + 1] = v.y;
+      }
+    }
+  }
+
+  while (tile < num_n_tiles) {
+    const int k_lo = tile * T::kBlockN;
+    const TileKind kind = classify_key_tile(p.k_pos, k_lo, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+
+    cp_async_wait_all();  // K_tile (and Q) landed; every warp is done with V of the previous tile
+    __syncthreads();
+    load_tile_async<T, T::kBlockN>(s_v, v_head, p.v_row_stride, k_lo, p.seq_k);
+    cp_async_commit();
+
+    // S = Q K^T for this warp's rows.
+    float s[kMTiles][kNTilesS][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < T::kKStepsS; ++ks) {
+      uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) ldmatrix_x4(a[mt], lane_q.at(ks, warp_row0 + mt * T::kMmaM));
+#pragma unroll
+      for (int np = 0; np < kNTilesS / 2; ++np) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, lane_k.at(ks, np * 2 * T::kMmaN));
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_16816<Elem>(s[mt][2 * np], a[mt], bk[0], bk[1]);
+          mma_16816<Elem>(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+        }
+      }
+    }
+
+    if (kind == TileKind::kPartial) {
+      int64_t q_position[kMTiles][kRows];  // rows past seq_q are never stored; any value will do
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+          q_position[mt][r] =
+              position_at(p.q_pos, q_lo + warp_row0 + mt * T::kMmaM + quad_row + r * kHalfTileRows);
+#pragma unroll
+      for (int nt = 0; nt < kNTilesS; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = k_lo + nt * T::kMmaN + 2 * quad_col + e;
+          // Missing tail keys sort after every query; without a causal mask real keys before all.
+          const int64_t key_position = key >= p.seq_k ? INT64_MAX : (p.causal ? position_at(p.k_pos, key) : INT64_MIN);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int r = 0; r < kRows; ++r)
+              if (key_position > q_position[mt][r]) s[mt][nt][2 * r + e] = -INFINITY;
+        }
+      }
+    }
+
+    const int next = next_visible_tile(p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+    cp_async_wait_all();  // V_tile landed; every warp is done with K_tile
+    __syncthreads();
+    if (next < num_n_tiles) {
+      load_tile_async<T, T::kBlockN>(s_k, k_head, p.k_row_stride, next * T::kBlockN, p.seq_k);
+      cp_async_commit();
+    }
+
+    softmax.update(s, acc, p.scale_log2);
+
+    // O += P V: two n8 score tiles form one k16 A operand, straight from registers.
+#pragma unroll
+    for (int kk = 0; kk < T::kKStepsO; ++kk) {
+      uint32_t pa[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        pa[mt][0] = pack2<Elem>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][1] = pack2<Elem>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][2] = pack2<Elem>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][3] = pack2<Elem>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < kNTilesO / 2; ++dp) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, lane_v.at(dp, kk * T::kMmaK));
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_16816<Elem>(acc[mt][2 * dp], pa[mt], bv[0], bv[1]);
+          mma_16816<Elem>(acc[mt][2 * dp + 1], pa[mt], bv[2], bv[3]);
+        }
+      }
+    }
+    tile = next;
+  }
+
+  softmax.reduce_sums();
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int row = q_lo + warp_row0 + mt * T::kMmaM + quad_row + r * kHalfTileRows;
+      if (row >= p.seq_q) continue;
+      if (quad_col == 0) {
+        max_g[row] = softmax.row_max[mt][r];
+        sum_g[row] = softmax.row_sum[mt][r];
+      }
+#pragma unroll
+      for (int nt = 0; nt < kNTilesO; ++nt)
+        *reinterpret_cast<float2*>(acc_g + static_cast<int64_t>(row) * T::kHeadDim + nt * T::kMmaN + 2 * quad_col) =
+            make_float2(acc[mt][nt][2 * r], acc[mt][nt][2 * r + 1]);
+    }
+  }
+}
+
+}  // namespace ringattn::cuda
