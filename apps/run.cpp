@@ -1,0 +1,307 @@
+// `ringattn run`: one exact ring-attention forward pass on seeded or loaded inputs, with --check, --save and --json.
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cli_common.hpp"
+#include "commands.hpp"
+#include "core/logging.hpp"
+#include "core/npy.hpp"
+#include "ringattn/error.hpp"
+#include "ringattn/ringattn.hpp"
+#include "ringattn/session.hpp"
+
+namespace ringattn::cli {
+namespace {
+
+constexpr int kExitCheckFailed = 2;  // results were computed but are wrong (errors exit with 1)
+
+struct RunFlags {
+  ProblemFlags problem;
+  bool check = false;
+  int64_t check_rows = 0;  // 0: auto (all rows when cheap, else a sample), -1: all, N: N sampled rows
+  std::string load_dir;
+  std::string save_dir;
+  std::string json_path;
+};
+
+// Global q/k/v read from --load, converted to the run's dtype.
+struct LoadedInputs {
+  HostTensor q, k, v;  // (B, S, H, D), (B, S, Hkv, D), (B, S, Hkv, D)
+};
+
+std::string join(const std::string& dir, const char* name) { return (std::filesystem::path(dir) / name).string(); }
+
+void conflict(const char* flag, int64_t flag_value, const std::string& file, int64_t file_value, const char* axis) {
+  fail(ErrorKind::kInvalidArgument,
+       std::string(flag) + " " + std::to_string(flag_value) + " conflicts with '" + file + "' whose " + axis + " is " +
+           std::to_string(file_value),
+       std::string("with --load the arrays define the problem: drop ") + flag + " or pass arrays of that shape");
+}
+
+// Reads DIR/q.npy, k.npy, v.npy; takes batch, seq_len, heads, kv_heads and head_dim from their
+// shapes (a flag the user passed must agree) and the dtype from q.npy unless --dtype was given.
+LoadedInputs load_inputs(const RunFlags& f, AttentionSpec& spec) {
+  const std::string qp = join(f.load_dir, "q.npy"), kp = join(f.load_dir, "k.npy"), vp = join(f.load_dir, "v.npy");
+  NpyArray q = read_npy(qp);
+  NpyArray k = read_npy(kp);
+  NpyArray v = read_npy(vp);
+  if (q.shape.size() != 4) {
+    fail(ErrorKind::kInvalidArgument, "'" + qp + "' has shape " + q.shape_string() + ", expected 4 dimensions",
+         "--load wants q.npy as [batch, seq, heads, head_dim] in global token order");
+  }
+  const int64_t B = q.shape[0], S = q.shape[1], H = q.shape[2], D = q.shape[3];
+  if (k.shape.size() != 4) {
+    fail(ErrorKind::kInvalidArgument, "'" + kp + "' has shape " + k.shape_string() + ", expected 4 dimensions",
+         "--load wants k.npy as [batch, seq, kv_heads, head_dim]");
+  }
+  const int64_t Hkv = k.shape[2];
+  expect_npy_shape(k, {B, S, Hkv, D}, kp, "[batch, seq, kv_heads, head_dim] matching q.npy " + q.shape_string());
+  expect_npy_shape(v, {B, S, Hkv, D}, vp, "[batch, seq, kv_heads, head_dim] matching k.npy");
+  const ProblemFlags& p = f.problem;
+  if (given(p.batch_opt) && p.batch != B) conflict("--batch", p.batch, qp, B, "batch (axis 0)");
+  if (given(p.seq_len_opt) && spec.seq_len != S) conflict("--seq-len", spec.seq_len, qp, S, "seq (axis 1)");
+  if (given(p.heads_opt) && p.heads != H) conflict("--heads", p.heads, qp, H, "heads (axis 2)");
+  if (given(p.kv_heads_opt) && p.kv_heads != 0 && p.kv_heads != Hkv) {
+    conflict("--kv-heads", p.kv_heads, kp, Hkv, "kv_heads (axis 2)");
+  }
+  if (given(p.head_dim_opt) && p.head_dim != D) conflict("--head-dim", p.head_dim, qp, D, "head_dim (axis 3)");
+  if (H > (1 << 30) || Hkv > (1 << 30) || D > (1 << 30) || Hkv < 1) {
+    fail(ErrorKind::kInvalidArgument, "'" + kp + "' has an unusable head count " + std::to_string(Hkv), "");
+  }
+  spec.batch = B;
+  spec.seq_len = S;
+  spec.heads = static_cast<int>(H);
+  spec.kv_heads = static_cast<int>(Hkv);
+  spec.head_dim = static_cast<int>(D);
+  if (!given(p.dtype_opt)) spec.dtype = q.dtype;
+  LoadedInputs in;
+  in.q = convert_host(q.view(), spec.dtype);
+  in.k = convert_host(k.view(), spec.dtype);
+  in.v = convert_host(v.view(), spec.dtype);
+  return in;
+}
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+std::string stats_json(int rank, const std::string& who, const PassStats& st, double wall_ms) {
+  JsonWriter j;
+  j.begin_object().field("rank", rank).field("where", who).field("wall_ms", wall_ms).field("total_ms", st.total_ms);
+  j.field("compute_ms", st.compute_ms()).field("exposed_comm_ms", st.exposed_comm_ms());
+  j.begin_array("hops");
+  for (const HopStats& h : st.hops) {
+    j.begin_object().field("hop", h.hop).field("source_rank", h.source_rank).field("skipped", h.skipped);
+    j.field("compute_ms", h.compute_ms).field("exposed_comm_ms", h.exposed_comm_ms).end_object();
+  }
+  j.end_array().end_object();
+  return j.str();
+}
+
+int run_main(const RunFlags& f) {
+  guess_process_context_from_launcher();
+  init_logging(f.problem.log_level);
+  // Names and numbers that need no ring size are checked before MPI starts (same on every rank).
+  AttentionSpec spec = spec_from_flags(f.problem);
+  const SessionOptions options = session_options_from_flags(f.problem);
+  std::unique_ptr<Session> session = Session::create(nullptr, nullptr, options);
+  const int rank = session->rank(), world = session->world();
+  log().info("session up: {} ranks, backend {}, transport {}", world, session->backend_name(),
+             session->transport_name());
+
+  std::optional<LoadedInputs> loaded;
+  collectively(*session, [&] {
+    if (!f.load_dir.empty()) loaded = load_inputs(f, spec);
+    spec.validate(world);
+    if (rank == 0 && !f.save_dir.empty()) ensure_writable_dir(f.save_dir, "--save");
+    if (rank == 0 && !f.json_path.empty()) {
+      const auto parent = std::filesystem::path(f.json_path).parent_path();
+      ensure_writable_dir(parent.empty() ? std::string(".") : parent.string(), "--json");
+    }
+  });
+  log().info("problem: {}", spec.describe());
+
+  std::unique_ptr<RingAttention> ring;
+  collectively(*session, [&] { ring = session->make_ring(spec); });
+  const int64_t B = spec.batch, Sl = ring->local_seq(), H = spec.heads, Hkv = spec.effective_kv_heads(),
+                D = spec.head_dim;
+  const ChunkPositions& pos = ring->positions();
+  const DType lse_dtype = spec.dtype == DType::kF64 ? DType::kF64 : DType::kF32;
+
+  // Host inputs of this rank (its rows only), then the same in the backend's memory.
+  HostTensor q = make_host_tensor(spec.dtype, {B, Sl, H, D});
+  HostTensor k = make_host_tensor(spec.dtype, {B, Sl, Hkv, D});
+  HostTensor v = make_host_tensor(spec.dtype, {B, Sl, Hkv, D});
+  HostTensor out = make_host_tensor(spec.dtype, {B, Sl, H, D});
+  HostTensor lse = make_host_tensor(lse_dtype, {B, H, Sl});
+  TensorView q_dev, k_dev, v_dev, out_dev, lse_dev;
+  collectively(*session, [&] {
+    if (loaded) {
+      shard_rows(loaded->q.view, q.view, pos, 1);
+      shard_rows(loaded->k.view, k.view, pos, 1);
+      shard_rows(loaded->v.view, v.view, pos, 1);
+    } else {
+      fill_random_rows(q.view, pos, spec.seq_len, f.problem.seed, TensorId::kQ);
+      fill_random_rows(k.view, pos, spec.seq_len, f.problem.seed, TensorId::kK);
+      fill_random_rows(v.view, pos, spec.seq_len, f.problem.seed, TensorId::kV);
+    }
+    Backend& be = ring->backend();
+    q_dev = allocate_on_backend(be, spec.dtype, {B, Sl, H, D});
+    k_dev = allocate_on_backend(be, spec.dtype, {B, Sl, Hkv, D});
+    v_dev = allocate_on_backend(be, spec.dtype, {B, Sl, Hkv, D});
+    out_dev = allocate_on_backend(be, spec.dtype, {B, Sl, H, D});
+    lse_dev = allocate_on_backend(be, lse_dtype, {B, H, Sl});
+    copy_to_backend(q.view, q_dev);
+    copy_to_backend(k.view, k_dev);
+    copy_to_backend(v.view, v_dev);
+  });
+
+  double wall_ms = 0.0;
+  session->barrier();
+  collectively(*session, [&] {
+    const double t0 = now_ms();
+    ring->forward(q_dev, k_dev, v_dev, out_dev, lse_dev);
+    copy_to_host(out_dev, out.view);  // synchronises the device
+    wall_ms = now_ms() - t0;
+    copy_to_host(lse_dev, lse.view);
+  });
+  const PassStats& stats = ring->last_stats();
+  const double wall_max = session->max_over_ranks(wall_ms);
+  const double compute_max = session->max_over_ranks(stats.compute_ms());
+  const double exposed_max = session->max_over_ranks(stats.exposed_comm_ms());
+  const std::vector<std::string> rank_lines = session->gather_strings(session->describe_rank());
+  const std::vector<std::string> rank_stats =
+      session->gather_strings(stats_json(rank, session->describe_rank(), stats, wall_ms));
+  int skipped = 0;
+  for (const HopStats& h : stats.hops) skipped += h.skipped ? 1 : 0;
+  const double skipped_total = session->sum_over_ranks(skipped);
+
+  // --check against the fp64 reference.
+  CheckResult check;
+  if (f.check) {
+    CheckResult local;
+    collectively(*session, [&] {
+      const std::vector<int64_t> rows =
+          choose_check_rows(spec, world, rank, f.problem.seed, f.check_rows, &local.sampled);
+      const KvBlockSource kv = loaded ? global_kv_source(loaded->k.view, loaded->v.view)
+                                      : seeded_kv_source(f.problem.seed, spec.seq_len);
+      const bool sampled = local.sampled;
+      local = check_against_reference(spec, q.view, pos, out.view, lse.view, rows, kv);
+      local.sampled = sampled;
+    });
+    check = reduce_check(*session, local);
+  }
+
+  // --save: gather rows to rank 0 in global token order, write out.npy and lse.npy there.
+  if (!f.save_dir.empty()) {
+    const DType save_dtype = (spec.dtype == DType::kF64 || spec.dtype == DType::kF32) ? spec.dtype : DType::kF32;
+    HostTensor out_save = convert_host(out.view, save_dtype);
+    HostTensor out_global = gather_to_root(*session, spec, out_save.view, 1);
+    HostTensor lse_global = gather_to_root(*session, spec, lse.view, 2);
+    collectively(*session, [&] {
+      if (rank != 0) return;
+      write_npy(join(f.save_dir, "out.npy"), out_global.view);
+      write_npy(join(f.save_dir, "lse.npy"), lse_global.view);
+    });
+  }
+
+  const double flops = forward_flops(spec);
+  const double tflops_per_rank = wall_max > 0.0 ? flops / world / (wall_max * 1e-3) / 1e12 : 0.0;
+  if (rank == 0) {
+    std::printf("# ringattn run: %d ranks, backend %s, transport %s\n", world, session->backend_name().c_str(),
+                session->transport_name().c_str());
+    std::printf("# problem: %s\n", spec.describe().c_str());
+    if (loaded) {
+      std::printf("# inputs: loaded from %s\n", f.load_dir.c_str());
+    } else {
+      std::printf("# inputs: seeded, --seed %llu\n", static_cast<unsigned long long>(f.problem.seed));
+    }
+    for (const std::string& line : rank_lines) std::printf("#   %s\n", line.c_str());
+    std::printf("# %12s %12s %16s %14s %13s\n", "time_ms", "compute_ms", "exposed_comm_ms", "TFLOP/s/rank",
+                "skipped_hops");
+    std::printf("  %12.3f %12.3f %16.3f %14.4f %8.0f/%-4d\n", wall_max, compute_max, exposed_max, tflops_per_rank,
+                skipped_total, world * world);
+    if (f.check) {
+      std::printf("# check vs fp64 reference: %lld rows (%s) x %lld batch x %d heads\n",
+                  static_cast<long long>(check.rows), check.sampled ? "sampled" : "all",
+                  static_cast<long long>(spec.batch), spec.heads);
+      std::printf("#   max_abs_err %.3e  max_rel_err %.3e  max_lse_err %.3e  non-finite %lld  tolerance %.0e\n",
+                  check.max_abs_err, check.max_rel_err, check.max_lse_err, static_cast<long long>(check.mismatched),
+                  check.tolerance);
+      std::printf("%s\n", check.pass ? "PASS" : "FAIL");
+    }
+    if (!f.save_dir.empty()) std::printf("# saved %s/out.npy and %s/lse.npy\n", f.save_dir.c_str(), f.save_dir.c_str());
+    std::fflush(stdout);
+  }
+
+  if (!f.json_path.empty()) {
+    collectively(*session, [&] {
+      if (rank != 0) return;
+      JsonWriter j;
+      j.begin_object().field("command", "run").field("version", "0.1.0");
+      j.field("ranks", world).field("backend", session->backend_name()).field("transport", session->transport_name());
+      j.begin_object("problem").field("batch", spec.batch).field("seq_len", spec.seq_len).field("heads", spec.heads);
+      j.field("kv_heads", spec.effective_kv_heads()).field("head_dim", spec.head_dim).field("causal", spec.causal);
+      j.field("scale", spec.scale()).field("layout", layout_name(spec.layout)).field("dtype", dtype_name(spec.dtype));
+      j.end_object();
+      j.begin_object("inputs");
+      if (loaded) {
+        j.field("source", "load").field("dir", f.load_dir);
+      } else {
+        j.field("source", "seed").field("seed", static_cast<int64_t>(f.problem.seed));
+      }
+      j.end_object();
+      j.begin_object("timing").field("wall_ms", wall_max).field("compute_ms", compute_max);
+      j.field("exposed_comm_ms", exposed_max).field("flops", flops).field("tflops_per_rank", tflops_per_rank);
+      j.field("skipped_hops", static_cast<int64_t>(skipped_total)).end_object();
+      j.begin_array("per_rank");
+      for (const std::string& s : rank_stats) j.raw("", s);
+      j.end_array();
+      j.begin_object("check").field("enabled", f.check);
+      if (f.check) {
+        j.field("rows", check.rows).field("sampled", check.sampled).field("max_abs_err", check.max_abs_err);
+        j.field("max_rel_err", check.max_rel_err).field("max_lse_err", check.max_lse_err);
+        j.field("non_finite", check.mismatched).field("tolerance", check.tolerance).field("pass", check.pass);
+      }
+      j.end_object();
+      if (!f.save_dir.empty()) j.field("save_dir", f.save_dir);
+      j.end_object();
+      write_text_file(f.json_path, j.str() + "\n");
+    });
+  }
+
+  if (f.check && !check.pass) {
+    std::fprintf(stderr, "ringattn: %s check FAILED: max_rel_err %.3e, max_lse_err %.3e, non-finite %lld (tolerance %.0e)\n",
+                 context_prefix().c_str(), check.max_rel_err, check.max_lse_err,
+                 static_cast<long long>(check.mismatched), check.tolerance);
+    return kExitCheckFailed;
+  }
+  return 0;
+}
+
+}  // namespace
+
+Command add_run_command(CLI::App& root) {
+  auto flags = std::make_shared<RunFlags>();
+  CLI::App* app = root.add_subcommand("run", "One exact ring-attention forward pass (seeded or --load inputs)");
+  app->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a repeated flag: last wins
+  add_problem_flags(*app, flags->problem);
+  add_session_flags(*app, flags->problem);
+  app->add_flag("--check", flags->check, "Compare with the fp64 naive reference; exit 2 on FAIL");
+  app->add_option("--check-rows", flags->check_rows,
+                  "Rows per rank for --check: 0 = all when cheap else a sample, -1 = all, N = N sampled")
+      ->capture_default_str();
+  app->add_option("--load", flags->load_dir,
+                  "Read q.npy [B,S,H,D], k.npy and v.npy [B,S,Hkv,D] (global order, float32/64) from DIR");
+  app->add_option("--save", flags->save_dir, "Write out.npy [B,S,H,D] and lse.npy [B,H,S] (global order) to DIR");
+  app->add_option("--json", flags->json_path, "Write one JSON object with parameters, timings and check results");
+  return {app, [flags] { return run_main(*flags); }};
+}
+
+}  // namespace ringattn::cli

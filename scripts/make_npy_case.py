@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""End-to-end check helper for `ringattn run --load/--save`, independent of ringattn's own code.
+
+  make DIR     write q.npy, k.npy, v.npy (numpy random normals, global token order)
+  compare DIR OUT   numpy softmax attention of DIR's inputs vs OUT/out.npy and OUT/lse.npy
+  corrupt DIR KIND  write an unusable q.npy/k.npy/v.npy set (pure Python: works without numpy)
+
+`make` and `compare` need numpy and exit 77 (the ctest skip code) when it is missing.
+"""
+import argparse
+import os
+import struct
+import sys
+
+SKIP = 77
+
+
+def need_numpy():
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        print("numpy is not installed: skipping (python3 -m pip install numpy)", file=sys.stderr)
+        sys.exit(SKIP)
+    import numpy as np
+    return np
+
+
+def cmd_make(a):
+    np = need_numpy()
+    rng = np.random.default_rng(a.seed)
+    dt = {"float32": np.float32, "float64": np.float64}[a.dtype]
+    os.makedirs(a.dir, exist_ok=True)
+    kvh = a.kv_heads or a.heads
+    np.save(os.path.join(a.dir, "q.npy"), rng.standard_normal((a.batch, a.seq, a.heads, a.head_dim)).astype(dt))
+    np.save(os.path.join(a.dir, "k.npy"), rng.standard_normal((a.batch, a.seq, kvh, a.head_dim)).astype(dt))
+    np.save(os.path.join(a.dir, "v.npy"), rng.standard_normal((a.batch, a.seq, kvh, a.head_dim)).astype(dt))
+    print(f"wrote {a.dir}/q.npy k.npy v.npy: batch {a.batch} seq {a.seq} heads {a.heads}/{kvh} dim {a.head_dim} {a.dtype}")
+
+
+def attention(np, q, k, v, causal, scale):
+    """Plain softmax attention in float64. q: (B,S,H,D), k/v: (B,S,Hkv,D) -> out (B,S,H,D), lse (B,H,S)."""
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    B, S, H, D = q.shape
+    group = H // k.shape[2]
+    k = np.repeat(k, group, axis=2)  # query head h reads kv head h // group
+    v = np.repeat(v, group, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) * (scale if scale > 0 else 1.0 / np.sqrt(D))
+    if causal:
+        s = np.where(np.tril(np.ones((S, S), dtype=bool))[None, None], s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    p = np.exp(s - m)
+    l = p.sum(axis=-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", p / l, v)
+    lse = (m + np.log(l))[..., 0]
+    return out, lse
+
+
+def cmd_compare(a):
+    np = need_numpy()
+    q, k, v = (np.load(os.path.join(a.dir, n)) for n in ("q.npy", "k.npy", "v.npy"))
+    out = np.load(os.path.join(a.out, "out.npy"))
+    lse = np.load(os.path.join(a.out, "lse.npy"))
+    ref_out, ref_lse = attention(np, q, k, v, a.causal, a.scale)
+    ok = True
+    if out.shape != ref_out.shape or lse.shape != ref_lse.shape:
+        print(f"FAIL: shapes out {out.shape} lse {lse.shape}, expected {ref_out.shape} {ref_lse.shape}")
+        sys.exit(1)
+    if a.expect_dtype and (str(out.dtype) != a.expect_dtype or str(lse.dtype) != a.expect_dtype):
+        print(f"FAIL: dtypes out {out.dtype} lse {lse.dtype}, expected {a.expect_dtype}")
+        ok = False
+    err_out = float(np.max(np.abs(out.astype(np.float64) - ref_out)))
+    err_lse = float(np.max(np.abs(lse.astype(np.float64) - ref_lse)))
+    print(f"numpy reference: max |out - ref| = {err_out:.3e}, max |lse - ref| = {err_lse:.3e}, tolerance {a.tol:.0e}")
+    if not (err_out <= a.tol and err_lse <= a.tol):
+        ok = False
+    print("PASS" if ok else "FAIL")
+    sys.exit(0 if ok else 1)
+
+
+def npy_bytes(descr, shape, payload, fortran=False, magic=b"\x93NUMPY", version=1):
+    """A .npy file built by hand (struct only), so broken variants need no numpy."""
+    shape_txt = "(" + "".join(f"{s}, " for s in shape).rstrip(" ") + ")" if len(shape) != 1 else f"({shape[0]},)"
+    header = "{'descr': '%s', 'fortran_order': %s, 'shape': %s, }" % (descr, "True" if fortran else "False", shape_txt)
+    pre = 10 if version == 1 else 12
+    total = (pre + len(header) + 1 + 63) // 64 * 64
+    header = header + " " * (total - pre - len(header) - 1) + "\n"
+    size = struct.pack("<H", len(header)) if version == 1 else struct.pack("<I", len(header))
+    return magic + bytes([version, 0]) + size + header.encode("latin1") + payload
+
+
+def cmd_corrupt(a):
+    B, S, H, D = 1, a.seq, 2, 8
+    n = B * S * H * D
+    good = lambda shape: npy_bytes("<f4", shape, struct.pack("<%df" % (len_of(shape)), *([0.5] * len_of(shape))))
+    files = {"q.npy": good((B, S, H, D)), "k.npy": good((B, S, H, D)), "v.npy": good((B, S, H, D))}
+    payload = struct.pack("<%df" % n, *([0.5] * n))
+    broken = {
+        "magic": npy_bytes("<f4", (B, S, H, D), payload, magic=b"\x93NUMPX"),
+        "truncated": npy_bytes("<f4", (B, S, H, D), payload[: len(payload) // 2]),
+        "fortran": npy_bytes("<f4", (B, S, H, D), payload, fortran=True),
+        "dtype": npy_bytes("<i4", (B, S, H, D), struct.pack("<%di" % n, *([1] * n))),
+        "bigendian": npy_bytes(">f4", (B, S, H, D), struct.pack(">%df" % n, *([0.5] * n))),
+        "rank": npy_bytes("<f4", (B * S, H * D), payload),
+        "header": b"\x93NUMPY\x01\x00\x40\x00" + b"garbage" * 20,
+    }
+    os.makedirs(a.dir, exist_ok=True)
+    if a.kind == "kshape":  # k with another head_dim than q
+        files["k.npy"] = good((B, S, H, D * 2))
+    elif a.kind == "missing":
+        files.pop("v.npy")
+    else:
+        files["q.npy"] = broken[a.kind]
+    for name in ("q.npy", "k.npy", "v.npy"):
+        path = os.path.join(a.dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+        if name in files:
+            with open(path, "wb") as f:
+                f.write(files[name])
+    print(f"wrote a '{a.kind}' case to {a.dir}")
+
+
+def len_of(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("dir")
+    m.add_argument("--batch", type=int, default=2)
+    m.add_argument("--seq", type=int, default=96)
+    m.add_argument("--heads", type=int, default=4)
+    m.add_argument("--kv-heads", type=int, default=0)
+    m.add_argument("--head-dim", type=int, default=24)
+    m.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    m.add_argument("--seed", type=int, default=1234)
+    c = sub.add_parser("compare")
+    c.add_argument("dir")
+    c.add_argument("out")
+    c.add_argument("--causal", action="store_true")
+    c.add_argument("--scale", type=float, default=0.0)
+    c.add_argument("--tol", type=float, default=1e-10)
+    c.add_argument("--expect-dtype", default="")
+    k = sub.add_parser("corrupt")
+    k.add_argument("dir")
+    k.add_argument("kind", choices=["magic", "truncated", "fortran", "dtype", "bigendian", "rank", "header", "kshape",
+                                    "missing"])
+    k.add_argument("--seq", type=int, default=24)
+    a = p.parse_args()
+    {"make": cmd_make, "compare": cmd_compare, "corrupt": cmd_corrupt}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
