@@ -1,0 +1,90 @@
+// Entry points of the CUDA backward kernels (FA2 structure): preprocess, one step per visiting K/V chunk, finalize.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ringattn/layout.hpp"
+#include "ringattn/tensor.hpp"
+
+namespace ringattn::cuda {
+
+// Rows of the per-(batch, head) scratch vectors (lse_log2, delta) are padded to a multiple of this,
+// so the kernel can copy whole query tiles of them without tail checks.
+inline constexpr int kBwdRowPad = 128;
+constexpr int64_t flash_bwd_padded_rows(int64_t seq_q) { return (seq_q + kBwdRowPad - 1) / kBwdRowPad * kBwdRowPad; }
+
+// Everything the three backward passes read and write. Strides count elements; the last dimension of
+// every tensor is contiguous. Row strides of bf16/fp16 tensors must be multiples of 8 elements and
+// their pointers 16-byte aligned (16-byte copies); dk/dv accumulator strides must be even.
+struct FlashBwdParams {
+  DType dtype = DType::kBF16;  // of q, k, v, out, dout, dq: kBF16 or kF16
+  int batch = 0;
+  int heads = 0;     // query heads H
+  int kv_heads = 0;  // Hkv; H % Hkv == 0, kv head of query head h is h / (H / Hkv)
+  int head_dim = 0;  // 64 or 128
+  int seq_q = 0;     // local query rows Sq
+  int seq_k = 0;     // rows of the visiting K/V chunk Sk
+  float scale = 0.f; // softmax scale (1/sqrt(head_dim) unless the spec says otherwise)
+  bool causal = false;
+
+  // q, out, dout: (B, Sq, H, D); dq: (B, Sq, H, D) output of finalize.
+  const void* q = nullptr;
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  const void* out = nullptr;
+  int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
+  const void* dout = nullptr;
+  int64_t dout_batch_stride = 0, dout_row_stride = 0, dout_head_stride = 0;
+  void* dq = nullptr;
+  int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
+
+  // lse: (B, H, Sq) fp32, natural log, -inf for rows that see no key (as the forward writes it).
+  const float* lse = nullptr;
+  int64_t lse_batch_stride = 0, lse_head_stride = 0, lse_row_stride = 0;
+
+  // k, v: (B, Sk, Hkv, D) of the visiting chunk (set before each step).
+  const void* k = nullptr;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  const void* v = nullptr;
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  // dk_accum, dv_accum: (B, Sk, Hkv, D) fp32, accumulated in place (+=) by each step.
+  float* dk_accum = nullptr;
+  int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
+  float* dv_accum = nullptr;
+  int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
+
+  // Workspace owned by the caller, all fp32 and contiguous:
+  // dq_accum: (B, Sq, H, D); lse_log2, delta: (B, H, flash_bwd_padded_rows(Sq)).
+  float* dq_accum = nullptr;
+  float* lse_log2 = nullptr;  // lse * log2(e); +inf for rows that see no key and for padding rows
+  float* delta = nullptr;     // rowsum(dout * out); 0 for padding rows
+};
+
+// Bytes of each workspace buffer for a problem shape.
+inline std::size_t flash_bwd_dq_accum_bytes(int batch, int heads, int head_dim, int64_t seq_q) {
+  return static_cast<std::size_t>(batch) * heads * head_dim * seq_q * sizeof(float);
+}
+inline std::size_t flash_bwd_row_vector_bytes(int batch, int heads, int64_t seq_q) {
+  return static_cast<std::size_t>(batch) * heads * flash_bwd_padded_rows(seq_q) * sizeof(float);
+}
+
+// Once per backward pass: delta = rowsum(dout * out) in fp32, lse_log2 from lse, dq_accum = 0.
+// Reads q-side fields, lse; writes dq_accum, lse_log2, delta.
+void flash_bwd_preprocess(const FlashBwdParams& params, cudaStream_t stream);
+
+// One visiting K/V chunk: dq_accum += scale dS K, dk_accum += scale dS^T Q, dv_accum += P^T dout,
+// with P = exp(scale Q K^T - lse) masked by the causal rule on global positions (key position
+// <= query position). Reads k, v, k-side strides and the workspace filled by preprocess.
+void flash_bwd_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
+                    cudaStream_t stream);
+
+// Once at the end: dq = round(dq_accum) into params.dtype.
+void flash_bwd_finalize(const FlashBwdParams& params, cudaStream_t stream);
+
+// The step for one compile-time (Elem, head_dim); one instantiation per translation unit.
+template <typename Elem, int kHeadDim>
+void launch_flash_bwd_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
+                           cudaStream_t stream);
+
+}  // namespace ringattn::cuda

@@ -1,0 +1,170 @@
+// Backward entry points: argument checks, dtype/head_dim dispatch, and the small preprocess/finalize kernels.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "attn/cuda/flash_bwd.hpp"
+#include "ringattn/error.hpp"
+
+namespace ringattn::cuda {
+namespace {
+
+constexpr int kRowsPerBlock = 8;  // preprocess: one warp per row
+
+// delta[b, h, i] = sum_d dout * out (fp32); lse_log2 = lse * log2(e), +inf where lse = -inf and on padding rows.
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kRowsPerBlock * 32) flash_bwd_preprocess_kernel(const FlashBwdParams p) {
+  const int64_t pad = flash_bwd_padded_rows(p.seq_q);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= static_cast<int64_t>(p.batch) * p.heads * pad) return;
+  const int64_t i = row % pad;
+  const int64_t bh = row / pad;
+  const int h = static_cast<int>(bh % p.heads), b = static_cast<int>(bh / p.heads);
+  float sum = 0.f;
+  float lse2 = INFINITY;
+  if (i < p.seq_q) {
+    const Elem* o = static_cast<const Elem*>(p.out) + b * p.out_batch_stride + i * p.out_row_stride +
+                    h * p.out_head_stride;
+    const Elem* d = static_cast<const Elem*>(p.dout) + b * p.dout_batch_stride + i * p.dout_row_stride +
+                    h * p.dout_head_stride;
+#pragma unroll
+    for (int c = lane; c < D; c += 32) sum += static_cast<float>(o[c]) * static_cast<float>(d[c]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    const float lse = p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i * p.lse_row_stride];
+    lse2 = lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
+  }
+  if (lane == 0) {
+    p.delta[row] = sum;
+    p.lse_log2[row] = lse2;
+  }
+}
+
+template <typename Elem>
+struct Vec8 {
+  Elem v[8];
+};
+
+// dq = round(dq_accum), 8 elements (16 bytes) per thread.
+template <typename Elem>
+__global__ void flash_bwd_finalize_kernel(const FlashBwdParams p) {
+  const int64_t chunks_per_row = p.head_dim / 8;
+  const int64_t total = static_cast<int64_t>(p.batch) * p.seq_q * p.heads * chunks_per_row;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= total) return;
+  const int64_t dc = c % chunks_per_row;
+  int64_t rest = c / chunks_per_row;
+  const int64_t h = rest % p.heads;
+  rest /= p.heads;
+  const int64_t i = rest % p.seq_q;
+  const int64_t b = rest / p.seq_q;
+  const float4* src = reinterpret_cast<const float4*>(p.dq_accum + c * 8);
+  const float4 x = src[0], y = src[1];
+  const float f[8] = {x.x, x.y, x.z, x.w, y.x, y.y, y.z, y.w};
+  Vec8<Elem> out;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) out.v[e] = static_cast<Elem>(f[e]);
+  Elem* dst = static_cast<Elem*>(p.dq) + b * p.dq_batch_stride + i * p.dq_row_stride + h * p.dq_head_stride + dc * 8;
+  *reinterpret_cast<Vec8<Elem>*>(dst) = out;
+}
+
+void check_cuda(cudaError_t status, const char* what) {
+  if (status == cudaSuccess) return;
+  fail(ErrorKind::kCuda, std::string(what) + " failed: " + cudaGetErrorName(status) + " (" +
+                             cudaGetErrorString(status) + ")",
+       "check that a CUDA device is visible and that the driver matches the toolkit");
+}
+
+void require(bool cond, const std::string& what) {
+  if (!cond) fail(ErrorKind::kInternal, "flash backward: " + what, "");
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
+
+void check_common(const FlashBwdParams& p) {
+  require(p.dtype == DType::kBF16 || p.dtype == DType::kF16,
+          std::string("dtype ") + dtype_name(p.dtype) + " unsupported (bf16 or fp16)");
+  require(p.head_dim == 64 || p.head_dim == 128,
+          "head_dim " + std::to_string(p.head_dim) + " unsupported (64 or 128)");
+  require(p.heads > 0 && p.kv_heads > 0 && p.heads % p.kv_heads == 0, "heads must be a multiple of kv_heads");
+  require(p.dq_accum && p.lse_log2 && p.delta, "workspace pointers (dq_accum, lse_log2, delta) not set");
+  require(aligned16(p.dq_accum) && aligned16(p.lse_log2) && aligned16(p.delta), "workspace not 16-byte aligned");
+}
+
+void check_tensor(const void* ptr, int64_t bs, int64_t rs, int64_t hs, const char* name) {
+  require(ptr != nullptr, std::string(name) + " not set");
+  require(aligned16(ptr) && bs % 8 == 0 && rs % 8 == 0 && hs % 8 == 0,
+          std::string(name) + " must be 16-byte aligned with strides that are multiples of 8 elements");
+}
+
+template <typename Elem>
+void launch_preprocess(const FlashBwdParams& p, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * flash_bwd_padded_rows(p.seq_q);
+  const unsigned blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  if (p.head_dim == 64) {
+    flash_bwd_preprocess_kernel<Elem, 64><<<blocks, kRowsPerBlock * 32, 0, stream>>>(p);
+  } else {
+    flash_bwd_preprocess_kernel<Elem, 128><<<blocks, kRowsPerBlock * 32, 0, stream>>>(p);
+  }
+  check_cuda(cudaGetLastError(), "launch of flash_bwd_preprocess_kernel");
+}
+
+}  // namespace
+
+void flash_bwd_preprocess(const FlashBwdParams& p, cudaStream_t stream) {
+  check_common(p);
+  if (p.batch == 0 || p.seq_q == 0) return;
+  require(p.out != nullptr && p.dout != nullptr && p.lse != nullptr, "out, dout and lse must be set");
+  check_cuda(cudaMemsetAsync(p.dq_accum, 0, flash_bwd_dq_accum_bytes(p.batch, p.heads, p.head_dim, p.seq_q), stream),
+            "cudaMemsetAsync(dq_accum)");
+  if (p.dtype == DType::kBF16) {
+    launch_preprocess<__nv_bfloat16>(p, stream);
+  } else {
+    launch_preprocess<__half>(p, stream);
+  }
+}
+
+void flash_bwd_step(const FlashBwdParams& p, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
+                    cudaStream_t stream) {
+  check_common(p);
+  if (p.batch == 0 || p.seq_q == 0 || p.seq_k == 0) return;
+  require(q_pos.size() == p.seq_q && k_pos.size() == p.seq_k, "positions do not match seq_q / seq_k");
+  if (classify_chunks(q_pos, k_pos, p.causal) == Visibility::kEmpty) return;  // nothing visible: nothing to add
+  check_tensor(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, "q");
+  check_tensor(p.dout, p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride, "dout");
+  check_tensor(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, "k");
+  check_tensor(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, "v");
+  require(p.dk_accum && p.dv_accum, "dk_accum and dv_accum must be set");
+  require(reinterpret_cast<std::uintptr_t>(p.dk_accum) % 8 == 0 && reinterpret_cast<std::uintptr_t>(p.dv_accum) % 8 == 0 &&
+              p.dk_batch_stride % 2 == 0 && p.dk_row_stride % 2 == 0 && p.dk_head_stride % 2 == 0 &&
+              p.dv_batch_stride % 2 == 0 && p.dv_row_stride % 2 == 0 && p.dv_head_stride % 2 == 0,
+          "dk_accum/dv_accum must be 8-byte aligned with even strides");
+  if (p.dtype == DType::kBF16) {
+    p.head_dim == 64 ? launch_flash_bwd_step<__nv_bfloat16, 64>(p, q_pos, k_pos, stream)
+                     : launch_flash_bwd_step<__nv_bfloat16, 128>(p, q_pos, k_pos, stream);
+  } else {
+    p.head_dim == 64 ? launch_flash_bwd_step<__half, 64>(p, q_pos, k_pos, stream)
+                     : launch_flash_bwd_step<__half, 128>(p, q_pos, k_pos, stream);
+  }
+}
+
+void flash_bwd_finalize(const FlashBwdParams& p, cudaStream_t stream) {
+  check_common(p);
+  if (p.batch == 0 || p.seq_q == 0) return;
+  check_tensor(p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, "dq");
+  const int64_t chunks = static_cast<int64_t>(p.batch) * p.seq_q * p.heads * (p.head_dim / 8);
+  const int threads = 256;
+  const unsigned blocks = static_cast<unsigned>((chunks + threads - 1) / threads);
+  if (p.dtype == DType::kBF16) {
+    flash_bwd_finalize_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(p);
+  } else {
+    flash_bwd_finalize_kernel<__half><<<blocks, threads, 0, stream>>>(p);
+  }
+  check_cuda(cudaGetLastError(), "launch of flash_bwd_finalize_kernel");
+}
+
+}  // namespace ringattn::cuda

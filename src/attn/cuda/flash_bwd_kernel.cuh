@@ -1,0 +1,432 @@
+// The backward step kernel (FA2 structure, mma.sync m16n8k16): one block owns one K/V tile of one kv head.
+//
+// Block = 8 warps; warp w owns key rows [16w, 16w+16) of the block's kBlockN = 128-row K/V tile and
+// keeps their dK, dV in fp32 registers for the whole kernel. The block loops over the query heads of
+// its kv head's group and over all visible query tiles of kBlockM rows:
+//   S^T = K Q^T, P^T = exp2(S^T scale_log2 - lse_log2), dV += P^T dO, dP^T = V dO^T,
+//   dS^T = P^T (dP^T - delta), dK += dS^T Q, then dS^T goes to shared memory and the block computes
+//   dQ_tile = dS K, added to the fp32 dq_accum with atomics (other K/V tiles add to the same rows).
+// Q/dO tiles are double-buffered with cp.async. Only partially visible tiles apply the causal mask.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "attn/cuda/flash_bwd.hpp"
+
+namespace ringattn::cuda::bwd {
+
+// ---------------------------------------------------------------------------------------------
+// Device primitives (kept local to the backward so it builds independently of the forward).
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; zero-fills the destination when !valid.
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem_dst)), "l"(gmem_src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename Elem>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <typename Elem>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Global position of local row i; smallest / largest position among rows [lo, hi) (layout.cpp rules).
+__device__ __forceinline__ int64_t pos_at(const ChunkPositions& p, int64_t i) {
+  if (p.num_segments > 1 && i >= p.seg[0].count) return p.seg[1].start + p.seg[1].stride * (i - p.seg[0].count);
+  return p.seg[0].start + p.seg[0].stride * i;
+}
+__device__ __forceinline__ void pos_range(const ChunkPositions& p, int64_t lo, int64_t hi, int64_t& mn, int64_t& mx) {
+  mn = INT64_MAX;
+  mx = INT64_MIN;
+  int64_t base = 0;
+#pragma unroll
+  for (int s = 0; s < kMaxSegments; ++s) {
+    if (s < p.num_segments) {
+      const int64_t a = lo > base ? lo : base;
+      const int64_t b = hi < base + p.seg[s].count ? hi : base + p.seg[s].count;
+      if (a < b) {
+        const int64_t first = p.seg[s].start + p.seg[s].stride * (a - base);
+        const int64_t last = p.seg[s].start + p.seg[s].stride * (b - 1 - base);
+        const int64_t lo_v = first < last ? first : last, hi_v = first < last ? last : first;
+        mn = lo_v < mn ? lo_v : mn;
+        mx = hi_v > mx ? hi_v : mx;
+      }
+      base += p.seg[s].count;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compile-time shape of the kernel.
+
+template <typename Elem_, int kHeadDim_, int kBlockM_>
+struct BwdTraits {
+  using Elem = Elem_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;  // query rows per inner iteration
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockN = 16 * kWarps;  // key rows per block: 16 per warp
+  static constexpr int kNT = kBlockM / 8;      // n8 tiles of a warp's S^T / dP^T row block
+  static constexpr int kDT = kHeadDim / 8;     // n8 tiles of a warp's dK / dV row block
+  // dQ = dS K: warps tile the (kBlockM x kHeadDim) result as kWarpsM x kWarpsN blocks of 16 rows.
+  static constexpr int kWarpsM = kBlockM / 16;
+  static constexpr int kWarpsN = kWarps / kWarpsM;
+  static constexpr int kDqCols = kHeadDim / kWarpsN;
+  static constexpr int kDqT = kDqCols / 8;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim 64 or 128");
+  static_assert(kBlockM % 16 == 0 && kWarps % kWarpsM == 0 && kDqCols % 16 == 0, "dQ warp tiling");
+  static_assert(kBlockM >= 32 && kBlockM <= kBwdRowPad && kBwdRowPad % kBlockM == 0, "query tile vs padding");
+
+  // Shared memory (Elem units, each region a multiple of 128 bytes).
+  static constexpr int kTileK = kBlockN * kHeadDim;
+  static constexpr int kTileQ = kBlockM * kHeadDim;
+  static constexpr int kTileS = kBlockN * kBlockM;  // dS^T: key rows x query columns
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kOffK + kTileK;
+  static constexpr int kOffQ = kOffV + kTileK;       // two buffers
+  static constexpr int kOffDo = kOffQ + 2 * kTileQ;  // two buffers
+  static constexpr int kOffDs = kOffDo + 2 * kTileQ;
+  static constexpr int kElemsEnd = kOffDs + kTileS;
+  static constexpr int kOffRowVecBytes = kElemsEnd * 2;  // lse_log2[2][kBlockM], delta[2][kBlockM] fp32
+  static constexpr int kSmemBytes = kOffRowVecBytes + 4 * kBlockM * 4;
+};
+
+// Swizzled offset (elements) of (row, col) in a row-major tile of kCols b16 elements per row: the
+// 16-byte chunk index is XORed with the row so that 8 consecutive rows at one logical chunk fall in
+// 8 different bank groups (ldmatrix and the dS^T stores are conflict-free).
+template <int kCols>
+__device__ __forceinline__ int swz(int row, int col) {
+  constexpr int kChunks = kCols / 8;
+  constexpr int kRowsPerLine = kChunks >= 8 ? 1 : 8 / kChunks;
+  constexpr int kMask = kChunks >= 8 ? 7 : kChunks - 1;
+  const int chunk = (col >> 3) ^ ((row / kRowsPerLine) & kMask);
+  return row * kCols + (chunk << 3) + (col & 7);
+}
+
+// Copies rows [row0, row0 + kRows) of a (rows, D) strided slab into a swizzled tile; rows >= limit are zero.
+template <int kRows, int kCols, int kThreads, typename Elem>
+__device__ __forceinline__ void load_tile(Elem* dst, const Elem* src, int64_t row_stride, int row0, int limit) {
+  constexpr int kChunks = kCols / 8;
+  constexpr int kTotal = kRows * kChunks;
+  static_assert(kTotal % kThreads == 0, "tile copy divides evenly");
+#pragma unroll
+  for (int i = 0; i < kTotal / kThreads; ++i) {
+    const int idx = static_cast<int>(threadIdx.x) + i * kThreads;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool valid = row0 + r < limit;
+    const Elem* g = src + static_cast<int64_t>(valid ? row0 + r : 0) * row_stride + c * 8;
+    cp_async_16(dst + swz<kCols>(r, c * 8), g, valid);
+  }
+}
+
+// acc[16 x (kNT*8)] += A[16 x kK] * B^T, A rows from a swizzled row-major tile (row offset a_row0), B
+// given as B^T rows (n) of a swizzled row-major tile with kK columns.
+template <typename Elem, int kK, int kNT>
+__device__ __forceinline__ void gemm_a_bt(float (&acc)[kNT][4], const Elem* sA, int a_row0, const Elem* sBt) {
+  const int lane = threadIdx.x & 31;
+  const int i = lane >> 3;
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t a[4];
+    ldsm_x4(a, smem_u32(sA + swz<kK>(a_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8)));
+#pragma unroll
+    for (int nn = 0; nn < kNT / 2; ++nn) {
+      uint32_t b[4];
+      ldsm_x4(b, smem_u32(sBt + swz<kK>(nn * 16 + (i >> 1) * 8 + (lane & 7), kk * 16 + (i & 1) * 8)));
+      mma16816<Elem>(acc[2 * nn], a, b[0], b[1]);
+      mma16816<Elem>(acc[2 * nn + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc[16 x (kNT*8)] += A[16 x kK] * B, A from registers in accumulator layout (kK/8 n8 tiles of fp32,
+// rounded to Elem), B a swizzled row-major (kK x kN) tile read with ldmatrix.trans from column b_col0.
+template <typename Elem, int kK, int kN, int kNT>
+__device__ __forceinline__ void gemm_rega_b(float (&acc)[kNT][4], const float (&a_acc)[kK / 8][4], const Elem* sB,
+                                            int b_col0) {
+  const int lane = threadIdx.x & 31;
+  const int i = lane >> 3;
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t a[4];
+    a[0] = pack2<Elem>(a_acc[2 * kk][0], a_acc[2 * kk][1]);
+    a[1] = pack2<Elem>(a_acc[2 * kk][2], a_acc[2 * kk][3]);
+    a[2] = pack2<Elem>(a_acc[2 * kk + 1][0], a_acc[2 * kk + 1][1]);
+    a[3] = pack2<Elem>(a_acc[2 * kk + 1][2], a_acc[2 * kk + 1][3]);
+#pragma unroll
+    for (int nn = 0; nn < kNT / 2; ++nn) {
+      uint32_t b[4];
+      ldsm_x4_t(b, smem_u32(sB + swz<kN>(kk * 16 + (i & 1) * 8 + (lane & 7), b_col0 + nn * 16 + (i >> 1) * 8)));
+      mma16816<Elem>(acc[2 * nn], a, b[0], b[1]);
+      mma16816<Elem>(acc[2 * nn + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    flash_bwd_kernel(const FlashBwdParams p, const ChunkPositions q_pos, const ChunkPositions k_pos) {
+  using Elem = typename Tr::Elem;
+  constexpr int D = Tr::kHeadDim, M = Tr::kBlockM, N = Tr::kBlockN;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Elem* smem = reinterpret_cast<Elem*>(smem_raw);
+  Elem* sK = smem + Tr::kOffK;
+  Elem* sV = smem + Tr::kOffV;
+  Elem* sDs = smem + Tr::kOffDs;
+  float* sLse = reinterpret_cast<float*>(smem_raw + Tr::kOffRowVecBytes);  // [2][M]
+  float* sDelta = sLse + 2 * M;                                            // [2][M]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int k_tile = blockIdx.x;
+  const int b = blockIdx.y / p.kv_heads, hkv = blockIdx.y % p.kv_heads;
+  const int group = p.heads / p.kv_heads;
+  const int k0 = k_tile * N;
+  const int k_end = min(k0 + N, p.seq_k);
+  const int num_q_tiles = (p.seq_q + M - 1) / M;
+  const int total_it = group * num_q_tiles;
+  const int64_t pad_rows = flash_bwd_padded_rows(p.seq_q);
+
+  int64_t k_min = 0, k_max = 0;
+  pos_range(k_pos, k0, k_end, k_min, k_max);
+
+  // 0: empty, 1: partial (apply the causal mask), 2: full.
+  auto tile_kind = [&](int qt) -> int {
+    if (!p.causal) return 2;
+    int64_t q_min, q_max;
+    pos_range(q_pos, static_cast<int64_t>(qt) * M, min((qt + 1) * M, p.seq_q), q_min, q_max);
+    if (k_min > q_max) return 0;
+    return k_max <= q_min ? 2 : 1;
+  };
+  auto next_visible = [&](int it) -> int {
+    for (; it < total_it; ++it) {
+      if (tile_kind(it % num_q_tiles) != 0) return it;
+    }
+    return total_it;
+  };
+
+  int it = next_visible(0);
+  if (it >= total_it) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
+
+  const Elem* kg = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
+  const Elem* vg = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hkv * p.v_head_stride;
+  load_tile<N, D, Tr::kThreads>(sK, kg, p.k_row_stride, k0, p.seq_k);
+  load_tile<N, D, Tr::kThreads>(sV, vg, p.v_row_stride, k0, p.seq_k);
+
+  // Issues the copies of iteration `iter`'s Q, dO tiles and its lse_log2/delta slices into buffer `buf`.
+  auto load_q_side = [&](int iter, int buf) {
+    const int h = hkv * group + iter / num_q_tiles;
+    const int q0 = (iter % num_q_tiles) * M;
+    const Elem* qg = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+    const Elem* dog = static_cast<const Elem*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
+    load_tile<M, D, Tr::kThreads>(smem + Tr::kOffQ + buf * Tr::kTileQ, qg, p.q_row_stride, q0, p.seq_q);
+    load_tile<M, D, Tr::kThreads>(smem + Tr::kOffDo + buf * Tr::kTileQ, dog, p.dout_row_stride, q0, p.seq_q);
+    const int64_t rv = (static_cast<int64_t>(b) * p.heads + h) * pad_rows + q0;
+    if (tid < M / 4) {
+      cp_async_16(sLse + buf * M + tid * 4, p.lse_log2 + rv + tid * 4, true);
+    } else if (tid < M / 2) {
+      const int c = tid - M / 4;
+      cp_async_16(sDelta + buf * M + c * 4, p.delta + rv + c * 4, true);
+    }
+  };
+  load_q_side(it, 0);
+  cp_async_commit();
+
+  float dk[Tr::kDT][4], dv[Tr::kDT][4];
+#pragma unroll
+  for (int j = 0; j < Tr::kDT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
+  }
+  const int wrow = warp * 16;  // this warp's first key row inside the tile
+  const int64_t kpos0 = pos_at(k_pos, k0 + wrow + g);
+  const int64_t kpos1 = pos_at(k_pos, k0 + wrow + g + 8);
+  const float scale_log2 = p.scale * 1.4426950408889634f;
+  const int wm = warp % Tr::kWarpsM, wn = warp / Tr::kWarpsM;
+
+  int buf = 0;
+  while (it < total_it) {
+    const int next = next_visible(it + 1);
+    cp_async_wait_all();
+    __syncthreads();  // this buffer landed; the previous dQ GEMM is done with sDs
+    if (next < total_it) {
+      load_q_side(next, buf ^ 1);
+      cp_async_commit();
+    }
+    const Elem* sQ = smem + Tr::kOffQ + buf * Tr::kTileQ;
+    const Elem* sDo = smem + Tr::kOffDo + buf * Tr::kTileQ;
+    const float* lse = sLse + buf * M;
+    const float* delta = sDelta + buf * M;
+    const int qt = it % num_q_tiles;
+    const int h = hkv * group + it / num_q_tiles;
+    const int q0 = qt * M;
+
+    // S^T = K Q^T, then P^T in place.
+    float s[Tr::kNT][4];
+#pragma unroll
+    for (int j = 0; j < Tr::kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+    }
+    gemm_a_bt<Elem, D, Tr::kNT>(s, sK, wrow, sQ);
+    const bool partial = tile_kind(qt) == 1;
+#pragma unroll
+    for (int j = 0; j < Tr::kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = j * 8 + 2 * t + (e & 1);
+        float pv = ex2(fmaf(s[j][e], scale_log2, -lse[col]));
+        if (partial && ((e >> 1) ? kpos1 : kpos0) > pos_at(q_pos, q0 + col)) pv = 0.f;
+        s[j][e] = pv;
+      }
+    }
+    // dV += P^T dO.
+    gemm_rega_b<Elem, M, D, Tr::kDT>(dv, s, sDo, 0);
+    // dP^T = V dO^T.
+    float dp[Tr::kNT][4];
+#pragma unroll
+    for (int j = 0; j < Tr::kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[j][e] = 0.f;
+    }
+    gemm_a_bt<Elem, D, Tr::kNT>(dp, sV, wrow, sDo);
+    // dS^T = P^T (dP^T - delta), in place of P^T.
+#pragma unroll
+    for (int j = 0; j < Tr::kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] *= dp[j][e] - delta[j * 8 + 2 * t + (e & 1)];
+    }
+    // dK += dS^T Q.
+    gemm_rega_b<Elem, M, D, Tr::kDT>(dk, s, sQ, 0);
+    // dS^T -> shared memory for the dQ GEMM.
+#pragma unroll
+    for (int j = 0; j < Tr::kNT; ++j) {
+      *reinterpret_cast<uint32_t*>(sDs + swz<M>(wrow + g, j * 8 + 2 * t)) = pack2<Elem>(s[j][0], s[j][1]);
+      *reinterpret_cast<uint32_t*>(sDs + swz<M>(wrow + g + 8, j * 8 + 2 * t)) = pack2<Elem>(s[j][2], s[j][3]);
+    }
+    __syncthreads();
+
+    // dQ tile (rows 16*wm.., cols wn*kDqCols..) = dS K: A = dS from the stored dS^T (ldmatrix.trans).
+    float dq[Tr::kDqT][4];
+#pragma unroll
+    for (int j = 0; j < Tr::kDqT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dq[j][e] = 0.f;
+    }
+    {
+      const int i = lane >> 3;
+#pragma unroll
+      for (int kk = 0; kk < N / 16; ++kk) {
+        uint32_t a[4];
+        ldsm_x4_t(a, smem_u32(sDs + swz<M>(kk * 16 + (i >> 1) * 8 + (lane & 7), wm * 16 + (i & 1) * 8)));
+#pragma unroll
+        for (int nn = 0; nn < Tr::kDqT / 2; ++nn) {
+          uint32_t bb[4];
+          ldsm_x4_t(bb, smem_u32(sK + swz<D>(kk * 16 + (i & 1) * 8 + (lane & 7),
+                                              wn * Tr::kDqCols + nn * 16 + (i >> 1) * 8)));
+          mma16816<Elem>(dq[2 * nn], a, bb[0], bb[1]);
+          mma16816<Elem>(dq[2 * nn + 1], a, bb[2], bb[3]);
+        }
+      }
+    }
+    {
+      const int r0 = q0 + wm * 16 + g;
+      float* base = p.dq_accum + ((static_cast<int64_t>(b) * p.seq_q) * p.heads + h) * D + wn * Tr::kDqCols + 2 * t;
+      const int64_t row_stride = static_cast<int64_t>(p.heads) * D;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = r0 + half * 8;
+        if (r < p.seq_q) {
+          float* rowp = base + r * row_stride;
+#pragma unroll
+          for (int j = 0; j < Tr::kDqT; ++j) {
+            atomicAdd(rowp + j * 8, dq[j][2 * half] * p.scale);
+            atomicAdd(rowp + j * 8 + 1, dq[j][2 * half + 1] * p.scale);
+          }
+        }
+      }
+    }
+    it = next;
+    buf ^= 1;
+  }
+
+  // dK (scaled), dV += into the travelling fp32 accumulators; this block alone owns these rows.
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = k0 + wrow + g + half * 8;
+    if (r < p.seq_k) {
+      float* dkp = p.dk_accum + b * p.dk_batch_stride + static_cast<int64_t>(r) * p.dk_row_stride +
+                   hkv * p.dk_head_stride + 2 * t;
+      float* dvp = p.dv_accum + b * p.dv_batch_stride + static_cast<int64_t>(r) * p.dv_row_stride +
+                   hkv * p.dv_head_stride + 2 * t;
+#pragma unroll
+      for (int j = 0; j < Tr::kDT; ++j) {
+        float2 a = *reinterpret_cast<float2*>(dkp + j * 8);
+        a.x += dk[j][2 * half] * p.scale;
+        a.y += dk[j][2 * half + 1] * p.scale;
+        *reinterpret_cast<float2*>(dkp + j * 8) = a;
+        float2 c = *reinterpret_cast<float2*>(dvp + j * 8);
+        c.x += dv[j][2 * half];
+        c.y += dv[j][2 * half + 1];
+        *reinterpret_cast<float2*>(dvp + j * 8) = c;
+      }
+    }
+  }
+}
+
+}  // namespace ringattn::cuda::bwd
