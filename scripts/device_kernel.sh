@@ -24,6 +24,12 @@ cuobjdump -sass "$BIN/ringattn_kernel_bench" | awk '/Function : .*flash_fwd_kern
 echo "## GPU tests"
 "$BIN/ringattn_gpu_tests" 2>&1 | tee "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure|error" | head -40
 
+echo "## GPU tests of the bf16 tuning variants 1 and 2"
+for v in 1 2; do
+  RINGATTN_FWD_VARIANT=$v "$BIN/ringattn_gpu_tests" --gtest_filter='*FlashFwdBasic*:*FlashFwdRing*:FlashFwd.*' 2>&1 |
+    tee -a "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED) " | sed "s/^/variant $v: /" | head -20
+done
+
 echo "## compute-sanitizer (memcheck, racecheck) on: $SMALL_FILTER"
 {
   compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" --gtest_filter="$SMALL_FILTER"

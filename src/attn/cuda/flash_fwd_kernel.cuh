@@ -46,15 +46,19 @@ struct LdmatrixLane {
 // gmem: the head's row 0, rows `row_stride` elements apart, head_dim contiguous.
 template <typename T, int kRows, typename Elem>
 __device__ __forceinline__ void load_tile_async(Elem* smem, const Elem* gmem, int64_t row_stride, int row0, int seq) {
-  constexpr int kChunks = kRows * T::kChunksPerRow;
+  static_assert(T::kThreads % T::kChunksPerRow == 0, "each thread copies one chunk column");
+  constexpr int kRowsPerPass = T::kThreads / T::kChunksPerRow;
+  const int row = static_cast<int>(threadIdx.x) / T::kChunksPerRow;
+  const int chunk = static_cast<int>(threadIdx.x) % T::kChunksPerRow;
+  // Rows row, row + kRowsPerPass, ...: the swizzle (row & 7) is the same for all of them.
+  Elem* dst = smem + swizzled<T>(row, chunk);
+  const Elem* src = gmem + static_cast<int64_t>(row0 + row) * row_stride + chunk * T::kChunkElems;
+  const int64_t src_step = kRowsPerPass * row_stride;
 #pragma unroll
-  for (int i = 0; i < kChunks / T::kThreads; ++i) {
-    const int idx = static_cast<int>(threadIdx.x) + i * T::kThreads;
-    const int row = idx / T::kChunksPerRow;
-    const int chunk = idx % T::kChunksPerRow;
-    const bool valid = row0 + row < seq;
-    const Elem* src = gmem + (valid ? static_cast<int64_t>(row0 + row) * row_stride : 0) + chunk * T::kChunkElems;
-    cp_async_16(smem + swizzled<T>(row, chunk), src, valid);
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const bool valid = row0 + row + i * kRowsPerPass < seq;
+    cp_async_16(dst + i * kRowsPerPass * T::kHeadDim, valid ? src : gmem, valid);
+    src += src_step;
   }
 }
 
@@ -99,10 +103,9 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_ker
   const Elem* k_head = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + kv_h * p.k_head_stride;
   const Elem* v_head = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + kv_h * p.v_head_stride;
   // State: acc (B, H, Sq, D), row_max / row_sum (B, H, Sq).
-  const int64_t state_row0 = (static_cast<int64_t>(b) * p.heads + h) * p.seq_q;
-  float* acc_g = p.acc + state_row0 * T::kHeadDim;
-  float* max_g = p.row_max + state_row0;
-  float* sum_g = p.row_sum + state_row0;
+  // State index of query row `row` of this (batch, head): blockIdx.y == b * H + h. Recomputed where
+  // used (cheap) rather than holding three 64-bit pointers across the main loop.
+  auto state_row = [&](int row) { return static_cast<int64_t>(blockIdx.y) * p.seq_q + row; };
 
   const int64_t q_min = position_min(p.q_pos, q_lo, q_hi);
   const int64_t q_max = position_max(p.q_pos, q_lo, q_hi);
@@ -125,12 +128,12 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_ker
     for (int r = 0; r < kRows; ++r) {
       const int row = q_lo + warp_row0 + mt * T::kMmaM + quad_row + r * kHalfTileRows;
       const bool load = row < p.seq_q && !p.first_step;
-      softmax.row_max[mt][r] = load ? max_g[row] : -INFINITY;
-      softmax.row_sum[mt][r] = load && quad_col == 0 ? sum_g[row] : 0.f;
+      softmax.row_max[mt][r] = load ? p.row_max[state_row(row)] : -INFINITY;
+      softmax.row_sum[mt][r] = load && quad_col == 0 ? p.row_sum[state_row(row)] : 0.f;
 #pragma unroll
       for (int nt = 0; nt < kNTilesO; ++nt) {
         float2 v = make_float2(0.f, 0.f);
-        if (load) v = *reinterpret_cast<const float2*>(acc_g + static_cast<int64_t>(row) * T::kHeadDim +
+        if (load) v = *reinterpret_cast<const float2*>(p.acc + state_row(row) * T::kHeadDim +
                                                        nt * T::kMmaN + 2 * quad_col);
         acc[mt][nt][2 * r] = v.x;
         acc[mt][nt][2 * r + 1] = v.y;
@@ -206,25 +209,30 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_ker
 
     softmax.update(s, acc, p.scale_log2);
 
-    // O += P V: two n8 score tiles form one k16 A operand, straight from registers.
+    // P in the input dtype, laid out as the A operand of P V: two n8 score tiles form one k16 tile.
+    uint32_t pa[T::kKStepsO][kMTiles][4];
 #pragma unroll
     for (int kk = 0; kk < T::kKStepsO; ++kk) {
-      uint32_t pa[kMTiles][4];
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
-        pa[mt][0] = pack2<Elem>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        pa[mt][1] = pack2<Elem>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        pa[mt][2] = pack2<Elem>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        pa[mt][3] = pack2<Elem>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        pa[kk][mt][0] = pack2<Elem>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[kk][mt][1] = pack2<Elem>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[kk][mt][2] = pack2<Elem>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[kk][mt][3] = pack2<Elem>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
       }
+    }
+
+    // O += P V.
+#pragma unroll
+    for (int kk = 0; kk < T::kKStepsO; ++kk) {
 #pragma unroll
       for (int dp = 0; dp < kNTilesO / 2; ++dp) {
         uint32_t bv[4];
         ldmatrix_x4_trans(bv, lane_v.at(dp, kk * T::kMmaK));
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          mma_16816<Elem>(acc[mt][2 * dp], pa[mt], bv[0], bv[1]);
-          mma_16816<Elem>(acc[mt][2 * dp + 1], pa[mt], bv[2], bv[3]);
+          mma_16816<Elem>(acc[mt][2 * dp], pa[kk][mt], bv[0], bv[1]);
+          mma_16816<Elem>(acc[mt][2 * dp + 1], pa[kk][mt], bv[2], bv[3]);
         }
       }
     }
@@ -239,12 +247,12 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_ker
       const int row = q_lo + warp_row0 + mt * T::kMmaM + quad_row + r * kHalfTileRows;
       if (row >= p.seq_q) continue;
       if (quad_col == 0) {
-        max_g[row] = softmax.row_max[mt][r];
-        sum_g[row] = softmax.row_sum[mt][r];
+        p.row_max[state_row(row)] = softmax.row_max[mt][r];
+        p.row_sum[state_row(row)] = softmax.row_sum[mt][r];
       }
 #pragma unroll
       for (int nt = 0; nt < kNTilesO; ++nt)
-        *reinterpret_cast<float2*>(acc_g + static_cast<int64_t>(row) * T::kHeadDim + nt * T::kMmaN + 2 * quad_col) =
+        *reinterpret_cast<float2*>(p.acc + state_row(row) * T::kHeadDim + nt * T::kMmaN + 2 * quad_col) =
             make_float2(acc[mt][nt][2 * r], acc[mt][nt][2 * r + 1]);
     }
   }

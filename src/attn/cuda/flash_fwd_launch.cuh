@@ -18,15 +18,15 @@ struct FwdTileConfig;
 template <>
 struct FwdTileConfig<64, 0> { using Traits = FlashFwdTraits<64, 128, 64, 4, 2>; };
 template <>
-struct FwdTileConfig<64, 1> { using Traits = FlashFwdTraits<64, 128, 128, 8, 1>; };
+struct FwdTileConfig<64, 1> { using Traits = FlashFwdTraits<64, 128, 128, 4, 2>; };
 template <>
-struct FwdTileConfig<64, 2> { using Traits = FlashFwdTraits<64, 64, 64, 4, 3>; };
+struct FwdTileConfig<64, 2> { using Traits = FlashFwdTraits<64, 128, 32, 4, 2>; };
 template <>
-struct FwdTileConfig<128, 0> { using Traits = FlashFwdTraits<128, 128, 64, 8, 1>; };
+struct FwdTileConfig<128, 0> { using Traits = FlashFwdTraits<128, 128, 64, 4, 2>; };
 template <>
-struct FwdTileConfig<128, 1> { using Traits = FlashFwdTraits<128, 128, 64, 4, 2>; };
+struct FwdTileConfig<128, 1> { using Traits = FlashFwdTraits<128, 128, 32, 4, 2>; };
 template <>
-struct FwdTileConfig<128, 2> { using Traits = FlashFwdTraits<128, 64, 64, 4, 2>; };
+struct FwdTileConfig<128, 2> { using Traits = FlashFwdTraits<128, 128, 48, 4, 2>; };
 
 template <typename Elem, int kHeadDim, int kVariant>
 void launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {

@@ -46,8 +46,10 @@ struct FlashFwdTraits {
   static_assert(kBlockN % (2 * kMmaN) == 0, "key tile: pairs of n8 tiles (one ldmatrix.x4)");
   static_assert(kHeadDim % (2 * kMmaN) == 0 && kHeadDim % kMmaK == 0, "head_dim: pairs of n8 tiles, k16 steps");
   static_assert(kChunksPerRow % kSwizzleRows == 0, "the XOR swizzle needs 8 chunks per row");
-  static_assert((kBlockM * kChunksPerRow) % kThreads == 0, "Q tile loads split evenly over threads");
-  static_assert((kBlockN * kChunksPerRow) % kThreads == 0, "K/V tile loads split evenly over threads");
+  static_assert(kThreads % kChunksPerRow == 0 && (kThreads / kChunksPerRow) % kSwizzleRows == 0,
+                "tile loads: each pass covers whole rows, a multiple of the swizzle period");
+  static_assert(kBlockM % (kThreads / kChunksPerRow) == 0, "Q tile loads split evenly over threads");
+  static_assert(kBlockN % (kThreads / kChunksPerRow) == 0, "K/V tile loads split evenly over threads");
   static_assert(kSmemBytes <= 227 * 1024, "tiles must fit in Hopper shared memory");
 };
 
