@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) flash_bwd_preprocess_kerne
 }
 
 template <typename Elem>
-struct Vec8 {
+struct __align__(16) Vec8 {
   Elem v[8];
 };
 

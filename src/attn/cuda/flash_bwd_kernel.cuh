@@ -76,6 +76,11 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// *addr += (a, b) as one 8-byte vector reduction in L2 (sm_90); addr 8-byte aligned.
+__device__ __forceinline__ void red_add_v2(float* addr, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(addr), "f"(a), "f"(b) : "memory");
+}
+
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -294,8 +299,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
   }
   const int wrow = warp * 16;  // this warp's first key row inside the tile
-  const int64_t kpos0 = pos_at(k_pos, k0 + wrow + g);
-  const int64_t kpos1 = pos_at(k_pos, k0 + wrow + g + 8);
+  // Key positions of this thread's two rows for the mask: rows past seq_k are masked everywhere (their
+  // zero-filled K would otherwise give P = exp(-lse), which may overflow); without causality valid rows
+  // are never masked.
+  auto mask_pos = [&](int r) -> int64_t {
+    if (k0 + r >= p.seq_k) return INT64_MAX;
+    return p.causal ? pos_at(k_pos, k0 + r) : INT64_MIN;
+  };
+  const int64_t kpos0 = mask_pos(wrow + g);
+  const int64_t kpos1 = mask_pos(wrow + g + 8);
+  const bool k_tail = k_end - k0 < N;
   const float scale_log2 = p.scale * 1.4426950408889634f;
   const int wm = warp % Tr::kWarpsM, wn = warp / Tr::kWarpsM;
 
@@ -324,7 +337,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
     }
     gemm_a_bt<Elem, D, Tr::kNT>(s, sK, wrow, sQ);
-    const bool partial = tile_kind(qt) == 1;
+    const bool partial = k_tail || tile_kind(qt) == 1;
 #pragma unroll
     for (int j = 0; j < Tr::kNT; ++j) {
 #pragma unroll
@@ -394,10 +407,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         if (r < p.seq_q) {
           float* rowp = base + r * row_stride;
 #pragma unroll
-          for (int j = 0; j < Tr::kDqT; ++j) {
-            atomicAdd(rowp + j * 8, dq[j][2 * half] * p.scale);
-            atomicAdd(rowp + j * 8 + 1, dq[j][2 * half + 1] * p.scale);
-          }
+          for (int j = 0; j < Tr::kDqT; ++j) red_add_v2(rowp + j * 8, dq[j][2 * half] * p.scale, dq[j][2 * half + 1] * p.scale);
         }
       }
     }
