@@ -24,9 +24,11 @@ if command -v cuobjdump >/dev/null; then
   cuobjdump -sass "$BIN/ringattn_gpu_tests" | awk '/Function : .*flash_bwd_kernel/ {name=$3} name && /HMMA/ {h[name]++} name && /(LDL|STL)/ {l[name]++} name && /RED/ {r[name]++} END {for (n in h) printf "%6d HMMA %4d LDL/STL %4d RED %s\n", h[n], l[n], r[n], substr(n, 1, 100)}'
 fi
 
-echo "## GPU backward tests"
-timeout 200 "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*' 2>&1 | tee "$OUT/tests.log" |
+echo "## GPU backward tests (variant 0 = default, then variant 1)"
+timeout 150 "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*' 2>&1 | tee "$OUT/tests.log" |
   grep -E "gpu err|^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -60
+RINGATTN_BWD_VARIANT=1 timeout 150 "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*' 2>&1 | tee "$OUT/tests_v1.log" |
+  grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -20
 
 echo "## compute-sanitizer"
 {
@@ -38,10 +40,10 @@ echo "## compute-sanitizer"
 grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Hazard" "$OUT/sanitizer.log" | head -20
 
 echo "## backward bench (ours)"
-for d in 128 64; do
-  RINGATTN_BWD_BENCH_DIM=$d timeout 90 "$BIN/ringattn_gpu_tests" --gtest_also_run_disabled_tests \
-    --gtest_filter='FlashBwdBench.*' 2>&1 | tee -a "$OUT/bench.log" | grep -E "BWD-BENCH|Failure|FAILED"
-done
+for v in 0 1; do for d in 128 64; do
+  echo "variant $v"; RINGATTN_BWD_VARIANT=$v RINGATTN_BWD_BENCH_DIM=$d timeout 90 "$BIN/ringattn_gpu_tests" --gtest_also_run_disabled_tests \
+    --gtest_filter='FlashBwdBench.*' 2>&1 | sed "s/^BWD-BENCH/BWD-BENCH v$v/" | tee -a "$OUT/bench.log" | grep -E "BWD-BENCH|Failure|FAILED"
+done; done
 
 echo "## forward bench (K's kernel, for fwd+bwd)"
 [ -x "$BIN/ringattn_kernel_bench" ] && timeout 60 "$BIN/ringattn_kernel_bench" -s 16K -d 128 -n 5 -w 1 2>&1 | tail -8
@@ -73,7 +75,7 @@ for causal in (False, True):
             print(f"TORCH {name} causal={int(causal)}: error {str(e)[:100]}")
 PY
 echo "## summary"
-grep -E "^\[  (PASSED|FAILED) |tests? ran" "$OUT/tests.log" | tail -3
+grep -E "^\[  (PASSED|FAILED) |tests? ran" "$OUT/tests.log" "$OUT/tests_v1.log" | tail -6
 grep -E "rc=" "$OUT/sanitizer.log"
 grep -h "BWD-BENCH" "$OUT/bench.log"
 grep -h "TORCH" "$OUT/torch.txt"

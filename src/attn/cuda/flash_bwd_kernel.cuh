@@ -1,6 +1,6 @@
 // The backward step kernel (FA2 structure, mma.sync m16n8k16): one block owns one K/V tile of one kv head.
 //
-// Block = 8 warps; warp w owns key rows [16w, 16w+16) of the block's kBlockN = 128-row K/V tile and
+// Block = kWarps warps (8 by default); warp w owns key rows [16w, 16w+16) of the block's kBlockN = 16 kWarps row K/V tile and
 // keeps their dK, dV in fp32 registers for the whole kernel. The block loops over the query heads of
 // its kv head's group and over all visible query tiles of kBlockM rows:
 //   S^T = K Q^T, P^T = exp2(S^T scale_log2 - lse_log2), dV += P^T dO, dP^T = V dO^T,
@@ -116,12 +116,13 @@ __device__ __forceinline__ void pos_range(const ChunkPositions& p, int64_t lo, i
 // ---------------------------------------------------------------------------------------------
 // Compile-time shape of the kernel.
 
-template <typename Elem_, int kHeadDim_, int kBlockM_>
+template <typename Elem_, int kHeadDim_, int kBlockM_, int kWarps_ = 8, int kMinBlocks_ = 1>
 struct BwdTraits {
   using Elem = Elem_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;  // query rows per inner iteration
-  static constexpr int kWarps = 8;
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kMinBlocks = kMinBlocks_;  // blocks per SM the register budget is cut for
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockN = 16 * kWarps;  // key rows per block: 16 per warp
   static constexpr int kNT = kBlockM / 8;      // n8 tiles of a warp's S^T / dP^T row block
@@ -132,7 +133,7 @@ struct BwdTraits {
   static constexpr int kDqCols = kHeadDim / kWarpsN;
   static constexpr int kDqT = kDqCols / 8;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim 64 or 128");
-  static_assert(kBlockM % 16 == 0 && kWarps % kWarpsM == 0 && kDqCols % 16 == 0, "dQ warp tiling");
+  static_assert(kBlockM % 16 == 0 && kWarpsN >= 1 && kWarps % kWarpsM == 0 && kDqCols % 16 == 0, "dQ warp tiling");
   static_assert(kBlockM >= 32 && kBlockM <= kBwdRowPad && kBwdRowPad % kBlockM == 0, "query tile vs padding");
 
   // Shared memory (Elem units, each region a multiple of 128 bytes).
@@ -224,7 +225,7 @@ __device__ __forceinline__ void gemm_rega_b(float (&acc)[kNT][4], const float (&
 // ---------------------------------------------------------------------------------------------
 
 template <typename Tr>
-__global__ void __launch_bounds__(Tr::kThreads, 1)
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     flash_bwd_kernel(const FlashBwdParams p, const ChunkPositions q_pos, const ChunkPositions k_pos) {
   using Elem = typename Tr::Elem;
   constexpr int D = Tr::kHeadDim, M = Tr::kBlockM, N = Tr::kBlockN;

@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "attn/cuda/flash_bwd.hpp"
@@ -11,13 +12,19 @@
 
 namespace ringattn::cuda {
 
-// Query rows per inner iteration, per head_dim (the block always owns 128 key rows with 8 warps).
-template <int kHeadDim>
+// Tile shapes per (head_dim, variant): query rows per inner iteration, warps (16 key rows each), blocks per
+// SM. Variant 0 is the default; 1 is a tuning alternative picked at run time with RINGATTN_BWD_VARIANT=1
+// so one device call can time both.
+template <int kHeadDim, int kVariant>
 struct BwdTileConfig;
 template <>
-struct BwdTileConfig<64> { static constexpr int kBlockM = 64; };
+struct BwdTileConfig<64, 0> { static constexpr int kBlockM = 64, kWarps = 8, kMinBlocks = 1; };
 template <>
-struct BwdTileConfig<128> { static constexpr int kBlockM = 64; };
+struct BwdTileConfig<64, 1> { static constexpr int kBlockM = 64, kWarps = 4, kMinBlocks = 2; };
+template <>
+struct BwdTileConfig<128, 0> { static constexpr int kBlockM = 64, kWarps = 8, kMinBlocks = 1; };
+template <>
+struct BwdTileConfig<128, 1> { static constexpr int kBlockM = 64, kWarps = 4, kMinBlocks = 2; };
 
 inline void bwd_check(cudaError_t status, const char* what) {
   if (status == cudaSuccess) return;
@@ -26,17 +33,36 @@ inline void bwd_check(cudaError_t status, const char* what) {
        "check that a CUDA device is visible and that the driver matches the toolkit");
 }
 
-template <typename Elem, int kHeadDim>
-void launch_flash_bwd_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
-                           cudaStream_t stream) {
-  using Traits = bwd::BwdTraits<Elem, kHeadDim, BwdTileConfig<kHeadDim>::kBlockM>;
-  if (params.seq_q == 0 || params.seq_k == 0 || params.batch == 0) return;
+inline int bwd_variant() {
+  static const int variant = [] {
+    const char* v = std::getenv("RINGATTN_BWD_VARIANT");
+    return v && std::atoi(v) == 1 ? 1 : 0;
+  }();
+  return variant;
+}
+
+template <typename Elem, int kHeadDim, int kVariant>
+void launch_flash_bwd_variant(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
+                              cudaStream_t stream) {
+  using Cfg = BwdTileConfig<kHeadDim, kVariant>;
+  using Traits = bwd::BwdTraits<Elem, kHeadDim, Cfg::kBlockM, Cfg::kWarps, Cfg::kMinBlocks>;
   auto* kernel = &bwd::flash_bwd_kernel<Traits>;
   bwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
             "cudaFuncSetAttribute(flash_bwd_kernel)");
   const dim3 grid((params.seq_k + Traits::kBlockN - 1) / Traits::kBlockN, params.batch * params.kv_heads);
   kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(params, q_pos, k_pos);
   bwd_check(cudaGetLastError(), "launch of flash_bwd_kernel");
+}
+
+template <typename Elem, int kHeadDim>
+void launch_flash_bwd_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
+                           cudaStream_t stream) {
+  if (params.seq_q == 0 || params.seq_k == 0 || params.batch == 0) return;
+  if (bwd_variant() == 1) {
+    launch_flash_bwd_variant<Elem, kHeadDim, 1>(params, q_pos, k_pos, stream);
+  } else {
+    launch_flash_bwd_variant<Elem, kHeadDim, 0>(params, q_pos, k_pos, stream);
+  }
 }
 
 }  // namespace ringattn::cuda
