@@ -541,7 +541,22 @@ void collectively(Session& session, const std::function<void()>& fn) {
     ok = false;
     message = e.what();
   }
-  session.agree_ok(ok, message);
+  try {
+    session.agree_ok(ok, message);
+  } catch (const Error& e) {
+    throw CollectiveError(e.kind(), e.what());
+  }
+}
+
+int run_reporting_errors(Session& session, const std::function<int()>& body) {
+  try {
+    return body();
+  } catch (const CollectiveError& e) {
+    std::fprintf(stderr, "ringattn: error: %s\n", e.what());
+    std::fflush(stderr);
+    session.barrier();
+    return 1;
+  }
 }
 
 // ---- JSON --------------------------------------------------------------------------------------

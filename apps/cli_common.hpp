@@ -11,6 +11,7 @@
 #include <CLI/CLI.hpp>
 
 #include "ringattn/backend.hpp"
+#include "ringattn/error.hpp"
 #include "ringattn/layout.hpp"
 #include "ringattn/session.hpp"
 #include "ringattn/spec.hpp"
@@ -156,9 +157,20 @@ void ensure_writable_dir(const std::string& dir, const std::string& flag);
 // Writes text to `path` through a temporary file and rename.
 void write_text_file(const std::string& path, const std::string& text);
 
+// Thrown by collectively() on every rank at once, so the ranks can report it together.
+class CollectiveError : public Error {
+ public:
+  using Error::Error;
+};
+
 // Runs `fn` on this rank and then agrees with every rank: when any rank threw, every rank throws
-// the first failure's message (no rank is left waiting in a collective).
+// CollectiveError with the first failure's message (no rank is left waiting in a collective).
 void collectively(Session& session, const std::function<void()>& fn);
+
+// Runs a subcommand's body; on CollectiveError every rank prints "ringattn: error: ..." to stderr,
+// waits until all ranks have printed (mpirun kills the job at the first non-zero exit) and
+// returns 1. Other exceptions propagate to main().
+int run_reporting_errors(Session& session, const std::function<int()>& body);
 
 // ---- JSON --------------------------------------------------------------------------------------
 

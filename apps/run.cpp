@@ -104,19 +104,36 @@ std::string stats_json(int rank, const std::string& who, const PassStats& st, do
   return j.str();
 }
 
+int run_body(const RunFlags& f, Session& session, const std::string& early_error);
+
 int run_main(const RunFlags& f) {
   guess_process_context_from_launcher();
-  init_logging(f.problem.log_level);
-  // Names and numbers that need no ring size are checked before MPI starts (same on every rank).
-  AttentionSpec spec = spec_from_flags(f.problem);
-  const SessionOptions options = session_options_from_flags(f.problem);
+  // A bad --backend or --timeout is reported collectively, from a session on the CPU backend.
+  SessionOptions options;
+  std::string early_error;
+  try {
+    options = session_options_from_flags(f.problem);
+  } catch (const Error& e) {
+    early_error = e.what();
+    options = SessionOptions{};
+    options.backend = "cpu";
+  }
+  try {
+    init_logging(f.problem.log_level);  // a bad level is reported below, collectively
+  } catch (const Error&) {
+  }
   std::unique_ptr<Session> session = Session::create(nullptr, nullptr, options);
-  const int rank = session->rank(), world = session->world();
-  log().info("session up: {} ranks, backend {}, transport {}", world, session->backend_name(),
-             session->transport_name());
+  return run_reporting_errors(*session, [&] { return run_body(f, *session, early_error); });
+}
 
+int run_body(const RunFlags& f, Session& session, const std::string& early_error) {
+  const int rank = session.rank(), world = session.world();
+  AttentionSpec spec;
   std::optional<LoadedInputs> loaded;
-  collectively(*session, [&] {
+  collectively(session, [&] {
+    if (!early_error.empty()) throw Error(ErrorKind::kInvalidArgument, early_error);
+    init_logging(f.problem.log_level);
+    spec = spec_from_flags(f.problem);
     if (!f.load_dir.empty()) loaded = load_inputs(f, spec);
     spec.validate(world);
     if (rank == 0 && !f.save_dir.empty()) ensure_writable_dir(f.save_dir, "--save");
@@ -125,10 +142,12 @@ int run_main(const RunFlags& f) {
       ensure_writable_dir(parent.empty() ? std::string(".") : parent.string(), "--json");
     }
   });
+  log().info("session up: {} ranks, backend {}, transport {}", world, session.backend_name(),
+             session.transport_name());
   log().info("problem: {}", spec.describe());
 
   std::unique_ptr<RingAttention> ring;
-  collectively(*session, [&] { ring = session->make_ring(spec); });
+  collectively(session, [&] { ring = session.make_ring(spec); });
   const int64_t B = spec.batch, Sl = ring->local_seq(), H = spec.heads, Hkv = spec.effective_kv_heads(),
                 D = spec.head_dim;
   const ChunkPositions& pos = ring->positions();
@@ -141,7 +160,7 @@ int run_main(const RunFlags& f) {
   HostTensor out = make_host_tensor(spec.dtype, {B, Sl, H, D});
   HostTensor lse = make_host_tensor(lse_dtype, {B, H, Sl});
   TensorView q_dev, k_dev, v_dev, out_dev, lse_dev;
-  collectively(*session, [&] {
+  collectively(session, [&] {
     if (loaded) {
       shard_rows(loaded->q.view, q.view, pos, 1);
       shard_rows(loaded->k.view, k.view, pos, 1);
@@ -163,8 +182,8 @@ int run_main(const RunFlags& f) {
   });
 
   double wall_ms = 0.0;
-  session->barrier();
-  collectively(*session, [&] {
+  session.barrier();
+  collectively(session, [&] {
     const double t0 = now_ms();
     ring->forward(q_dev, k_dev, v_dev, out_dev, lse_dev);
     copy_to_host(out_dev, out.view);  // synchronises the device
@@ -172,21 +191,21 @@ int run_main(const RunFlags& f) {
     copy_to_host(lse_dev, lse.view);
   });
   const PassStats& stats = ring->last_stats();
-  const double wall_max = session->max_over_ranks(wall_ms);
-  const double compute_max = session->max_over_ranks(stats.compute_ms());
-  const double exposed_max = session->max_over_ranks(stats.exposed_comm_ms());
-  const std::vector<std::string> rank_lines = session->gather_strings(session->describe_rank());
+  const double wall_max = session.max_over_ranks(wall_ms);
+  const double compute_max = session.max_over_ranks(stats.compute_ms());
+  const double exposed_max = session.max_over_ranks(stats.exposed_comm_ms());
+  const std::vector<std::string> rank_lines = session.gather_strings(session.describe_rank());
   const std::vector<std::string> rank_stats =
-      session->gather_strings(stats_json(rank, session->describe_rank(), stats, wall_ms));
+      session.gather_strings(stats_json(rank, session.describe_rank(), stats, wall_ms));
   int skipped = 0;
   for (const HopStats& h : stats.hops) skipped += h.skipped ? 1 : 0;
-  const double skipped_total = session->sum_over_ranks(skipped);
+  const double skipped_total = session.sum_over_ranks(skipped);
 
   // --check against the fp64 reference.
   CheckResult check;
   if (f.check) {
     CheckResult local;
-    collectively(*session, [&] {
+    collectively(session, [&] {
       const std::vector<int64_t> rows =
           choose_check_rows(spec, world, rank, f.problem.seed, f.check_rows, &local.sampled);
       const KvBlockSource kv = loaded ? global_kv_source(loaded->k.view, loaded->v.view)
@@ -195,16 +214,16 @@ int run_main(const RunFlags& f) {
       local = check_against_reference(spec, q.view, pos, out.view, lse.view, rows, kv);
       local.sampled = sampled;
     });
-    check = reduce_check(*session, local);
+    check = reduce_check(session, local);
   }
 
   // --save: gather rows to rank 0 in global token order, write out.npy and lse.npy there.
   if (!f.save_dir.empty()) {
     const DType save_dtype = (spec.dtype == DType::kF64 || spec.dtype == DType::kF32) ? spec.dtype : DType::kF32;
     HostTensor out_save = convert_host(out.view, save_dtype);
-    HostTensor out_global = gather_to_root(*session, spec, out_save.view, 1);
-    HostTensor lse_global = gather_to_root(*session, spec, lse.view, 2);
-    collectively(*session, [&] {
+    HostTensor out_global = gather_to_root(session, spec, out_save.view, 1);
+    HostTensor lse_global = gather_to_root(session, spec, lse.view, 2);
+    collectively(session, [&] {
       if (rank != 0) return;
       write_npy(join(f.save_dir, "out.npy"), out_global.view);
       write_npy(join(f.save_dir, "lse.npy"), lse_global.view);
@@ -214,8 +233,8 @@ int run_main(const RunFlags& f) {
   const double flops = forward_flops(spec);
   const double tflops_per_rank = wall_max > 0.0 ? flops / world / (wall_max * 1e-3) / 1e12 : 0.0;
   if (rank == 0) {
-    std::printf("# ringattn run: %d ranks, backend %s, transport %s\n", world, session->backend_name().c_str(),
-                session->transport_name().c_str());
+    std::printf("# ringattn run: %d ranks, backend %s, transport %s\n", world, session.backend_name().c_str(),
+                session.transport_name().c_str());
     std::printf("# problem: %s\n", spec.describe().c_str());
     if (loaded) {
       std::printf("# inputs: loaded from %s\n", f.load_dir.c_str());
@@ -241,11 +260,11 @@ int run_main(const RunFlags& f) {
   }
 
   if (!f.json_path.empty()) {
-    collectively(*session, [&] {
+    collectively(session, [&] {
       if (rank != 0) return;
       JsonWriter j;
       j.begin_object().field("command", "run").field("version", "0.1.0");
-      j.field("ranks", world).field("backend", session->backend_name()).field("transport", session->transport_name());
+      j.field("ranks", world).field("backend", session.backend_name()).field("transport", session.transport_name());
       j.begin_object("problem").field("batch", spec.batch).field("seq_len", spec.seq_len).field("heads", spec.heads);
       j.field("kv_heads", spec.effective_kv_heads()).field("head_dim", spec.head_dim).field("causal", spec.causal);
       j.field("scale", spec.scale()).field("layout", layout_name(spec.layout)).field("dtype", dtype_name(spec.dtype));

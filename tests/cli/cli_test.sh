@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# One CLI end-to-end case under mpiexec: cli_test.sh CASE CLI PYTHON HELPER WORKDIR NP MPIEXEC... -n
+# Exit 0 pass, 1 fail, 77 skip (numpy missing).
+set -uo pipefail
+case_name=$1 cli=$2 py=$3 helper=$4 work=$5 np=$6
+shift 6
+mpi=("$@" "$np")  # the mpiexec prefix ends with its -n flag
+rm -rf "$work" && mkdir -p "$work"
+out=$work/stdout.txt err=$work/stderr.txt
+
+run() {  # run ringattn under mpiexec, keep the output, return its exit code
+  echo "+ ${mpi[*]} $cli run $*" >&2
+  timeout 240 "${mpi[@]}" "$cli" run --backend cpu "$@" >"$out" 2>"$err"
+  local rc=$?
+  cat "$out"
+  cat "$err" >&2
+  return $rc
+}
+die() { echo "FAIL: $*" >&2; exit 1; }
+expect_ok() { run "$@" || die "ringattn exited $?"; }
+# expect_error PATTERN ARGS...: non-zero exit, PATTERN in the error output of every rank, no hang.
+expect_error() {
+  local pattern=$1
+  shift
+  run "$@"
+  local rc=$?
+  [ $rc -eq 124 ] && die "ringattn hung (timeout)"
+  [ $rc -ne 0 ] || die "ringattn exited 0 on bad input"
+  local n
+  n=$(grep -c "ringattn: error:.*$pattern" "$err")
+  [ "$n" -ge "$np" ] || die "expected '$pattern' in the error of all $np ranks, found it $n times"
+  echo "ok: exit $rc, every rank names '$pattern'"
+}
+numpy_case() {  # numpy_case MAKE_ARGS -- RUN_ARGS -- COMPARE_ARGS
+  local make=() runa=() cmp=()
+  while [ "$1" != "--" ]; do make+=("$1"); shift; done; shift
+  while [ "$1" != "--" ]; do runa+=("$1"); shift; done; shift
+  cmp=("$@")
+  "$py" "$helper" make "$work/in" "${make[@]}"
+  local rc=$?
+  [ $rc -eq 77 ] && exit 77
+  [ $rc -eq 0 ] || die "making the numpy inputs failed"
+  expect_ok --load "$work/in" --save "$work/out" "${runa[@]}"
+  "$py" "$helper" compare "$work/in" "$work/out" "${cmp[@]}" || die "numpy comparison failed"
+  ls "$work/out" | grep -q tmp && die "temporary files left in --save directory"
+  return 0
+}
+
+case $case_name in
+  npy_fp64_zigzag_causal)
+    numpy_case --batch 2 --seq 96 --heads 4 --kv-heads 2 --head-dim 24 --dtype float64 -- \
+      --dtype fp64 --causal --layout zigzag -- --causal --tol 1e-10 --expect-dtype float64 ;;
+  npy_fp64_striped_gqa)
+    numpy_case --batch 1 --seq 64 --heads 6 --kv-heads 2 --head-dim 17 --dtype float64 -- \
+      --causal --layout striped -- --causal --tol 1e-10 --expect-dtype float64 ;;
+  npy_fp32_contiguous)
+    numpy_case --batch 2 --seq 40 --heads 2 --head-dim 16 --dtype float32 -- \
+      --layout contiguous --check -- --tol 2e-6 --expect-dtype float32 ;;
+  npy_bf16_zigzag)
+    numpy_case --batch 1 --seq 64 --heads 2 --head-dim 32 --dtype float32 -- \
+      --dtype bf16 --causal --layout zigzag --check -- --causal --tol 5e-2 --expect-dtype float32 ;;
+  check)
+    expect_ok --seq-len 384 --heads 4 --kv-heads 2 --head-dim 32 --causal --layout zigzag --check --seed 7
+    grep -qx PASS "$work/stdout.txt" || die "no PASS line" ;;
+  check_sampled)
+    expect_ok --seq-len 1K --heads 2 --head-dim 16 --layout striped --check --check-rows 5 --dtype fp64
+    grep -q "sampled" "$work/stdout.txt" || die "expected a sampled check"
+    grep -qx PASS "$work/stdout.txt" || die "no PASS line" ;;
+  json)
+    expect_ok --seq-len 128 --heads 2 --head-dim 8 --check --json "$work/run.json"
+    "$py" - "$work/run.json" "$np" <<'PY' || die "bad JSON"
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert d["ranks"] == int(sys.argv[2]) and d["check"]["pass"] is True, d
+assert len(d["per_rank"]) == d["ranks"] and len(d["per_rank"][0]["hops"]) == d["ranks"], d
+assert d["problem"]["seq_len"] == 128 and d["timing"]["wall_ms"] > 0
+print("json ok")
+PY
+    ;;
+  bad_load_*)
+    kind=${case_name#bad_load_}
+    "$py" "$helper" corrupt "$work/in" "$kind" || die "making the broken files failed"
+    file=q.npy
+    [ "$kind" = kshape ] && file=k.npy
+    [ "$kind" = missing ] && file=v.npy
+    expect_error "$work/in/$file.*hint" --load "$work/in" ;;
+  load_flag_conflict)
+    "$py" "$helper" corrupt "$work/in" kshape >/dev/null || die "making files failed"
+    "$py" - "$work/in" <<'PY' || die "fixing k.npy failed"
+import shutil, sys
+shutil.copy(sys.argv[1] + "/q.npy", sys.argv[1] + "/k.npy")
+PY
+    expect_error "--head-dim 64 conflicts" --load "$work/in" --head-dim 64 ;;
+  unwritable_save)
+    touch "$work/file"
+    expect_error "--save.*hint" --seq-len 64 --heads 1 --head-dim 8 --save "$work/file/sub" ;;
+  seq_not_divisible)
+    expect_error "--seq-len 100 is not divisible by 6" --seq-len 100 --layout zigzag ;;
+  kv_heads)
+    expect_error "--kv-heads 3 does not divide --heads 8" --seq-len 64 --heads 8 --kv-heads 3 ;;
+  unknown_names)
+    expect_error "--layout" --seq-len 64 --layout diagonal
+    expect_error "--dtype" --seq-len 64 --dtype fp8
+    expect_error "--backend" --seq-len 64 --backend tpu
+    expect_error "--seq-len" --seq-len 4Q ;;
+  *) die "unknown case $case_name" ;;
+esac
+echo "PASS: $case_name"
