@@ -16,9 +16,9 @@ namespace ringattn::cuda {
 template <int kHeadDim, int kVariant>
 struct FwdTileConfig;
 template <>
-struct FwdTileConfig<64, 0> { using Traits = FlashFwdTraits<64, 128, 64, 4, 2>; };
+struct FwdTileConfig<64, 0> { using Traits = FlashFwdTraits<64, 128, 128, 4, 2>; };
 template <>
-struct FwdTileConfig<64, 1> { using Traits = FlashFwdTraits<64, 128, 128, 4, 2>; };
+struct FwdTileConfig<64, 1> { using Traits = FlashFwdTraits<64, 128, 64, 4, 2>; };
 template <>
 struct FwdTileConfig<64, 2> { using Traits = FlashFwdTraits<64, 128, 32, 4, 2>; };
 template <>
