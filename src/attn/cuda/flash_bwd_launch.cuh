@@ -14,13 +14,14 @@ namespace ringattn::cuda {
 
 // Tile shapes per (head_dim, variant): query rows per inner iteration, warps (16 key rows each), blocks per
 // SM. Variant 0 is the default; 1 is a tuning alternative picked at run time with RINGATTN_BWD_VARIANT=1
-// so one device call can time both.
+// so one device call can time both. Defaults chosen on an H200 at 16k x 32 heads (docs/BACKWARD_NOTES.md):
+// hd64 4 warps x 2 blocks/SM (+5% over 8 warps), hd128 8 warps x 1 block/SM (+6% over 4 x 2).
 template <int kHeadDim, int kVariant>
 struct BwdTileConfig;
 template <>
-struct BwdTileConfig<64, 0> { static constexpr int kBlockM = 64, kWarps = 8, kMinBlocks = 1; };
+struct BwdTileConfig<64, 0> { static constexpr int kBlockM = 64, kWarps = 4, kMinBlocks = 2; };
 template <>
-struct BwdTileConfig<64, 1> { static constexpr int kBlockM = 64, kWarps = 4, kMinBlocks = 2; };
+struct BwdTileConfig<64, 1> { static constexpr int kBlockM = 64, kWarps = 8, kMinBlocks = 1; };
 template <>
 struct BwdTileConfig<128, 0> { static constexpr int kBlockM = 64, kWarps = 8, kMinBlocks = 1; };
 template <>
