@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Installs what is missing (Debian packages as root, numpy via pip), configures and builds ringattn
+# in build/, and runs the whole test suite with ctest. Exits non-zero on any failure.
+#
+#   scripts/test.sh               set up, build, run every test
+#   scripts/test.sh --build-only  set up and build (scripts/run.sh uses this)
+#
+# Environment: RINGATTN_TEST_CUDA=0 builds without CUDA even when nvcc exists (default: CUDA when
+# nvcc is on PATH or in /usr/local/cuda/bin; GPU tests then skip visibly without a GPU).
+# RINGATTN_BUILD_DIR (default build), RINGATTN_JOBS (default nproc), CTEST_ARGS (extra ctest flags).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUILD_DIR=${RINGATTN_BUILD_DIR:-$ROOT/build}
+JOBS=${RINGATTN_JOBS:-$(nproc 2>/dev/null || echo 2)}
+BUILD_ONLY=0
+for arg in "$@"; do
+  case $arg in
+    --build-only) BUILD_ONLY=1 ;;
+    -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "test.sh: unknown argument '$arg' (use --build-only)" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "[ringattn] $*"; }
+
+# ---- dependencies -------------------------------------------------------------------------------
+# "package:probe" pairs; a probe is a command name or an absolute path that the package provides.
+DEPS=(
+  "cmake:cmake" "g++:g++" "make:make"
+  "openmpi-bin:mpirun" "libopenmpi-dev:mpicxx"
+  "libspdlog-dev:/usr/include/spdlog/spdlog.h"
+  "libcli11-dev:/usr/include/CLI/CLI.hpp"
+  "libgtest-dev:/usr/include/gtest/gtest.h"
+)
+missing=()
+for dep in "${DEPS[@]}"; do
+  pkg=${dep%%:*} probe=${dep#*:}
+  if [[ $probe == /* ]]; then
+    [ -e "$probe" ] || missing+=("$pkg")
+  else
+    command -v "$probe" >/dev/null 2>&1 || missing+=("$pkg")
+  fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing missing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  else
+    echo "ringattn: missing packages: ${missing[*]}" >&2
+    echo "install them with: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+# numpy is only needed by the CLI end-to-end tests (they skip visibly without it).
+PYTHON=$(command -v python3 || true)
+if [ -n "$PYTHON" ] && ! "$PYTHON" -c "import numpy" >/dev/null 2>&1; then
+  log "installing numpy for the numpy end-to-end tests"
+  "$PYTHON" -m pip install --quiet numpy >/dev/null 2>&1 ||
+    "$PYTHON" -m pip install --quiet --break-system-packages numpy >/dev/null 2>&1 ||
+    { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-numpy >/dev/null 2>&1; } ||
+    log "could not install numpy: the numpy end-to-end tests will be skipped"
+fi
+
+# ---- MPI as root and with more ranks than cores ---------------------------------------------------
+if [ "$(id -u)" = 0 ]; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+export OMPI_MCA_rmaps_base_oversubscribe=${OMPI_MCA_rmaps_base_oversubscribe:-1}
+# Containers often forbid the cross-memory attach that Open MPI's shared-memory transport tries first.
+export OMPI_MCA_btl_vader_single_copy_mechanism=${OMPI_MCA_btl_vader_single_copy_mechanism:-none}
+
+# ---- configure and build ------------------------------------------------------------------------
+cmake_args=(-S "$ROOT" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release)
+NVCC=$(command -v nvcc || true)
+[ -z "$NVCC" ] && [ -x /usr/local/cuda/bin/nvcc ] && NVCC=/usr/local/cuda/bin/nvcc
+if [ "${RINGATTN_TEST_CUDA:-1}" = 0 ]; then
+  log "CUDA off (RINGATTN_TEST_CUDA=0)"
+  cmake_args+=(-DRINGATTN_WITH_CUDA=OFF -DRINGATTN_WITH_NCCL=OFF)
+elif [ -n "$NVCC" ]; then
+  log "CUDA on ($NVCC)"
+  cmake_args+=(-DRINGATTN_WITH_CUDA=ON -DCMAKE_CUDA_COMPILER="$NVCC")
+else
+  log "CUDA off (no nvcc found)"
+  cmake_args+=(-DRINGATTN_WITH_CUDA=OFF -DRINGATTN_WITH_NCCL=OFF)
+fi
+log "configuring $BUILD_DIR"
+cmake "${cmake_args[@]}"
+log "building with $JOBS jobs"
+cmake --build "$BUILD_DIR" -j "$JOBS"
+log "built $BUILD_DIR/bin/ringattn"
+[ "$BUILD_ONLY" = 1 ] && exit 0
+
+# ---- tests --------------------------------------------------------------------------------------
+log "running the test suite"
+cd "$BUILD_DIR"
+# shellcheck disable=SC2086
+ctest --output-on-failure -j "$JOBS" ${CTEST_ARGS:-}
