@@ -395,6 +395,32 @@ const Case kCases[] = {
 INSTANTIATE_TEST_SUITE_P(FlashBwd, FlashBwdTest, ::testing::ValuesIn(kCases),
                          [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
 
+// flash_bwd_accumulate: dst += src, vectorised and scalar paths, odd length, poisoned tail beyond n.
+TEST(FlashBwdAccumulate, AddsInPlace) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device visible: GPU accumulate test skipped";
+  const int64_t n = 100003;
+  std::vector<float> a(n + 8), b(n + 8);
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-2.f, 2.f);
+  for (auto& x : a) x = u(rng);
+  for (auto& x : b) x = u(rng);
+  DeviceBuf<float> da(n + 8), db(n + 8);
+  ASSERT_TRUE(da.ptr && db.ptr);
+  for (const int offset : {0, 1}) {  // 1: not 16-byte aligned, scalar path
+    CUDA_OK(cudaMemcpy(da.ptr, a.data(), (n + 8) * 4, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemcpy(db.ptr, b.data(), (n + 8) * 4, cudaMemcpyHostToDevice));
+    flash_bwd_accumulate(da.ptr + offset, db.ptr + offset, n, nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+    std::vector<float> r(n + 8);
+    CUDA_OK(cudaMemcpy(r.data(), da.ptr, (n + 8) * 4, cudaMemcpyDeviceToHost));
+    for (int64_t i = 0; i < n + 8; ++i) {
+      const bool inside = i >= offset && i < offset + n;
+      const float want = inside ? a[i] + b[i] : a[i];
+      ASSERT_EQ(r[i], want) << "element " << i << " offset " << offset;
+    }
+  }
+}
+
 // Speed of one whole-sequence backward (preprocess + step + finalize) on one GPU; not part of the suite.
 // Run: ringattn_gpu_tests --gtest_also_run_disabled_tests --gtest_filter='FlashBwdBench.*'
 // Env: RINGATTN_BWD_BENCH_SEQ (16384), RINGATTN_BWD_BENCH_HEADS (32), RINGATTN_BWD_BENCH_DIM (128),

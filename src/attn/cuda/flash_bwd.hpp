@@ -82,6 +82,9 @@ void flash_bwd_step(const FlashBwdParams& params, const ChunkPositions& q_pos, c
 // Once at the end: dq = round(dq_accum) into params.dtype.
 void flash_bwd_finalize(const FlashBwdParams& params, cudaStream_t stream);
 
+// dst[i] += src[i] for n contiguous fp32 elements (Backend::accumulate of travelling dK/dV partials).
+void flash_bwd_accumulate(float* dst, const float* src, int64_t n, cudaStream_t stream);
+
 // The step for one compile-time (Elem, head_dim); one instantiation per translation unit.
 template <typename Elem, int kHeadDim>
 void launch_flash_bwd_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,

@@ -79,6 +79,26 @@ void check_cuda(cudaError_t status, const char* what) {
        "check that a CUDA device is visible and that the driver matches the toolkit");
 }
 
+// dst += src, four floats per thread per iteration when both are 16-byte aligned, grid-stride.
+__global__ void accumulate_kernel(float* __restrict__ dst, const float* __restrict__ src, int64_t n, bool vec4) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (vec4) {
+    for (int64_t i = first; i < n / 4; i += stride) {
+      float4 a = reinterpret_cast<float4*>(dst)[i];
+      const float4 b = reinterpret_cast<const float4*>(src)[i];
+      a.x += b.x;
+      a.y += b.y;
+      a.z += b.z;
+      a.w += b.w;
+      reinterpret_cast<float4*>(dst)[i] = a;
+    }
+    for (int64_t i = n / 4 * 4 + first; i < n; i += stride) dst[i] += src[i];
+  } else {
+    for (int64_t i = first; i < n; i += stride) dst[i] += src[i];
+  }
+}
+
 void require(bool cond, const std::string& what) {
   if (!cond) fail(ErrorKind::kInternal, "flash backward: " + what, "");
 }
@@ -165,6 +185,17 @@ void flash_bwd_finalize(const FlashBwdParams& p, cudaStream_t stream) {
     flash_bwd_finalize_kernel<__half><<<blocks, threads, 0, stream>>>(p);
   }
   check_cuda(cudaGetLastError(), "launch of flash_bwd_finalize_kernel");
+}
+
+void flash_bwd_accumulate(float* dst, const float* src, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  require(dst != nullptr && src != nullptr, "accumulate of a null buffer");
+  const bool vec4 = aligned16(dst) && aligned16(src);
+  const int threads = 256;
+  const int64_t want = ((vec4 ? n / 4 : n) + threads - 1) / threads;
+  const unsigned blocks = static_cast<unsigned>(want < 1 ? 1 : (want > 65535 ? 65535 : want));
+  accumulate_kernel<<<blocks, threads, 0, stream>>>(dst, src, n, vec4);
+  check_cuda(cudaGetLastError(), "launch of accumulate_kernel");
 }
 
 }  // namespace ringattn::cuda
