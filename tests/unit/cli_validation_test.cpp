@@ -1,0 +1,87 @@
+// The ringattn binary on bad flags: non-zero exit and a message naming the flag (one process, no mpirun).
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+namespace {
+
+struct Result {
+  int code = -1;
+  std::string output;  // stdout and stderr together
+};
+
+Result run_cli(const std::string& args) {
+  const std::string cmd = std::string(RINGATTN_CLI_PATH) + " " + args + " 2>&1";
+  Result r;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) return r;
+  char buf[4096];
+  std::size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.output.append(buf, n);
+  const int status = pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  return r;
+}
+
+struct BadCase {
+  const char* args;
+  const char* must_mention;
+};
+
+class CliRejects : public ::testing::TestWithParam<BadCase> {};
+
+TEST_P(CliRejects, NonZeroExitNamingTheFlag) {
+  const BadCase c = GetParam();
+  const Result r = run_cli(std::string("run --backend cpu ") + c.args);
+  EXPECT_NE(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find(c.must_mention), std::string::npos)
+      << "expected '" << c.must_mention << "' in:\n" << r.output;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    BadFlags, CliRejects,
+    ::testing::Values(BadCase{"--seq-len 4Q", "--seq-len"}, BadCase{"--seq-len 0", "--seq-len"},
+                      BadCase{"--seq-len 3 --layout zigzag", "--seq-len 3 is not divisible by 2"},
+                      BadCase{"--layout diagonal", "--layout"}, BadCase{"--dtype fp8", "--dtype"},
+                      BadCase{"--backend tpu", "--backend"}, BadCase{"--heads 8 --kv-heads 3", "--kv-heads 3"},
+                      BadCase{"--batch 0", "--batch"}, BadCase{"--head-dim 0", "--head-dim"},
+                      BadCase{"--timeout 0", "--timeout"}, BadCase{"--log-level loud", "--log-level"},
+                      BadCase{"--load /nonexistent/ringattn", "/nonexistent/ringattn/q.npy"},
+                      BadCase{"--heads two", "--heads"}, BadCase{"--no-such-flag", "--no-such-flag"}));
+
+TEST(Cli, UnwritableSaveDirectoryIsRejectedUpFront) {
+  namespace fs = std::filesystem;
+  const fs::path file = fs::temp_directory_path() / ("ringattn_cli_validation_" + std::to_string(getpid()));
+  std::ofstream(file) << "not a directory";
+  const Result r = run_cli("run --backend cpu --seq-len 64 --heads 1 --head-dim 8 --save " + file.string() + "/out");
+  fs::remove(file);
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find("--save"), std::string::npos) << r.output;
+}
+
+TEST(Cli, SmallCheckedRunPasses) {
+  const Result r = run_cli("run --backend cpu --seq-len 64 --heads 2 --kv-heads 1 --head-dim 8 --causal --check");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("\nPASS\n"), std::string::npos) << r.output;
+}
+
+TEST(Cli, InfoAndHelpWork) {
+  Result r = run_cli("info");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("build: CUDA"), std::string::npos) << r.output;
+  r = run_cli("run --help");
+  EXPECT_EQ(r.code, 0);
+  for (const char* flag : {"--seq-len", "--kv-heads", "--layout", "--backend", "--dtype", "--check", "--load", "--save",
+                           "--json", "--log-level", "--timeout"}) {
+    EXPECT_NE(r.output.find(flag), std::string::npos) << flag;
+  }
+  r = run_cli("");
+  EXPECT_NE(r.code, 0);  // a subcommand is required
+}
+
+}  // namespace
