@@ -1,0 +1,743 @@
+// `ringattn bench`: nccl-tests style sweep of the ring forward over sequence lengths; one table from rank 0.
+//
+// Per size: a ring of this session's backend and transport, seeded inputs, -w warm-up and -n timed
+// forward passes (time = max over ranks of each rank's median wall time), per-hop telemetry from
+// RingAttention::last_stats(), the one-GPU baseline (the same backend calls on one GPU without the
+// ring, see docs/BENCHMARKS.md), peak device memory, and with -c 1 the distributed sampled check.
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#ifdef RINGATTN_HAVE_MPI
+#include <mpi.h>
+#endif
+#ifdef RINGATTN_HAVE_NCCL
+#include <nccl.h>
+#endif
+#ifdef RINGATTN_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#include "runtime/cuda/device_tensors.hpp"
+#endif
+#ifdef RINGATTN_HAVE_NCCL
+#include "comm/nccl/nccl_transport.hpp"
+#endif
+
+#include "cli_common.hpp"
+#include "commands.hpp"
+#include "ringattn/error.hpp"
+#include "ringattn/ringattn.hpp"
+#include "ringattn/session.hpp"
+#include "runtime/check.hpp"
+
+namespace ringattn::cli {
+namespace {
+
+constexpr const char* kVersion = "0.1.0";
+constexpr int kExitFailed = 1;       // a size failed its check (or an error)
+constexpr int kExitCommFailure = 3;  // a peer hung or died: timeout / NCCL error, job aborted
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+constexpr auto kGraceBeforeAbort = std::chrono::seconds(2);  // lets every surviving rank print its message
+
+using Clock = std::chrono::steady_clock;
+
+struct BenchFlags {
+  ProblemFlags problem;
+  std::string min_tokens = "32K";
+  std::string max_tokens = "32K";
+  double factor = 2.0;
+  int iters = 5;
+  int warmup = 2;
+  int check = 1;
+  int64_t check_rows = 32;
+  std::string json_path;
+  bool baseline = true;
+  std::string config_path;
+};
+
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+void check_comm(const Transport& t) {
+#ifdef RINGATTN_HAVE_NCCL
+  check_transport(t);
+#else
+  (void)t;
+#endif
+}
+
+// Collectives with a deadline: a barrier or reduction that a stalled peer never joins must not
+// hang the survivors (and each poll also surfaces a transport failure seen by the watchdog).
+class TimedCollectives {
+ public:
+  TimedCollectives(Session& session, double timeout_ms) : session_(session), timeout_ms_(timeout_ms) {}
+  void set_transport(const Transport* t) { transport_ = t; }
+
+  void barrier(const std::string& where) {
+#ifdef RINGATTN_HAVE_MPI
+    if (session_.world() == 1 || !session_.mpi_comm()) return;
+    MPI_Request req;
+    MPI_Ibarrier(comm(), &req);
+    complete(&req, where);
+#else
+    (void)where;
+#endif
+  }
+  // In place, max or sum over ranks.
+  void reduce(double* values, int n, bool is_max, const std::string& where) {
+#ifdef RINGATTN_HAVE_MPI
+    if (session_.world() == 1 || !session_.mpi_comm()) return;
+    std::vector<double> in(values, values + n);
+    MPI_Request req;
+    MPI_Iallreduce(in.data(), values, n, MPI_DOUBLE, is_max ? MPI_MAX : MPI_SUM, comm(), &req);
+    complete(&req, where);
+#else
+    (void)values;
+    (void)n;
+    (void)is_max;
+    (void)where;
+#endif
+  }
+
+ private:
+#ifdef RINGATTN_HAVE_MPI
+  MPI_Comm comm() const { return *static_cast<MPI_Comm*>(session_.mpi_comm()); }
+  void complete(MPI_Request* req, const std::string& where) {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_ms_));
+    int done = 0;
+    while (true) {
+      MPI_Test(req, &done, MPI_STATUS_IGNORE);
+      if (done) return;
+      if (transport_) check_comm(*transport_);
+      if (Clock::now() > deadline) {
+        fail(ErrorKind::kComm,
+             where + ": not every rank arrived within " + std::to_string(timeout_ms_ / 1000.0) +
+                 " s; a peer is stalled or dead",
+             "check the other ranks' messages; raise -T if a step legitimately takes longer");
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+#endif
+  Session& session_;
+  double timeout_ms_;
+  const Transport* transport_ = nullptr;
+};
+
+// Progress on rank 0's stderr when it is a terminal: size, iteration, hop, elapsed, estimate.
+struct Progress {
+  bool enabled = false;
+  Clock::time_point sweep_start;
+  Clock::time_point size_start;
+  Clock::time_point last_print;
+  int64_t tokens = 0;
+  std::size_t size_index = 0;
+  std::vector<int64_t> sizes;
+  int pass = 0;          // passes of this size done (warm-up, timed, baseline)
+  int passes = 1;        // passes of this size in all
+  const char* phase = "";
+
+  void start_size(std::size_t i, int total_passes) {
+    size_index = i;
+    tokens = sizes[i];
+    pass = 0;
+    passes = std::max(1, total_passes);
+    size_start = Clock::now();
+  }
+  double remaining_s(double hop_fraction) const {
+    const double done = pass + hop_fraction;
+    if (done <= 0) return -1;
+    const double per_pass = ms_since(size_start) / 1000.0 / done;
+    double rest = per_pass * (passes - done);
+    for (std::size_t j = size_index + 1; j < sizes.size(); ++j) {
+      const double r = static_cast<double>(sizes[j]) / static_cast<double>(tokens);
+      rest += per_pass * passes * r * r;  // attention work grows with the square of the length
+    }
+    return rest;
+  }
+  void show(int hop, int hops) {
+    if (!enabled) return;
+    const auto now = Clock::now();
+    if (now - last_print < std::chrono::milliseconds(200) && hop + 1 < hops) return;
+    last_print = now;
+    const double rest = remaining_s(hops > 0 ? static_cast<double>(hop + 1) / hops : 0.0);
+    std::fprintf(stderr, "\r# [%lld tokens] %s pass %d/%d hop %d/%d, elapsed %.1f s, remaining ~%s   ",
+                 static_cast<long long>(tokens), phase, pass + 1, passes, hop + 1, hops,
+                 ms_since(sweep_start) / 1000.0, rest < 0 ? "?" : (std::to_string(static_cast<int>(rest + 0.5)) + " s").c_str());
+    std::fflush(stderr);
+  }
+  void clear() {
+    if (!enabled) return;
+    std::fprintf(stderr, "\r%100s\r", "");
+    std::fflush(stderr);
+  }
+};
+
+void on_hop(int hop, int hops, void* user) { static_cast<Progress*>(user)->show(hop, hops); }
+
+struct HopSummary {
+  double compute_ms = 0.0;  // max over ranks
+  double exposed_ms = 0.0;  // max over ranks
+  bool skipped = false;
+};
+
+struct SizeResult {
+  int64_t tokens = 0;
+  int64_t tokens_per_gpu = 0;
+  double flops = 0.0;
+  double ring_ms = 0.0;        // max over ranks of the median wall time
+  double ring_min_ms = 0.0;    // max over ranks of the fastest pass
+  double baseline_ms = 0.0;    // the same backend calls without the ring (max over ranks of median)
+  double tflops_per_gpu = 0.0;
+  double baseline_tflops = 0.0;
+  double efficiency = 0.0;     // baseline_ms / ring_ms
+  double compute_ms = 0.0;     // per pass, max over ranks (GPU timeline)
+  double exposed_ms = 0.0;     // per pass, max over ranks
+  double timeline_ms = 0.0;    // per pass, max over ranks
+  double exposed_pct = 0.0;
+  double peak_mem_bytes = 0.0;   // max over ranks: device memory used by the job at its peak
+  double ring_mem_bytes = 0.0;   // max over ranks: growth from before the ring was built
+  double model_mem_bytes = 0.0;  // Q, K, V, out, lse, two K/V buffers, fp32 accumulators
+  bool checked = false;
+  SampledCheckResult check;
+  std::vector<HopSummary> hops;
+  std::string per_rank_json;  // rank 0: array of per-rank details
+};
+
+// What the memory formula of docs/BENCHMARKS.md says one rank needs.
+double model_memory(const AttentionSpec& spec, int world) {
+  const double B = static_cast<double>(spec.batch), c = static_cast<double>(spec.local_seq(world));
+  const double H = spec.heads, Hkv = spec.effective_kv_heads(), D = spec.head_dim;
+  const double e = static_cast<double>(dtype_size(spec.dtype));
+  const double acc = spec.dtype == DType::kF64 ? 8.0 : 4.0;
+  const double qo = 2.0 * B * c * H * D * e;        // q, out
+  const double kv = 2.0 * B * c * Hkv * D * e;      // k, v
+  const double lse = B * H * c * acc;               // lse
+  const double buffers = 2.0 * kv;                  // the two travelling K/V buffers
+  const double state = B * c * H * D * acc + 2.0 * B * H * c * acc;  // acc, running max, running sum
+  return qo + kv + lse + buffers + state;
+}
+
+std::vector<int64_t> sweep_sizes(const BenchFlags& f) {
+  const int64_t lo = parse_size(f.min_tokens, "-b/--min-tokens");
+  const int64_t hi = parse_size(f.max_tokens, "-e/--max-tokens");
+  RINGATTN_CHECK(lo >= 1 && hi >= lo, ErrorKind::kInvalidArgument,
+                 "-b " + std::to_string(lo) + " -e " + std::to_string(hi) + " is not a sweep",
+                 "pass -b <= -e, e.g. -b 32K -e 1M");
+  RINGATTN_CHECK(lo == hi || f.factor > 1.0, ErrorKind::kInvalidArgument,
+                 "-f " + std::to_string(f.factor) + " must be greater than 1 for a sweep", "pass e.g. -f 2");
+  std::vector<int64_t> out;
+  for (double s = static_cast<double>(lo); s <= static_cast<double>(hi) * (1 + 1e-12); s *= f.factor) {
+    out.push_back(static_cast<int64_t>(std::llround(s)));
+    if (lo == hi) break;
+  }
+  return out;
+}
+
+void validate_flags(const BenchFlags& f) {
+  RINGATTN_CHECK(f.iters >= 1, ErrorKind::kInvalidArgument, "-n " + std::to_string(f.iters) + " must be at least 1",
+                 "pass e.g. -n 5");
+  RINGATTN_CHECK(f.warmup >= 0, ErrorKind::kInvalidArgument, "-w " + std::to_string(f.warmup) + " is negative",
+                 "pass e.g. -w 2");
+  RINGATTN_CHECK(f.check == 0 || f.check == 1, ErrorKind::kInvalidArgument,
+                 "-c " + std::to_string(f.check) + " must be 0 or 1", "pass -c 1 to check results, -c 0 to skip");
+  RINGATTN_CHECK(f.check_rows >= 1, ErrorKind::kInvalidArgument,
+                 "--check-rows " + std::to_string(f.check_rows) + " must be at least 1", "pass e.g. --check-rows 32");
+}
+
+std::string fmt(const char* format, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), format, v);
+  return buf;
+}
+
+// TFLOP/s with three significant digits below 10 (CPU runs), one decimal above.
+std::string tflops_text(double v) { return v >= 10.0 ? fmt("%.1f", v) : fmt("%.3g", v); }
+
+std::string now_utc() {
+  char buf[32];
+  const std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+std::string versions_line() {
+  std::string s = "# ringattn bench " + std::string(kVersion);
+#ifdef RINGATTN_HAVE_CUDA
+  int rt = 0, drv = 0;
+  cudaRuntimeGetVersion(&rt);
+  cudaDriverGetVersion(&drv);
+  s += ", CUDA runtime " + std::to_string(rt / 1000) + "." + std::to_string((rt % 1000) / 10) + " driver " +
+       std::to_string(drv / 1000) + "." + std::to_string((drv % 1000) / 10);
+#endif
+#ifdef RINGATTN_HAVE_NCCL
+  int nv = 0;
+  ncclGetVersion(&nv);
+  s += ", NCCL " + std::to_string(nv / 10000) + "." + std::to_string((nv / 100) % 100) + "." + std::to_string(nv % 100);
+#endif
+#ifdef RINGATTN_HAVE_MPI
+  int major = 0, minor = 0;
+  MPI_Get_version(&major, &minor);
+  s += ", MPI " + std::to_string(major) + "." + std::to_string(minor);
+#endif
+  return s;
+}
+
+// Device memory in use on this rank's GPU (0 on the host backend).
+double used_device_bytes(const Backend& backend) {
+#ifdef RINGATTN_HAVE_CUDA
+  if (backend.device() == Device::kCuda) return static_cast<double>(cuda::device_memory().used_bytes());
+#endif
+  (void)backend;
+  return 0.0;
+}
+
+void fill_inputs(Backend& backend, const TensorView& t, const ChunkPositions& pos, int64_t seq_len, uint64_t seed,
+                 TensorId id) {
+  if (t.device == Device::kHost) {
+    fill_random_rows(t, pos, seq_len, seed, id);
+    return;
+  }
+#ifdef RINGATTN_HAVE_CUDA
+  cuda::fill_random_rows_async(t, pos, seq_len, seed, static_cast<uint64_t>(id), backend.stream());
+  cuda::synchronize(backend.stream());
+#else
+  (void)backend;
+#endif
+}
+
+// One pass of exactly the backend calls the ring makes on this rank, with the local K/V standing
+// in for each visiting chunk: the same kernels at the same per-GPU work, with no communication.
+double baseline_pass(const RingAttention& ring, Backend& backend, const AttentionSpec& spec, const TensorView& q,
+                     const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse) {
+  const int p = ring.world(), r = ring.rank();
+  const auto t0 = Clock::now();
+  backend.reset_marks();
+  backend.mark();
+  backend.forward_begin(q, ring.positions());
+  for (int s = 0; s < p; ++s) {
+    const int src = ((r - s) % p + p) % p;
+    const ChunkPositions k_pos = chunk_positions(spec.layout, spec.seq_len, src, p);
+    if (classify_chunks(ring.positions(), k_pos, spec.causal) == Visibility::kEmpty) continue;
+    backend.forward_step(k, v, k_pos);
+  }
+  backend.forward_end(out, lse);
+  backend.mark();
+  backend.synchronize_and_read_marks();
+  return ms_since(t0);
+}
+
+std::string rank_json(int rank, const std::vector<double>& ring_ms, const std::vector<double>& base_ms,
+                      const PassStats& stats, double peak, double growth) {
+  JsonWriter j;
+  j.begin_object().field("rank", rank);
+  j.begin_array("ring_ms");
+  for (double t : ring_ms) j.value(t);
+  j.end_array().begin_array("baseline_ms");
+  for (double t : base_ms) j.value(t);
+  j.end_array();
+  j.field("timeline_ms", stats.total_ms).field("compute_ms", stats.compute_ms());
+  j.field("exposed_comm_ms", stats.exposed_comm_ms());
+  j.field("device_memory_used_bytes", peak).field("ring_memory_bytes", growth);
+  j.begin_array("hops");
+  for (const HopStats& h : stats.hops) {
+    j.begin_object().field("hop", h.hop).field("source_rank", h.source_rank).field("skipped", h.skipped);
+    j.field("compute_ms", h.compute_ms).field("exposed_comm_ms", h.exposed_comm_ms).end_object();
+  }
+  j.end_array().end_object();
+  return j.str();
+}
+
+SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& f, AttentionSpec spec,
+                    Progress& progress) {
+  const int world = session.world();
+  spec.validate(world);
+  SizeResult res;
+  res.tokens = spec.seq_len;
+  res.tokens_per_gpu = spec.local_seq(world);
+  res.flops = forward_flops(spec);
+  res.model_mem_bytes = model_memory(spec, world);
+
+  double before = 0.0;
+#ifdef RINGATTN_HAVE_CUDA
+  if (session.on_gpu()) before = static_cast<double>(cuda::device_memory().used_bytes());
+#endif
+  std::unique_ptr<RingAttention> ring = session.make_ring(spec);
+  ring->transport().set_timeout_ms(f.problem.timeout_s * 1000.0);
+  coll.set_transport(&ring->transport());
+  Backend& be = ring->backend();
+  const int64_t B = spec.batch, c = ring->local_seq(), H = spec.heads, Hkv = spec.effective_kv_heads();
+  const int64_t D = spec.head_dim;
+  const DType lse_dtype = spec.dtype == DType::kF64 ? DType::kF64 : DType::kF32;
+  const TensorView q = allocate_on_backend(be, spec.dtype, {B, c, H, D});
+  const TensorView k = allocate_on_backend(be, spec.dtype, {B, c, Hkv, D});
+  const TensorView v = allocate_on_backend(be, spec.dtype, {B, c, Hkv, D});
+  const TensorView out = allocate_on_backend(be, spec.dtype, {B, c, H, D});
+  const TensorView lse = allocate_on_backend(be, lse_dtype, {B, H, c});
+  const uint64_t seed = f.problem.seed;
+  fill_inputs(be, q, ring->positions(), spec.seq_len, seed, TensorId::kQ);
+  fill_inputs(be, k, ring->positions(), spec.seq_len, seed, TensorId::kK);
+  fill_inputs(be, v, ring->positions(), spec.seq_len, seed, TensorId::kV);
+
+  ring->set_hop_callback(on_hop, &progress);
+  progress.start_size(progress.size_index, (f.warmup + f.iters) * (f.baseline ? 2 : 1));
+  const std::string label = std::to_string(spec.seq_len) + " tokens";
+  double peak = 0.0;
+  std::vector<double> ring_ms;
+  double compute = 0.0, exposed = 0.0, timeline = 0.0;
+  for (int it = 0; it < f.warmup + f.iters; ++it) {
+    const bool timed = it >= f.warmup;
+    progress.phase = timed ? "timed" : "warm-up";
+    coll.barrier("barrier before pass " + std::to_string(it) + " of " + label);
+    const auto t0 = Clock::now();
+    ring->forward(q, k, v, out, lse);
+    const double ms = ms_since(t0);
+    check_comm(ring->transport());
+    peak = std::max(peak, used_device_bytes(be));
+    ++progress.pass;
+    if (!timed) continue;
+    ring_ms.push_back(ms);
+    const PassStats& st = ring->last_stats();
+    compute += st.compute_ms() / f.iters;
+    exposed += st.exposed_comm_ms() / f.iters;
+    timeline += st.total_ms / f.iters;
+  }
+  const PassStats stats = ring->last_stats();
+
+  // Check before the baseline overwrites out/lse.
+  if (f.check) {
+    SampledCheckOptions opt;
+    opt.samples = f.check_rows;
+    opt.seed = seed + 17;
+    res.check = distributed_sampled_check(spec, ring->rank(), world, session.mpi_comm(), q, k, v, out, lse, opt);
+    res.checked = true;
+  }
+
+  std::vector<double> base_ms;
+  if (f.baseline) {
+    ring->set_hop_callback(nullptr, nullptr);
+    progress.phase = "one-GPU baseline";
+    for (int it = 0; it < f.warmup + f.iters; ++it) {
+      const double ms = baseline_pass(*ring, be, spec, q, k, v, out, lse);
+      ++progress.pass;
+      progress.show(0, 1);
+      if (it >= f.warmup) base_ms.push_back(ms);
+    }
+  }
+
+  // Reductions over ranks (max: the slowest rank sets the pace).
+  double maxes[9] = {median(ring_ms), *std::min_element(ring_ms.begin(), ring_ms.end()), median(base_ms),
+                     compute, exposed, timeline, peak, peak - before, 0.0};
+  coll.reduce(maxes, 9, true, "reduction of " + label + " results");
+  res.ring_ms = maxes[0];
+  res.ring_min_ms = maxes[1];
+  res.baseline_ms = maxes[2];
+  res.compute_ms = maxes[3];
+  res.exposed_ms = maxes[4];
+  res.timeline_ms = maxes[5];
+  res.peak_mem_bytes = maxes[6];
+  res.ring_mem_bytes = maxes[7];
+  res.tflops_per_gpu = res.flops / world / (res.ring_ms * 1e-3) / 1e12;
+  res.baseline_tflops = f.baseline ? res.flops / world / (res.baseline_ms * 1e-3) / 1e12 : 0.0;
+  res.efficiency = f.baseline && res.ring_ms > 0 ? res.baseline_ms / res.ring_ms : 0.0;
+  res.exposed_pct = res.timeline_ms > 0 ? 100.0 * res.exposed_ms / res.timeline_ms : 0.0;
+
+  std::vector<double> hop_values(2 * stats.hops.size());
+  for (std::size_t h = 0; h < stats.hops.size(); ++h) {
+    hop_values[2 * h] = stats.hops[h].compute_ms;
+    hop_values[2 * h + 1] = stats.hops[h].exposed_comm_ms;
+  }
+  coll.reduce(hop_values.data(), static_cast<int>(hop_values.size()), true, "reduction of per-hop telemetry");
+  for (std::size_t h = 0; h < stats.hops.size(); ++h) {
+    res.hops.push_back({hop_values[2 * h], hop_values[2 * h + 1], stats.hops[h].skipped});
+  }
+  const std::vector<std::string> per_rank =
+      session.gather_strings(rank_json(ring->rank(), ring_ms, base_ms, stats, peak, peak - before));
+  std::string arr = "[";
+  for (std::size_t i = 0; i < per_rank.size(); ++i) arr += (i ? "," : "") + per_rank[i];
+  res.per_rank_json = arr + "]";
+  coll.set_transport(nullptr);
+  return res;
+}
+
+void print_header(bool gpu) {
+  std::printf("#\n");
+  std::printf("# %10s %10s %10s %9s %9s %8s %8s %9s %9s %9s %6s\n", "tokens", "tokens", "time", "TFLOP/s", "1-GPU",
+              "ring", "exposed", gpu ? "peak mem" : "mem", "model", "max", "check");
+  std::printf("# %10s %10s %10s %9s %9s %8s %8s %9s %9s %9s %6s\n", "(total)", "(per GPU)", "(ms)", "(per GPU)",
+              "(TFLOP/s)", "eff (%)", "comm (%)", "(GiB)", "(GiB)", "rel err", "");
+}
+
+void print_row(const SizeResult& r, bool baseline) {
+  const bool gpu = r.peak_mem_bytes > 0;
+  std::printf("  %10lld %10lld %10.3f %9s %9s %8s %8.2f %9s %9.3f %9s %6s\n", static_cast<long long>(r.tokens),
+              static_cast<long long>(r.tokens_per_gpu), r.ring_ms, tflops_text(r.tflops_per_gpu).c_str(),
+              baseline ? tflops_text(r.baseline_tflops).c_str() : "N/A",
+              baseline ? fmt("%.1f", 100.0 * r.efficiency).c_str() : "N/A", r.exposed_pct, gpu ? fmt("%.3f", r.peak_mem_bytes / kGiB).c_str() : "N/A",
+              r.model_mem_bytes / kGiB, r.checked ? fmt("%.2e", r.check.max_rel_err).c_str() : "N/A",
+              r.checked ? (r.check.pass ? "OK" : "FAIL") : "N/A");
+  std::fflush(stdout);
+}
+
+std::string results_json(const BenchFlags& f, const AttentionSpec& base, Session& session,
+                         const std::vector<std::string>& ranks, const std::vector<SizeResult>& results, bool ok,
+                         int exit_code) {
+  JsonWriter j;
+  j.begin_object().field("command", "bench").field("version", kVersion).field("date", now_utc());
+  j.field("world", session.world()).field("backend", session.backend_name()).field("transport", session.transport_name());
+  j.begin_object("params")
+      .field("batch", base.batch)
+      .field("heads", base.heads)
+      .field("kv_heads", base.effective_kv_heads())
+      .field("head_dim", base.head_dim)
+      .field("causal", base.causal)
+      .field("layout", layout_name(base.layout))
+      .field("dtype", dtype_name(base.dtype))
+      .field("scale", base.scale())
+      .field("min_tokens", f.min_tokens)
+      .field("max_tokens", f.max_tokens)
+      .field("factor", f.factor)
+      .field("iters", f.iters)
+      .field("warmup", f.warmup)
+      .field("check", f.check)
+      .field("check_rows", f.check_rows)
+      .field("timeout_s", f.problem.timeout_s)
+      .field("seed", static_cast<int64_t>(f.problem.seed))
+      .end_object();
+  j.begin_array("ranks");
+  for (const auto& r : ranks) j.value(r);
+  j.end_array();
+  j.begin_array("results");
+  for (const SizeResult& r : results) {
+    j.begin_object()
+        .field("tokens", r.tokens)
+        .field("tokens_per_gpu", r.tokens_per_gpu)
+        .field("flops", r.flops)
+        .field("time_ms", r.ring_ms)
+        .field("time_min_ms", r.ring_min_ms)
+        .field("tflops_per_gpu", r.tflops_per_gpu)
+        .field("baseline_ms", r.baseline_ms)
+        .field("baseline_tflops", r.baseline_tflops)
+        .field("ring_efficiency", r.efficiency)
+        .field("timeline_ms", r.timeline_ms)
+        .field("compute_ms", r.compute_ms)
+        .field("exposed_comm_ms", r.exposed_ms)
+        .field("exposed_comm_pct", r.exposed_pct)
+        .field("peak_device_memory_bytes", r.peak_mem_bytes)
+        .field("ring_memory_bytes", r.ring_mem_bytes)
+        .field("model_memory_bytes", r.model_mem_bytes);
+    if (r.checked) {
+      j.begin_object("check")
+          .field("rows", r.check.rows)
+          .field("max_abs_err", r.check.max_abs_err)
+          .field("max_rel_err", r.check.max_rel_err)
+          .field("rel_l2_err", r.check.rel_l2_err)
+          .field("max_lse_err", r.check.max_lse_err)
+          .field("bad_values", r.check.bad_values)
+          .field("tolerance", r.check.tolerance)
+          .field("pass", r.check.pass)
+          .end_object();
+    }
+    j.begin_array("hops");
+    for (std::size_t h = 0; h < r.hops.size(); ++h) {
+      j.begin_object().field("hop", static_cast<int64_t>(h)).field("skipped", r.hops[h].skipped);
+      j.field("compute_ms_max", r.hops[h].compute_ms).field("exposed_comm_ms_max", r.hops[h].exposed_ms).end_object();
+    }
+    j.end_array();
+    j.raw("per_rank", r.per_rank_json);
+    j.end_object();
+  }
+  j.end_array();
+  j.field("ok", ok).field("exit_code", exit_code).end_object();
+  return j.str() + "\n";
+}
+
+int run_bench(const BenchFlags& f) {
+  validate_flags(f);
+  AttentionSpec base = spec_from_flags(f.problem);
+  const std::vector<int64_t> sizes = sweep_sizes(f);
+  std::unique_ptr<Session> session = Session::create(nullptr, nullptr, session_options_from_flags(f.problem));
+  const int rank = session->rank(), world = session->world();
+  TimedCollectives coll(*session, f.problem.timeout_s * 1000.0);
+  const bool root = rank == 0;
+
+  const std::vector<std::string> ranks = session->gather_strings(session->describe_rank());
+  if (root) {
+    std::printf("%s\n", versions_line().c_str());
+    std::printf("# backend %s, transport %s, %d rank%s, date %s\n", session->backend_name().c_str(),
+                session->transport_name().c_str(), world, world == 1 ? "" : "s", now_utc().c_str());
+    std::printf("# problem: batch %lld, heads %d, kv-heads %d, head-dim %d, %s, layout %s, dtype %s, scale %.6g\n",
+                static_cast<long long>(base.batch), base.heads, base.effective_kv_heads(), base.head_dim,
+                base.causal ? "causal" : "non-causal", layout_name(base.layout), dtype_name(base.dtype), base.scale());
+    std::printf("# sweep: -b %lld -e %lld -f %g, -n %d -w %d -c %d (%lld sampled rows), -T %g s, seed %llu\n",
+                static_cast<long long>(sizes.front()), static_cast<long long>(sizes.back()), f.factor, f.iters,
+                f.warmup, f.check, static_cast<long long>(f.check_rows), f.problem.timeout_s,
+                static_cast<unsigned long long>(f.problem.seed));
+    std::printf("# ring efficiency = one-GPU time of the same backend calls (no ring) / ring time; "
+                "TFLOP/s counts 4*B*S^2*H*d%s\n",
+                base.causal ? " / 2 (causal)" : "");
+    for (const std::string& r : ranks) std::printf("#  %s\n", r.c_str());
+    print_header(session->on_gpu());
+    std::fflush(stdout);
+  }
+
+  Progress progress;
+  progress.enabled = root && isatty(fileno(stderr));
+  progress.sizes = sizes;
+  progress.sweep_start = Clock::now();
+  std::vector<SizeResult> results;
+  bool ok = true;
+  try {
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      AttentionSpec spec = base;
+      spec.seq_len = sizes[i];
+      progress.size_index = i;
+      SizeResult r = run_size(*session, coll, f, spec, progress);
+      progress.clear();
+      if (r.checked && !r.check.pass) ok = false;
+      if (root) print_row(r, f.baseline);
+      results.push_back(std::move(r));
+    }
+  } catch (const Error& e) {
+    if (e.kind() != ErrorKind::kComm && e.kind() != ErrorKind::kCuda) throw;
+    // A peer may be stuck in the ring or a collective: report, give the other survivors a moment
+    // to report too, then end the whole job (MPI_Abort) with a non-zero code.
+    progress.clear();
+    std::fprintf(stderr, "ringattn bench: error: %s\n", e.what());
+    std::fflush(stderr);
+    if (world > 1) {
+      std::this_thread::sleep_for(kGraceBeforeAbort);
+      session->abort_job(kExitCommFailure);
+    }
+    return kExitCommFailure;
+  }
+
+  const int exit_code = ok ? 0 : kExitFailed;
+  if (root) {
+    std::printf("#\n");
+    for (const SizeResult& r : results) {
+      std::printf("# per-hop at %lld tokens (max over ranks, last pass): ", static_cast<long long>(r.tokens));
+      for (std::size_t h = 0; h < r.hops.size(); ++h) {
+        if (r.hops[h].skipped) {
+          std::printf("%s[%zu] skipped", h ? ", " : "", h);
+        } else {
+          std::printf("%s[%zu] %.2f+%.2f ms", h ? ", " : "", h, r.hops[h].compute_ms, r.hops[h].exposed_ms);
+        }
+      }
+      std::printf("  (compute+exposed comm)\n");
+    }
+    double sum_tf = 0.0, worst = 0.0;
+    for (const SizeResult& r : results) {
+      sum_tf += r.tflops_per_gpu;
+      if (r.checked) worst = std::max(worst, r.check.max_rel_err);
+    }
+    std::printf("# Avg TFLOP/s per GPU: %.1f over %zu size%s\n", results.empty() ? 0.0 : sum_tf / results.size(),
+                results.size(), results.size() == 1 ? "" : "s");
+    if (f.check) {
+      std::printf("# Check: %s, worst max rel err %.2e (tolerance %.1e, %lld sampled rows per size)\n",
+                  ok ? "all sizes within tolerance" : "SOME SIZES OUT OF TOLERANCE", worst,
+                  sampled_check_tolerance(base.dtype), static_cast<long long>(f.check_rows));
+    } else {
+      std::printf("# Check: not run (-c 0)\n");
+    }
+    std::printf("# %s (exit code %d)\n", ok ? "OK" : "FAILED", exit_code);
+    std::fflush(stdout);
+    if (!f.json_path.empty()) {
+      write_text_file(f.json_path, results_json(f, base, *session, ranks, results, ok, exit_code));
+    }
+  }
+  coll.barrier("final barrier");
+  return exit_code;
+}
+
+// Reads a TOML file of flags (long names as keys, at the top level or under [bench]) into `app`'s
+// options that the command line left unset. (CLI11 2.1 reads config files for the root app only.)
+void apply_config(CLI::App& app, const std::string& path) {
+  CLI::ConfigTOML format;
+  std::vector<CLI::ConfigItem> items;
+  try {
+    items = format.from_file(path);
+  } catch (const CLI::Error& e) {
+    fail(ErrorKind::kIo, "cannot read --config " + path + ": " + e.what(), "pass an existing TOML file, e.g. configs/");
+  }
+  for (const CLI::ConfigItem& item : items) {
+    if (item.name == "++" || item.name == "--") continue;  // section markers
+    const bool top = item.parents.empty() || (item.parents.size() == 1 && item.parents[0] == "bench");
+    RINGATTN_CHECK(top, ErrorKind::kInvalidArgument, "--config " + path + ": unknown section of key '" + item.fullname() + "'",
+                   "put keys at the top level or under [bench]");
+    CLI::Option* op = app.get_option_no_throw("--" + item.name);
+    if (!op && item.name.size() == 1) op = app.get_option_no_throw("-" + item.name);
+    RINGATTN_CHECK(op != nullptr && item.name != "config", ErrorKind::kInvalidArgument,
+                   "--config " + path + ": unknown key '" + item.name + "'",
+                   "keys are the long flag names of `ringattn bench --help`, e.g. heads = 32, min-tokens = \"128K\"");
+    if (op->count() > 0) continue;  // the command line wins
+    try {
+      if (op->get_expected_min() == 0) {
+        op->add_result(op->get_flag_value(item.name, format.to_flag(item)));
+      } else {
+        op->add_result(item.inputs);
+      }
+      op->run_callback();
+    } catch (const CLI::Error& e) {
+      fail(ErrorKind::kInvalidArgument, "--config " + path + ": bad value for '" + item.name + "': " + e.what(),
+           "see `ringattn bench --help` for the expected type");
+    }
+  }
+}
+
+}  // namespace
+
+Command add_bench_command(CLI::App& root) {
+  auto flags = std::make_shared<BenchFlags>();
+  BenchFlags& f = *flags;
+  // Defaults: the standard shape (32 heads, head_dim 128, bf16, zigzag).
+  f.problem.heads = 32;
+  f.problem.head_dim = 128;
+  f.problem.dtype = "bf16";
+  f.problem.layout = "zigzag";
+  CLI::App* app = root.add_subcommand(
+      "bench", "Sweep the ring forward over sequence lengths (nccl-tests style flags); rank 0 prints one table");
+  app->add_option("--config", f.config_path,
+                  "TOML file of these flags by long name, e.g. configs/llama3_8b_128k.toml (the command line wins)");
+  app->add_option("-b,--min-tokens", f.min_tokens, "Smallest total sequence length (K/M/G suffixes)")
+      ->capture_default_str();
+  app->add_option("-e,--max-tokens", f.max_tokens, "Largest total sequence length (K/M/G suffixes)")
+      ->capture_default_str();
+  app->add_option("-f,--step-factor", f.factor, "Multiply the length by this factor between sizes")
+      ->capture_default_str();
+  app->add_option("-n,--iters", f.iters, "Timed passes per size")->capture_default_str();
+  app->add_option("-w,--warmup-iters", f.warmup, "Untimed warm-up passes per size")->capture_default_str();
+  app->add_option("-c,--check", f.check, "1: verify sampled rows against the fp64 reference; 0: skip")
+      ->capture_default_str();
+  app->add_option("--check-rows", f.check_rows, "Query rows sampled by -c 1 (each over all heads)")
+      ->capture_default_str();
+  app->add_option("-J,--json", f.json_path, "Write results (with per-rank, per-hop detail) to this JSON file");
+  app->add_option("-T", f.problem.timeout_s, "Seconds any wait for a peer may take (same as --timeout)");
+  app->add_flag("!--no-baseline", f.baseline, "Skip the one-GPU baseline (no ring efficiency column)");
+  add_problem_flags(*app, f.problem, /*with_seq_len=*/false);
+  add_session_flags(*app, f.problem);
+  return {app, [flags, app] {
+            if (!flags->config_path.empty()) apply_config(*app, flags->config_path);
+            return run_bench(*flags);
+          }};
+}
+
+}  // namespace ringattn::cli
