@@ -1,4 +1,4 @@
-// CudaBackend: the forward step on one GPU, fp32 running state on the device, events for timelines.
+// CudaBackend: forward and backward steps on one GPU, fp32 running state on the device, events for timelines.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "attn/cuda/cuda_check.hpp"
+#include "attn/cuda/flash_bwd.hpp"
 #include "attn/cuda/flash_fwd.hpp"
 #include "ringattn/backend.hpp"
 #include "ringattn/error.hpp"
@@ -177,6 +178,113 @@ class CudaBackend final : public Backend {
     q_ = TensorView{};
   }
 
+  // q, out, dout: (B, q_rows, H, D) spec.dtype; lse: (B, H, q_rows) fp32, all on the device.
+  void backward_begin(const TensorView& q, const TensorView& out, const TensorView& dout, const TensorView& lse,
+                      const ChunkPositions& q_pos) override {
+    require_prepared();
+    check_attention_view(q, "q", spec_.dtype, spec_.batch, q_rows_, spec_.heads, spec_.head_dim);
+    check_attention_view(out, "out", spec_.dtype, spec_.batch, q_rows_, spec_.heads, spec_.head_dim);
+    check_attention_view(dout, "dout", spec_.dtype, spec_.batch, q_rows_, spec_.heads, spec_.head_dim);
+    require(lse.device == Device::kCuda && lse.dtype == DType::kF32 && lse.rank == 3 && lse.shape[0] == spec_.batch &&
+                lse.shape[1] == spec_.heads && lse.shape[2] == q_rows_,
+            "lse " + lse.describe() + " must be fp32 (B, H, q_rows) on the device", "pass the lse the forward wrote");
+    require(q_pos.size() == q_rows_, "query positions cover " + std::to_string(q_pos.size()) + " rows, q has " +
+                                         std::to_string(q_rows_), "");
+    if (bwd_dq_accum_ == nullptr) {
+      const int b = static_cast<int>(spec_.batch);
+      bwd_dq_accum_ = static_cast<float*>(
+          allocate(cuda::flash_bwd_dq_accum_bytes(b, spec_.heads, spec_.head_dim, q_rows_)));
+      bwd_lse_log2_ = static_cast<float*>(allocate(cuda::flash_bwd_row_vector_bytes(b, spec_.heads, q_rows_)));
+      bwd_delta_ = static_cast<float*>(allocate(cuda::flash_bwd_row_vector_bytes(b, spec_.heads, q_rows_)));
+    }
+    bwd_ = cuda::FlashBwdParams{};
+    bwd_.dtype = spec_.dtype;
+    bwd_.batch = static_cast<int>(spec_.batch);
+    bwd_.heads = spec_.heads;
+    bwd_.kv_heads = spec_.effective_kv_heads();
+    bwd_.head_dim = spec_.head_dim;
+    bwd_.seq_q = static_cast<int>(q_rows_);
+    bwd_.scale = static_cast<float>(spec_.scale());
+    bwd_.causal = spec_.causal;
+    bwd_.q = q.data;
+    bwd_.q_batch_stride = q.stride[0];
+    bwd_.q_row_stride = q.stride[1];
+    bwd_.q_head_stride = q.stride[2];
+    bwd_.out = out.data;
+    bwd_.out_batch_stride = out.stride[0];
+    bwd_.out_row_stride = out.stride[1];
+    bwd_.out_head_stride = out.stride[2];
+    bwd_.dout = dout.data;
+    bwd_.dout_batch_stride = dout.stride[0];
+    bwd_.dout_row_stride = dout.stride[1];
+    bwd_.dout_head_stride = dout.stride[2];
+    bwd_.lse = lse.as<float>();
+    bwd_.lse_batch_stride = lse.stride[0];
+    bwd_.lse_head_stride = lse.stride[1];
+    bwd_.lse_row_stride = lse.stride[2];
+    bwd_.dq_accum = bwd_dq_accum_;
+    bwd_.lse_log2 = bwd_lse_log2_;
+    bwd_.delta = bwd_delta_;
+    bwd_q_pos_ = q_pos;
+    cuda::flash_bwd_preprocess(bwd_, stream_);
+    bwd_started_ = true;
+  }
+
+  // k, v: (B, Sk, Hkv, D) spec.dtype; dk_acc, dv_acc: (B, Sk, Hkv, D) fp32, accumulated in place.
+  void backward_step(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos, const TensorView& dk_acc,
+                     const TensorView& dv_acc) override {
+    require(bwd_started_, "backward_step before backward_begin", "call backward_begin first");
+    const int64_t sk = k.rank == 4 ? k.shape[1] : -1;
+    const int hkv = spec_.effective_kv_heads();
+    check_attention_view(k, "k", spec_.dtype, spec_.batch, sk, hkv, spec_.head_dim);
+    check_attention_view(v, "v", spec_.dtype, spec_.batch, sk, hkv, spec_.head_dim);
+    for (const TensorView* a : {&dk_acc, &dv_acc}) {
+      require(a->device == Device::kCuda && a->dtype == DType::kF32 && a->rank == 4 && a->shape[0] == spec_.batch &&
+                  a->shape[1] == sk && a->shape[2] == hkv && a->shape[3] == spec_.head_dim && a->stride[3] == 1,
+              "dK/dV accumulator " + a->describe() + " must be fp32 (B, Sk, Hkv, D) on the device", "");
+    }
+    require(k_pos.size() == sk, "key positions cover " + std::to_string(k_pos.size()) + " rows, k has " +
+                                    std::to_string(sk), "");
+    bwd_.seq_k = static_cast<int>(sk);
+    bwd_.k = k.data;
+    bwd_.k_batch_stride = k.stride[0];
+    bwd_.k_row_stride = k.stride[1];
+    bwd_.k_head_stride = k.stride[2];
+    bwd_.v = v.data;
+    bwd_.v_batch_stride = v.stride[0];
+    bwd_.v_row_stride = v.stride[1];
+    bwd_.v_head_stride = v.stride[2];
+    bwd_.dk_accum = dk_acc.as<float>();
+    bwd_.dk_batch_stride = dk_acc.stride[0];
+    bwd_.dk_row_stride = dk_acc.stride[1];
+    bwd_.dk_head_stride = dk_acc.stride[2];
+    bwd_.dv_accum = dv_acc.as<float>();
+    bwd_.dv_batch_stride = dv_acc.stride[0];
+    bwd_.dv_row_stride = dv_acc.stride[1];
+    bwd_.dv_head_stride = dv_acc.stride[2];
+    cuda::flash_bwd_step(bwd_, bwd_q_pos_, k_pos, stream_);
+  }
+
+  // dq: (B, q_rows, H, D) spec.dtype on the device.
+  void backward_end(const TensorView& dq) override {
+    require(bwd_started_, "backward_end before backward_begin", "call backward_begin first");
+    check_attention_view(dq, "dq", spec_.dtype, spec_.batch, q_rows_, spec_.heads, spec_.head_dim);
+    bwd_.dq = dq.data;
+    bwd_.dq_batch_stride = dq.stride[0];
+    bwd_.dq_row_stride = dq.stride[1];
+    bwd_.dq_head_stride = dq.stride[2];
+    cuda::flash_bwd_finalize(bwd_, stream_);
+    bwd_started_ = false;
+  }
+
+  // dst += src, both fp32 contiguous on the device (travelling dK/dV partials).
+  void accumulate(const TensorView& dst, const TensorView& src) override {
+    require(dst.device == Device::kCuda && src.device == Device::kCuda && dst.dtype == DType::kF32 &&
+                src.dtype == DType::kF32 && dst.is_contiguous() && src.is_contiguous() && dst.numel() == src.numel(),
+            "accumulate " + src.describe() + " into " + dst.describe(), "fp32, contiguous, same size, on the device");
+    cuda::flash_bwd_accumulate(dst.as<float>(), src.as<float>(), dst.numel(), stream_);
+  }
+
   void cast_accumulator(const TensorView& acc, const TensorView& dst) override {
     require(acc.device == Device::kCuda && dst.device == Device::kCuda && acc.dtype == DType::kF32 &&
                 acc.is_contiguous() && dst.is_contiguous() && acc.numel() == dst.numel(),
@@ -233,7 +341,7 @@ class CudaBackend final : public Backend {
   }
 
   void release_state() {
-    for (float* p : {acc_, row_max_, row_sum_}) {
+    for (float* p : {acc_, row_max_, row_sum_, bwd_dq_accum_, bwd_lse_log2_, bwd_delta_}) {
       if (p == nullptr) continue;
       RINGATTN_CUDA_CHECK(cudaStreamSynchronize(stream_));
       RINGATTN_CUDA_CHECK(cudaFree(p));
@@ -245,6 +353,7 @@ class CudaBackend final : public Backend {
       }
     }
     acc_ = row_max_ = row_sum_ = nullptr;
+    bwd_dq_accum_ = bwd_lse_log2_ = bwd_delta_ = nullptr;
   }
 
   cudaStream_t stream_ = nullptr;
@@ -263,6 +372,14 @@ class CudaBackend final : public Backend {
   TensorView q_;
   ChunkPositions q_pos_;
   bool first_step_ = true;
+
+  // Backward workspace, allocated on the first backward pass of this shape.
+  cuda::FlashBwdParams bwd_;
+  ChunkPositions bwd_q_pos_;
+  bool bwd_started_ = false;
+  float* bwd_dq_accum_ = nullptr;  // (B, q_rows, H, D) fp32
+  float* bwd_lse_log2_ = nullptr;  // (B, H, padded q_rows) fp32
+  float* bwd_delta_ = nullptr;     // (B, H, padded q_rows) fp32
 };
 
 }  // namespace
