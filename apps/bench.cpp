@@ -1,7 +1,7 @@
 // `ringattn bench`: nccl-tests style sweep of the ring forward over sequence lengths; one table from rank 0.
 //
 // Per size: a ring of this session's backend and transport, seeded inputs, -w warm-up and -n timed
-// forward passes (time = max over ranks of each rank's median wall time), per-hop telemetry from
+// forward passes (time = max over ranks of each rank's median wall time per pass), per-hop telemetry from
 // RingAttention::last_stats(), the one-GPU baseline (the same backend calls on one GPU without the
 // ring, see docs/BENCHMARKS.md), peak device memory, and with -c 1 the distributed sampled check.
 #include <unistd.h>
@@ -406,7 +406,9 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
   for (int it = 0; it < f.warmup + f.iters; ++it) {
     const bool timed = it >= f.warmup;
     progress.phase = timed ? "timed" : "warm-up";
-    coll.barrier("barrier before pass " + std::to_string(it) + " of " + label);
+    // One barrier per size: later passes are paced by the ring itself (every hop is a handshake),
+    // so a peer that stalls mid-run is caught by the transport's watchdog, naming hop and peer.
+    if (it == 0) coll.barrier("barrier before the first pass of " + label);
     const auto t0 = Clock::now();
     ring->forward(q, k, v, out, lse);
     const double ms = ms_since(t0);

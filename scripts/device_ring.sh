@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# One device call on a 4-GPU machine: build, MPI+GPU tests (p = 4, 2), bench vs PyTorch context_parallel, 1M run, kill-a-rank tests, summary.
+#
+# Usage (device machine, repository root): scripts/device_ring.sh
+# Env: OUT (logs; the device tool sets it), NP (4), BUDGET_S (wall seconds for the whole script, 450).
+# Steps run in order of importance and are skipped once the budget is nearly spent; every step has
+# its own timeout so a hang cannot eat the call. Logs (at most 8 files) go to $OUT.
+set -u
+START=$(date +%s)
+OUT=${OUT:-/tmp/ringattn_out}
+NP=${NP:-4}
+BUDGET_S=${BUDGET_S:-450}
+BUILD=build-dev
+mkdir -p "$OUT"
+export OUT
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
+export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none -x NCCL_NVLS_ENABLE
+        -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS)
+SUMMARY="$OUT/summary.txt"
+elapsed() { echo $(( $(date +%s) - START )); }
+# left N: true when at least N seconds of the budget remain.
+left() { [ $(( BUDGET_S - $(elapsed) )) -ge "$1" ]; }
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+note "# device_ring.sh $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+nvidia-smi --query-gpu=index,name,pci.bus_id,memory.total,driver_version --format=csv,noheader | tee -a "$SUMMARY"
+nvidia-smi topo -m 2>/dev/null | head -8 >>"$SUMMARY"
+
+# ---- build ------------------------------------------------------------------------------------
+gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
+nvcc_path=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+if ! { cmake -S . -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$nvcc_path" \
+         -DRINGATTN_BUILD_TESTS=ON &&
+       timeout 300 cmake --build "$BUILD" -j "$(nproc)" --target ringattn_cli ringattn_mpi_gpu_tests; } \
+     >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  note "# BUILD FAILED after $(elapsed) s"
+  exit 1
+fi
+grep -E "ringattn: CUDA=" "$OUT/build.log" | tee -a "$SUMMARY"
+note "# built in $(elapsed) s"
+BIN="$BUILD/bin/ringattn"
+
+# ---- MPI + GPU tests at p = 4 -------------------------------------------------------------------
+run_tests() {  # np timeout
+  timeout "$2" "${MPIRUN[@]}" -np "$1" "$BUILD/bin/ringattn_mpi_gpu_tests" >>"$OUT/tests.log" 2>&1
+  local rc=$?
+  grep -E "^\[ (ring|check|hang) " "$OUT/tests.log" | grep "p=$1" | tail -30
+  note "# mpi_gpu tests np=$1: exit $rc ($(grep -c '\[       OK \]' "$OUT/tests.log") OK lines so far, $(grep -c '\[  FAILED  \]' "$OUT/tests.log") FAILED lines) at $(elapsed) s"
+}
+echo "==== np 4" >>"$OUT/tests.log"
+run_tests 4 150
+
+# ---- our bench and the peer, side by side (8k and 32k tokens per GPU at p = 4) -----------------
+if left 150; then
+  NP=$NP BENCH_TIMEOUT=120 PEER_TIMEOUT=150 SEQS=32768,131072 "$(dirname "$0")/bench_vs_peers.sh" "$BUILD" \
+    2>&1 | tee "$OUT/vs_peers.txt" | tail -8
+  tail -6 "$OUT/vs_peers.txt" >>"$SUMMARY"
+fi
+
+# ---- 1M tokens, causal, 4 GPUs, with the distributed check and peak memory ---------------------
+if left 90; then
+  echo "==== standard_1m" >>"$OUT/bench.log"
+  timeout 150 "${MPIRUN[@]}" -np "$NP" "$BIN" bench --config configs/standard_1m.toml -n 2 -w 0 --no-baseline \
+    -J /tmp/ra_1m.json 2>&1 | tee -a "$OUT/bench.log" | grep -vE "^#  rank" | tail -9
+  note "# 1M run exit ${PIPESTATUS[0]} at $(elapsed) s"
+  grep -E "^ +1048576 " "$OUT/bench.log" | tail -1 >>"$SUMMARY"
+  [ -f /tmp/ra_1m.json ] && { echo "== standard_1m"; cat /tmp/ra_1m.json; } >>"$OUT/bench_json.txt"
+fi
+
+# ---- kill a rank of a running job ---------------------------------------------------------------
+# SIGSTOP: rank 2 freezes mid-run; the survivors' watchdogs must time out (-T 8), abort NCCL, print
+# the hop and the peer, and the job must end non-zero. SIGKILL: mpirun ends the job non-zero.
+kill_test() {  # signal
+  local sig=$1 log=/tmp/ra_kill_$1.log pid="" i
+  rm -f "$log"
+  ( timeout 80 "${MPIRUN[@]}" -np "$NP" "$BIN" bench -b 128K -e 128K --causal -n 100000 -w 0 -c 0 --no-baseline \
+      -T 8 >"$log" 2>&1; echo "JOB EXIT CODE $?" >>"$log" ) &
+  local job=$!
+  for i in $(seq 1 60); do
+    pid=$(grep -m1 -E "^#  rank 2 host" "$log" 2>/dev/null | sed -E 's/.* pid ([0-9]+).*/\1/')
+    [ -n "$pid" ] && break
+    sleep 1
+  done
+  sleep 4
+  local t0; t0=$(date +%s)
+  if [ -n "$pid" ]; then kill "-$sig" "$pid"; fi
+  wait "$job"
+  local took=$(( $(date +%s) - t0 ))
+  [ -n "$pid" ] && kill -CONT "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+  { echo "==== kill -$sig rank 2 (pid ${pid:-none}); job ended $took s later"; grep -vE "^#  rank|^#$" "$log" | tail -25; } \
+    >>"$OUT/kill.log"
+  note "# kill -$sig rank 2: $(grep -m1 'JOB EXIT CODE' "$log"), $took s after the signal; messages naming a hop: $(grep -c 'hop [0-9]' "$log")"
+  grep -m3 -E "watchdog|timed out|error" "$log" | cut -c1-300 | tee -a "$SUMMARY"
+}
+if left 60; then kill_test STOP; fi
+if left 35; then kill_test KILL; fi
+
+# ---- MPI + GPU tests at p = 2 -------------------------------------------------------------------
+if left 60; then
+  echo "==== np 2" >>"$OUT/tests.log"
+  run_tests 2 90
+fi
+
+# ---- Llama-3-8B shape at 128k (GQA) --------------------------------------------------------------
+if left 40; then
+  echo "==== llama3_8b_128k" >>"$OUT/bench.log"
+  timeout 60 "${MPIRUN[@]}" -np "$NP" "$BIN" bench --config configs/llama3_8b_128k.toml -J /tmp/ra_llama128k.json \
+    2>&1 | tee -a "$OUT/bench.log" | grep -E "^ +[0-9]" | tee -a "$SUMMARY"
+  [ -f /tmp/ra_llama128k.json ] && { echo "== llama3_8b_128k"; cat /tmp/ra_llama128k.json; } >>"$OUT/bench_json.txt"
+fi
+
+echo
+echo "================ summary ($(elapsed) s) ================"
+cat "$SUMMARY"
