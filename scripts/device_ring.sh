@@ -24,7 +24,16 @@ elapsed() { echo $(( $(date +%s) - START )); }
 left() { [ $(( BUDGET_S - $(elapsed) )) -ge "$1" ]; }
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
-note "# device_ring.sh $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+# Build and run the committed tree (HEAD), so numbers belong to a commit and others' uncommitted
+# work in the copied working tree cannot break the build; RINGATTN_USE_WORKTREE=1 uses the copy.
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo worktree)
+if [ "${RINGATTN_USE_WORKTREE:-0}" != 1 ] && [ "$COMMIT" != worktree ]; then
+  SRC=/tmp/ringattn_src
+  rm -rf "$SRC" && mkdir -p "$SRC" && git archive HEAD | tar -x -C "$SRC" && cd "$SRC" || exit 1
+else
+  COMMIT="$COMMIT+worktree"
+fi
+note "# device_ring.sh $(date -u +%FT%TZ) commit $COMMIT"
 nvidia-smi --query-gpu=index,name,pci.bus_id,memory.total,driver_version --format=csv,noheader | tee -a "$SUMMARY"
 nvidia-smi topo -m 2>/dev/null | head -8 >>"$SUMMARY"
 
@@ -55,7 +64,7 @@ run_tests 4 150
 
 # ---- our bench and the peer, side by side (8k and 32k tokens per GPU at p = 4) -----------------
 if left 150; then
-  NP=$NP BENCH_TIMEOUT=120 PEER_TIMEOUT=150 SEQS=32768,131072 "$(dirname "$0")/bench_vs_peers.sh" "$BUILD" \
+  NP=$NP BENCH_TIMEOUT=120 PEER_TIMEOUT=150 SEQS=32768,131072 scripts/bench_vs_peers.sh "$BUILD" \
     2>&1 | tee "$OUT/vs_peers.txt" | tail -8
   tail -6 "$OUT/vs_peers.txt" >>"$SUMMARY"
 fi
