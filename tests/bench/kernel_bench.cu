@@ -89,11 +89,15 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  const char* variant = std::getenv("RINGATTN_FWD_VARIANT");
+  // Label of the kernel under test: RINGATTN_FWD_KERNEL (mma | wgmma, unset = the default choice)
+  // and, for mma, RINGATTN_FWD_VARIANT (tile variant).
+  const char* variant_env = std::getenv("RINGATTN_FWD_VARIANT");
+  const char* kernel_env = std::getenv("RINGATTN_FWD_KERNEL");
+  const std::string variant = std::string(kernel_env ? kernel_env : "default") + (variant_env ? std::string("-v") + variant_env : "");
   cudaDeviceProp prop{};
   RINGATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("# kernel_bench: %s, %d SMs, bf16, batch 1, %d heads, variant %s, median of %d after %d warm-up\n",
-              prop.name, prop.multiProcessorCount, heads, variant ? variant : "0", iters, warmup);
+  std::printf("# kernel_bench: %s, %d SMs, bf16, batch 1, %d heads, kernel %s, median of %d after %d warm-up\n",
+              prop.name, prop.multiProcessorCount, heads, variant.c_str(), iters, warmup);
   std::printf("# %8s %5s %7s %10s %9s\n", "tokens", "hdim", "causal", "ms", "TFLOP/s");
   std::vector<Result> results;
   for (int64_t d : dims) {
@@ -146,7 +150,7 @@ int main(int argc, char** argv) {
     out << "[\n";
     for (size_t i = 0; i < results.size(); ++i) {
       const Result& r = results[i];
-      out << "  {\"impl\": \"ringattn\", \"variant\": " << (variant ? variant : "0") << ", \"device\": \"" << prop.name
+      out << "  {\"impl\": \"ringattn\", \"variant\": \"" << variant << "\", \"device\": \"" << prop.name
           << "\", \"S\": " << r.seq << ", \"H\": " << heads << ", \"D\": " << r.head_dim
           << ", \"causal\": " << (r.causal ? "true" : "false") << ", \"fwd_ms\": " << r.ms
           << ", \"fwd_tflops\": " << r.tflops << "}" << (i + 1 < results.size() ? ",\n" : "\n");

@@ -3,9 +3,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "attn/reference.hpp"
@@ -239,6 +241,60 @@ INSTANTIATE_TEST_SUITE_P(Layouts, FlashFwdRing,
                                            RingCase{Layout::kZigzag, true, 64, DType::kF16},
                                            RingCase{Layout::kStriped, true, 64, DType::kBF16},
                                            RingCase{Layout::kContiguous, false, 128, DType::kF16}));
+
+// Both forward kernels (RINGATTN_FWD_KERNEL=mma, and wgmma: the Hopper kernel where it runs, else
+// mma.sync again) on cases of several 128-row tiles, so the TMA / mbarrier stages wrap around.
+class ScopedFwdKernel {
+ public:
+  explicit ScopedFwdKernel(const char* kernel) {
+    const char* old = std::getenv(kName);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    setenv(kName, kernel, 1);
+  }
+  ~ScopedFwdKernel() {
+    if (had_) setenv(kName, old_.c_str(), 1);
+    else unsetenv(kName);
+  }
+  ScopedFwdKernel(const ScopedFwdKernel&) = delete;
+  ScopedFwdKernel& operator=(const ScopedFwdKernel&) = delete;
+
+ private:
+  static constexpr const char* kName = "RINGATTN_FWD_KERNEL";
+  bool had_ = false;
+  std::string old_;
+};
+
+Case kernel_case(int which) {
+  Case c;
+  switch (which) {
+    case 0: c.seq = 1100; break;                                         // bf16 d128 full, 9 tiles + tail
+    case 1: c.seq = 1100; c.causal = true; break;                        // bf16 d128 causal
+    case 2: c.seq = 700; c.head_dim = 64; c.dtype = DType::kF16; c.causal = true; break;
+    case 3: c.seq = 700; c.head_dim = 64; break;                         // bf16 d64 full
+    case 4: c.seq = 600; c.heads = 8; c.kv_heads = 2; c.causal = true; break;  // GQA
+    case 5: c.seq = 1200; c.world = 4; c.causal = true; c.layout = Layout::kZigzag; c.kv_heads = 2; break;
+    case 6: c.seq = 1200; c.world = 4; c.causal = true; c.layout = Layout::kStriped; c.dtype = DType::kF16; break;
+    case 7: c.seq = 300; c.batch = 2; c.heads = 2; c.kv_heads = 2; c.causal = true; break;
+    case 8: c.seq = 1024; c.world = 2; c.causal = true; c.head_dim = 64; break;  // contiguous, whole tiles
+    default: break;
+  }
+  return c;
+}
+constexpr int kKernelCases = 9;
+
+class FlashFwdKernels : public ::testing::TestWithParam<std::tuple<const char*, int>> {};
+
+TEST_P(FlashFwdKernels, MatchReference) {
+  RINGATTN_SKIP_WITHOUT_GPU();
+  const ScopedFwdKernel kernel(std::get<0>(GetParam()));
+  const Case c = kernel_case(std::get<1>(GetParam()));
+  SCOPED_TRACE(std::string(std::get<0>(GetParam())) + ": " + describe(c));
+  run_case(c, 100u + static_cast<uint32_t>(std::get<1>(GetParam())));
+}
+
+INSTANTIATE_TEST_SUITE_P(MmaAndWgmma, FlashFwdKernels,
+                         ::testing::Combine(::testing::Values("mma", "wgmma"), ::testing::Range(0, kKernelCases)));
 
 // Queries at positions 0..99 against keys 50..149 (causal): rows 0..49 see nothing.
 TEST(FlashFwd, RowsThatSeeNothing) {

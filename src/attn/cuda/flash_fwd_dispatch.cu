@@ -9,6 +9,7 @@
 #include "attn/cuda/cuda_check.hpp"
 #include "attn/cuda/flash_device.cuh"
 #include "attn/cuda/flash_fwd.hpp"
+#include "attn/cuda/flash_fwd_sm90.hpp"
 
 namespace ringattn::cuda {
 namespace {
@@ -26,6 +27,26 @@ int fwd_variant() {
     return v >= 0 && v < kFwdVariants ? v : 0;
   }();
   return variant;
+}
+
+// RINGATTN_FWD_KERNEL: "mma" forces the mma.sync kernel, "wgmma" (or unset) uses the Hopper kernel
+// where it runs (sm_90a binary on an sm_90 device, TMA-compatible tensors) and mma.sync elsewhere.
+// Read at every step (a getenv is cheap next to a kernel) so tests can time or check both paths.
+bool wgmma_allowed() {
+  const char* env = std::getenv("RINGATTN_FWD_KERNEL");
+  return env == nullptr || std::string(env) != "mma";
+}
+
+// Launches the Hopper kernel when it applies; false means "use the mma.sync kernel".
+bool try_sm90(const FlashFwdParams& params, DType dtype, int head_dim, cudaStream_t stream) {
+  if (!wgmma_allowed() || (head_dim != 64 && head_dim != 128)) return false;
+  if (dtype != DType::kBF16 && dtype != DType::kF16) return false;
+  if (!sm90_fwd_supported()) return false;
+  if (dtype == DType::kBF16)
+    return head_dim == 128 ? launch_flash_fwd_sm90<__nv_bfloat16, 128>(params, stream)
+                           : launch_flash_fwd_sm90<__nv_bfloat16, 64>(params, stream);
+  return head_dim == 128 ? launch_flash_fwd_sm90<__half, 128>(params, stream)
+                         : launch_flash_fwd_sm90<__half, 64>(params, stream);
 }
 
 template <typename Elem, int kHeadDim>
@@ -98,6 +119,7 @@ unsigned grid_for(int64_t work, int threads) {
 }  // namespace
 
 void flash_fwd_step(const FlashFwdParams& params, DType dtype, int head_dim, cudaStream_t stream) {
+  if (try_sm90(params, dtype, head_dim, stream)) return;
   const int variant = dtype == DType::kBF16 ? fwd_variant() : 0;
   if (dtype == DType::kBF16 && head_dim == 64) return launch_variant<__nv_bfloat16, 64>(params, stream, variant);
   if (dtype == DType::kBF16 && head_dim == 128) return launch_variant<__nv_bfloat16, 128>(params, stream, variant);
