@@ -25,6 +25,8 @@ struct RunFlags {
   ProblemFlags problem;
   bool check = false;
   int64_t check_rows = 0;  // 0: auto (all rows when cheap, else a sample), -1: all, N: N sampled rows
+  int warmup = -1;         // untimed passes first; -1: 1 on the GPU (NCCL connections, kernel loading), 0 on the CPU
+  int iters = 1;           // timed passes; the time reported is their mean (the last one is checked/saved)
   std::string load_dir;
   std::string save_dir;
   std::string json_path;
@@ -132,6 +134,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   std::optional<LoadedInputs> loaded;
   collectively(session, [&] {
     if (!early_error.empty()) throw Error(ErrorKind::kInvalidArgument, early_error);
+    if (f.iters < 1) fail(ErrorKind::kInvalidArgument, "--iters " + std::to_string(f.iters) + " must be at least 1", "pass --iters 1 or more");
     init_logging(f.problem.log_level);
     spec = spec_from_flags(f.problem);
     if (!f.load_dir.empty()) loaded = load_inputs(f, spec);
@@ -181,12 +184,18 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
     copy_to_backend(v.view, v_dev);
   });
 
+  // Warm-up passes (untimed), then `iters` timed passes, each started together after a barrier.
+  const int warmup = f.warmup >= 0 ? f.warmup : (session.on_gpu() ? 1 : 0);
   double wall_ms = 0.0;
-  session.barrier();
+  for (int it = 0; it < warmup + f.iters; ++it) {
+    session.barrier();
+    collectively(session, [&] {
+      const double t0 = now_ms();
+      ring->forward(q_dev, k_dev, v_dev, out_dev, lse_dev);  // returns when the pass is complete
+      if (it >= warmup) wall_ms += (now_ms() - t0) / f.iters;
+    });
+  }
   collectively(session, [&] {
-    const double t0 = now_ms();
-    ring->forward(q_dev, k_dev, v_dev, out_dev, lse_dev);  // returns when the pass is complete
-    wall_ms = now_ms() - t0;
     copy_to_host(out_dev, out.view);
     copy_to_host(lse_dev, lse.view);
   });
@@ -236,6 +245,8 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
     std::printf("# ringattn run: %d ranks, backend %s, transport %s\n", world, session.backend_name().c_str(),
                 session.transport_name().c_str());
     std::printf("# problem: %s\n", spec.describe().c_str());
+    std::printf("# passes: %d warm-up, %d timed (times are the mean of the timed passes; compute and exposed\n"
+                "#   communication are the last pass's, max over ranks)\n", warmup, f.iters);
     if (loaded) {
       std::printf("# inputs: loaded from %s\n", f.load_dir.c_str());
     } else {
@@ -276,7 +287,8 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
         j.field("source", "seed").field("seed", static_cast<int64_t>(f.problem.seed));
       }
       j.end_object();
-      j.begin_object("timing").field("wall_ms", wall_max).field("compute_ms", compute_max);
+      j.begin_object("timing").field("warmup", warmup).field("iters", f.iters);
+      j.field("wall_ms", wall_max).field("compute_ms", compute_max);
       j.field("exposed_comm_ms", exposed_max).field("flops", flops).field("tflops_per_rank", tflops_per_rank);
       j.field("skipped_hops", static_cast<int64_t>(skipped_total)).end_object();
       j.begin_array("per_rank");
@@ -316,6 +328,9 @@ Command add_run_command(CLI::App& root) {
   app->add_option("--check-rows", flags->check_rows,
                   "Rows per rank for --check: 0 = all when cheap else a sample, -1 = all, N = N sampled")
       ->capture_default_str();
+  app->add_option("--warmup", flags->warmup, "Untimed passes before the timed ones (-1: 1 on GPU, 0 on CPU)")
+      ->capture_default_str();
+  app->add_option("--iters", flags->iters, "Timed passes; the mean time is reported")->capture_default_str();
   app->add_option("--load", flags->load_dir,
                   "Read q.npy [B,S,H,D], k.npy and v.npy [B,S,Hkv,D] (global order, float32/64) from DIR");
   app->add_option("--save", flags->save_dir, "Write out.npy [B,S,H,D] and lse.npy [B,H,S] (global order) to DIR");
