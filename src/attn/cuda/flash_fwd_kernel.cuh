@@ -62,6 +62,22 @@ __device__ __forceinline__ void load_tile_async(Elem* smem, const Elem* gmem, in
   }
 }
 
+// Grid of (query tile, batch * head) pairs, blocks started x fastest. Causal: x = batch * head and
+// y = query tile from the last, so the heaviest tiles of every head (the last tiles see the most
+// keys) start first and the light ones fill in at the end (longest first). Otherwise x = query
+// tile, so the blocks running together share one head's K/V in L2. fwd_grid() builds it.
+__device__ __forceinline__ int block_batch_head(const FlashFwdParams& p) {
+  return static_cast<int>(p.causal ? blockIdx.x : blockIdx.y);
+}
+__device__ __forceinline__ int block_query_tile(const FlashFwdParams& p) {
+  return static_cast<int>(p.causal ? gridDim.y - 1 - blockIdx.y : blockIdx.x);
+}
+inline dim3 fwd_grid(const FlashFwdParams& p, int block_m) {
+  const unsigned tiles = static_cast<unsigned>((p.seq_q + block_m - 1) / block_m);
+  const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
+  return p.causal ? dim3(bh, tiles) : dim3(tiles, bh);
+}
+
 template <typename T, typename Elem>
 __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_kernel(const __grid_constant__ FlashFwdParams p) {
   constexpr int kMTiles = T::kMTiles;
@@ -77,9 +93,12 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_ker
   Elem* s_k = s_q + T::kSmemQElems;           // (kBlockN, D) swizzled
   Elem* s_v = s_k + T::kSmemKElems;           // (kBlockN, D) swizzled
 
-  // Heaviest query tiles first (under a causal mask the last tiles see the most keys).
-  const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
-  const int bh = static_cast<int>(blockIdx.y);
+  // 1-d grid of (query tile, batch * head) pairs. Causal: (batch, head) fastest and query tiles
+  // from the last, so the heaviest tiles of every head (the last tiles see the most keys) start
+  // first and the light ones fill in at the end (longest first). Otherwise query tiles fastest, so
+  // the blocks running together share one head's K/V in L2.
+  const int m_block = block_query_tile(p);
+  const int bh = block_batch_head(p);
   const int b = bh / p.heads;
   const int h = bh % p.heads;
   const int kv_h = h / p.kv_group;
@@ -103,9 +122,9 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_ker
   const Elem* k_head = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + kv_h * p.k_head_stride;
   const Elem* v_head = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + kv_h * p.v_head_stride;
   // State: acc (B, H, Sq, D), row_max / row_sum (B, H, Sq).
-  // State index of query row `row` of this (batch, head): blockIdx.y == b * H + h. Recomputed where
-  // used (cheap) rather than holding three 64-bit pointers across the main loop.
-  auto state_row = [&](int row) { return static_cast<int64_t>(blockIdx.y) * p.seq_q + row; };
+  // State index of query row `row` of this (batch, head): b * H + h. Recomputed where used (cheap:
+  // special registers and parameters) rather than holding 64-bit pointers across the main loop.
+  auto state_row = [&](int row) { return static_cast<int64_t>(block_batch_head(p)) * p.seq_q + row; };
 
   const int64_t q_min = position_min(p.q_pos, q_lo, q_hi);
   const int64_t q_max = position_max(p.q_pos, q_lo, q_hi);

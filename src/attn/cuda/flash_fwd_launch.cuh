@@ -35,7 +35,7 @@ void launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
   auto* kernel = &flash_fwd_kernel<Traits, Elem>;
   RINGATTN_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));
-  const dim3 grid((params.seq_q + Traits::kBlockM - 1) / Traits::kBlockM, params.batch * params.heads);
+  const dim3 grid = fwd_grid(params, Traits::kBlockM);
   kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(params);
   RINGATTN_CUDA_CHECK_LAUNCH("flash_fwd_kernel");
 }

@@ -14,6 +14,10 @@ namespace ringattn::cuda {
 // (checked once per device, then cached).
 bool sm90_fwd_supported();
 
+// RINGATTN_SM90_VARIANT: 0 = each GEMM waited for at once, 1 (default) = S_{j+1} and P_j V_j in
+// flight during the softmax. Read once.
+int sm90_fwd_variant();
+
 // Fills `map` with a 4-d tiled tensor map (head_dim, rows, heads, batch) over 2-byte elements,
 // box = 64 columns x box_rows rows, 128-byte swizzle, out-of-bounds rows read as zeros. Strides in
 // elements. False when the driver entry point is missing or the layout is not TMA-compatible.

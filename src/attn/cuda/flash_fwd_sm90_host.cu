@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 
 #include "attn/cuda/flash_fwd_sm90.hpp"
@@ -71,6 +72,14 @@ EncodeTiledFn encode_fn() {
 }
 
 }  // namespace
+
+int sm90_fwd_variant() {
+  static const int variant = [] {
+    const char* env = std::getenv("RINGATTN_SM90_VARIANT");
+    return env != nullptr && std::atoi(env) == 0 ? 0 : 1;
+  }();
+  return variant;
+}
 
 bool sm90_fwd_supported() {
   // 0 unknown, 1 yes, 2 no, per device.

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "attn/cuda/flash_device.cuh"
+#include "attn/cuda/flash_fwd_kernel.cuh"
 #include "attn/cuda/flash_fwd_params.hpp"
 #include "attn/cuda/flash_fwd_sm90_device.cuh"
 #include "attn/cuda/flash_positions.cuh"
@@ -72,7 +73,9 @@ struct FwdTraits {
   static_assert(kProducerRegs * kWarpgroupThreads + kConsumerRegs * kConsumerThreads <= 65536, "register file");
 };
 
-template <typename Elem, int kHeadDim>
+// kOverlap: S_{j+1} = Q K_{j+1}^T and O += P_j V_j in flight together while the softmax runs
+// (FlashAttention-3's intra-warpgroup pipelining); false: each GEMM is waited for at once.
+template <typename Elem, int kHeadDim, bool kOverlap>
 __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ FwdArgs args) {
 #if RINGATTN_SM90A_ENABLED
@@ -96,9 +99,8 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
   auto k_empty = [&](int s) { return bars + 8u * (1 + 2 * T::kStages + s); };
   auto v_empty = [&](int s) { return bars + 8u * (1 + 3 * T::kStages + s); };
 
-  // Heaviest query tiles first (under a causal mask the last tiles see the most keys).
-  const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
-  const int bh = static_cast<int>(blockIdx.y);
+  const int m_block = block_query_tile(p);  // block order: see flash_fwd_kernel.cuh
+  const int bh = block_batch_head(p);
   const int b = bh / p.heads;
   const int h = bh % p.heads;
   const int kv_h = h / p.kv_group;
@@ -163,7 +165,7 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
     const int quad_row = lane / 4;
     const int quad_col = lane % 4;
     const int row0 = q_lo + consumer * T::kRowsPerConsumer + warp * 16 + quad_row;  // + 8 r
-    auto state_row = [&](int row) { return static_cast<int64_t>(blockIdx.y) * p.seq_q + row; };
+    auto state_row = [&](int row) { return static_cast<int64_t>(bh) * p.seq_q + row; };
 
     float acc[1][kNTilesO][4];
     float s[1][kNTilesS][4];
@@ -189,69 +191,25 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[0][nt][e] = 0.f;
 
-    // Descriptors: Q rows of this consumer (K-major), K (K-major), V (MN-major: V is (keys, d)).
+    // Q rows of this consumer (K-major), K (K-major), V (MN-major: V is (keys, d) row-major).
     const uint32_t q_rows = s_q + consumer * T::kRowsPerConsumer * T::kSwizzleBytes;
-    if (first_tile < num_n_tiles) mbar_wait(q_full(), 0);
-
-    int it = 0;
-    for (int tile = first_tile; tile < num_n_tiles; ++it) {
-      const int stage = it % T::kStages;
-      const uint32_t phase = static_cast<uint32_t>(it / T::kStages) & 1u;
-      const int k_lo = tile * T::kBlockN;
-      const TileKind kind = classify_key_tile(p.k_pos, k_lo, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
-      const int next = next_visible_tile(p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
-
-      // S = Q K^T.
-      mbar_wait(k_full(stage), phase);
+    // Issues S = Q K^T on the tiles of `stage` (not waited for).
+    auto issue_s = [&](int stage) {
       WgmmaS::fence_operands(s_flat);
       wgmma_fence();
       const uint32_t k_tile = s_k + stage * T::kKVBytes;
 #pragma unroll
       for (int ks = 0; ks < T::kKStepsS; ++ks) {
-        const uint32_t col = (ks / T::kStepsPerColBlock);
+        const uint32_t col = ks / T::kStepsPerColBlock;
         const uint32_t off = (ks % T::kStepsPerColBlock) * 32;
         const uint64_t da = make_desc_sw128(q_rows + col * T::kQBlockBytes + off, 16, T::kCoreRowBytes);
         const uint64_t db = make_desc_sw128(k_tile + col * T::kKVBlockBytes + off, 16, T::kCoreRowBytes);
         WgmmaS::ss(s_flat, da, db, ks > 0 ? 1 : 0);
       }
       wgmma_commit();
-      wgmma_wait<0>();
-      WgmmaS::fence_operands(s_flat);
-      mbar_arrive(k_empty(stage));
-
-      if (kind == TileKind::kPartial) {
-        int64_t q_position[kRows];  // rows past seq_q are never stored; any value will do
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) q_position[r] = position_at(p.q_pos, row0 + 8 * r);
-#pragma unroll
-        for (int nt = 0; nt < kNTilesS; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int key = k_lo + nt * 8 + 2 * quad_col + e;
-            // Missing tail keys sort after every query; without a causal mask real keys before all.
-            const int64_t key_position =
-                key >= p.seq_k ? INT64_MAX : (p.causal ? position_at(p.k_pos, key) : INT64_MIN);
-#pragma unroll
-            for (int r = 0; r < kRows; ++r)
-              if (key_position > q_position[r]) s[0][nt][2 * r + e] = -INFINITY;
-          }
-        }
-      }
-
-      softmax.update(s, acc, p.scale_log2);
-
-      // P in the input dtype as the A operand (registers) of P V: n8 tiles 2kk, 2kk+1 form k16 step kk.
-      uint32_t pa[T::kKStepsO][4];
-#pragma unroll
-      for (int kk = 0; kk < T::kKStepsO; ++kk) {
-        pa[kk][0] = pack2<Elem>(s[0][2 * kk][0], s[0][2 * kk][1]);
-        pa[kk][1] = pack2<Elem>(s[0][2 * kk][2], s[0][2 * kk][3]);
-        pa[kk][2] = pack2<Elem>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-        pa[kk][3] = pack2<Elem>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-      }
-
-      // O += P V.
-      mbar_wait(v_full(stage), phase);
+    };
+    // Issues O += P V on the tiles of `stage` (not waited for).
+    auto issue_pv = [&](int stage, const uint32_t(&pa)[T::kKStepsO][4]) {
       WgmmaO::fence_operands(acc_flat);
       wgmma_fence();
       const uint32_t v_tile = s_v + stage * T::kKVBytes;
@@ -261,10 +219,120 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
         WgmmaO::rs(acc_flat, pa[kk], db, 1);
       }
       wgmma_commit();
+    };
+    // Masks S on a partial tile: causal by global positions, and missing tail keys.
+    auto mask = [&](int k_lo) {
+      int64_t q_position[kRows];  // rows past seq_q are never stored; any value will do
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) q_position[r] = position_at(p.q_pos, row0 + 8 * r);
+#pragma unroll
+      for (int nt = 0; nt < kNTilesS; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = k_lo + nt * 8 + 2 * quad_col + e;
+          // Missing tail keys sort after every query; without a causal mask real keys before all.
+          const int64_t key_position = key >= p.seq_k ? INT64_MAX : (p.causal ? position_at(p.k_pos, key) : INT64_MIN);
+#pragma unroll
+          for (int r = 0; r < kRows; ++r)
+            if (key_position > q_position[r]) s[0][nt][2 * r + e] = -INFINITY;
+        }
+      }
+    };
+    // P in the input dtype as the A operand (registers) of P V: n8 tiles 2kk, 2kk+1 form k16 step kk.
+    auto pack_p = [&](uint32_t(&pa)[T::kKStepsO][4]) {
+#pragma unroll
+      for (int kk = 0; kk < T::kKStepsO; ++kk) {
+        pa[kk][0] = pack2<Elem>(s[0][2 * kk][0], s[0][2 * kk][1]);
+        pa[kk][1] = pack2<Elem>(s[0][2 * kk][2], s[0][2 * kk][3]);
+        pa[kk][2] = pack2<Elem>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+        pa[kk][3] = pack2<Elem>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+      }
+    };
+    auto fence_p = [&](uint32_t(&pa)[T::kKStepsO][4]) {
+#pragma unroll
+      for (int kk = 0; kk < T::kKStepsO; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(pa[kk][i])::"memory");
+    };
+
+    if (first_tile < num_n_tiles) mbar_wait(q_full(), 0);
+    uint32_t pa[T::kKStepsO][4];
+
+    if constexpr (!kOverlap) {
+      int it = 0;
+      for (int tile = first_tile; tile < num_n_tiles; ++it) {
+        const int stage = it % T::kStages;
+        const uint32_t phase = static_cast<uint32_t>(it / T::kStages) & 1u;
+        const int k_lo = tile * T::kBlockN;
+        const TileKind kind = classify_key_tile(p.k_pos, k_lo, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+        const int next = next_visible_tile(p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+        mbar_wait(k_full(stage), phase);
+        issue_s(stage);
+        wgmma_wait<0>();
+        WgmmaS::fence_operands(s_flat);
+        mbar_arrive(k_empty(stage));
+        if (kind == TileKind::kPartial) mask(k_lo);
+        softmax.update(s, acc, p.scale_log2);
+        pack_p(pa);
+        mbar_wait(v_full(stage), phase);
+        issue_pv(stage, pa);
+        wgmma_wait<0>();
+        WgmmaO::fence_operands(acc_flat);
+        fence_p(pa);
+        mbar_arrive(v_empty(stage));
+        tile = next;
+      }
+    } else if (first_tile < num_n_tiles) {
+      // Software pipeline inside the warpgroup: S_j = Q K_j^T and O += P_{j-1} V_{j-1} run on the
+      // tensor cores while the softmax of S_j runs; O is rescaled once P_{j-1} V_{j-1} has landed.
+      int tile = first_tile;
+      {
+        const int k_lo = tile * T::kBlockN;
+        const TileKind kind = classify_key_tile(p.k_pos, k_lo, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+        mbar_wait(k_full(0), 0);
+        issue_s(0);
+        wgmma_wait<0>();
+        WgmmaS::fence_operands(s_flat);
+        mbar_arrive(k_empty(0));
+        if (kind == TileKind::kPartial) mask(k_lo);
+        softmax.update(s, acc, p.scale_log2);
+        pack_p(pa);
+      }
+      int prev_stage = 0;
+      uint32_t prev_phase = 0;
+      tile = next_visible_tile(p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+      for (int it = 1; tile < num_n_tiles; ++it) {
+        const int stage = it % T::kStages;
+        const uint32_t phase = static_cast<uint32_t>(it / T::kStages) & 1u;
+        const int k_lo = tile * T::kBlockN;
+        const TileKind kind = classify_key_tile(p.k_pos, k_lo, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+        const int next = next_visible_tile(p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+        mbar_wait(k_full(stage), phase);
+        issue_s(stage);
+        mbar_wait(v_full(prev_stage), prev_phase);
+        issue_pv(prev_stage, pa);
+        wgmma_wait<1>();  // S_j landed (groups complete in order)
+        WgmmaS::fence_operands(s_flat);
+        mbar_arrive(k_empty(stage));
+        if (kind == TileKind::kPartial) mask(k_lo);
+        float rescale[1][kRows];
+        softmax.update_scores(s, rescale, p.scale_log2);
+        wgmma_wait<0>();  // P_{j-1} V_{j-1} landed
+        WgmmaO::fence_operands(acc_flat);
+        fence_p(pa);
+        mbar_arrive(v_empty(prev_stage));
+        OnlineSoftmax<1>::rescale_acc(acc, rescale);
+        pack_p(pa);
+        prev_stage = stage;
+        prev_phase = phase;
+        tile = next;
+      }
+      mbar_wait(v_full(prev_stage), prev_phase);
+      issue_pv(prev_stage, pa);
       wgmma_wait<0>();
       WgmmaO::fence_operands(acc_flat);
-      mbar_arrive(v_empty(stage));
-      tile = next;
+      fence_p(pa);
+      mbar_arrive(v_empty(prev_stage));
     }
 
     softmax.reduce_sums();

@@ -52,6 +52,51 @@ struct OnlineSoftmax {
     }
   }
 
+  // The same as update() for the scores alone: the factor that rescales acc is returned in
+  // `rescale` and applied later by rescale_acc() (the Hopper kernel runs O += P V of the previous
+  // tile on the tensor cores meanwhile).
+  template <int kNTilesS>
+  __device__ __forceinline__ void update_scores(float (&s)[kMTiles][kNTilesS][4], float (&rescale)[kMTiles][kRowsPerThread],
+                                                float scale_log2) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int r = 0; r < kRowsPerThread; ++r) {
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt) tile_max = fmaxf(tile_max, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        const float new_max = fmaxf(row_max[mt][r], tile_max * scale_log2);
+        const float base = new_max == -INFINITY ? 0.f : new_max;
+        rescale[mt][r] = fast_exp2(row_max[mt][r] - base);
+        row_max[mt][r] = new_max;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt) {
+          s[mt][nt][2 * r] = fast_exp2(fmaf(s[mt][nt][2 * r], scale_log2, -base));
+          s[mt][nt][2 * r + 1] = fast_exp2(fmaf(s[mt][nt][2 * r + 1], scale_log2, -base));
+          sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
+        }
+        row_sum[mt][r] = fmaf(row_sum[mt][r], rescale[mt][r], sum);
+      }
+    }
+  }
+
+  template <int kNTilesO>
+  __device__ __forceinline__ static void rescale_acc(float (&acc)[kMTiles][kNTilesO][4],
+                                                     const float (&rescale)[kMTiles][kRowsPerThread]) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < kRowsPerThread; ++r)
+#pragma unroll
+        for (int nt = 0; nt < kNTilesO; ++nt) {
+          acc[mt][nt][2 * r] *= rescale[mt][r];
+          acc[mt][nt][2 * r + 1] *= rescale[mt][r];
+        }
+  }
+
   // Sums the partial row sums over the 4 lanes of each quad.
   __device__ __forceinline__ void reduce_sums() {
 #pragma unroll
