@@ -32,6 +32,10 @@ echo "## GPU forward tests, RINGATTN_FWD_KERNEL=mma"
 RINGATTN_FWD_KERNEL=mma timeout 100 "$BIN/ringattn_gpu_tests" --gtest_filter="$FWD_FILTER" 2>&1 |
   tee "$OUT/tests_mma.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran" | head -20
 
+echo "## GPU tests of the wgmma kernel without the in-warpgroup overlap (RINGATTN_SM90_VARIANT=0)"
+RINGATTN_SM90_VARIANT=0 timeout 60 "$BIN/ringattn_gpu_tests" --gtest_filter='MmaAndWgmma/*:Layouts/*' 2>&1 |
+  tee "$OUT/tests_sv0.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran" | head -20
+
 echo "## compute-sanitizer (memcheck, racecheck) on: $SMALL_FILTER"
 {
   timeout 100 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" --gtest_filter="$SMALL_FILTER"
@@ -43,10 +47,13 @@ echo "## compute-sanitizer (memcheck, racecheck) on: $SMALL_FILTER"
 grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$OUT/sanitizer.log" | head -20
 
 echo "## kernel bench"
-for k in wgmma mma; do
-  RINGATTN_FWD_KERNEL=$k timeout 60 "$BIN/ringattn_kernel_bench" -s 16K,64K -d 128 -n 5 -w 1 -J "$OUT/bench_${k}_128.json"
-  RINGATTN_FWD_KERNEL=$k timeout 30 "$BIN/ringattn_kernel_bench" -s 16K -d 64 -n 5 -w 1 -J "$OUT/bench_${k}_64.json"
+for k in wgmma:1 wgmma:0 mma:1; do
+  kern=${k%:*}; sv=${k#*:}
+  [ "$kern" = mma ] && unset RINGATTN_SM90_VARIANT || export RINGATTN_SM90_VARIANT=$sv
+  RINGATTN_FWD_KERNEL=$kern timeout 60 "$BIN/ringattn_kernel_bench" -s 16K,64K -d 128 -n 5 -w 1 -J "$OUT/bench_${kern}${sv}_128.json"
+  RINGATTN_FWD_KERNEL=$kern timeout 30 "$BIN/ringattn_kernel_bench" -s 16K -d 64 -n 5 -w 1 -J "$OUT/bench_${kern}${sv}_64.json"
 done
+unset RINGATTN_SM90_VARIANT
 
 echo "## torch SDPA peers (forward only, 16k and 64k)"
 PEER_SEQS=16384,65536 PEER_FWD_ONLY=1 PYTHONUNBUFFERED=1 timeout 120 python3 tests/bench/peers/torch_sdpa.py \

@@ -93,7 +93,10 @@ int main(int argc, char** argv) {
   // and, for mma, RINGATTN_FWD_VARIANT (tile variant).
   const char* variant_env = std::getenv("RINGATTN_FWD_VARIANT");
   const char* kernel_env = std::getenv("RINGATTN_FWD_KERNEL");
-  const std::string variant = std::string(kernel_env ? kernel_env : "default") + (variant_env ? std::string("-v") + variant_env : "");
+  const char* sm90_env = std::getenv("RINGATTN_SM90_VARIANT");
+  const std::string variant = std::string(kernel_env ? kernel_env : "default") +
+                              (variant_env ? std::string("-v") + variant_env : "") +
+                              (sm90_env ? std::string("-s") + sm90_env : "");
   cudaDeviceProp prop{};
   RINGATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("# kernel_bench: %s, %d SMs, bf16, batch 1, %d heads, kernel %s, median of %d after %d warm-up\n",
