@@ -134,7 +134,10 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   std::optional<LoadedInputs> loaded;
   collectively(session, [&] {
     if (!early_error.empty()) throw Error(ErrorKind::kInvalidArgument, early_error);
-    if (f.iters < 1) fail(ErrorKind::kInvalidArgument, "--iters " + std::to_string(f.iters) + " must be at least 1", "pass --iters 1 or more");
+    if (f.iters < 1) {
+      fail(ErrorKind::kInvalidArgument, "--iters " + std::to_string(f.iters) + " must be at least 1",
+           "pass --iters 1 or more");
+    }
     init_logging(f.problem.log_level);
     spec = spec_from_flags(f.problem);
     if (!f.load_dir.empty()) loaded = load_inputs(f, spec);
