@@ -32,9 +32,11 @@ echo "## GPU forward tests, RINGATTN_FWD_KERNEL=mma"
 RINGATTN_FWD_KERNEL=mma timeout 100 "$BIN/ringattn_gpu_tests" --gtest_filter="$FWD_FILTER" 2>&1 |
   tee "$OUT/tests_mma.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran" | head -20
 
-echo "## GPU tests of the wgmma kernel without the in-warpgroup overlap (RINGATTN_SM90_VARIANT=0)"
-RINGATTN_SM90_VARIANT=0 timeout 60 "$BIN/ringattn_gpu_tests" --gtest_filter='MmaAndWgmma/*:Layouts/*' 2>&1 |
-  tee "$OUT/tests_sv0.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran" | head -20
+for sv in 0 2; do
+  echo "## GPU tests of the wgmma kernel, RINGATTN_SM90_VARIANT=$sv"
+  RINGATTN_SM90_VARIANT=$sv timeout 60 "$BIN/ringattn_gpu_tests" --gtest_filter='MmaAndWgmma/*:Layouts/*:*FlashFwdBasic*' 2>&1 |
+    tee "$OUT/tests_sv$sv.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran" | head -20
+done
 
 echo "## compute-sanitizer (memcheck, racecheck) on: $SMALL_FILTER"
 {
@@ -47,7 +49,7 @@ echo "## compute-sanitizer (memcheck, racecheck) on: $SMALL_FILTER"
 grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$OUT/sanitizer.log" | head -20
 
 echo "## kernel bench"
-for k in wgmma:1 wgmma:0 mma:1; do
+for k in wgmma:1 wgmma:2 wgmma:0 mma:1; do
   kern=${k%:*}; sv=${k#*:}
   [ "$kern" = mma ] && unset RINGATTN_SM90_VARIANT || export RINGATTN_SM90_VARIANT=$sv
   RINGATTN_FWD_KERNEL=$kern timeout 60 "$BIN/ringattn_kernel_bench" -s 16K,64K -d 128 -n 5 -w 1 -J "$OUT/bench_${kern}${sv}_128.json"

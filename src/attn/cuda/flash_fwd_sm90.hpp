@@ -15,7 +15,7 @@ namespace ringattn::cuda {
 bool sm90_fwd_supported();
 
 // RINGATTN_SM90_VARIANT: 0 = each GEMM waited for at once, 1 (default) = S_{j+1} and P_j V_j in
-// flight during the softmax. Read once.
+// flight during the softmax, 2 = 1 plus ping-pong turns between the two consumer warpgroups. Read once.
 int sm90_fwd_variant();
 
 // Fills `map` with a 4-d tiled tensor map (head_dim, rows, heads, batch) over 2-byte elements,

@@ -73,9 +73,11 @@ struct FwdTraits {
   static_assert(kProducerRegs * kWarpgroupThreads + kConsumerRegs * kConsumerThreads <= 65536, "register file");
 };
 
-// kOverlap: S_{j+1} = Q K_{j+1}^T and O += P_j V_j in flight together while the softmax runs
-// (FlashAttention-3's intra-warpgroup pipelining); false: each GEMM is waited for at once.
-template <typename Elem, int kHeadDim, bool kOverlap>
+// kSchedule 0: each GEMM is waited for at once. 1: S_{j+1} = Q K_{j+1}^T and O += P_j V_j in
+// flight together while the softmax runs (FlashAttention-3's intra-warpgroup pipelining). 2: 1, and
+// the two consumer warpgroups take turns issuing their GEMMs (named barriers), so one's softmax
+// runs under the other's GEMMs ("ping-pong").
+template <typename Elem, int kHeadDim, int kSchedule>
 __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ FwdArgs args) {
 #if RINGATTN_SM90A_ENABLED
@@ -258,7 +260,18 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
     if (first_tile < num_n_tiles) mbar_wait(q_full(), 0);
     uint32_t pa[T::kKStepsO][4];
 
-    if constexpr (!kOverlap) {
+    // Ping-pong turns (kSchedule 2): named barrier 1 + c is consumer c's turn to issue.
+    constexpr int kTurnBarrier = 1;
+    auto wait_turn = [&]() {
+      if constexpr (kSchedule == 2)
+        asm volatile("bar.sync %0, %1;\n" ::"r"(kTurnBarrier + consumer), "n"(T::kConsumerThreads) : "memory");
+    };
+    auto pass_turn = [&]() {
+      if constexpr (kSchedule == 2)
+        asm volatile("bar.arrive %0, %1;\n" ::"r"(kTurnBarrier + (1 - consumer)), "n"(T::kConsumerThreads) : "memory");
+    };
+
+    if constexpr (kSchedule == 0) {
       int it = 0;
       for (int tile = first_tile; tile < num_n_tiles; ++it) {
         const int stage = it % T::kStages;
@@ -285,12 +298,16 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
     } else if (first_tile < num_n_tiles) {
       // Software pipeline inside the warpgroup: S_j = Q K_j^T and O += P_{j-1} V_{j-1} run on the
       // tensor cores while the softmax of S_j runs; O is rescaled once P_{j-1} V_{j-1} has landed.
+      static_assert(T::kConsumers == 2 || kSchedule != 2, "ping-pong between two consumers");
+      if (kSchedule == 2 && consumer == 1) pass_turn();  // consumer 0 goes first
       int tile = first_tile;
       {
         const int k_lo = tile * T::kBlockN;
         const TileKind kind = classify_key_tile(p.k_pos, k_lo, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
         mbar_wait(k_full(0), 0);
+        wait_turn();
         issue_s(0);
+        pass_turn();
         wgmma_wait<0>();
         WgmmaS::fence_operands(s_flat);
         mbar_arrive(k_empty(0));
@@ -308,9 +325,11 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
         const TileKind kind = classify_key_tile(p.k_pos, k_lo, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
         const int next = next_visible_tile(p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
         mbar_wait(k_full(stage), phase);
-        issue_s(stage);
         mbar_wait(v_full(prev_stage), prev_phase);
+        wait_turn();
+        issue_s(stage);
         issue_pv(prev_stage, pa);
+        pass_turn();
         wgmma_wait<1>();  // S_j landed (groups complete in order)
         WgmmaS::fence_operands(s_flat);
         mbar_arrive(k_empty(stage));
@@ -328,11 +347,14 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
         tile = next;
       }
       mbar_wait(v_full(prev_stage), prev_phase);
+      wait_turn();
       issue_pv(prev_stage, pa);
+      pass_turn();
       wgmma_wait<0>();
       WgmmaO::fence_operands(acc_flat);
       fence_p(pa);
       mbar_arrive(v_empty(prev_stage));
+      if (kSchedule == 2 && consumer == 0) wait_turn();  // takes consumer 1's last pass: barriers end clean
     }
 
     softmax.reduce_sums();

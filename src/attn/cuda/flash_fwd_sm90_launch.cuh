@@ -26,8 +26,10 @@ bool launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
       !encode_tile_map(&args.v, kBf16, params.v, kHeadDim, params.seq_k, kv_heads, params.batch,
                        params.v_row_stride, params.v_head_stride, params.v_batch_stride, T::kBlockN))
     return false;
-  auto* kernel = sm90_fwd_variant() == 0 ? &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, false>
-                                         : &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, true>;
+  const int variant = sm90_fwd_variant();
+  auto* kernel = variant == 0   ? &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, 0>
+                 : variant == 2 ? &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, 2>
+                                : &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, 1>;
   RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
   const dim3 grid = fwd_grid(params, T::kBlockM);
   kernel<<<grid, T::kThreads, T::kSmemBytes, stream>>>(args);
