@@ -3,7 +3,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "comm/transports.hpp"
@@ -86,6 +88,15 @@ NcclTransport::NcclTransport(MPI_Comm comm, int device, cudaStream_t compute_str
   check_mpi(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, comm), "MPI_Bcast of the NCCL unique id");
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;  // no NCCL call may block the host: waits are ours, with a deadline
+  // RINGATTN_NCCL_MAX_CTAS caps the CTAs (channels) NCCL may use, i.e. the SMs the exchange takes
+  // from the attention kernel while they overlap (see docs/BENCHMARKS.md).
+  if (const char* env = std::getenv("RINGATTN_NCCL_MAX_CTAS")) {
+    const int v = std::atoi(env);
+    RINGATTN_CHECK(v > 0, ErrorKind::kInvalidArgument, std::string("RINGATTN_NCCL_MAX_CTAS=") + env + " is not positive",
+                   "unset it, or pass a CTA count such as 4");
+    config.maxCTAs = v;
+    config.minCTAs = 1;
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     const ncclResult_t r = ncclCommInitRankConfig(&comm_, world_, id, rank_, &config);
