@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One device call on a 4-GPU machine: build, MPI+GPU tests (p = 4, 2), bench vs PyTorch context_parallel, 1M run, kill-a-rank tests, summary.
 #
-# Usage (device machine, repository root): scripts/device_ring.sh
+# Usage (device machine, repository root): scripts/device_ring.sh [all|nccl-variants]
+#   all (default): the steps below.
+#   nccl-variants: build, then time the ring at 8k and 32k tokens per GPU under NCCL channel/CTA
+#   settings, pick the best, run bench_vs_peers.sh with it, and the Llama-3-8B 1M config.
 # Env: OUT (logs; the device tool sets it), NP (4), BUDGET_S (wall seconds for the whole script, 450).
 # Steps run in order of importance and are skipped once the budget is nearly spent; every step has
 # its own timeout so a hang cannot eat the call. Logs (at most 8 files) go to $OUT.
@@ -33,7 +36,9 @@ if [ "${RINGATTN_USE_WORKTREE:-0}" != 1 ] && [ "$COMMIT" != worktree ]; then
 else
   COMMIT="$COMMIT+worktree"
 fi
-note "# device_ring.sh $(date -u +%FT%TZ) commit $COMMIT"
+COMMIT=${RINGATTN_COMMIT:-$COMMIT}
+MODE=${1:-all}
+note "# device_ring.sh $MODE $(date -u +%FT%TZ) commit $COMMIT"
 nvidia-smi --query-gpu=index,name,pci.bus_id,memory.total,driver_version --format=csv,noheader | tee -a "$SUMMARY"
 nvidia-smi topo -m 2>/dev/null | head -8 >>"$SUMMARY"
 
@@ -51,6 +56,49 @@ fi
 grep -E "ringattn: CUDA=" "$OUT/build.log" | tee -a "$SUMMARY"
 note "# built in $(elapsed) s"
 BIN="$BUILD/bin/ringattn"
+
+if [ "$MODE" = nccl-variants ]; then
+  best=""; best_score=0
+  for v in "default:" "ctas4:RINGATTN_NCCL_MAX_CTAS=4" "p2pch2:NCCL_MAX_P2P_NCHANNELS=2" \
+           "p2pch8:NCCL_MAX_P2P_NCHANNELS=8" "cememcpy:NCCL_P2P_USE_CUDA_MEMCPY=1"; do
+    left 200 || break
+    name=${v%%:*}; envs=${v#*:}
+    echo "==== variant $name ($envs)" >>"$OUT/bench.log"
+    rm -f "/tmp/ra_v_$name.json"
+    env $envs timeout 90 "${MPIRUN[@]}" -np "$NP" "$BIN" bench -b 32K -e 128K -f 4 --heads 32 --head-dim 128 --causal \
+      --layout zigzag --dtype bf16 -n 10 -w 3 -c 1 -J "/tmp/ra_v_$name.json" >>"$OUT/bench.log" 2>&1
+    [ -f "/tmp/ra_v_$name.json" ] && { echo "== variant $name ($envs)"; cat "/tmp/ra_v_$name.json"; } >>"$OUT/bench_json.txt"
+    line=$(python3 - "/tmp/ra_v_$name.json" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))["results"]
+    effs = [x["ring_efficiency"] for x in r]
+    print(f"{100*min(effs):.1f} " + " ".join(f"{x['tokens_per_gpu']//1024}k/GPU: {x['tflops_per_gpu']:.1f} TF/GPU eff {100*x['ring_efficiency']:.1f}% exposed {x['exposed_comm_pct']:.2f}%" for x in r))
+except Exception as e:
+    print(f"0 failed ({e})")
+PY
+)
+    note "# variant $name ($envs): min eff ${line}"
+    score=${line%% *}
+    if python3 -c "import sys; sys.exit(0 if float('$score') > float('$best_score') else 1)"; then best=$envs; best_score=$score; fi
+  done
+  note "# best variant: '${best:-default}' (min ring efficiency $best_score%)"
+  if left 120; then
+    env $best NP=$NP BENCH_TIMEOUT=90 PEER_TIMEOUT=150 SEQS=32768,131072 scripts/bench_vs_peers.sh "$BUILD" \
+      2>&1 | tee "$OUT/vs_peers.txt" | tail -8
+    tail -6 "$OUT/vs_peers.txt" >>"$SUMMARY"
+  fi
+  if left 60; then
+    echo "==== llama3_8b_1m ($best)" >>"$OUT/bench.log"
+    env $best timeout 120 "${MPIRUN[@]}" -np "$NP" "$BIN" bench --config configs/llama3_8b_1m.toml -n 1 -w 1 \
+      --no-baseline -J /tmp/ra_l1m.json 2>&1 | tee -a "$OUT/bench.log" | grep -E "^ +[0-9]|^# (OK|FAILED)" | tee -a "$SUMMARY"
+    [ -f /tmp/ra_l1m.json ] && { echo "== llama3_8b_1m ($best)"; cat /tmp/ra_l1m.json; } >>"$OUT/bench_json.txt"
+  fi
+  echo
+  echo "================ summary ($(elapsed) s) ================"
+  cat "$SUMMARY"
+  exit 0
+fi
 
 # ---- MPI + GPU tests at p = 4 -------------------------------------------------------------------
 run_tests() {  # np timeout
