@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <memory>
 #include <string>
@@ -345,6 +346,31 @@ double baseline_pass(const RingAttention& ring, Backend& backend, const Attentio
   return ms_since(t0);
 }
 
+// Fault injection for tests (RINGATTN_BENCH_FAULT set): scales every output value, so the check
+// must report FAILED and the exit code must be non-zero.
+void scale_output(const TensorView& out, double factor) {
+  const std::size_t bytes = out.nbytes();
+  std::vector<char> host(bytes);
+  TensorView h = out;
+  h.device = Device::kHost;
+  h.data = host.data();
+  if (out.device == Device::kHost) {
+    h.data = out.data;
+  } else {
+#ifdef RINGATTN_HAVE_CUDA
+    RINGATTN_CHECK(cudaMemcpy(host.data(), out.data, bytes, cudaMemcpyDeviceToHost) == cudaSuccess, ErrorKind::kCuda,
+                   "fault injection: copy of out failed", "");
+#endif
+  }
+  for (int64_t i = 0; i < h.numel(); ++i) store_from_double(h, i, factor * load_as_double(h, i));
+#ifdef RINGATTN_HAVE_CUDA
+  if (out.device != Device::kHost) {
+    RINGATTN_CHECK(cudaMemcpy(out.data, host.data(), bytes, cudaMemcpyHostToDevice) == cudaSuccess, ErrorKind::kCuda,
+                   "fault injection: copy of out failed", "");
+  }
+#endif
+}
+
 std::string rank_json(int rank, const std::vector<double>& ring_ms, const std::vector<double>& base_ms,
                       const PassStats& stats, double peak, double growth) {
   JsonWriter j;
@@ -425,6 +451,7 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
   const PassStats stats = ring->last_stats();
 
   // Check before the baseline overwrites out/lse.
+  if (f.check && std::getenv("RINGATTN_BENCH_FAULT") != nullptr) scale_output(out, 1.5);  // tests: must FAIL
   if (f.check) {
     SampledCheckOptions opt;
     opt.samples = f.check_rows;
