@@ -62,6 +62,7 @@ struct BenchFlags {
   std::string json_path;
   bool baseline = true;
   std::string config_path;
+  std::string progress = "auto";  // auto: when rank 0's stderr is a terminal; on; off
 };
 
 double ms_since(Clock::time_point t0) {
@@ -629,7 +630,8 @@ int run_bench(const BenchFlags& f) {
   }
 
   Progress progress;
-  progress.enabled = root && isatty(fileno(stderr));
+  // Under mpirun a rank's stderr is a pipe even when mpirun's is a terminal: --progress on forces it.
+  progress.enabled = root && (f.progress == "on" || (f.progress == "auto" && isatty(fileno(stderr))));
   progress.sizes = sizes;
   progress.sweep_start = Clock::now();
   std::vector<SizeResult> results;
@@ -760,6 +762,10 @@ Command add_bench_command(CLI::App& root) {
       ->capture_default_str();
   app->add_option("-J,--json", f.json_path, "Write results (with per-rank, per-hop detail) to this JSON file");
   app->add_option("-T", f.problem.timeout_s, "Seconds any wait for a peer may take (same as --timeout)");
+  app->add_option("--progress", f.progress,
+                  "Progress on rank 0's stderr: auto (when it is a terminal; under mpirun it is a pipe), on, off")
+      ->check(CLI::IsMember({"auto", "on", "off"}))
+      ->capture_default_str();
   app->add_flag("!--no-baseline", f.baseline, "Skip the one-GPU baseline (no ring efficiency column)");
   add_problem_flags(*app, f.problem, /*with_seq_len=*/false);
   add_session_flags(*app, f.problem);
