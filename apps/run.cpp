@@ -1,4 +1,4 @@
-// `ringattn run`: one exact ring-attention forward pass on seeded or loaded inputs, with --check, --save and --json.
+// `ringattn run`: one exact ring-attention forward (and --backward) pass on seeded or loaded inputs, with --check, --save and --json.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -10,6 +10,7 @@
 
 #include "cli_common.hpp"
 #include "commands.hpp"
+#include "grad_check.hpp"
 #include "core/logging.hpp"
 #include "core/npy.hpp"
 #include "ringattn/error.hpp"
@@ -20,10 +21,13 @@ namespace ringattn::cli {
 namespace {
 
 constexpr int kExitCheckFailed = 2;  // results were computed but are wrong (errors exit with 1)
+constexpr uint64_t kKeySampleSalt = 0x6b65797307ull;  // separates the key-row sample from the query-row one
+constexpr double kBackwardFlopsFactor = 2.5;  // backward = 2.5 x forward FLOPs, as peers count
 
 struct RunFlags {
   ProblemFlags problem;
   bool check = false;
+  bool backward = false;   // also run the backward pass (dQ, dK, dV) with dO seeded or from do.npy
   int64_t check_rows = 0;  // 0: auto (all rows when cheap, else a sample), -1: all, N: N sampled rows
   int warmup = -1;         // untimed passes first; -1: 1 on the GPU (NCCL connections, kernel loading), 0 on the CPU
   int iters = 1;           // timed passes; the time reported is their mean (the last one is checked/saved)
@@ -35,6 +39,7 @@ struct RunFlags {
 // Global q/k/v read from --load, converted to the run's dtype.
 struct LoadedInputs {
   HostTensor q, k, v;  // (B, S, H, D), (B, S, Hkv, D), (B, S, Hkv, D)
+  HostTensor dout;     // (B, S, H, D), only with --backward
 };
 
 std::string join(const std::string& dir, const char* name) { return (std::filesystem::path(dir) / name).string(); }
@@ -86,6 +91,16 @@ LoadedInputs load_inputs(const RunFlags& f, AttentionSpec& spec) {
   in.q = convert_host(q.view(), spec.dtype);
   in.k = convert_host(k.view(), spec.dtype);
   in.v = convert_host(v.view(), spec.dtype);
+  if (f.backward) {
+    const std::string dp = join(f.load_dir, "do.npy");
+    if (!std::filesystem::exists(dp)) {
+      fail(ErrorKind::kInvalidArgument, "--backward with --load needs '" + dp + "' (the output gradient dO)",
+           "write do.npy [batch, seq, heads, head_dim] next to q.npy, or drop --load to use seeded inputs");
+    }
+    NpyArray dout = read_npy(dp);
+    expect_npy_shape(dout, {B, S, H, D}, dp, "[batch, seq, heads, head_dim] matching q.npy " + q.shape_string());
+    in.dout = convert_host(dout.view(), spec.dtype);
+  }
   return in;
 }
 
@@ -202,7 +217,49 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
     copy_to_host(out_dev, out.view);
     copy_to_host(lse_dev, lse.view);
   });
-  const PassStats& stats = ring->last_stats();
+  PassStats stats = ring->last_stats();
+
+  // --backward: dO seeded or loaded, then warm-up and timed backward passes.
+  HostTensor dout, dq, dk, dv;
+  double wall_bwd_ms = 0.0;
+  PassStats bwd_stats;
+  if (f.backward) {
+    dout = make_host_tensor(spec.dtype, {B, Sl, H, D});
+    dq = make_host_tensor(spec.dtype, {B, Sl, H, D});
+    dk = make_host_tensor(spec.dtype, {B, Sl, Hkv, D});
+    dv = make_host_tensor(spec.dtype, {B, Sl, Hkv, D});
+    TensorView dout_dev, dq_dev, dk_dev, dv_dev;
+    collectively(session, [&] {
+      if (loaded) {
+        shard_rows(loaded->dout.view, dout.view, pos, 1);
+      } else {
+        fill_random_rows(dout.view, pos, spec.seq_len, f.problem.seed, TensorId::kDOut);
+      }
+      Backend& be = ring->backend();
+      dout_dev = allocate_on_backend(be, spec.dtype, {B, Sl, H, D});
+      dq_dev = allocate_on_backend(be, spec.dtype, {B, Sl, H, D});
+      dk_dev = allocate_on_backend(be, spec.dtype, {B, Sl, Hkv, D});
+      dv_dev = allocate_on_backend(be, spec.dtype, {B, Sl, Hkv, D});
+      copy_to_backend(dout.view, dout_dev);
+    });
+    for (int it = 0; it < warmup + f.iters; ++it) {
+      session.barrier();
+      collectively(session, [&] {
+        const double t0 = now_ms();
+        ring->backward(q_dev, k_dev, v_dev, out_dev, lse_dev, dout_dev, dq_dev, dk_dev, dv_dev);
+        if (it >= warmup) wall_bwd_ms += (now_ms() - t0) / f.iters;
+      });
+    }
+    bwd_stats = ring->last_stats();
+    collectively(session, [&] {
+      copy_to_host(dq_dev, dq.view);
+      copy_to_host(dk_dev, dk.view);
+      copy_to_host(dv_dev, dv.view);
+    });
+  }
+  const double wall_bwd_max = session.max_over_ranks(wall_bwd_ms);
+  const double bwd_compute_max = session.max_over_ranks(bwd_stats.compute_ms());
+  const double bwd_exposed_max = session.max_over_ranks(bwd_stats.exposed_comm_ms());
   const double wall_max = session.max_over_ranks(wall_ms);
   const double compute_max = session.max_over_ranks(stats.compute_ms());
   const double exposed_max = session.max_over_ranks(stats.exposed_comm_ms());
@@ -228,6 +285,20 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
     });
     check = reduce_check(session, local);
   }
+  GradCheckResult grad_check;
+  if (f.check && f.backward) {
+    collectively(session, [&] {
+      bool sampled = false;
+      const std::vector<int64_t> rows = choose_check_rows(spec, world, rank, f.problem.seed, f.check_rows, &sampled);
+      // Key rows: a different seeded sample than the query rows (same count on every rank).
+      const std::vector<int64_t> key_rows =
+          choose_check_rows(spec, world, rank, f.problem.seed ^ kKeySampleSalt, f.check_rows, &sampled);
+      const KvBlockSource kv = loaded ? global_kv_source(loaded->k.view, loaded->v.view)
+                                      : seeded_kv_source(f.problem.seed, spec.seq_len);
+      grad_check = check_gradients(session, spec, pos, q.view, k.view, v.view, dout.view, out.view, lse.view,
+                                   dq.view, dk.view, dv.view, rows, key_rows, kv);
+    });
+  }
 
   // --save: gather rows to rank 0 in global token order, write out.npy and lse.npy there.
   if (!f.save_dir.empty()) {
@@ -240,6 +311,17 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       write_npy(join(f.save_dir, "out.npy"), out_global.view);
       write_npy(join(f.save_dir, "lse.npy"), lse_global.view);
     });
+    if (f.backward) {
+      const char* names[] = {"dq.npy", "dk.npy", "dv.npy"};
+      const HostTensor* grads[] = {&dq, &dk, &dv};
+      for (int g = 0; g < 3; ++g) {
+        HostTensor save = convert_host(grads[g]->view, save_dtype);
+        HostTensor global = gather_to_root(session, spec, save.view, 1);
+        collectively(session, [&] {
+          if (rank == 0) write_npy(join(f.save_dir, names[g]), global.view);
+        });
+      }
+    }
   }
 
   const double flops = forward_flops(spec);
@@ -258,8 +340,17 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
     for (const std::string& line : rank_lines) std::printf("#   %s\n", line.c_str());
     std::printf("# %12s %12s %16s %14s %13s\n", "time_ms", "compute_ms", "exposed_comm_ms", "TFLOP/s/rank",
                 "skipped_hops");
-    std::printf("  %12.3f %12.3f %16.3f %14.4f %8.0f/%-4d\n", wall_max, compute_max, exposed_max, tflops_per_rank,
-                skipped_total, world * world);
+    std::printf("  %12.3f %12.3f %16.3f %14.4f %8.0f/%-4d  forward\n", wall_max, compute_max, exposed_max,
+                tflops_per_rank, skipped_total, world * world);
+    if (f.backward) {
+      const double bwd_tflops = wall_bwd_max > 0.0 ? kBackwardFlopsFactor * flops / world / (wall_bwd_max * 1e-3) / 1e12 : 0.0;
+      const double both_ms = wall_max + wall_bwd_max;
+      const double both_tflops =
+          both_ms > 0.0 ? (1.0 + kBackwardFlopsFactor) * flops / world / (both_ms * 1e-3) / 1e12 : 0.0;
+      std::printf("  %12.3f %12.3f %16.3f %14.4f %13s  backward\n", wall_bwd_max, bwd_compute_max, bwd_exposed_max,
+                  bwd_tflops, "");
+      std::printf("  %12.3f %12s %16s %14.4f %13s  forward+backward\n", both_ms, "", "", both_tflops, "");
+    }
     if (f.check) {
       std::printf("# check vs fp64 reference: %lld rows (%s) x %lld batch x %d heads\n",
                   static_cast<long long>(check.rows), check.sampled ? "sampled" : "all",
@@ -267,9 +358,20 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       std::printf("#   max_abs_err %.3e  max_rel_err %.3e  max_lse_err %.3e  non-finite %lld  tolerance %.0e\n",
                   check.max_abs_err, check.max_rel_err, check.max_lse_err, static_cast<long long>(check.mismatched),
                   check.tolerance);
-      std::printf("%s\n", check.pass ? "PASS" : "FAIL");
+      if (f.backward) {
+        std::printf("# gradient check vs fp64 sums: dQ on %lld query rows, dK/dV on %lld key rows (%s)\n",
+                    static_cast<long long>(grad_check.dq_rows), static_cast<long long>(grad_check.dkv_rows),
+                    grad_check.sampled ? "sampled" : "all");
+        std::printf("#   dq_rel_err %.3e  dk_rel_err %.3e  dv_rel_err %.3e  non-finite %lld  tolerance %.0e\n",
+                    grad_check.dq_rel_err, grad_check.dk_rel_err, grad_check.dv_rel_err,
+                    static_cast<long long>(grad_check.non_finite), grad_check.tolerance);
+      }
+      std::printf("%s\n", check.pass && (!f.backward || grad_check.pass) ? "PASS" : "FAIL");
     }
-    if (!f.save_dir.empty()) std::printf("# saved %s/out.npy and %s/lse.npy\n", f.save_dir.c_str(), f.save_dir.c_str());
+    if (!f.save_dir.empty()) {
+      std::printf("# saved %s/out.npy and %s/lse.npy%s\n", f.save_dir.c_str(), f.save_dir.c_str(),
+                  f.backward ? " and dq.npy, dk.npy, dv.npy" : "");
+    }
     std::fflush(stdout);
   }
 
@@ -293,7 +395,14 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       j.begin_object("timing").field("warmup", warmup).field("iters", f.iters);
       j.field("wall_ms", wall_max).field("compute_ms", compute_max);
       j.field("exposed_comm_ms", exposed_max).field("flops", flops).field("tflops_per_rank", tflops_per_rank);
-      j.field("skipped_hops", static_cast<int64_t>(skipped_total)).end_object();
+      j.field("skipped_hops", static_cast<int64_t>(skipped_total));
+      if (f.backward) {
+        j.field("backward_wall_ms", wall_bwd_max).field("backward_compute_ms", bwd_compute_max);
+        j.field("backward_exposed_comm_ms", bwd_exposed_max);
+        j.field("fwd_bwd_tflops_per_rank", (1.0 + kBackwardFlopsFactor) * flops / world /
+                                               ((wall_max + wall_bwd_max) * 1e-3) / 1e12);
+      }
+      j.end_object();
       j.begin_array("per_rank");
       for (const std::string& s : rank_stats) j.raw("", s);
       j.end_array();
@@ -302,6 +411,12 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
         j.field("rows", check.rows).field("sampled", check.sampled).field("max_abs_err", check.max_abs_err);
         j.field("max_rel_err", check.max_rel_err).field("max_lse_err", check.max_lse_err);
         j.field("non_finite", check.mismatched).field("tolerance", check.tolerance).field("pass", check.pass);
+        if (f.backward) {
+          j.begin_object("gradients").field("dq_rows", grad_check.dq_rows).field("dkv_rows", grad_check.dkv_rows);
+          j.field("sampled", grad_check.sampled).field("dq_rel_err", grad_check.dq_rel_err);
+          j.field("dk_rel_err", grad_check.dk_rel_err).field("dv_rel_err", grad_check.dv_rel_err);
+          j.field("non_finite", grad_check.non_finite).field("pass", grad_check.pass).end_object();
+        }
       }
       j.end_object();
       if (!f.save_dir.empty()) j.field("save_dir", f.save_dir);
@@ -310,6 +425,12 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
     });
   }
 
+  if (f.check && f.backward && !grad_check.pass) {
+    std::fprintf(stderr, "ringattn: %s gradient check FAILED: dq %.3e dk %.3e dv %.3e non-finite %lld (tolerance %.0e)\n",
+                 context_prefix().c_str(), grad_check.dq_rel_err, grad_check.dk_rel_err, grad_check.dv_rel_err,
+                 static_cast<long long>(grad_check.non_finite), grad_check.tolerance);
+    return kExitCheckFailed;
+  }
   if (f.check && !check.pass) {
     std::fprintf(stderr, "ringattn: %s check FAILED: max_rel_err %.3e, max_lse_err %.3e, non-finite %lld (tolerance %.0e)\n",
                  context_prefix().c_str(), check.max_rel_err, check.max_lse_err,
@@ -323,11 +444,14 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
 
 Command add_run_command(CLI::App& root) {
   auto flags = std::make_shared<RunFlags>();
-  CLI::App* app = root.add_subcommand("run", "One exact ring-attention forward pass (seeded or --load inputs)");
+  CLI::App* app =
+      root.add_subcommand("run", "One exact ring-attention forward (+ --backward) pass (seeded or --load inputs)");
   app->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a repeated flag: last wins
   add_problem_flags(*app, flags->problem);
   add_session_flags(*app, flags->problem);
   app->add_flag("--check", flags->check, "Compare with the fp64 naive reference; exit 2 on FAIL");
+  app->add_flag("--backward", flags->backward,
+                "Also run the backward pass (dO seeded, or do.npy with --load); --save adds dq/dk/dv.npy");
   app->add_option("--check-rows", flags->check_rows,
                   "Rows per rank for --check: 0 = all when cheap else a sample, -1 = all, N = N sampled")
       ->capture_default_str();

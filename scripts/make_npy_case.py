@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """End-to-end check helper for `ringattn run --load/--save`, independent of ringattn's own code.
 
-  make DIR     write q.npy, k.npy, v.npy (numpy random normals, global token order)
-  compare DIR OUT   numpy softmax attention of DIR's inputs vs OUT/out.npy and OUT/lse.npy
+  make DIR     write q.npy, k.npy, v.npy (numpy random normals, global token order); --with-do adds do.npy
+  compare DIR OUT   numpy softmax attention of DIR's inputs vs OUT/out.npy and OUT/lse.npy;
+                    --backward also compares OUT/dq.npy, dk.npy, dv.npy with numpy's gradients
   corrupt DIR KIND  write an unusable q.npy/k.npy/v.npy set (pure Python: works without numpy)
 
 `make` and `compare` need numpy and exit 77 (the ctest skip code) when it is missing.
@@ -34,6 +35,8 @@ def cmd_make(a):
     np.save(os.path.join(a.dir, "q.npy"), rng.standard_normal((a.batch, a.seq, a.heads, a.head_dim)).astype(dt))
     np.save(os.path.join(a.dir, "k.npy"), rng.standard_normal((a.batch, a.seq, kvh, a.head_dim)).astype(dt))
     np.save(os.path.join(a.dir, "v.npy"), rng.standard_normal((a.batch, a.seq, kvh, a.head_dim)).astype(dt))
+    if a.with_do:
+        np.save(os.path.join(a.dir, "do.npy"), rng.standard_normal((a.batch, a.seq, a.heads, a.head_dim)).astype(dt))
     print(f"wrote {a.dir}/q.npy k.npy v.npy: batch {a.batch} seq {a.seq} heads {a.heads}/{kvh} dim {a.head_dim} {a.dtype}")
 
 
@@ -55,6 +58,30 @@ def attention(np, q, k, v, causal, scale):
     return out, lse
 
 
+def attention_grads(np, q, k, v, dout, causal, scale):
+    """Gradients of sum(out * dout) in float64: dq (B,S,H,D), dk/dv (B,S,Hkv,D), kv heads summed over their group."""
+    q, k, v, dout = (x.astype(np.float64) for x in (q, k, v, dout))
+    B, S, H, D = q.shape
+    hkv = k.shape[2]
+    group = H // hkv
+    t = scale if scale > 0 else 1.0 / np.sqrt(D)
+    kr, vr = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, kr) * t
+    if causal:
+        s = np.where(np.tril(np.ones((S, S), dtype=bool))[None, None], s, -np.inf)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", p, vr)
+    dv = np.einsum("bhqk,bqhd->bkhd", p, dout)
+    dp = np.einsum("bqhd,bkhd->bhqk", dout, vr)
+    delta = np.einsum("bqhd,bqhd->bhq", dout, out)[..., None]
+    ds = p * (dp - delta)
+    dq = np.einsum("bhqk,bkhd->bqhd", ds, kr) * t
+    dk = np.einsum("bhqk,bqhd->bkhd", ds, q) * t
+    fold = lambda x: x.reshape(B, S, hkv, group, D).sum(axis=3)
+    return dq, fold(dk), fold(dv)
+
+
 def cmd_compare(a):
     np = need_numpy()
     q, k, v = (np.load(os.path.join(a.dir, n)) for n in ("q.npy", "k.npy", "v.npy"))
@@ -73,6 +100,17 @@ def cmd_compare(a):
     print(f"numpy reference: max |out - ref| = {err_out:.3e}, max |lse - ref| = {err_lse:.3e}, tolerance {a.tol:.0e}")
     if not (err_out <= a.tol and err_lse <= a.tol):
         ok = False
+    if a.backward:
+        dout = np.load(os.path.join(a.dir, "do.npy"))
+        refs = attention_grads(np, q, k, v, dout, a.causal, a.scale)
+        for name, ref in zip(("dq", "dk", "dv"), refs):
+            got = np.load(os.path.join(a.out, name + ".npy"))
+            if got.shape != ref.shape:
+                print(f"FAIL: {name}.npy shape {got.shape}, expected {ref.shape}")
+                sys.exit(1)
+            err = float(np.max(np.abs(got.astype(np.float64) - ref)))
+            print(f"numpy reference: max |{name} - ref| = {err:.3e}, tolerance {a.tol:.0e}")
+            ok = ok and err <= a.tol
     print("PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
 
@@ -139,6 +177,7 @@ def main():
     m.add_argument("--head-dim", type=int, default=24)
     m.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     m.add_argument("--seed", type=int, default=1234)
+    m.add_argument("--with-do", action="store_true", help="also write do.npy (the output gradient)")
     c = sub.add_parser("compare")
     c.add_argument("dir")
     c.add_argument("out")
@@ -146,6 +185,7 @@ def main():
     c.add_argument("--scale", type=float, default=0.0)
     c.add_argument("--tol", type=float, default=1e-10)
     c.add_argument("--expect-dtype", default="")
+    c.add_argument("--backward", action="store_true", help="also compare dq.npy, dk.npy, dv.npy")
     k = sub.add_parser("corrupt")
     k.add_argument("dir")
     k.add_argument("kind", choices=["magic", "truncated", "fortran", "dtype", "bigendian", "rank", "header", "kshape",

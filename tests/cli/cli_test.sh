@@ -59,6 +59,16 @@ case $case_name in
   npy_bf16_zigzag)
     numpy_case --batch 1 --seq 64 --heads 2 --head-dim 32 --dtype float32 -- \
       --dtype bf16 --causal --layout zigzag --check -- --causal --tol 5e-2 --expect-dtype float32 ;;
+  npy_fp64_backward)
+    numpy_case --batch 2 --seq 48 --heads 6 --kv-heads 2 --head-dim 8 --dtype float64 --with-do -- \
+      --dtype fp64 --causal --layout zigzag --backward --check -- --causal --backward --tol 1e-10 ;;
+  backward_missing_do)
+    "$py" "$helper" make "$work/in" --seq 24 --heads 2 --head-dim 8 || exit $?
+    expect_error "do.npy" --load "$work/in" --backward ;;
+  backward_check)
+    expect_ok --seq-len 96 --heads 4 --kv-heads 1 --head-dim 16 --causal --layout striped --backward --check --dtype fp32
+    grep -q "gradient check" "$work/stdout.txt" || die "no gradient check line"
+    grep -qx PASS "$work/stdout.txt" || die "no PASS line" ;;
   check)
     expect_ok --seq-len 384 --heads 4 --kv-heads 2 --head-dim 32 --causal --layout zigzag --check --seed 7
     grep -qx PASS "$work/stdout.txt" || die "no PASS line" ;;

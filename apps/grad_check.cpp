@@ -1,0 +1,245 @@
+// --check for the backward pass: streamed fp64 reference gradients on sampled rows, summed across ranks.
+#include "grad_check.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <thread>
+
+#ifdef RINGATTN_HAVE_MPI
+#include <mpi.h>
+#endif
+
+namespace ringattn::cli {
+namespace {
+
+constexpr int64_t kKvBlockRows = 2048;  // key rows streamed per block for the dQ reference
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// Runs fn(i) for i in [0, n) on all hardware threads.
+template <typename Fn>
+void parallel_for(int64_t n, Fn fn) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(n, std::thread::hardware_concurrency()));
+  std::atomic<int64_t> next{0};
+  std::vector<std::thread> pool;
+  for (int64_t t = 0; t < threads; ++t) {
+    pool.emplace_back([&] {
+      for (int64_t i = next++; i < n; i = next++) fn(i);
+    });
+  }
+  for (auto& th : pool) th.join();
+}
+
+void sum_over_ranks_inplace(Session& session, std::vector<double>& values) {
+#ifdef RINGATTN_HAVE_MPI
+  if (session.world() > 1) {
+    MPI_Comm comm = *static_cast<MPI_Comm*>(session.mpi_comm());
+    MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE, MPI_SUM, comm);
+  }
+#else
+  (void)session;
+  (void)values;
+#endif
+}
+
+// Max |got - ref| and max |ref| accumulated per gradient.
+struct ErrAcc {
+  double err = 0.0, ref = 0.0;
+  int64_t non_finite = 0;
+  void add(double got, double want) {
+    if (!std::isfinite(got)) {
+      ++non_finite;
+      return;
+    }
+    err = std::max(err, std::fabs(got - want));
+    ref = std::max(ref, std::fabs(want));
+  }
+};
+
+}  // namespace
+
+GradCheckResult check_gradients(Session& session, const AttentionSpec& spec, const ChunkPositions& pos,
+                                const TensorView& q, const TensorView& k, const TensorView& v,
+                                const TensorView& dout, const TensorView& out, const TensorView& lse,
+                                const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                                const std::vector<int64_t>& q_rows, const std::vector<int64_t>& k_rows,
+                                const KvBlockSource& kv) {
+  const int64_t B = spec.batch, H = spec.heads, Hkv = spec.effective_kv_heads(), D = spec.head_dim;
+  const int64_t S = spec.seq_len, Sl = q.shape[1], group = H / Hkv;
+  const double scale = spec.scale();
+  auto qi = [&](int64_t b, int64_t i, int64_t h) { return ((b * Sl + i) * H + h) * D; };
+  auto ki = [&](int64_t b, int64_t i, int64_t h) { return ((b * Sl + i) * Hkv + h) * D; };
+
+  // ---- dQ on sampled query rows: two streamed passes over the global K/V ---------------------------
+  const int64_t nq = static_cast<int64_t>(q_rows.size());
+  const int64_t units = nq * B * H;  // one (row, batch, head) per unit
+  std::vector<double> m(units, -kInf), l(units, 0.0), o(units * D, 0.0), delta(units, 0.0), dq_ref(units * D, 0.0);
+  auto stream_kv = [&](auto&& per_block) {
+    for (int64_t first = 0; first < S; first += kKvBlockRows) {
+      const int64_t n = std::min(kKvBlockRows, S - first);
+      HostTensor kb = make_host_tensor(spec.dtype, {B, n, Hkv, D});
+      HostTensor vb = make_host_tensor(spec.dtype, {B, n, Hkv, D});
+      kv(first, kb.view, vb.view);
+      per_block(first, n, kb.view, vb.view);
+    }
+  };
+  auto score = [&](int64_t u, int64_t j, const TensorView& kb, int64_t n) {
+    const int64_t r = u / (B * H), b = (u / H) % B, h = u % H;
+    const int64_t i = q_rows[r];
+    double s = 0.0;
+    const int64_t kbase = ((b * n + j) * Hkv + h / group) * D;
+    for (int64_t d = 0; d < D; ++d) s += load_as_double(q, qi(b, i, h) + d) * load_as_double(kb, kbase + d);
+    return s * scale;
+  };
+  auto visible = [&](int64_t u, int64_t key_pos) {
+    return !spec.causal || key_pos <= pos.at(q_rows[u / (B * H)]);
+  };
+  // Pass 1: reference lse and O per unit (online softmax in fp64).
+  stream_kv([&](int64_t first, int64_t n, const TensorView& kb, const TensorView& vb) {
+    parallel_for(units, [&](int64_t u) {
+      const int64_t b = (u / H) % B, h = u % H;
+      for (int64_t j = 0; j < n; ++j) {
+        if (!visible(u, first + j)) continue;
+        const double s = score(u, j, kb, n);
+        const double m_new = std::max(m[u], s);
+        const double corr = std::exp(m[u] - m_new), p = std::exp(s - m_new);
+        l[u] = l[u] * corr + p;
+        const int64_t vbase = ((b * n + j) * Hkv + h / group) * D;
+        for (int64_t d = 0; d < D; ++d) o[u * D + d] = o[u * D + d] * corr + p * load_as_double(vb, vbase + d);
+        m[u] = m_new;
+      }
+    });
+  });
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t r = u / (B * H), b = (u / H) % B, h = u % H;
+    if (l[u] == 0.0) continue;
+    double dsum = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      o[u * D + d] /= l[u];
+      dsum += load_as_double(dout, qi(b, q_rows[r], h) + d) * o[u * D + d];
+    }
+    delta[u] = dsum;
+    m[u] += std::log(l[u]);  // m now holds the reference lse
+  }
+  // Pass 2: dQ = scale * sum_j P_ij (dO_i . V_j - D_i) K_j.
+  stream_kv([&](int64_t first, int64_t n, const TensorView& kb, const TensorView& vb) {
+    parallel_for(units, [&](int64_t u) {
+      if (l[u] == 0.0) return;
+      const int64_t r = u / (B * H), b = (u / H) % B, h = u % H;
+      for (int64_t j = 0; j < n; ++j) {
+        if (!visible(u, first + j)) continue;
+        const double p = std::exp(score(u, j, kb, n) - m[u]);
+        const int64_t base = ((b * n + j) * Hkv + h / group) * D;
+        double dp = 0.0;
+        for (int64_t d = 0; d < D; ++d) dp += load_as_double(dout, qi(b, q_rows[r], h) + d) * load_as_double(vb, base + d);
+        const double ds = p * (dp - delta[u]) * scale;
+        for (int64_t d = 0; d < D; ++d) dq_ref[u * D + d] += ds * load_as_double(kb, base + d);
+      }
+    });
+  });
+  ErrAcc dq_err;
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t r = u / (B * H), b = (u / H) % B, h = u % H;
+    for (int64_t d = 0; d < D; ++d) dq_err.add(load_as_double(dq, qi(b, q_rows[r], h) + d), dq_ref[u * D + d]);
+  }
+
+  // ---- dK/dV on sampled key rows: every rank adds its own queries' share ----------------------------
+  // Gather the sampled key rows of every rank: their global positions and K/V values.
+  const int world = session.world();
+  const int64_t nk_local = static_cast<int64_t>(k_rows.size());
+  const int64_t nk = static_cast<int64_t>(session.max_over_ranks(static_cast<double>(nk_local)));
+  RINGATTN_CHECK(nk == nk_local, ErrorKind::kInternal, "ranks sampled different numbers of key rows", "");
+  const int64_t row_vals = B * Hkv * D;
+  std::vector<double> key_pos(static_cast<std::size_t>(world * nk), 0.0);
+  std::vector<double> key_kv(static_cast<std::size_t>(world * nk * 2 * row_vals), 0.0);
+  const int rank = session.rank();
+  for (int64_t s = 0; s < nk; ++s) {
+    const int64_t j = k_rows[s];
+    key_pos[rank * nk + s] = static_cast<double>(pos.at(j));
+    double* dst = &key_kv[(rank * nk + s) * 2 * row_vals];
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < Hkv; ++h) {
+        for (int64_t d = 0; d < D; ++d) {
+          dst[(b * Hkv + h) * D + d] = load_as_double(k, ki(b, j, h) + d);
+          dst[row_vals + (b * Hkv + h) * D + d] = load_as_double(v, ki(b, j, h) + d);
+        }
+      }
+    }
+  }
+  sum_over_ranks_inplace(session, key_pos);  // each slot is written by one rank, zero elsewhere
+  sum_over_ranks_inplace(session, key_kv);
+  // D_i = dO_i . O_i from the forward's output, once per local (row, batch, head).
+  std::vector<double> d_local(static_cast<std::size_t>(Sl * B * H));
+  parallel_for(Sl, [&](int64_t i) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        double s = 0.0;
+        for (int64_t d = 0; d < D; ++d) s += load_as_double(dout, qi(b, i, h) + d) * load_as_double(out, qi(b, i, h) + d);
+        d_local[(i * B + b) * H + h] = s;
+      }
+    }
+  });
+  const int64_t key_units = world * nk * B * Hkv;
+  std::vector<double> dkv_ref(static_cast<std::size_t>(key_units * 2 * D), 0.0);
+  parallel_for(key_units, [&](int64_t u) {
+    const int64_t key = u / (B * Hkv), b = (u / Hkv) % B, hk = u % Hkv;
+    const double kp = key_pos[key];
+    const double* krow = &key_kv[key * 2 * row_vals + (b * Hkv + hk) * D];
+    const double* vrow = krow + row_vals;
+    double* dk_out = &dkv_ref[u * 2 * D];
+    double* dv_out = dk_out + D;
+    for (int64_t i = 0; i < Sl; ++i) {
+      if (spec.causal && kp > static_cast<double>(pos.at(i))) continue;
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const double row_lse = load_as_double(lse, (b * H + h) * Sl + i);
+        if (row_lse == -kInf) continue;
+        double s = 0.0, dp = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          s += load_as_double(q, qi(b, i, h) + d) * krow[d];
+          dp += load_as_double(dout, qi(b, i, h) + d) * vrow[d];
+        }
+        const double p = std::exp(s * scale - row_lse);
+        const double ds = p * (dp - d_local[(i * B + b) * H + h]) * scale;
+        for (int64_t d = 0; d < D; ++d) {
+          dv_out[d] += p * load_as_double(dout, qi(b, i, h) + d);
+          dk_out[d] += ds * load_as_double(q, qi(b, i, h) + d);
+        }
+      }
+    }
+  });
+  sum_over_ranks_inplace(session, dkv_ref);
+  ErrAcc dk_err, dv_err;
+  for (int64_t s = 0; s < nk; ++s) {
+    const int64_t j = k_rows[s];
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t hk = 0; hk < Hkv; ++hk) {
+        const int64_t u = ((rank * nk + s) * B + b) * Hkv + hk;
+        for (int64_t d = 0; d < D; ++d) {
+          dk_err.add(load_as_double(dk, ki(b, j, hk) + d), dkv_ref[u * 2 * D + d]);
+          dv_err.add(load_as_double(dv, ki(b, j, hk) + d), dkv_ref[u * 2 * D + D + d]);
+        }
+      }
+    }
+  }
+
+  GradCheckResult res;
+  res.tolerance = check_tolerance(spec.dtype);
+  auto rel = [&](const ErrAcc& e) {
+    const double ref = session.max_over_ranks(e.ref), err = session.max_over_ranks(e.err);
+    return ref > 0.0 ? err / ref : err;
+  };
+  res.dq_rel_err = rel(dq_err);
+  res.dk_rel_err = rel(dk_err);
+  res.dv_rel_err = rel(dv_err);
+  res.non_finite = static_cast<int64_t>(
+      session.sum_over_ranks(static_cast<double>(dq_err.non_finite + dk_err.non_finite + dv_err.non_finite)));
+  res.dq_rows = static_cast<int64_t>(session.sum_over_ranks(static_cast<double>(nq)));
+  res.dkv_rows = world * nk;
+  res.sampled = session.max_over_ranks((nq < Sl || nk < Sl) ? 1.0 : 0.0) > 0.0;
+  res.pass = res.non_finite == 0 && res.dq_rel_err <= res.tolerance && res.dk_rel_err <= res.tolerance &&
+             res.dv_rel_err <= res.tolerance;
+  return res;
+}
+
+}  // namespace ringattn::cli

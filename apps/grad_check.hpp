@@ -1,0 +1,38 @@
+// --check for the backward pass: dQ on sampled query rows and dK/dV on sampled key rows, from fp64 sums.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "cli_common.hpp"
+
+namespace ringattn::cli {
+
+struct GradCheckResult {
+  int64_t dq_rows = 0;    // local query rows whose dQ was checked (summed over ranks after the reduce)
+  int64_t dkv_rows = 0;   // key rows whose dK/dV were checked (all ranks)
+  bool sampled = false;
+  double dq_rel_err = 0.0;  // max |got - ref| / max |ref| per gradient
+  double dk_rel_err = 0.0;
+  double dv_rel_err = 0.0;
+  int64_t non_finite = 0;
+  double tolerance = 0.0;
+  bool pass = false;
+};
+
+// Collective. All tensors are this rank's host copies in the run's dtype (lse fp32/fp64):
+// q, dout, out, dq: (B, S_local, H, D); k, v, dk, dv: (B, S_local, Hkv, D); lse: (B, H, S_local).
+//  - dQ of local rows `q_rows`: the reference recomputes lse and O for the row from the full K/V
+//    (streamed from `kv`, never gathered), then dQ = scale * sum_j P_ij (dO_i.V_j - D_i) K_j.
+//  - dK/dV of local rows `k_rows` (every rank's are checked): every rank adds the fp64
+//    contributions of its own queries, P_ij = exp(scale q_i.k_j - lse_i) with D_i = dO_i.O_i
+//    from the forward's lse and O (checked separately by the forward --check), and the partial
+//    sums are added over ranks; the owner compares.
+GradCheckResult check_gradients(Session& session, const AttentionSpec& spec, const ChunkPositions& pos,
+                                const TensorView& q, const TensorView& k, const TensorView& v,
+                                const TensorView& dout, const TensorView& out, const TensorView& lse,
+                                const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                                const std::vector<int64_t>& q_rows, const std::vector<int64_t>& k_rows,
+                                const KvBlockSource& kv);
+
+}  // namespace ringattn::cli
