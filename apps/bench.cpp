@@ -46,6 +46,7 @@ constexpr const char* kVersion = "0.1.0";
 constexpr int kExitFailed = 1;       // a size failed its check (or an error)
 constexpr int kExitCommFailure = 3;  // a peer hung or died: timeout / NCCL error, job aborted
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+constexpr double kBackwardFlopsFactor = 2.5;  // backward = 2.5x forward FLOPs, as peers count
 constexpr auto kGraceBeforeAbort = std::chrono::seconds(2);  // lets every surviving rank print its message
 
 using Clock = std::chrono::steady_clock;
@@ -63,6 +64,7 @@ struct BenchFlags {
   bool baseline = true;
   std::string config_path;
   std::string progress = "auto";  // auto: when rank 0's stderr is a terminal; on; off
+  bool backward = false;           // time forward + backward (3.5x the forward FLOPs)
 };
 
 double ms_since(Clock::time_point t0) {
@@ -326,6 +328,37 @@ void fill_inputs(Backend& backend, const TensorView& t, const ChunkPositions& po
 #endif
 }
 
+// Device buffers of the backward pass of one size: dO, dQ/dK/dV and the fp32 dK/dV accumulators.
+struct BackwardBuffers {
+  TensorView dout, dq, dk, dv, dk_acc, dv_acc;
+};
+
+// The backward counterpart of baseline_pass: the backend's backward calls of this rank's ring pass,
+// with the local K/V (and local fp32 accumulators) standing in for each visiting chunk.
+double baseline_backward_pass(const RingAttention& ring, Backend& backend, const AttentionSpec& spec,
+                              const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                              const TensorView& lse, const BackwardBuffers& g) {
+  const int p = ring.world(), r = ring.rank();
+  const auto t0 = Clock::now();
+  backend.reset_marks();
+  backend.mark();
+  backend.backward_begin(q, out, g.dout, lse, ring.positions());
+  for (int s = 0; s < p; ++s) {
+    const int src = ((r - s) % p + p) % p;
+    const ChunkPositions k_pos = chunk_positions(spec.layout, spec.seq_len, src, p);
+    backend.zero(g.dk_acc);
+    backend.zero(g.dv_acc);
+    if (classify_chunks(ring.positions(), k_pos, spec.causal) == Visibility::kEmpty) continue;
+    backend.backward_step(k, v, k_pos, g.dk_acc, g.dv_acc);
+  }
+  backend.cast_accumulator(g.dk_acc, g.dk);
+  backend.cast_accumulator(g.dv_acc, g.dv);
+  backend.backward_end(g.dq);
+  backend.mark();
+  backend.synchronize_and_read_marks();
+  return ms_since(t0);
+}
+
 // One pass of exactly the backend calls the ring makes on this rank, with the local K/V standing
 // in for each visiting chunk: the same kernels at the same per-GPU work, with no communication.
 double baseline_pass(const RingAttention& ring, Backend& backend, const AttentionSpec& spec, const TensorView& q,
@@ -423,6 +456,18 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
   fill_inputs(be, q, ring->positions(), spec.seq_len, seed, TensorId::kQ);
   fill_inputs(be, k, ring->positions(), spec.seq_len, seed, TensorId::kK);
   fill_inputs(be, v, ring->positions(), spec.seq_len, seed, TensorId::kV);
+  BackwardBuffers g;
+  if (f.backward) {
+    const DType acc = spec.dtype == DType::kF64 ? DType::kF64 : DType::kF32;
+    g.dout = allocate_on_backend(be, spec.dtype, {B, c, H, D});
+    g.dq = allocate_on_backend(be, spec.dtype, {B, c, H, D});
+    g.dk = allocate_on_backend(be, spec.dtype, {B, c, Hkv, D});
+    g.dv = allocate_on_backend(be, spec.dtype, {B, c, Hkv, D});
+    g.dk_acc = allocate_on_backend(be, acc, {B, c, Hkv, D});
+    g.dv_acc = allocate_on_backend(be, acc, {B, c, Hkv, D});
+    fill_inputs(be, g.dout, ring->positions(), spec.seq_len, seed, TensorId::kDOut);
+    res.flops *= 1.0 + kBackwardFlopsFactor;
+  }
 
   ring->set_hop_callback(on_hop, &progress);
   progress.start_size(progress.size_index, (f.warmup + f.iters) * (f.baseline ? 2 : 1));
@@ -438,13 +483,22 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
     if (it == 0) coll.barrier("barrier before the first pass of " + label);
     const auto t0 = Clock::now();
     ring->forward(q, k, v, out, lse);
-    const double ms = ms_since(t0);
+    double ms = ms_since(t0);
     check_comm(ring->transport());
+    PassStats st = ring->last_stats();
+    if (f.backward) {  // forward + backward: time, compute and exposed communication add up
+      const auto t1 = Clock::now();
+      ring->backward(q, k, v, out, lse, g.dout, g.dq, g.dk, g.dv);
+      ms += ms_since(t1);
+      check_comm(ring->transport());
+      const PassStats& bst = ring->last_stats();
+      st.total_ms += bst.total_ms;
+      st.hops.insert(st.hops.end(), bst.hops.begin(), bst.hops.end());
+    }
     peak = std::max(peak, used_device_bytes(be));
     ++progress.pass;
     if (!timed) continue;
     ring_ms.push_back(ms);
-    const PassStats& st = ring->last_stats();
     compute += st.compute_ms() / f.iters;
     exposed += st.exposed_comm_ms() / f.iters;
     timeline += st.total_ms / f.iters;
@@ -466,7 +520,8 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
     ring->set_hop_callback(nullptr, nullptr);
     progress.phase = "one-GPU baseline";
     for (int it = 0; it < f.warmup + f.iters; ++it) {
-      const double ms = baseline_pass(*ring, be, spec, q, k, v, out, lse);
+      double ms = baseline_pass(*ring, be, spec, q, k, v, out, lse);
+      if (f.backward) ms += baseline_backward_pass(*ring, be, spec, q, k, v, out, lse, g);
       ++progress.pass;
       progress.show(0, 1);
       if (it >= f.warmup) base_ms.push_back(ms);
@@ -549,6 +604,7 @@ std::string results_json(const BenchFlags& f, const AttentionSpec& base, Session
       .field("warmup", f.warmup)
       .field("check", f.check)
       .field("check_rows", f.check_rows)
+      .field("backward", f.backward)
       .field("timeout_s", f.problem.timeout_s)
       .field("seed", static_cast<int64_t>(f.problem.seed))
       .end_object();
@@ -767,6 +823,8 @@ Command add_bench_command(CLI::App& root) {
       ->check(CLI::IsMember({"auto", "on", "off"}))
       ->capture_default_str();
   app->add_flag("!--no-baseline", f.baseline, "Skip the one-GPU baseline (no ring efficiency column)");
+  app->add_flag("--backward", f.backward,
+                "Time forward + backward per pass (TFLOP/s count 3.5x the forward FLOPs; -c checks the forward)");
   add_problem_flags(*app, f.problem, /*with_seq_len=*/false);
   add_session_flags(*app, f.problem);
   return {app, [flags, app] {
