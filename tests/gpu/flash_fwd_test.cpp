@@ -244,23 +244,24 @@ INSTANTIATE_TEST_SUITE_P(Layouts, FlashFwdRing,
 
 // Both forward kernels (RINGATTN_FWD_KERNEL=mma, and wgmma: the Hopper kernel where it runs, else
 // mma.sync again) on cases of several 128-row tiles, so the TMA / mbarrier stages wrap around.
-class ScopedFwdKernel {
+// Sets an environment variable for the scope of a test.
+class ScopedEnv {
  public:
-  explicit ScopedFwdKernel(const char* kernel) {
-    const char* old = std::getenv(kName);
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
     had_ = old != nullptr;
     if (had_) old_ = old;
-    setenv(kName, kernel, 1);
+    setenv(name, value, 1);
   }
-  ~ScopedFwdKernel() {
-    if (had_) setenv(kName, old_.c_str(), 1);
-    else unsetenv(kName);
+  ~ScopedEnv() {
+    if (had_) setenv(name_.c_str(), old_.c_str(), 1);
+    else unsetenv(name_.c_str());
   }
-  ScopedFwdKernel(const ScopedFwdKernel&) = delete;
-  ScopedFwdKernel& operator=(const ScopedFwdKernel&) = delete;
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
 
  private:
-  static constexpr const char* kName = "RINGATTN_FWD_KERNEL";
+  std::string name_;
   bool had_ = false;
   std::string old_;
 };
@@ -287,7 +288,7 @@ class FlashFwdKernels : public ::testing::TestWithParam<std::tuple<const char*, 
 
 TEST_P(FlashFwdKernels, MatchReference) {
   RINGATTN_SKIP_WITHOUT_GPU();
-  const ScopedFwdKernel kernel(std::get<0>(GetParam()));
+  const ScopedEnv kernel("RINGATTN_FWD_KERNEL", std::get<0>(GetParam()));
   const Case c = kernel_case(std::get<1>(GetParam()));
   SCOPED_TRACE(std::string(std::get<0>(GetParam())) + ": " + describe(c));
   run_case(c, 100u + static_cast<uint32_t>(std::get<1>(GetParam())));
@@ -295,6 +296,27 @@ TEST_P(FlashFwdKernels, MatchReference) {
 
 INSTANTIATE_TEST_SUITE_P(MmaAndWgmma, FlashFwdKernels,
                          ::testing::Combine(::testing::Values("mma", "wgmma"), ::testing::Range(0, kKernelCases)));
+
+// Block order in sections of 3 (batch, head) pairs out of 8 (a short last section): every query
+// tile of every head must still be computed once.
+class FlashFwdSections : public ::testing::TestWithParam<std::tuple<const char*, bool>> {};
+
+TEST_P(FlashFwdSections, EveryBlockOnce) {
+  RINGATTN_SKIP_WITHOUT_GPU();
+  const ScopedEnv kernel("RINGATTN_FWD_KERNEL", std::get<0>(GetParam()));
+  const ScopedEnv sections("RINGATTN_FWD_SECTION_HEADS", "3");
+  Case c;
+  c.batch = 2;
+  c.heads = 4;
+  c.kv_heads = 2;
+  c.seq = 600;
+  c.causal = std::get<1>(GetParam());
+  c.head_dim = c.causal ? 128 : 64;
+  run_case(c, 200u + (c.causal ? 1u : 0u));
+}
+
+INSTANTIATE_TEST_SUITE_P(MmaAndWgmma, FlashFwdSections,
+                         ::testing::Combine(::testing::Values("mma", "wgmma"), ::testing::Bool()));
 
 // Queries at positions 0..99 against keys 50..149 (causal): rows 0..49 see nothing.
 TEST(FlashFwd, RowsThatSeeNothing) {

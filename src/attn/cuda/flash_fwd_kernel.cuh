@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #include "attn/cuda/flash_device.cuh"
 #include "attn/cuda/flash_fwd_params.hpp"
@@ -62,20 +63,41 @@ __device__ __forceinline__ void load_tile_async(Elem* smem, const Elem* gmem, in
   }
 }
 
-// Grid of (query tile, batch * head) pairs, blocks started x fastest. Causal: x = batch * head and
-// y = query tile from the last, so the heaviest tiles of every head (the last tiles see the most
-// keys) start first and the light ones fill in at the end (longest first). Otherwise x = query
-// tile, so the blocks running together share one head's K/V in L2. fwd_grid() builds it.
-__device__ __forceinline__ int block_batch_head(const FlashFwdParams& p) {
-  return static_cast<int>(p.causal ? blockIdx.x : blockIdx.y);
+// 1-d grid of (query tile, batch * head) pairs, blocks started in index order. The pairs run in
+// sections of p.section_heads (batch, head) pairs, so the blocks in flight share the K/V of few
+// heads in L2; inside a section the query tiles go from the last to the first, heads fastest, so
+// under a causal mask the heaviest tiles (the last tiles see the most keys) start first and the
+// light ones fill in at the end (longest first). fwd_section_heads() sizes the sections.
+struct BlockCoords {
+  int m_block;  // query tile
+  int bh;       // b * H + h
+};
+__device__ __forceinline__ BlockCoords block_coords(const FlashFwdParams& p) {
+  const int bh_count = p.batch * p.heads;
+  const int m_count = static_cast<int>(gridDim.x) / bh_count;
+  const int per_section = p.section_heads * m_count;
+  const int idx = static_cast<int>(blockIdx.x);
+  const int section = idx / per_section;
+  const int within = idx - section * per_section;
+  const int in_section = min(p.section_heads, bh_count - section * p.section_heads);
+  const int m_rev = within / in_section;
+  return {m_count - 1 - m_rev, section * p.section_heads + (within - m_rev * in_section)};
 }
-__device__ __forceinline__ int block_query_tile(const FlashFwdParams& p) {
-  return static_cast<int>(p.causal ? gridDim.y - 1 - blockIdx.y : blockIdx.x);
+
+// (batch, head) pairs per section: as many as keep their K and V within kL2Budget bytes.
+// RINGATTN_FWD_SECTION_HEADS overrides it (tests use it to check every block is visited).
+inline int fwd_section_heads(const FlashFwdParams& p, int head_dim) {
+  constexpr int64_t kL2Budget = int64_t{24} << 20;  // of the 50 MB L2 of H100 / H200
+  const int64_t kv_bytes_per_head = 2 * static_cast<int64_t>(p.seq_k) * head_dim * 2 / p.kv_group;
+  int64_t fit = kv_bytes_per_head > 0 ? kL2Budget / kv_bytes_per_head : 1;
+  if (const char* env = std::getenv("RINGATTN_FWD_SECTION_HEADS")) fit = std::atoi(env);
+  const int64_t bh_count = static_cast<int64_t>(p.batch) * p.heads;
+  return static_cast<int>(fit < 1 ? 1 : (fit > bh_count ? bh_count : fit));
 }
+
 inline dim3 fwd_grid(const FlashFwdParams& p, int block_m) {
-  const unsigned tiles = static_cast<unsigned>((p.seq_q + block_m - 1) / block_m);
-  const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
-  return p.causal ? dim3(bh, tiles) : dim3(tiles, bh);
+  const int64_t tiles = (p.seq_q + block_m - 1) / block_m;
+  return dim3(static_cast<unsigned>(tiles * p.batch * p.heads));
 }
 
 template <typename T, typename Elem>
@@ -93,12 +115,13 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_ker
   Elem* s_k = s_q + T::kSmemQElems;           // (kBlockN, D) swizzled
   Elem* s_v = s_k + T::kSmemKElems;           // (kBlockN, D) swizzled
 
-  // 1-d grid of (query tile, batch * head) pairs. Causal: (batch, head) fastest and query tiles
-  // from the last, so the heaviest tiles of every head (the last tiles see the most keys) start
-  // first and the light ones fill in at the end (longest first). Otherwise query tiles fastest, so
-  // the blocks running together share one head's K/V in L2.
-  const int m_block = block_query_tile(p);
-  const int bh = block_batch_head(p);
+  const BlockCoords coords = block_coords(p);
+  const int m_block = coords.m_block;
+  const int bh = coords.bh;
+  // The state index needs bh again after the main loop: keep it in shared memory, not a register.
+  __shared__ int s_bh;
+  if (threadIdx.x == 0) s_bh = bh;
+  __syncthreads();
   const int b = bh / p.heads;
   const int h = bh % p.heads;
   const int kv_h = h / p.kv_group;
@@ -124,7 +147,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_ker
   // State: acc (B, H, Sq, D), row_max / row_sum (B, H, Sq).
   // State index of query row `row` of this (batch, head): b * H + h. Recomputed where used (cheap:
   // special registers and parameters) rather than holding 64-bit pointers across the main loop.
-  auto state_row = [&](int row) { return static_cast<int64_t>(block_batch_head(p)) * p.seq_q + row; };
+  auto state_row = [&](int row) { return static_cast<int64_t>(s_bh) * p.seq_q + row; };
 
   const int64_t q_min = position_min(p.q_pos, q_lo, q_hi);
   const int64_t q_max = position_max(p.q_pos, q_lo, q_hi);

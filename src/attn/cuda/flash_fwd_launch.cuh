@@ -35,8 +35,10 @@ void launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
   auto* kernel = &flash_fwd_kernel<Traits, Elem>;
   RINGATTN_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));
-  const dim3 grid = fwd_grid(params, Traits::kBlockM);
-  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(params);
+  FlashFwdParams p = params;
+  p.section_heads = fwd_section_heads(p, kHeadDim);
+  const dim3 grid = fwd_grid(p, Traits::kBlockM);
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
   RINGATTN_CUDA_CHECK_LAUNCH("flash_fwd_kernel");
 }
 

@@ -35,6 +35,10 @@ struct FlashFwdParams {
 
   ChunkPositions q_pos;  // global positions of the Sq query rows
   ChunkPositions k_pos;  // global positions of the Sk key rows
+
+  // Block order, set by the kernel launchers (callers leave it): (batch, head) pairs run in
+  // sections of this many, so the blocks in flight share the K/V of few heads in L2.
+  int section_heads = 1;
 };
 
 // Parameters of the finalize pass: state -> out (input dtype) and lse (fp32, natural log).

@@ -59,7 +59,8 @@ struct FwdTraits {
   static constexpr int kOffBar = kOffV + kStages * kKVBytes;
   static constexpr int kNumBars = 1 + 4 * kStages;  // q_full, k_full[], v_full[], k_empty[], v_empty[]
   static constexpr int kAlign = 1024;  // the 128-byte swizzle atom: tiles start on 1024-byte boundaries
-  static constexpr int kSmemBytes = kOffBar + kNumBars * 8 + kAlign;
+  static constexpr int kOffInfo = kOffBar + kNumBars * 8;  // int per stage: the K/V tile it holds
+  static constexpr int kSmemBytes = kOffInfo + kStages * 4 + kAlign;
 
   // wgmma shapes: k16 steps.
   static constexpr int kKStepsS = kHeadDim / 16;
@@ -100,9 +101,16 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
   auto v_full = [&](int s) { return bars + 8u * (1 + T::kStages + s); };
   auto k_empty = [&](int s) { return bars + 8u * (1 + 2 * T::kStages + s); };
   auto v_empty = [&](int s) { return bars + 8u * (1 + 3 * T::kStages + s); };
+  // Tile info per stage, written by the producer before it arms k_full(stage), read by the
+  // consumers after k_full(stage) completes: key tile index | kInfoPartial | kInfoMore.
+  volatile int* tile_info = reinterpret_cast<volatile int*>(smem_raw + (base - smem_addr(smem_raw)) + T::kOffInfo);
+  constexpr int kInfoPartial = 1 << 30;  // the tile needs the mask
+  constexpr int kInfoMore = 1 << 29;     // another visible tile follows
+  constexpr int kInfoTile = kInfoMore - 1;
 
-  const int m_block = block_query_tile(p);  // block order: see flash_fwd_kernel.cuh
-  const int bh = block_batch_head(p);
+  const BlockCoords coords = block_coords(p);  // block order: see flash_fwd_kernel.cuh
+  const int m_block = coords.m_block;
+  const int bh = coords.bh;
   const int b = bh / p.heads;
   const int h = bh % p.heads;
   const int kv_h = h / p.kv_group;
@@ -138,14 +146,18 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
 #pragma unroll
       for (int c = 0; c < T::kColBlocks; ++c)
         tma_load_4d(s_q + c * T::kQBlockBytes, &args.q, q_full(), c * T::kBlockCols, q_lo, h, b);
+      // The producer alone classifies the key tiles (64-bit position ranges): the consumers read
+      // the result with the tile.
       int it = 0;
-      for (int tile = first_tile; tile < num_n_tiles;
-           tile = next_visible_tile(p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal), ++it) {
+      for (int tile = first_tile; tile < num_n_tiles; ++it) {
         const int stage = it % T::kStages;
         const uint32_t phase = static_cast<uint32_t>(it / T::kStages) & 1u;
         const int k_lo = tile * T::kBlockN;
+        const TileKind kind = classify_key_tile(p.k_pos, k_lo, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+        const int next = next_visible_tile(p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
         mbar_wait(k_empty(stage), phase ^ 1u);
-        mbar_arrive_expect_tx(k_full(stage), T::kKVBytes);
+        tile_info[stage] = tile | (kind == TileKind::kPartial ? kInfoPartial : 0) | (next < num_n_tiles ? kInfoMore : 0);
+        mbar_arrive_expect_tx(k_full(stage), T::kKVBytes);  // release: orders the tile_info store
 #pragma unroll
         for (int c = 0; c < T::kColBlocks; ++c)
           tma_load_4d(s_k + stage * T::kKVBytes + c * T::kKVBlockBytes, &args.k, k_full(stage), c * T::kBlockCols, k_lo,
@@ -156,6 +168,7 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
         for (int c = 0; c < T::kColBlocks; ++c)
           tma_load_4d(s_v + stage * T::kKVBytes + c * T::kKVBlockBytes, &args.v, v_full(stage), c * T::kBlockCols, k_lo,
                       kv_h, b);
+        tile = next;
       }
     }
   } else {
@@ -272,19 +285,18 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
     };
 
     if constexpr (kSchedule == 0) {
-      int it = 0;
-      for (int tile = first_tile; tile < num_n_tiles; ++it) {
+      bool more = first_tile < num_n_tiles;
+      for (int it = 0; more; ++it) {
         const int stage = it % T::kStages;
         const uint32_t phase = static_cast<uint32_t>(it / T::kStages) & 1u;
-        const int k_lo = tile * T::kBlockN;
-        const TileKind kind = classify_key_tile(p.k_pos, k_lo, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
-        const int next = next_visible_tile(p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
         mbar_wait(k_full(stage), phase);
+        const int info = tile_info[stage];
+        more = (info & kInfoMore) != 0;
         issue_s(stage);
         wgmma_wait<0>();
         WgmmaS::fence_operands(s_flat);
         mbar_arrive(k_empty(stage));
-        if (kind == TileKind::kPartial) mask(k_lo);
+        if (info & kInfoPartial) mask((info & kInfoTile) * T::kBlockN);
         softmax.update(s, acc, p.scale_log2);
         pack_p(pa);
         mbar_wait(v_full(stage), phase);
@@ -293,38 +305,35 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
         WgmmaO::fence_operands(acc_flat);
         fence_p(pa);
         mbar_arrive(v_empty(stage));
-        tile = next;
       }
     } else if (first_tile < num_n_tiles) {
       // Software pipeline inside the warpgroup: S_j = Q K_j^T and O += P_{j-1} V_{j-1} run on the
       // tensor cores while the softmax of S_j runs; O is rescaled once P_{j-1} V_{j-1} has landed.
       static_assert(T::kConsumers == 2 || kSchedule != 2, "ping-pong between two consumers");
       if (kSchedule == 2 && consumer == 1) pass_turn();  // consumer 0 goes first
-      int tile = first_tile;
+      bool more;
       {
-        const int k_lo = tile * T::kBlockN;
-        const TileKind kind = classify_key_tile(p.k_pos, k_lo, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
         mbar_wait(k_full(0), 0);
+        const int info = tile_info[0];
+        more = (info & kInfoMore) != 0;
         wait_turn();
         issue_s(0);
         pass_turn();
         wgmma_wait<0>();
         WgmmaS::fence_operands(s_flat);
         mbar_arrive(k_empty(0));
-        if (kind == TileKind::kPartial) mask(k_lo);
+        if (info & kInfoPartial) mask((info & kInfoTile) * T::kBlockN);
         softmax.update(s, acc, p.scale_log2);
         pack_p(pa);
       }
       int prev_stage = 0;
       uint32_t prev_phase = 0;
-      tile = next_visible_tile(p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
-      for (int it = 1; tile < num_n_tiles; ++it) {
+      for (int it = 1; more; ++it) {
         const int stage = it % T::kStages;
         const uint32_t phase = static_cast<uint32_t>(it / T::kStages) & 1u;
-        const int k_lo = tile * T::kBlockN;
-        const TileKind kind = classify_key_tile(p.k_pos, k_lo, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
-        const int next = next_visible_tile(p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
         mbar_wait(k_full(stage), phase);
+        const int info = tile_info[stage];
+        more = (info & kInfoMore) != 0;
         mbar_wait(v_full(prev_stage), prev_phase);
         wait_turn();
         issue_s(stage);
@@ -333,7 +342,7 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
         wgmma_wait<1>();  // S_j landed (groups complete in order)
         WgmmaS::fence_operands(s_flat);
         mbar_arrive(k_empty(stage));
-        if (kind == TileKind::kPartial) mask(k_lo);
+        if (info & kInfoPartial) mask((info & kInfoTile) * T::kBlockN);
         float rescale[1][kRows];
         softmax.update_scores(s, rescale, p.scale_log2);
         wgmma_wait<0>();  // P_{j-1} V_{j-1} landed
@@ -344,7 +353,6 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
         pack_p(pa);
         prev_stage = stage;
         prev_phase = phase;
-        tile = next;
       }
       mbar_wait(v_full(prev_stage), prev_phase);
       wait_turn();

@@ -19,6 +19,7 @@ bool launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
   const int kv_heads = params.heads / params.kv_group;
   sm90::FwdArgs args;
   args.p = params;
+  args.p.section_heads = fwd_section_heads(params, kHeadDim);
   if (!encode_tile_map(&args.q, kBf16, params.q, kHeadDim, params.seq_q, params.heads, params.batch,
                        params.q_row_stride, params.q_head_stride, params.q_batch_stride, T::kBlockM) ||
       !encode_tile_map(&args.k, kBf16, params.k, kHeadDim, params.seq_k, kv_heads, params.batch,
@@ -26,7 +27,8 @@ bool launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
       !encode_tile_map(&args.v, kBf16, params.v, kHeadDim, params.seq_k, kv_heads, params.batch,
                        params.v_row_stride, params.v_head_stride, params.v_batch_stride, T::kBlockN))
     return false;
-  const int variant = sm90_fwd_variant();
+  const int chosen = sm90_fwd_variant();
+  const int variant = chosen >= 0 ? chosen : (kHeadDim == 64 ? 2 : 1);
   auto* kernel = variant == 0   ? &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, 0>
                  : variant == 2 ? &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, 2>
                                 : &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, 1>;
