@@ -7,16 +7,28 @@
 
 namespace ringattn {
 
+// One piece of a message: the pieces of a send are concatenated into one receive buffer.
+struct SendPart {
+  const void* data = nullptr;
+  std::size_t bytes = 0;
+};
+
 class Transport {
  public:
   virtual ~Transport() = default;
   virtual const char* name() const = 0;
   virtual int rank() const = 0;
   virtual int world() const = 0;
-  // Posts the exchange of hop `hop`: `send` (bytes) to rank+1 and `recv` (bytes) from rank-1.
-  // For device transports, the send starts only after the work already enqueued on the compute
-  // stream, so a buffer written by that work (or read by it, for recv) is safe.
-  virtual void start_exchange(const void* send, void* recv, std::size_t bytes, int hop) = 0;
+  // Posts the exchange of hop `hop` as one message: the concatenation of `parts` to rank+1, and
+  // the same number of bytes from rank-1 into `recv` (every rank sends parts of the same sizes).
+  // Device transports start the send only after the work already enqueued on the compute stream,
+  // so a buffer written by that work (or read by it, for recv) is safe.
+  virtual void start_exchange_parts(const SendPart* parts, int num_parts, void* recv, int hop) = 0;
+  // The one-piece form: `send` (bytes) to rank+1, `recv` (bytes) from rank-1.
+  void start_exchange(const void* send, void* recv, std::size_t bytes, int hop) {
+    const SendPart part{send, bytes};
+    start_exchange_parts(&part, 1, recv, hop);
+  }
   // Completes the exchange of hop `hop`. Host transports block (with the timeout); device
   // transports make the compute stream wait for it. Throws ringattn::Error naming the hop and
   // peer on timeout or communicator failure.

@@ -72,30 +72,38 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
   const int p = world(), r = rank();
   const int64_t B = spec_.batch, S = local_seq_, Hkv = spec_.effective_kv_heads(), D = spec_.head_dim;
   const Device dev = backend_->device();
-  if (!buffers_[0]) {
-    buffers_[0] = backend_->allocate(kv_bytes_);
+  if (!buffers_[1] && p > 1) {
+    // Hop 0 computes on the caller's K/V; buffer 1 receives hop 0, buffer 0 only hop 1 onwards.
+    buffers_[0] = p > 2 ? backend_->allocate(kv_bytes_) : nullptr;
     buffers_[1] = p > 1 ? backend_->allocate(kv_bytes_) : nullptr;
   }
   backend_->reset_marks();
   const int start_mark = backend_->mark();
   backend_->forward_begin(q, q_pos_);
-  backend_->copy(buffers_[0], k.data, kv_bytes_ / 2);
-  backend_->copy(static_cast<char*>(buffers_[0]) + kv_bytes_ / 2, v.data, kv_bytes_ / 2);
 
   struct HopMarks { int begin, computed, arrived; };
   std::vector<HopMarks> marks(p);
   stats_ = PassStats{};
   stats_.hops.resize(p);
+  // Hop 0 sends the caller's K and V as the two parts of one message and computes on them in
+  // place: no copy into the travelling buffers. Later hops forward buffer (s % 2) whole.
+  const SendPart own_kv[2] = {{k.data, kv_bytes_ / 2}, {v.data, kv_bytes_ / 2}};
   for (int s = 0; s < p; ++s) {
     void* cur = buffers_[s % 2];
-    if (s + 1 < p) transport_->start_exchange(cur, buffers_[(s + 1) % 2], kv_bytes_, s);
+    if (s + 1 < p) {
+      if (s == 0) {
+        transport_->start_exchange_parts(own_kv, 2, buffers_[1], s);
+      } else {
+        transport_->start_exchange(cur, buffers_[(s + 1) % 2], kv_bytes_, s);
+      }
+    }
     const int src = source_of(r, s, p);
     const ChunkPositions k_pos = chunk_positions(spec_.layout, spec_.seq_len, src, p);
     const bool skip = classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty;
     marks[s].begin = backend_->mark();
     if (!skip) {
-      backend_->forward_step(chunk_view(cur, 0, spec_.dtype, dev, B, S, Hkv, D),
-                             chunk_view(cur, kv_bytes_ / 2, spec_.dtype, dev, B, S, Hkv, D), k_pos);
+      backend_->forward_step(s == 0 ? k : chunk_view(cur, 0, spec_.dtype, dev, B, S, Hkv, D),
+                             s == 0 ? v : chunk_view(cur, kv_bytes_ / 2, spec_.dtype, dev, B, S, Hkv, D), k_pos);
     }
     marks[s].computed = backend_->mark();
     if (s + 1 < p) transport_->wait(s);
@@ -151,8 +159,7 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   backend_->reset_marks();
   const int start_mark = backend_->mark();
   backend_->backward_begin(q, out, dout, lse, q_pos_);
-  backend_->copy(grad_buffers_[0], k.data, kv_bytes_ / 2);
-  backend_->copy(static_cast<char*>(grad_buffers_[0]) + kv_bytes_ / 2, v.data, kv_bytes_ / 2);
+  const SendPart own_kv[2] = {{k.data, kv_bytes_ / 2}, {v.data, kv_bytes_ / 2}};
 
   struct HopMarks { int begin, computed, arrived; };
   std::vector<HopMarks> marks(p);
@@ -170,7 +177,9 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
       }
     }
     const bool send_kv = s + 1 < p, send_grad = s >= 1;
-    if (send_kv || send_grad) {
+    if (s == 0 && send_kv) {  // hop 0: the caller's K and V, sent in place
+      transport_->start_exchange_parts(own_kv, 2, nxt, s);
+    } else if (send_kv || send_grad) {
       const std::size_t offset = send_kv ? 0 : kv_bytes_;
       const std::size_t bytes = (send_kv ? kv_bytes_ : 0) + (send_grad ? grad_bytes_ : 0);
       transport_->start_exchange(static_cast<char*>(cur) + offset, static_cast<char*>(nxt) + offset, bytes, s);
@@ -180,7 +189,10 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     const bool skip = classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty;
     marks[s].begin = backend_->mark();
     backend_->zero(gview(local_grad_, 0));
-    if (!skip) backend_->backward_step(kview(cur), vview(cur), k_pos, dk_of(local_grad_, 0), dv_of(local_grad_, 0));
+    if (!skip) {
+      backend_->backward_step(s == 0 ? k : kview(cur), s == 0 ? v : vview(cur), k_pos, dk_of(local_grad_, 0),
+                              dv_of(local_grad_, 0));
+    }
     marks[s].computed = backend_->mark();
     if (send_kv || send_grad) transport_->wait(s);
     marks[s].arrived = backend_->mark();

@@ -212,7 +212,7 @@ void NcclTransport::settle_locked(const char* what, int hop) {
   throw Error(ErrorKind::kComm, failure_);
 }
 
-void NcclTransport::start_exchange(const void* send, void* recv, std::size_t bytes, int hop) {
+void NcclTransport::start_exchange_parts(const SendPart* parts, int num_parts, void* recv, int hop) {
   std::unique_lock<std::mutex> lock(mu_);
   if (failed_.load()) throw Error(ErrorKind::kComm, failure_);
   RINGATTN_CHECK(hop >= 0, ErrorKind::kInternal, "negative hop " + std::to_string(hop), "");
@@ -237,9 +237,19 @@ void NcclTransport::start_exchange(const void* send, void* recv, std::size_t byt
   check_cuda(cudaEventRecord(ready_, compute_stream_), "cudaEventRecord (compute -> comm)");
   check_cuda(cudaStreamWaitEvent(comm_stream_, ready_, 0), "cudaStreamWaitEvent (comm waits for compute)");
   // Byte counts with ncclInt8: counts are elements of the datatype, here bytes.
+  // Several sends to one peer inside a group are matched in order, so part i lands at its offset.
   ncclResult_t r = ncclGroupStart();
-  if (r == ncclSuccess || r == ncclInProgress) r = ncclSend(send, bytes, ncclInt8, next_, comm_, comm_stream_);
-  if (r == ncclSuccess || r == ncclInProgress) r = ncclRecv(recv, bytes, ncclInt8, prev_, comm_, comm_stream_);
+  std::size_t offset = 0;
+  for (int part = 0; part < num_parts; ++part) {
+    const std::size_t bytes = parts[part].bytes;
+    if (r == ncclSuccess || r == ncclInProgress) {
+      r = ncclSend(parts[part].data, bytes, ncclInt8, next_, comm_, comm_stream_);
+    }
+    if (r == ncclSuccess || r == ncclInProgress) {
+      r = ncclRecv(static_cast<char*>(recv) + offset, bytes, ncclInt8, prev_, comm_, comm_stream_);
+    }
+    offset += bytes;
+  }
   const ncclResult_t end = ncclGroupEnd();
   if (r == ncclSuccess || r == ncclInProgress) r = end;
   if (r != ncclSuccess && r != ncclInProgress) {
