@@ -32,9 +32,10 @@ echo "## GPU forward tests, RINGATTN_FWD_KERNEL=mma"
 RINGATTN_FWD_KERNEL=mma timeout 100 "$BIN/ringattn_gpu_tests" --gtest_filter="$FWD_FILTER" 2>&1 |
   tee "$OUT/tests_mma.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran" | head -20
 
-for sv in 0 2; do
+WG_FILTER="$(printf 'MmaAndWgmma/FlashFwdKernels.MatchReference/%d:' 9 10 11 12 13 14 15 16 17)MmaAndWgmma/FlashFwdSections.EveryBlockOnce/2:MmaAndWgmma/FlashFwdSections.EveryBlockOnce/3:Layouts/*:*FlashFwdBasic*"
+for sv in 0 1 2 3 4; do
   echo "## GPU tests of the wgmma kernel, RINGATTN_SM90_VARIANT=$sv"
-  RINGATTN_SM90_VARIANT=$sv timeout 60 "$BIN/ringattn_gpu_tests" --gtest_filter='MmaAndWgmma/*:Layouts/*:*FlashFwdBasic*' 2>&1 |
+  RINGATTN_SM90_VARIANT=$sv timeout 60 "$BIN/ringattn_gpu_tests" --gtest_filter="$WG_FILTER" 2>&1 |
     tee "$OUT/tests_sv$sv.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran" | head -20
 done
 
@@ -49,13 +50,25 @@ echo "## compute-sanitizer (memcheck, racecheck) on: $SMALL_FILTER"
 grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$OUT/sanitizer.log" | head -20
 
 echo "## kernel bench"
-for k in wgmma:1 wgmma:2 wgmma:0 mma:1; do
-  kern=${k%:*}; sv=${k#*:}
-  [ "$kern" = mma ] && unset RINGATTN_SM90_VARIANT || export RINGATTN_SM90_VARIANT=$sv
-  RINGATTN_FWD_KERNEL=$kern timeout 60 "$BIN/ringattn_kernel_bench" -s 16K,64K -d 128 -n 5 -w 1 -J "$OUT/bench_${kern}${sv}_128.json"
-  RINGATTN_FWD_KERNEL=$kern timeout 30 "$BIN/ringattn_kernel_bench" -s 16K -d 64 -n 5 -w 1 -J "$OUT/bench_${kern}${sv}_64.json"
+bench() {  # name, env..., then bench args after --
+  local name=$1; shift
+  local envs=()
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
+  env "${envs[@]}" timeout 60 "$BIN/ringattn_kernel_bench" -n 5 -w 1 -J "$OUT/bench_$name.json" "$@" | grep -v "^#"
+}
+for sv in 1 2 3 4 0; do
+  echo "# wgmma s$sv"
+  bench "wgmma$sv" RINGATTN_FWD_KERNEL=wgmma RINGATTN_SM90_VARIANT=$sv -- -s 16K,64K -d 128
+  bench "wgmma${sv}_64" RINGATTN_FWD_KERNEL=wgmma RINGATTN_SM90_VARIANT=$sv -- -s 16K -d 64
 done
-unset RINGATTN_SM90_VARIANT
+echo "# mma"
+bench mma RINGATTN_FWD_KERNEL=mma -- -s 16K,64K -d 128
+bench mma_64 RINGATTN_FWD_KERNEL=mma -- -s 16K -d 64
+echo "# wgmma default, (B, H, S, D) storage"
+bench wgmma_bhsd RINGATTN_FWD_KERNEL=wgmma -- -s 16K,64K -d 128 -L bhsd
+echo "# wgmma default, sections of 32 heads (all) and of 1 head"
+bench wgmma_sec32 RINGATTN_FWD_KERNEL=wgmma RINGATTN_FWD_SECTION_HEADS=32 -- -s 16K,64K -d 128
+bench wgmma_sec1 RINGATTN_FWD_KERNEL=wgmma RINGATTN_FWD_SECTION_HEADS=1 -- -s 16K -d 128
 
 echo "## torch SDPA peers (forward only, 16k and 64k)"
 PEER_SEQS=16384,65536 PEER_FWD_ONLY=1 PYTHONUNBUFFERED=1 timeout 120 python3 tests/bench/peers/torch_sdpa.py \

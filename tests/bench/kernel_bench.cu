@@ -69,6 +69,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> dims = {64, 128};
   int heads = 32, iters = kDefaultIters, warmup = kDefaultWarmup;
   std::string json_path;
+  bool bhsd = false;  // -L bhsd: q, k, v, out stored (batch, heads, seq, head_dim), viewed as (B, S, H, D)
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> const char* {
@@ -84,8 +85,9 @@ int main(int argc, char** argv) {
     else if (a == "-n") iters = std::atoi(next());
     else if (a == "-w") warmup = std::atoi(next());
     else if (a == "-J") json_path = next();
+    else if (a == "-L") bhsd = std::string(next()) == "bhsd";
     else {
-      std::fprintf(stderr, "usage: %s [-s 4K,16K] [-d 64,128] [-H 32] [-n iters] [-w warmup] [-J out.json]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [-s 4K,16K] [-d 64,128] [-H 32] [-n iters] [-w warmup] [-J out.json] [-L bshd|bhsd]\n", argv[0]);
       return 2;
     }
   }
@@ -94,9 +96,11 @@ int main(int argc, char** argv) {
   const char* variant_env = std::getenv("RINGATTN_FWD_VARIANT");
   const char* kernel_env = std::getenv("RINGATTN_FWD_KERNEL");
   const char* sm90_env = std::getenv("RINGATTN_SM90_VARIANT");
-  const std::string variant = std::string(kernel_env ? kernel_env : "default") +
+  std::string variant = std::string(kernel_env ? kernel_env : "default") +
                               (variant_env ? std::string("-v") + variant_env : "") +
                               (sm90_env ? std::string("-s") + sm90_env : "");
+  if (const char* sections = std::getenv("RINGATTN_FWD_SECTION_HEADS")) variant += std::string("-sec") + sections;
+  if (bhsd) variant += "-bhsd";
   cudaDeviceProp prop{};
   RINGATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("# kernel_bench: %s, %d SMs, bf16, batch 1, %d heads, kernel %s, median of %d after %d warm-up\n",
@@ -121,7 +125,11 @@ int main(int argc, char** argv) {
         init_normal_bf16<<<kInitBlocks, kInitThreads, 0, stream>>>(static_cast<uint16_t*>(bufs[t]), n, 977u * (t + 1));
         RINGATTN_CUDA_CHECK_LAUNCH("init_normal_bf16");
       }
-      auto view = [&](void* p) { return ringattn::make_view(p, ringattn::DType::kBF16, ringattn::Device::kCuda, {1, s, heads, d}); };
+      auto view = [&](void* p) {
+        ringattn::TensorView v = ringattn::make_view(p, ringattn::DType::kBF16, ringattn::Device::kCuda, {1, s, heads, d});
+        if (bhsd) v.stride = {heads * s * d, d, s * d, 1};  // each head's rows contiguous, as torch's (B, H, S, D)
+        return v;
+      };
       const ringattn::TensorView lse_view = ringattn::make_view(lse, ringattn::DType::kF32, ringattn::Device::kCuda, {1, heads, s});
       const ringattn::ChunkPositions pos = ringattn::chunk_positions(ringattn::Layout::kContiguous, s, 0, 1);
       for (bool causal : {false, true}) {

@@ -30,11 +30,11 @@ struct FwdArgs {
   FlashFwdParams p;
 };
 
-template <int kHeadDim_>
+template <int kHeadDim_, int kBlockN_ = 128>
 struct FwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 128;  // query rows per block
-  static constexpr int kBlockN = 128;  // key rows per tile
+  static constexpr int kBlockM = 128;      // query rows per block
+  static constexpr int kBlockN = kBlockN_;  // key rows per tile (a multiple of 16, at most 256)
   static constexpr int kConsumers = 2;  // consumer warpgroups, 64 query rows each
   static constexpr int kWarpgroupThreads = 128;
   static constexpr int kThreads = kWarpgroupThreads * (1 + kConsumers);
@@ -69,6 +69,7 @@ struct FwdTraits {
   static constexpr int kCoreRowBytes = 8 * kSwizzleBytes;  // 8 rows: the stride between core matrices
 
   static_assert(kHeadDim % kBlockCols == 0, "head_dim: whole 64-element column blocks");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256 && (kBlockN * kSwizzleBytes) % kAlign == 0, "key tile rows");
   static_assert(kBlockM % (kConsumers * 64) == 0, "each consumer warpgroup owns m64 rows");
   static_assert(kSmemBytes <= 227 * 1024, "tiles must fit in Hopper shared memory");
   static_assert(kProducerRegs * kWarpgroupThreads + kConsumerRegs * kConsumerThreads <= 65536, "register file");
@@ -78,11 +79,11 @@ struct FwdTraits {
 // flight together while the softmax runs (FlashAttention-3's intra-warpgroup pipelining). 2: 1, and
 // the two consumer warpgroups take turns issuing their GEMMs (named barriers), so one's softmax
 // runs under the other's GEMMs ("ping-pong").
-template <typename Elem, int kHeadDim, int kSchedule>
-__global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1)
+template <typename Elem, int kHeadDim, int kSchedule, int kBlockN>
+__global__ void __launch_bounds__(FwdTraits<kHeadDim, kBlockN>::kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ FwdArgs args) {
 #if RINGATTN_SM90A_ENABLED
-  using T = FwdTraits<kHeadDim>;
+  using T = FwdTraits<kHeadDim, kBlockN>;
   constexpr int kNTilesS = T::kBlockN / 8;  // n8 tiles of S per thread row pair
   constexpr int kNTilesO = T::kHeadDim / 8;
   constexpr int kRows = OnlineSoftmax<1>::kRowsPerThread;

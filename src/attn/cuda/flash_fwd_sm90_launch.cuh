@@ -11,10 +11,12 @@
 
 namespace ringattn::cuda {
 
-template <typename Elem, int kHeadDim>
-bool launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
-  using T = sm90::FwdTraits<kHeadDim>;
-  if (params.seq_q == 0 || params.batch == 0) return true;
+// Variants (RINGATTN_SM90_VARIANT): schedule 0, 1, 2 (see the kernel) with 128-key tiles; 3 and 4
+// are schedules 1 and 2 with 176-key tiles (fewer, longer iterations: FlashAttention-3's hd128
+// non-causal tile).
+template <typename Elem, int kHeadDim, int kSchedule, int kBlockN>
+bool launch_sm90_tiles(const FlashFwdParams& params, cudaStream_t stream) {
+  using T = sm90::FwdTraits<kHeadDim, kBlockN>;
   constexpr bool kBf16 = std::is_same_v<Elem, __nv_bfloat16>;
   const int kv_heads = params.heads / params.kv_group;
   sm90::FwdArgs args;
@@ -27,16 +29,26 @@ bool launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
       !encode_tile_map(&args.v, kBf16, params.v, kHeadDim, params.seq_k, kv_heads, params.batch,
                        params.v_row_stride, params.v_head_stride, params.v_batch_stride, T::kBlockN))
     return false;
-  const int chosen = sm90_fwd_variant();
-  const int variant = chosen >= 0 ? chosen : (kHeadDim == 64 ? 2 : 1);
-  auto* kernel = variant == 0   ? &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, 0>
-                 : variant == 2 ? &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, 2>
-                                : &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, 1>;
+  auto* kernel = &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, kSchedule, kBlockN>;
   RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
   const dim3 grid = fwd_grid(params, T::kBlockM);
   kernel<<<grid, T::kThreads, T::kSmemBytes, stream>>>(args);
   RINGATTN_CUDA_CHECK_LAUNCH("flash_fwd_sm90_kernel");
   return true;
+}
+
+template <typename Elem, int kHeadDim>
+bool launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
+  if (params.seq_q == 0 || params.batch == 0) return true;
+  const int chosen = sm90_fwd_variant();
+  const int variant = chosen >= 0 ? chosen : (kHeadDim == 64 ? 2 : 1);
+  switch (variant) {
+    case 0: return launch_sm90_tiles<Elem, kHeadDim, 0, 128>(params, stream);
+    case 2: return launch_sm90_tiles<Elem, kHeadDim, 2, 128>(params, stream);
+    case 3: return launch_sm90_tiles<Elem, kHeadDim, 1, 176>(params, stream);
+    case 4: return launch_sm90_tiles<Elem, kHeadDim, 2, 176>(params, stream);
+    default: return launch_sm90_tiles<Elem, kHeadDim, 1, 128>(params, stream);
+  }
 }
 
 }  // namespace ringattn::cuda
