@@ -16,7 +16,7 @@ bool sm90_fwd_supported();
 
 // RINGATTN_SM90_VARIANT: 0 = each GEMM waited for at once, 1 = S_{j+1} and P_j V_j in flight
 // during the softmax, 2 = 1 plus ping-pong turns between the two consumer warpgroups, 3 and 4 = 1
-// and 2 with 176-key tiles instead of 128; -1 when unset
+// and 2 with 176-key tiles instead of 128, 5 = 1 with 3 K/V stages; -1 when unset
 // (then 1 for head_dim 128 and 2 for head_dim 64, the faster ones measured on H200). Read once.
 int sm90_fwd_variant();
 

@@ -30,7 +30,7 @@ struct FwdArgs {
   FlashFwdParams p;
 };
 
-template <int kHeadDim_, int kBlockN_ = 128>
+template <int kHeadDim_, int kBlockN_ = 128, int kStages_ = 2>
 struct FwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;      // query rows per block
@@ -40,7 +40,7 @@ struct FwdTraits {
   static constexpr int kThreads = kWarpgroupThreads * (1 + kConsumers);
   static constexpr int kConsumerThreads = kWarpgroupThreads * kConsumers;
   static constexpr int kRowsPerConsumer = kBlockM / kConsumers;
-  static constexpr int kStages = 2;
+  static constexpr int kStages = kStages_;  // K/V tile buffers
   static constexpr int kProducerRegs = 40;
   static constexpr int kConsumerRegs = 232;
 
@@ -79,11 +79,11 @@ struct FwdTraits {
 // flight together while the softmax runs (FlashAttention-3's intra-warpgroup pipelining). 2: 1, and
 // the two consumer warpgroups take turns issuing their GEMMs (named barriers), so one's softmax
 // runs under the other's GEMMs ("ping-pong").
-template <typename Elem, int kHeadDim, int kSchedule, int kBlockN>
-__global__ void __launch_bounds__(FwdTraits<kHeadDim, kBlockN>::kThreads, 1)
+template <typename Elem, int kHeadDim, int kSchedule, int kBlockN, int kStages>
+__global__ void __launch_bounds__(FwdTraits<kHeadDim, kBlockN, kStages>::kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ FwdArgs args) {
 #if RINGATTN_SM90A_ENABLED
-  using T = FwdTraits<kHeadDim, kBlockN>;
+  using T = FwdTraits<kHeadDim, kBlockN, kStages>;
   constexpr int kNTilesS = T::kBlockN / 8;  // n8 tiles of S per thread row pair
   constexpr int kNTilesO = T::kHeadDim / 8;
   constexpr int kRows = OnlineSoftmax<1>::kRowsPerThread;

@@ -13,10 +13,10 @@ namespace ringattn::cuda {
 
 // Variants (RINGATTN_SM90_VARIANT): schedule 0, 1, 2 (see the kernel) with 128-key tiles; 3 and 4
 // are schedules 1 and 2 with 176-key tiles (fewer, longer iterations: FlashAttention-3's hd128
-// non-causal tile).
-template <typename Elem, int kHeadDim, int kSchedule, int kBlockN>
+// non-causal tile); 5 is schedule 1 with 3 K/V stages instead of 2.
+template <typename Elem, int kHeadDim, int kSchedule, int kBlockN, int kStages = 2>
 bool launch_sm90_tiles(const FlashFwdParams& params, cudaStream_t stream) {
-  using T = sm90::FwdTraits<kHeadDim, kBlockN>;
+  using T = sm90::FwdTraits<kHeadDim, kBlockN, kStages>;
   constexpr bool kBf16 = std::is_same_v<Elem, __nv_bfloat16>;
   const int kv_heads = params.heads / params.kv_group;
   sm90::FwdArgs args;
@@ -29,7 +29,7 @@ bool launch_sm90_tiles(const FlashFwdParams& params, cudaStream_t stream) {
       !encode_tile_map(&args.v, kBf16, params.v, kHeadDim, params.seq_k, kv_heads, params.batch,
                        params.v_row_stride, params.v_head_stride, params.v_batch_stride, T::kBlockN))
     return false;
-  auto* kernel = &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, kSchedule, kBlockN>;
+  auto* kernel = &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, kSchedule, kBlockN, kStages>;
   RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
   const dim3 grid = fwd_grid(params, T::kBlockM);
   kernel<<<grid, T::kThreads, T::kSmemBytes, stream>>>(args);
@@ -47,6 +47,7 @@ bool launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
     case 2: return launch_sm90_tiles<Elem, kHeadDim, 2, 128>(params, stream);
     case 3: return launch_sm90_tiles<Elem, kHeadDim, 1, 176>(params, stream);
     case 4: return launch_sm90_tiles<Elem, kHeadDim, 2, 176>(params, stream);
+    case 5: return launch_sm90_tiles<Elem, kHeadDim, 1, 128, 3>(params, stream);
     default: return launch_sm90_tiles<Elem, kHeadDim, 1, 128>(params, stream);
   }
 }
