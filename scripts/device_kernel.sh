@@ -33,7 +33,7 @@ RINGATTN_FWD_KERNEL=mma timeout 100 "$BIN/ringattn_gpu_tests" --gtest_filter="$F
   tee "$OUT/tests_mma.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran" | head -20
 
 WG_FILTER="$(printf 'MmaAndWgmma/FlashFwdKernels.MatchReference/%d:' 9 10 11 12 13 14 15 16 17)MmaAndWgmma/FlashFwdSections.EveryBlockOnce/2:MmaAndWgmma/FlashFwdSections.EveryBlockOnce/3:Layouts/*:*FlashFwdBasic*"
-for sv in 0 1 2 3 4 5; do
+for sv in 1 4 5; do
   echo "## GPU tests of the wgmma kernel, RINGATTN_SM90_VARIANT=$sv"
   RINGATTN_SM90_VARIANT=$sv timeout 60 "$BIN/ringattn_gpu_tests" --gtest_filter="$WG_FILTER" 2>&1 |
     tee "$OUT/tests_sv$sv.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran" | head -20
@@ -56,7 +56,7 @@ bench() {  # name, env..., then bench args after --
   while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
   env "${envs[@]}" timeout 60 "$BIN/ringattn_kernel_bench" -n 5 -w 1 -J "$OUT/bench_$name.json" "$@" | grep -v "^#"
 }
-for sv in 1 2 3 4 5 0; do
+for sv in 1 4 5; do
   echo "# wgmma s$sv"
   bench "wgmma$sv" RINGATTN_FWD_KERNEL=wgmma RINGATTN_SM90_VARIANT=$sv -- -s 16K,64K -d 128
   bench "wgmma${sv}_64" RINGATTN_FWD_KERNEL=wgmma RINGATTN_SM90_VARIANT=$sv -- -s 16K -d 64

@@ -14,10 +14,8 @@ namespace ringattn::cuda {
 // (checked once per device, then cached).
 bool sm90_fwd_supported();
 
-// RINGATTN_SM90_VARIANT: 0 = each GEMM waited for at once, 1 = S_{j+1} and P_j V_j in flight
-// during the softmax, 2 = 1 plus ping-pong turns between the two consumer warpgroups, 3 and 4 = 1
-// and 2 with 176-key tiles instead of 128, 5 = 1 with 3 K/V stages; -1 when unset
-// (then 1 for head_dim 128 and 2 for head_dim 64, the faster ones measured on H200). Read once.
+// RINGATTN_SM90_VARIANT (1, 4 or 5; see flash_fwd_sm90_launch.cuh), or -1 when unset (then the
+// measured best per case). Read once.
 int sm90_fwd_variant();
 
 // Fills `map` with a 4-d tiled tensor map (head_dim, rows, heads, batch) over 2-byte elements,

@@ -11,9 +11,12 @@
 
 namespace ringattn::cuda {
 
-// Variants (RINGATTN_SM90_VARIANT): schedule 0, 1, 2 (see the kernel) with 128-key tiles; 3 and 4
-// are schedules 1 and 2 with 176-key tiles (fewer, longer iterations: FlashAttention-3's hd128
-// non-causal tile); 5 is schedule 1 with 3 K/V stages instead of 2.
+// Variants (RINGATTN_SM90_VARIANT), numbered as measured in docs/KERNEL_NOTES.md (v4):
+//   1 = schedule 1 (in-warpgroup overlap), 128-key tiles, 2 K/V stages;
+//   4 = schedule 2 (overlap + ping-pong), 176-key tiles (FlashAttention-3's hd128 non-causal tile);
+//   5 = schedule 1, 128-key tiles, 3 K/V stages.
+// Default: 4 without a causal mask (and for head_dim 64), 5 with one (diagonal tiles are cheaper
+// in 128-key tiles). Variants 0, 2 and 3 were measured slower and are no longer compiled.
 template <typename Elem, int kHeadDim, int kSchedule, int kBlockN, int kStages = 2>
 bool launch_sm90_tiles(const FlashFwdParams& params, cudaStream_t stream) {
   using T = sm90::FwdTraits<kHeadDim, kBlockN, kStages>;
@@ -41,14 +44,11 @@ template <typename Elem, int kHeadDim>
 bool launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
   if (params.seq_q == 0 || params.batch == 0) return true;
   const int chosen = sm90_fwd_variant();
-  const int variant = chosen >= 0 ? chosen : (kHeadDim == 64 ? 2 : 1);
+  const int variant = chosen >= 0 ? chosen : (params.causal && kHeadDim == 128 ? 5 : 4);
   switch (variant) {
-    case 0: return launch_sm90_tiles<Elem, kHeadDim, 0, 128>(params, stream);
-    case 2: return launch_sm90_tiles<Elem, kHeadDim, 2, 128>(params, stream);
-    case 3: return launch_sm90_tiles<Elem, kHeadDim, 1, 176>(params, stream);
-    case 4: return launch_sm90_tiles<Elem, kHeadDim, 2, 176>(params, stream);
+    case 1: return launch_sm90_tiles<Elem, kHeadDim, 1, 128>(params, stream);
     case 5: return launch_sm90_tiles<Elem, kHeadDim, 1, 128, 3>(params, stream);
-    default: return launch_sm90_tiles<Elem, kHeadDim, 1, 128>(params, stream);
+    default: return launch_sm90_tiles<Elem, kHeadDim, 2, 176>(params, stream);
   }
 }
 
