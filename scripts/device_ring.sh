@@ -5,7 +5,8 @@
 #   all (default): the steps below.
 #   nccl-variants: build, then time the ring at 8k and 32k tokens per GPU under NCCL channel/CTA
 #   settings, pick the best, run bench_vs_peers.sh with it, and the Llama-3-8B 1M config.
-# Env: OUT (logs; the device tool sets it), NP (4), BUDGET_S (wall seconds for the whole script, 450).
+# Env: OUT (logs; the device tool sets it), NP (4), BUDGET_S (wall seconds for the whole script, 450),
+# VARIANT_SWEEP (the bench sizes of nccl-variants, default "-b 32K -e 128K -f 4").
 # Steps run in order of importance and are skipped once the budget is nearly spent; every step has
 # its own timeout so a hang cannot eat the call. Logs (at most 8 files) go to $OUT.
 set -u
@@ -65,8 +66,8 @@ if [ "$MODE" = nccl-variants ]; then
     name=${v%%:*}; envs=${v#*:}
     echo "==== variant $name ($envs)" >>"$OUT/bench.log"
     rm -f "/tmp/ra_v_$name.json"
-    env $envs timeout 90 "${MPIRUN[@]}" -np "$NP" "$BIN" bench -b 32K -e 128K -f 4 --heads 32 --head-dim 128 --causal \
-      --layout zigzag --dtype bf16 -n 10 -w 3 -c 1 -J "/tmp/ra_v_$name.json" >>"$OUT/bench.log" 2>&1
+    env $envs timeout 90 "${MPIRUN[@]}" -np "$NP" "$BIN" bench ${VARIANT_SWEEP:--b 32K -e 128K -f 4} --heads 32 --head-dim 128 \
+      --causal --layout zigzag --dtype bf16 -n 10 -w 3 -c 1 -J "/tmp/ra_v_$name.json" >>"$OUT/bench.log" 2>&1
     [ -f "/tmp/ra_v_$name.json" ] && { echo "== variant $name ($envs)"; cat "/tmp/ra_v_$name.json"; } >>"$OUT/bench_json.txt"
     line=$(python3 - "/tmp/ra_v_$name.json" <<'PY'
 import json, sys
