@@ -6,7 +6,8 @@
 #   nccl-variants: build, then time the ring at 8k and 32k tokens per GPU under NCCL channel/CTA
 #   settings, pick the best, run bench_vs_peers.sh with it, and the Llama-3-8B 1M config.
 # Env: OUT (logs; the device tool sets it), NP (4), BUDGET_S (wall seconds for the whole script, 450),
-# VARIANT_SWEEP (the bench sizes of nccl-variants, default "-b 32K -e 128K -f 4").
+# VARIANT_SWEEP (the bench sizes of nccl-variants, default "-b 32K -e 128K -f 4"), VARIANTS_ONLY=1
+# (nccl-variants stops after the variants).
 # Steps run in order of importance and are skipped once the budget is nearly spent; every step has
 # its own timeout so a hang cannot eat the call. Logs (at most 8 files) go to $OUT.
 set -u
@@ -84,6 +85,7 @@ PY
     if python3 -c "import sys; sys.exit(0 if float('$score') > float('$best_score') else 1)"; then best=$envs; best_score=$score; fi
   done
   note "# best variant: '${best:-default}' (min ring efficiency $best_score%)"
+  [ "${VARIANTS_ONLY:-0}" = 1 ] && { cat "$SUMMARY"; exit 0; }
   if left 120; then
     env $best NP=$NP BENCH_TIMEOUT=90 PEER_TIMEOUT=150 SEQS=32768,131072 scripts/bench_vs_peers.sh "$BUILD" \
       2>&1 | tee "$OUT/vs_peers.txt" | tail -8
