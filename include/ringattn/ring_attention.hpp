@@ -62,7 +62,13 @@ class RingAttention {
   void set_hop_callback(HopCallback cb, void* user) { hop_cb_ = cb; hop_user_ = user; }
 
  private:
+  // Timeline marker indices of one hop: compute starts, compute done, next chunk arrived.
+  struct HopMarks {
+    int begin, computed, arrived;
+  };
   void check_inputs(const TensorView& t, int heads, const char* what) const;
+  // Waits for the pass, then fills the per-hop compute / exposed-communication times.
+  void read_timeline(const std::vector<HopMarks>& marks, int start_mark, int end_mark);
 
   AttentionSpec spec_;
   std::unique_ptr<Backend> backend_;

@@ -47,6 +47,15 @@ RingAttention::RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend>
 
 RingAttention::~RingAttention() = default;
 
+void RingAttention::read_timeline(const std::vector<HopMarks>& marks, int start_mark, int end_mark) {
+  const std::vector<double> t = backend_->synchronize_and_read_marks();
+  for (std::size_t s = 0; s < marks.size(); ++s) {
+    stats_.hops[s].compute_ms = t[marks[s].computed] - t[marks[s].begin];
+    stats_.hops[s].exposed_comm_ms = t[marks[s].arrived] - t[marks[s].computed];
+  }
+  stats_.total_ms = t[end_mark] - t[start_mark];
+}
+
 int RingAttention::rank() const { return transport_->rank(); }
 int RingAttention::world() const { return transport_->world(); }
 
@@ -81,7 +90,6 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
   const int start_mark = backend_->mark();
   backend_->forward_begin(q, q_pos_);
 
-  struct HopMarks { int begin, computed, arrived; };
   std::vector<HopMarks> marks(p);
   stats_ = PassStats{};
   stats_.hops.resize(p);
@@ -115,12 +123,7 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
   }
   backend_->forward_end(out, lse);
   const int end_mark = backend_->mark();
-  const std::vector<double> t = backend_->synchronize_and_read_marks();
-  for (int s = 0; s < p; ++s) {
-    stats_.hops[s].compute_ms = t[marks[s].computed] - t[marks[s].begin];
-    stats_.hops[s].exposed_comm_ms = t[marks[s].arrived] - t[marks[s].computed];
-  }
-  stats_.total_ms = t[end_mark] - t[start_mark];
+  read_timeline(marks, start_mark, end_mark);
 }
 
 void RingAttention::backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
@@ -161,7 +164,6 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   backend_->backward_begin(q, out, dout, lse, q_pos_);
   const SendPart own_kv[2] = {{k.data, kv_bytes_ / 2}, {v.data, kv_bytes_ / 2}};
 
-  struct HopMarks { int begin, computed, arrived; };
   std::vector<HopMarks> marks(p);
   stats_ = PassStats{};
   stats_.hops.resize(p);
@@ -217,12 +219,7 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   }
   backend_->backward_end(dq);
   const int end_mark = backend_->mark();
-  const std::vector<double> t = backend_->synchronize_and_read_marks();
-  for (int s = 0; s < p; ++s) {
-    stats_.hops[s].compute_ms = t[marks[s].computed] - t[marks[s].begin];
-    stats_.hops[s].exposed_comm_ms = t[marks[s].arrived] - t[marks[s].computed];
-  }
-  stats_.total_ms = t[end_mark] - t[start_mark];
+  read_timeline(marks, start_mark, end_mark);
 }
 
 }  // namespace ringattn
