@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One device call on a 2-GPU machine: build, GPU + MPI/GPU tests, run --backward --check over NCCL,
 # bench forward and forward+backward at p = 1 and 2 beside PyTorch SDPA and context_parallel.
-# Usage (device machine, repository root): scripts/device_final.sh   (env: OUT, BUDGET_S, default 480)
+# Usage (device machine, repository root): scripts/device_final.sh [all|ring]   (env: OUT, BUDGET_S, default 480)
+#   ring: only the 2-GPU part: MPI/GPU tests, run --backward --check, and the p = 2 forward bench
+#         under NCCL variants (default, copy-engine P2P, 4 CTAs), plus forward+backward.
 set -u
 START=$(date +%s)
 OUT=${OUT:-/tmp/ringattn_out}
 BUDGET_S=${BUDGET_S:-480}
 BUILD=build-final
+MODE=${1:-all}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
@@ -49,6 +52,19 @@ bench() {  # bench NP ARGS...
   timeout 150 "${MPIRUN[@]}" -np "$np" "$BIN" bench --dtype bf16 --heads 32 --head-dim 128 -n 5 -w 2 "$@" \
     2>&1 | tee -a "$OUT/bench.log" | grep -E "^ +[0-9]|^# (OK|FAILED)"
 }
+if [ "$MODE" = ring ]; then
+  for v in "default:" "cememcpy:NCCL_P2P_USE_CUDA_MEMCPY=1" "ctas4:RINGATTN_NCCL_MAX_CTAS=4"; do
+    left 60 || break
+    note "# ---- p=2 causal zigzag forward, NCCL variant ${v%%:*} (${v#*:})"
+    env ${v#*:} timeout 150 "${MPIRUN[@]}" -x NCCL_P2P_USE_CUDA_MEMCPY -x RINGATTN_NCCL_MAX_CTAS -np 2 "$BIN" bench \
+      --dtype bf16 --heads 32 --head-dim 128 -n 10 -w 3 -b 16K -e 64K -f 2 --causal --layout zigzag -c 1 \
+      2>&1 | tee -a "$OUT/bench.log" | grep -E "^ +[0-9]|^# (OK|FAILED)" | tee -a "$SUMMARY"
+  done
+  note "# ---- p=2 causal zigzag forward+backward (default NCCL)"
+  left 40 && bench 2 -b 16K -e 64K -f 2 --causal --layout zigzag -c 1 --backward | tee -a "$SUMMARY"
+  note "# done in $(elapsed) s"
+  exit 0
+fi
 note "# ---- ours, p=1: forward (then forward+backward), tokens | per GPU | ms | TFLOP/s | 1-GPU | eff | exposed | mem | model | err | check"
 left 200 && bench 1 -b 16K -e 64K -f 4 --layout contiguous -c 0 | tee -a "$SUMMARY"
 left 200 && bench 1 -b 16K -e 64K -f 4 --layout contiguous -c 0 --causal | tee -a "$SUMMARY"
