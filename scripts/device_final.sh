@@ -56,7 +56,7 @@ if [ "$MODE" = ring ]; then
   for v in "default:" "cememcpy:NCCL_P2P_USE_CUDA_MEMCPY=1" "ctas4:RINGATTN_NCCL_MAX_CTAS=4"; do
     left 60 || break
     note "# ---- p=2 causal zigzag forward, NCCL variant ${v%%:*} (${v#*:})"
-    env ${v#*:} timeout 150 "${MPIRUN[@]}" -x NCCL_P2P_USE_CUDA_MEMCPY -x RINGATTN_NCCL_MAX_CTAS -np 2 "$BIN" bench \
+    env ${v#*:} timeout 150 "${MPIRUN[@]}" -np 2 "$BIN" bench \
       --dtype bf16 --heads 32 --head-dim 128 -n 10 -w 3 -b 16K -e 64K -f 2 --causal --layout zigzag -c 1 \
       2>&1 | tee -a "$OUT/bench.log" | grep -E "^ +[0-9]|^# (OK|FAILED)" | tee -a "$SUMMARY"
   done
