@@ -1,81 +1,86 @@
 #!/usr/bin/env bash
-# One device call for the backward kernels: build, GPU backward tests, compute-sanitizer, backward bench at
-# 16k tokens (32 heads, bf16, hd 128 and 64), the forward bench for fwd+bwd, and PyTorch SDPA in the same call.
+# One device call for the backward kernels (single GPU): build, GPU backward tests on both step kernels
+# (RINGATTN_BWD_KERNEL=wgmma, the default, and =mma), the scheduler-level fwd+bwd test, compute-sanitizer
+# memcheck on the wgmma path, the official fwd+bwd bench (ringattn bench --backward, 16K and 64K, causal
+# and not) for both kernels, and PyTorch SDPA (flash, cuDNN) in the same call. Short table last.
+# Every step has its own timeout and the whole script stops starting new steps near $BUDGET seconds.
 set -u -o pipefail
 OUT=${OUT:-/tmp/ringattn_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 BIN=build/bin
-SMALL='FlashBwd/FlashBwdTest.MatchesReference/Bwd_zigzag2_fp16_d64_causal'
-SMALL2='FlashBwd/FlashBwdTest.MatchesReference/Bwd_whole_bf16_d128_full_packed'
+T0=$(date +%s)
+BUDGET=${BUDGET:-370}
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# step timeout: min(want, time left - reserve)
+tmo() { local l; l=$(( $(left) - ${2:-5} )); [ "$l" -lt "$1" ] && echo $(( l > 1 ? l : 1 )) || echo "$1"; }
+NEW='FlashBwd/FlashBwdTest.MatchesReference/Bwd_whole_bf16_d128_full_packed:FlashBwd/FlashBwdTest.MatchesReference/Bwd_zigzag4_bf16_d128_causal'
 
 echo "## device"; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv,noheader
 echo "## commit $(git rev-parse --short HEAD 2>/dev/null) $(date -u +%FT%TZ)"
 
-echo "## build"; t0=$(date +%s)
+echo "## build"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1 &&
-  cmake --build build -j16 --target ringattn_gpu_tests >>"$OUT/build.log" 2>&1
+  cmake --build build -j16 --target ringattn_gpu_tests ringattn_cli >>"$OUT/build.log" 2>&1
 rc=$?
-cmake --build build -j16 --target ringattn_kernel_bench >>"$OUT/build.log" 2>&1 || echo "(forward kernel bench did not build)"
 grep -E "bwd.*spill|error" "$OUT/build.log" | head -10
-echo "build rc=$rc in $(( $(date +%s) - t0 )) s"
+echo "build rc=$rc in $(( $(date +%s) - T0 )) s"
 [ $rc -eq 0 ] || { tail -40 "$OUT/build.log"; exit 1; }
-if command -v cuobjdump >/dev/null; then
-  cuobjdump -sass "$BIN/ringattn_gpu_tests" | awk '/Function : .*flash_bwd_kernel/ {name=$3} name && /HMMA/ {h[name]++} name && /(LDL|STL)/ {l[name]++} name && /RED/ {r[name]++} END {for (n in h) printf "%6d HMMA %4d LDL/STL %4d RED %s\n", h[n], l[n], r[n], substr(n, 1, 100)}'
-fi
 
-echo "## GPU backward tests (variant 0 = default, then variant 1)"
-timeout 150 "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*:FlashBwdAccumulate.*' 2>&1 | tee "$OUT/tests.log" |
-  grep -E "gpu err|^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -60
-RINGATTN_BWD_VARIANT=1 timeout 150 "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*:FlashBwdAccumulate.*' 2>&1 | tee "$OUT/tests_v1.log" |
+echo "## GPU backward tests, wgmma (default)"
+timeout "$(tmo 90 200)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*:FlashBwdAccumulate.*' 2>&1 | tee "$OUT/tests_wgmma.log" |
+  grep -E "d128.*gpu err|^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -60
+
+echo "## compute-sanitizer memcheck (wgmma path)"
+timeout "$(tmo 60 180)" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" --gtest_filter="$NEW" \
+  >"$OUT/sanitizer.log" 2>&1
+echo "memcheck rc=$?" | tee -a "$OUT/sanitizer.log"
+grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" "$OUT/sanitizer.log" | head -8
+
+bench() {  # kernel, extra flags
+  echo "### ringattn bench --backward $2, RINGATTN_BWD_KERNEL=$1"
+  local run=(env RINGATTN_BWD_KERNEL="$1")
+  command -v mpirun >/dev/null && run=(mpirun --allow-run-as-root -np 1 -x RINGATTN_BWD_KERNEL="$1")
+  timeout "$(tmo 45 60)" "${run[@]}" "$BIN/ringattn" bench -b 16K -e 64K -f 4 --layout contiguous -c 0 --dtype bf16 \
+    --heads 32 --head-dim 128 -n 3 -w 1 --backward $2 2>&1 | tee -a "$OUT/bench.log" | grep -vE "^#  |^# (sweep|ring eff|backend)" | tail -6
+}
+echo "## fwd+bwd bench (official number)"
+bench wgmma ""
+bench wgmma --causal
+bench mma ""
+bench mma --causal
+
+echo "## torch SDPA peers (same call)"
+PEER_SEQS=16384,65536 timeout "$(tmo 100 55)" python3 tests/bench/peers/torch_sdpa.py 2>&1 | grep -v efficient | tee "$OUT/torch.txt"
+
+echo "## GPU backward tests, mma"
+RINGATTN_BWD_KERNEL=mma timeout "$(tmo 60 25)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*' 2>&1 | tee "$OUT/tests_mma.log" |
   grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -20
 
-echo "## compute-sanitizer"
-{
-  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" --gtest_filter="$SMALL:$SMALL2"
-  echo "memcheck rc=$?"
-  timeout 90 compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 9 "$BIN/ringattn_gpu_tests" --gtest_filter="$SMALL"
-  echo "racecheck rc=$?"
-} >"$OUT/sanitizer.log" 2>&1
-grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Hazard" "$OUT/sanitizer.log" | head -20
+echo "## scheduler-level fwd+bwd test (wgmma)"
+timeout "$(tmo 40 3)" "$BIN/ringattn_gpu_tests" --gtest_filter='RingGpuBackward*' 2>&1 | tee "$OUT/ring.log" |
+  grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -10
 
-echo "## backward bench (ours)"
-for v in 0 1; do for d in 128 64; do
-  echo "variant $v"; RINGATTN_BWD_VARIANT=$v RINGATTN_BWD_BENCH_DIM=$d timeout 90 "$BIN/ringattn_gpu_tests" --gtest_also_run_disabled_tests \
-    --gtest_filter='FlashBwdBench.*' 2>&1 | sed "s/^BWD-BENCH/BWD-BENCH v$v/" | tee -a "$OUT/bench.log" | grep -E "BWD-BENCH|Failure|FAILED"
-done; done
-
-echo "## forward bench (K's kernel, for fwd+bwd)"
-[ -x "$BIN/ringattn_kernel_bench" ] && timeout 60 "$BIN/ringattn_kernel_bench" -s 16K -d 128 -n 5 -w 1 2>&1 | tail -8
-
-echo "## torch SDPA at 16k (fwd, fwd+bwd; bwd = difference)"
-PYTHONUNBUFFERED=1 timeout 120 python3 - <<'PY' 2>&1 | tee "$OUT/torch.txt"
-import torch, torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel, SDPBackend
-def bench(fn, iters=5, warm=2):
-    for _ in range(warm): fn()
-    torch.cuda.synchronize(); ts = []
-    for _ in range(iters):
-        a = torch.cuda.Event(enable_timing=True); b = torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b))
-    ts.sort(); return ts[len(ts)//2]
-S, H, D = 16384, 32, 128
-q = torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-k = torch.randn_like(q, requires_grad=True); v = torch.randn_like(q, requires_grad=True); do = torch.randn_like(q)
-for causal in (False, True):
-    F_ = 4 * S * S * D * H * (0.5 if causal else 1.0)
-    for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-        try:
-            with sdpa_kernel([be]):
-                tf = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-                tfb = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(do))
-            print(f"TORCH {name:5s} S={S} causal={int(causal)}: fwd {tf:.2f} ms {F_/tf/1e9:.0f} TF/s | fwd+bwd {tfb:.2f} ms "
-                  f"{3.5*F_/tfb/1e9:.0f} TF/s | bwd {tfb-tf:.2f} ms {2.5*F_/(tfb-tf)/1e9:.0f} TF/s")
-        except Exception as e:
-            print(f"TORCH {name} causal={int(causal)}: error {str(e)[:100]}")
+echo "## summary ($(( $(date +%s) - T0 )) s)"
+for f in tests_wgmma tests_mma ring; do echo "$f: $(grep -hE "^\[  (PASSED|FAILED) " "$OUT/$f.log" 2>/dev/null | tr '\n' ' ')"; done
+grep -h "rc=" "$OUT/sanitizer.log"
+python3 - "$OUT/bench.log" "$OUT/torch.txt" <<'PY'
+import sys, json, re
+rows = {}
+kern = None; causal = None
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"### ringattn bench --backward (\S*), RINGATTN_BWD_KERNEL=(\w+)", line)
+    if m: causal = m.group(1) == "--causal"; kern = m.group(2); continue
+    f = line.split()
+    if kern and len(f) > 4 and f[0].isdigit():
+        rows[(int(f[0]), causal, kern)] = f[3]
+for line in open(sys.argv[2], errors="replace"):
+    try: r = json.loads(line)
+    except Exception: continue
+    if "fwdbwd_tflops" in r and "gqa" not in r:
+        rows[(r["S"], r["causal"], "torch_" + r["backend"])] = f'{r["fwdbwd_tflops"]:.1f}'
+print("fwd+bwd TFLOP/s | S | causal | wgmma | mma | torch flash | torch cudnn")
+for S in (16384, 65536):
+    for c in (False, True):
+        print(f"| {S} | {int(c)} | " + " | ".join(rows.get((S, c, k), "-") for k in ("wgmma", "mma", "torch_flash", "torch_cudnn")) + " |")
 PY
-echo "## summary"
-grep -E "^\[  (PASSED|FAILED) |tests? ran" "$OUT/tests.log" "$OUT/tests_v1.log" | tail -6
-grep -E "rc=" "$OUT/sanitizer.log"
-grep -h "BWD-BENCH" "$OUT/bench.log"
-grep -h "TORCH" "$OUT/torch.txt"

@@ -371,8 +371,8 @@ TEST_P(FlashBwdTest, MatchesReference) {
     const double plain = rel_err(o.plain, o.exact);
     const double err = rel_err(o.gpu, o.exact);
     const double tol = 2.0 * plain + 0.25 * ulp(c.dtype);
-    std::printf("[ %-28s ] %s: gpu err %.3e, plain %s err %.3e, tol %.3e\n", c.name, o.name, err,
-                dtype_name(c.dtype), plain, tol);
+    std::printf("[ %-28s ] %s (%s): gpu err %.3e, plain %s err %.3e, tol %.3e\n", c.name, o.name,
+                flash_bwd_uses_wgmma(D) ? "wgmma" : "mma", err, dtype_name(c.dtype), plain, tol);
     EXPECT_LE(err, tol) << o.name << " of " << c.name;
   }
 }
@@ -390,6 +390,10 @@ const Case kCases[] = {
     {"Bwd_contig2_bf16_d64_full", DType::kBF16, 1, 2, 2, 64, 258, false, Layout::kContiguous, 2, 1},
     {"Bwd_contig3_bf16_d128_causal", DType::kBF16, 1, 2, 1, 128, 390, true, Layout::kContiguous, 3, 1},
     {"Bwd_zigzag2_bf16_d64_hidden_rows", DType::kBF16, 2, 2, 2, 64, 264, true, Layout::kZigzag, 2, 1, false, true},
+    // head_dim 128 cases for the wgmma kernel (RINGATTN_BWD_KERNEL=wgmma, the default on sm_90a).
+    {"Bwd_whole_fp16_d128_full_gqa_b2", DType::kF16, 2, 4, 2, 128, 333, false, Layout::kContiguous, 1, 0},
+    {"Bwd_zigzag2_bf16_d128_hidden_rows", DType::kBF16, 1, 2, 2, 128, 264, true, Layout::kZigzag, 2, 1, false, true},
+    {"Bwd_contig2_fp16_d128_full_packed", DType::kF16, 1, 2, 1, 128, 300, false, Layout::kContiguous, 2, 0, true},
 };
 
 INSTANTIATE_TEST_SUITE_P(FlashBwd, FlashBwdTest, ::testing::ValuesIn(kCases),

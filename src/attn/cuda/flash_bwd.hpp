@@ -89,5 +89,17 @@ void flash_bwd_accumulate(float* dst, const float* src, int64_t n, cudaStream_t 
 template <typename Elem, int kHeadDim>
 void launch_flash_bwd_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
                            cudaStream_t stream);
+// The Hopper (sm_90a, wgmma) step kernel, head_dim 128 only; same contract as launch_flash_bwd_step.
+template <typename Elem, int kHeadDim>
+void launch_flash_bwd_sm90_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
+                                cudaStream_t stream);
+
+// Which step kernel flash_bwd_step uses: RINGATTN_BWD_KERNEL=mma forces the mma.sync kernel,
+// =wgmma (or unset) takes the Hopper kernel where it applies (sm_90a device, head_dim 128). Read on
+// every call, so a test can switch it with setenv.
+enum class BwdKernel { kMma, kWgmma };
+BwdKernel flash_bwd_kernel_choice();
+// True when the step for this head_dim would run the wgmma kernel on the current device.
+bool flash_bwd_uses_wgmma(int head_dim);
 
 }  // namespace ringattn::cuda

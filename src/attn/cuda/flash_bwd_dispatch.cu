@@ -4,9 +4,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "attn/cuda/flash_bwd.hpp"
+#include "attn/cuda/flash_fwd_sm90.hpp"  // sm90_fwd_supported(): sm_90 device and sm_90a code in this binary
 #include "ringattn/error.hpp"
 
 namespace ringattn::cuda {
@@ -135,6 +138,15 @@ void launch_preprocess(const FlashBwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
+BwdKernel flash_bwd_kernel_choice() {
+  const char* v = std::getenv("RINGATTN_BWD_KERNEL");
+  return v && std::strcmp(v, "mma") == 0 ? BwdKernel::kMma : BwdKernel::kWgmma;
+}
+
+bool flash_bwd_uses_wgmma(int head_dim) {
+  return head_dim == 128 && flash_bwd_kernel_choice() == BwdKernel::kWgmma && sm90_fwd_supported();
+}
+
 void flash_bwd_preprocess(const FlashBwdParams& p, cudaStream_t stream) {
   check_common(p);
   if (p.batch == 0 || p.seq_q == 0) return;
@@ -163,6 +175,14 @@ void flash_bwd_step(const FlashBwdParams& p, const ChunkPositions& q_pos, const 
               p.dk_batch_stride % 2 == 0 && p.dk_row_stride % 2 == 0 && p.dk_head_stride % 2 == 0 &&
               p.dv_batch_stride % 2 == 0 && p.dv_row_stride % 2 == 0 && p.dv_head_stride % 2 == 0,
           "dk_accum/dv_accum must be 8-byte aligned with even strides");
+  if (flash_bwd_uses_wgmma(p.head_dim)) {
+    if (p.dtype == DType::kBF16) {
+      launch_flash_bwd_sm90_step<__nv_bfloat16, 128>(p, q_pos, k_pos, stream);
+    } else {
+      launch_flash_bwd_sm90_step<__half, 128>(p, q_pos, k_pos, stream);
+    }
+    return;
+  }
   if (p.dtype == DType::kBF16) {
     p.head_dim == 64 ? launch_flash_bwd_step<__nv_bfloat16, 64>(p, q_pos, k_pos, stream)
                      : launch_flash_bwd_step<__nv_bfloat16, 128>(p, q_pos, k_pos, stream);

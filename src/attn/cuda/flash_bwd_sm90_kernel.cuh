@@ -1,0 +1,412 @@
+// The Hopper (sm_90a) backward step kernel: the same algorithm and contract as flash_bwd_kernel.cuh
+// (one block owns one K/V tile of one kv head, loops over the query heads of its group and all
+// visible query tiles, dK/dV in registers added once into the travelling fp32 accumulators, dQ added
+// to the fp32 dq_accum with vector reductions), with the five GEMMs on wgmma:
+//   per warpgroup w (key rows [64w, 64w + 64) of the 128-row K/V tile), per 64-row query tile:
+//   S^T  = K_w Q^T      (m64 n64,  A = K, B = Q, both K-major from shared memory)
+//   dP^T = V_w dO^T     (m64 n64,  A = V, B = dO, both K-major)
+//   dV_w += P^T dO      (m64 n128, A = P^T from registers, B = dO MN-major)
+//   dK_w += dS^T Q      (m64 n128, A = dS^T from registers, B = Q MN-major)
+//   then dS^T (both warpgroups) goes to shared memory and warpgroup w computes
+//   dQ[:, 64w, 64w + 64) = dS K[:, 64w..]  (m64 n64 k128, A = dS MN-major, B = K MN-major).
+// Tiles are loaded with 16-byte cp.async (zero-filled tails, any strides) straight into the layout
+// the TMA would write with the 128-byte swizzle: column blocks of 64 elements, row r at byte 128 r of
+// its block, 16-byte chunk c stored at chunk c ^ (r % 8), blocks 1024-byte aligned. Q/dO/lse/delta
+// tiles are double-buffered. Each GEMM group is waited for before its results are used; the two
+// warpgroups overlap each other's exp/mask work with their GEMMs.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "attn/cuda/flash_bwd.hpp"
+#include "attn/cuda/flash_bwd_kernel.cuh"
+#include "attn/cuda/flash_fwd_sm90_device.cuh"
+
+namespace ringattn::cuda::bwd90 {
+
+using bwd::cp_async_16;
+using bwd::cp_async_commit;
+using bwd::cp_async_wait_all;
+using bwd::ex2;
+using bwd::pack2;
+using bwd::pos_at;
+using bwd::pos_range;
+using bwd::red_add_v2;
+using bwd::smem_u32;
+using sm90::make_desc_sw128;
+using sm90::Wgmma;
+using sm90::wgmma_commit;
+using sm90::wgmma_fence;
+using sm90::wgmma_wait;
+
+// Makes this thread's generic-proxy shared-memory writes (cp.async, st.shared) visible to wgmma.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void cp_async_16_s(uint32_t smem_dst, const void* gmem_src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_dst), "l"(gmem_src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
+template <int kN>
+__device__ __forceinline__ void fence_regs(float (&d)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void fence_frags(uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[k][i])::"memory");
+}
+
+// m64n64k16 with both operands MN-major (transposed) from shared memory: the dQ = dS K GEMM.
+template <typename Elem>
+struct WgmmaTT64;
+template <>
+struct WgmmaTT64<__nv_bfloat16> {
+  // d (+)= A B, A (m64 x k16, MN-major) and B (k16 x n64, MN-major) from shared memory.
+  __device__ __forceinline__ static void ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  }
+};
+
+template <>
+struct WgmmaTT64<__half> {
+  // d (+)= A B, A (m64 x k16, MN-major) and B (k16 x n64, MN-major) from shared memory.
+  __device__ __forceinline__ static void ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  }
+};
+
+template <typename Elem_, int kHeadDim_>
+struct Sm90BwdTraits {
+  using Elem = Elem_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 64;   // query rows per inner iteration
+  static constexpr int kBlockN = 128;  // key rows per block: 64 per consumer warpgroup
+  static constexpr int kWarpgroups = 2;
+  static constexpr int kThreads = 128 * kWarpgroups;
+  static constexpr int kRowBytes = 128;  // one row of a 64-column block
+  static constexpr int kColBlocks = kHeadDim / 64;
+  static constexpr int kKBlockBytes = kBlockN * kRowBytes;
+  static constexpr int kKBytes = kKBlockBytes * kColBlocks;
+  static constexpr int kQBlockBytes = kBlockM * kRowBytes;
+  static constexpr int kQBytes = kQBlockBytes * kColBlocks;
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kOffK + kKBytes;
+  static constexpr int kOffQ = kOffV + kKBytes;       // two buffers
+  static constexpr int kOffDo = kOffQ + 2 * kQBytes;  // two buffers
+  static constexpr int kOffDs = kOffDo + 2 * kQBytes;  // dS^T: kBlockN key rows x kBlockM (= 64) query columns
+  static constexpr int kOffRow = kOffDs + kBlockN * kRowBytes;  // lse_log2[2][M], delta[2][M] fp32
+  static constexpr int kAlign = 1024;
+  static constexpr int kSmemBytes = kOffRow + 4 * kBlockM * 4 + kAlign;
+  static constexpr int kCoreRowBytes = 8 * kRowBytes;  // 8 rows: one swizzle atom
+  static_assert(kHeadDim == 128, "the wgmma backward covers head_dim 128");
+  static_assert(kBlockM == 64, "dS^T rows are one 64-column block");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
+
+// Copies rows [row0, row0 + kRows) of a (rows, D) strided slab into the swizzled column-block layout
+// at shared address dst; rows >= limit are zero-filled.
+template <int kRows, int kCols, int kThreads, typename Elem>
+__device__ __forceinline__ void load_tile_sw128(uint32_t dst, const Elem* src, int64_t row_stride, int row0,
+                                                int limit) {
+  constexpr int kChunks = kCols / 8;
+  constexpr int kTotal = kRows * kChunks;
+  static_assert(kTotal % kThreads == 0, "tile copy divides evenly");
+#pragma unroll
+  for (int i = 0; i < kTotal / kThreads; ++i) {
+    const int idx = static_cast<int>(threadIdx.x) + i * kThreads;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool valid = row0 + r < limit;
+    const Elem* g = src + static_cast<int64_t>(valid ? row0 + r : 0) * row_stride + c * 8;
+    const uint32_t s = dst + (c / 8) * (kRows * 128) + r * 128 + (((c % 8) ^ (r & 7)) << 4);
+    cp_async_16_s(s, g, valid);
+  }
+}
+
+template <typename Elem, int kHeadDim>
+__global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
+    flash_bwd_sm90_kernel(const FlashBwdParams p, const ChunkPositions q_pos, const ChunkPositions k_pos) {
+#if RINGATTN_SM90A_ENABLED
+  using Tr = Sm90BwdTraits<Elem, kHeadDim>;
+  constexpr int D = kHeadDim, M = Tr::kBlockM, N = Tr::kBlockN;
+  constexpr int kDT = D / 8;  // n8 tiles of a dK / dV row block
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + (Tr::kAlign - 1)) & ~static_cast<uint32_t>(Tr::kAlign - 1);
+  unsigned char* gbase = smem_raw + (base - raw);
+  const uint32_t sK = base + Tr::kOffK;
+  const uint32_t sV = base + Tr::kOffV;
+  const uint32_t sDs = base + Tr::kOffDs;
+  float* sLse = reinterpret_cast<float*>(gbase + Tr::kOffRow);  // [2][M]
+  float* sDelta = sLse + 2 * M;                                 // [2][M]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int wg = warp >> 2, wwarp = warp & 3;
+  const int k_tile = blockIdx.x;
+  const int b = blockIdx.y / p.kv_heads, hkv = blockIdx.y % p.kv_heads;
+  const int group = p.heads / p.kv_heads;
+  const int k0 = k_tile * N;
+  const int k_end = min(k0 + N, p.seq_k);
+  const int num_q_tiles = (p.seq_q + M - 1) / M;
+  const int total_it = group * num_q_tiles;
+  const int64_t pad_rows = flash_bwd_padded_rows(p.seq_q);
+
+  int64_t k_min = 0, k_max = 0;
+  pos_range(k_pos, k0, k_end, k_min, k_max);
+
+  // 0: empty, 1: partial (apply the causal mask), 2: full.
+  auto tile_kind = [&](int qt) -> int {
+    if (!p.causal) return 2;
+    int64_t q_min, q_max;
+    pos_range(q_pos, static_cast<int64_t>(qt) * M, min((qt + 1) * M, p.seq_q), q_min, q_max);
+    if (k_min > q_max) return 0;
+    return k_max <= q_min ? 2 : 1;
+  };
+  auto next_visible = [&](int it) -> int {
+    for (; it < total_it; ++it) {
+      if (tile_kind(it % num_q_tiles) != 0) return it;
+    }
+    return total_it;
+  };
+
+  int it = next_visible(0);
+  if (it >= total_it) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
+
+  const Elem* kg = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
+  const Elem* vg = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hkv * p.v_head_stride;
+  load_tile_sw128<N, D, Tr::kThreads>(sK, kg, p.k_row_stride, k0, p.seq_k);
+  load_tile_sw128<N, D, Tr::kThreads>(sV, vg, p.v_row_stride, k0, p.seq_k);
+
+  auto load_q_side = [&](int iter, int buf) {
+    const int h = hkv * group + iter / num_q_tiles;
+    const int q0 = (iter % num_q_tiles) * M;
+    const Elem* qg = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+    const Elem* dog = static_cast<const Elem*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
+    load_tile_sw128<M, D, Tr::kThreads>(base + Tr::kOffQ + buf * Tr::kQBytes, qg, p.q_row_stride, q0, p.seq_q);
+    load_tile_sw128<M, D, Tr::kThreads>(base + Tr::kOffDo + buf * Tr::kQBytes, dog, p.dout_row_stride, q0, p.seq_q);
+    const int64_t rv = (static_cast<int64_t>(b) * p.heads + h) * pad_rows + q0;
+    if (tid < M / 4) {
+      cp_async_16(sLse + buf * M + tid * 4, p.lse_log2 + rv + tid * 4, true);
+    } else if (tid < M / 2) {
+      const int c = tid - M / 4;
+      cp_async_16(sDelta + buf * M + c * 4, p.delta + rv + c * 4, true);
+    }
+  };
+  load_q_side(it, 0);
+  cp_async_commit();
+
+  float dk[kDT * 4], dv[kDT * 4];
+#pragma unroll
+  for (int i = 0; i < kDT * 4; ++i) dk[i] = dv[i] = 0.f;
+  const int wrow = wg * 64 + wwarp * 16;  // this warp's first key row inside the tile
+  auto mask_pos = [&](int r) -> int64_t {
+    if (k0 + r >= p.seq_k) return INT64_MAX;
+    return p.causal ? pos_at(k_pos, k0 + r) : INT64_MIN;
+  };
+  const int64_t kpos0 = mask_pos(wrow + g);
+  const int64_t kpos1 = mask_pos(wrow + g + 8);
+  const bool k_tail = k_end - k0 < N;
+  const float scale_log2 = p.scale * 1.4426950408889634f;
+  const uint32_t sKw = sK + wg * 64 * Tr::kRowBytes;  // this warpgroup's 64 key rows (K-major A)
+  const uint32_t sVw = sV + wg * 64 * Tr::kRowBytes;
+
+  int buf = 0;
+  while (it < total_it) {
+    const int next = next_visible(it + 1);
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads();  // this buffer landed; the previous iteration's GEMMs are done with sDs and the other buffer
+    if (next < total_it) {
+      load_q_side(next, buf ^ 1);
+      cp_async_commit();
+    }
+    const uint32_t sQ = base + Tr::kOffQ + buf * Tr::kQBytes;
+    const uint32_t sDo = base + Tr::kOffDo + buf * Tr::kQBytes;
+    const float* lse = sLse + buf * M;
+    const float* delta = sDelta + buf * M;
+    const int qt = it % num_q_tiles;
+    const int h = hkv * group + it / num_q_tiles;
+    const int q0 = qt * M;
+
+    // S^T = K_w Q^T and dP^T = V_w dO^T, two groups.
+    float s[32], dp[32];
+    fence_regs(s);
+    fence_regs(dp);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint32_t off = (ks / 4) * Tr::kKBlockBytes + (ks % 4) * 32;
+      const uint32_t offq = (ks / 4) * Tr::kQBlockBytes + (ks % 4) * 32;
+      Wgmma<Elem, 64>::ss(s, make_desc_sw128(sKw + off, 16, Tr::kCoreRowBytes),
+                          make_desc_sw128(sQ + offq, 16, Tr::kCoreRowBytes), ks > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint32_t off = (ks / 4) * Tr::kKBlockBytes + (ks % 4) * 32;
+      const uint32_t offq = (ks / 4) * Tr::kQBlockBytes + (ks % 4) * 32;
+      Wgmma<Elem, 64>::ss(dp, make_desc_sw128(sVw + off, 16, Tr::kCoreRowBytes),
+                          make_desc_sw128(sDo + offq, 16, Tr::kCoreRowBytes), ks > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_regs(s);
+
+    // P^T in place of S^T (element 4j + e: key row wrow + g + 8 (e >> 1), query column 8j + 2t + (e & 1)).
+    const bool partial = k_tail || tile_kind(qt) == 1;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = j * 8 + 2 * t + (e & 1);
+        float pv = ex2(fmaf(s[4 * j + e], scale_log2, -lse[col]));
+        if (partial && ((e >> 1) ? kpos1 : kpos0) > pos_at(q_pos, q0 + col)) pv = 0.f;
+        s[4 * j + e] = pv;
+      }
+    }
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<Elem>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+    }
+    wgmma_wait<0>();
+    fence_regs(dp);
+
+    // dV += P^T dO.
+    fence_regs(dv);
+    fence_frags(pa);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < M / 16; ++kk) {
+      Wgmma<Elem, 128>::rs(dv, pa[kk], make_desc_sw128(sDo + kk * 16 * Tr::kRowBytes, Tr::kQBlockBytes, Tr::kCoreRowBytes),
+                           1);
+    }
+    wgmma_commit();
+
+    // dS^T = P^T (dP^T - delta).
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[4 * j + e] *= dp[4 * j + e] - delta[j * 8 + 2 * t + (e & 1)];
+    }
+    uint32_t dsa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dsa[kk][i] = pack2<Elem>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+    }
+    // dK += dS^T Q.
+    fence_regs(dk);
+    fence_frags(dsa);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < M / 16; ++kk) {
+      Wgmma<Elem, 128>::rs(dk, dsa[kk], make_desc_sw128(sQ + kk * 16 * Tr::kRowBytes, Tr::kQBlockBytes, Tr::kCoreRowBytes),
+                           1);
+    }
+    wgmma_commit();
+    // dS^T -> shared memory (row = key, 64 query columns = one swizzled 128-byte row). dsa[kk][i]:
+    // n8 tile 2kk + (i >> 1), row g + 8 (i & 1).
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = wrow + g + 8 * (i & 1);
+        const int chunk = 2 * kk + (i >> 1);
+        st_shared_u32(sDs + row * Tr::kRowBytes + ((chunk ^ (row & 7)) << 4) + 4 * t, dsa[kk][i]);
+      }
+    }
+    fence_proxy_async();
+    wgmma_wait<0>();
+    fence_regs(dv);
+    fence_regs(dk);
+    fence_frags(pa);
+    fence_frags(dsa);
+    __syncthreads();  // dS^T of both warpgroups stored
+
+    // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..]: A = dS (MN-major view of dS^T), B = K (MN-major).
+    float dq[32];
+    fence_regs(dq);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk) {
+      WgmmaTT64<Elem>::ss(dq, make_desc_sw128(sDs + kk * 16 * Tr::kRowBytes, N * Tr::kRowBytes, Tr::kCoreRowBytes),
+                          make_desc_sw128(sK + wg * Tr::kKBlockBytes + kk * 16 * Tr::kRowBytes, Tr::kKBlockBytes,
+                                          Tr::kCoreRowBytes),
+                          kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(dq);
+    {
+      float* base_q = p.dq_accum + ((static_cast<int64_t>(b) * p.seq_q) * p.heads + h) * D + wg * 64 + 2 * t;
+      const int64_t row_stride = static_cast<int64_t>(p.heads) * D;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = q0 + wwarp * 16 + g + half * 8;
+        if (r < p.seq_q) {
+          float* rowp = base_q + r * row_stride;
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            red_add_v2(rowp + j * 8, dq[4 * j + 2 * half] * p.scale, dq[4 * j + 2 * half + 1] * p.scale);
+        }
+      }
+    }
+    it = next;
+    buf ^= 1;
+  }
+
+  // dK (scaled), dV += into the travelling fp32 accumulators; this block alone owns these rows.
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = k0 + wrow + g + half * 8;
+    if (r < p.seq_k) {
+      float* dkp = p.dk_accum + b * p.dk_batch_stride + static_cast<int64_t>(r) * p.dk_row_stride +
+                   hkv * p.dk_head_stride + 2 * t;
+      float* dvp = p.dv_accum + b * p.dv_batch_stride + static_cast<int64_t>(r) * p.dv_row_stride +
+                   hkv * p.dv_head_stride + 2 * t;
+#pragma unroll
+      for (int j = 0; j < kDT; ++j) {
+        float2 a = *reinterpret_cast<float2*>(dkp + j * 8);
+        a.x += dk[4 * j + 2 * half] * p.scale;
+        a.y += dk[4 * j + 2 * half + 1] * p.scale;
+        *reinterpret_cast<float2*>(dkp + j * 8) = a;
+        float2 c = *reinterpret_cast<float2*>(dvp + j * 8);
+        c.x += dv[4 * j + 2 * half];
+        c.y += dv[4 * j + 2 * half + 1];
+        *reinterpret_cast<float2*>(dvp + j * 8) = c;
+      }
+    }
+  }
+#endif  // RINGATTN_SM90A_ENABLED
+}
+
+}  // namespace ringattn::cuda::bwd90

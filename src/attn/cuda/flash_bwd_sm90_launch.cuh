@@ -1,0 +1,30 @@
+// Launcher of the Hopper (wgmma) backward step kernel; one instantiation per (dtype) translation unit.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "attn/cuda/flash_bwd.hpp"
+#include "attn/cuda/flash_bwd_launch.cuh"
+#include "attn/cuda/flash_bwd_sm90_kernel.cuh"
+
+namespace ringattn::cuda {
+
+template <typename Elem, int kHeadDim>
+void launch_flash_bwd_sm90_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
+                                cudaStream_t stream) {
+  if (params.seq_q == 0 || params.seq_k == 0 || params.batch == 0) return;
+  using Traits = bwd90::Sm90BwdTraits<Elem, kHeadDim>;
+  auto* kernel = &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim>;
+  bwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
+            "cudaFuncSetAttribute(flash_bwd_sm90_kernel)");
+  const dim3 grid((params.seq_k + Traits::kBlockN - 1) / Traits::kBlockN, params.batch * params.kv_heads);
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(params, q_pos, k_pos);
+  bwd_check(cudaGetLastError(), "launch of flash_bwd_sm90_kernel");
+}
+
+}  // namespace ringattn::cuda
+
+#define RINGATTN_INSTANTIATE_FLASH_BWD_SM90(Elem, kHeadDim)                                                    \
+  template void ::ringattn::cuda::launch_flash_bwd_sm90_step<Elem, kHeadDim>(const FlashBwdParams&,             \
+                                                                             const ChunkPositions&,             \
+                                                                             const ChunkPositions&, cudaStream_t);
