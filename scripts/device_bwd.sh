@@ -29,7 +29,12 @@ echo "build rc=$rc in $(( $(date +%s) - T0 )) s"
 
 echo "## GPU backward tests, wgmma (default)"
 timeout "$(tmo 90 200)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*:FlashBwdAccumulate.*' 2>&1 | tee "$OUT/tests_wgmma.log" |
-  grep -E "d128.*gpu err|^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -60
+  grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -20
+grep -E "d128.*\(wgmma\)" "$OUT/tests_wgmma.log" | head -3
+
+echo "## GPU backward tests, wgmma with dQ on mma.sync (RINGATTN_BWD_DQ=mma), head_dim 128"
+RINGATTN_BWD_DQ=mma timeout "$(tmo 60 180)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*d128*' 2>&1 | tee "$OUT/tests_dqmma.log" |
+  grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -20
 
 echo "## compute-sanitizer memcheck (wgmma path)"
 timeout "$(tmo 60 180)" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" --gtest_filter="$NEW" \
@@ -37,18 +42,20 @@ timeout "$(tmo 60 180)" compute-sanitizer --tool memcheck --error-exitcode 9 "$B
 echo "memcheck rc=$?" | tee -a "$OUT/sanitizer.log"
 grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" "$OUT/sanitizer.log" | head -8
 
-bench() {  # kernel, extra flags
-  echo "### ringattn bench --backward $2, RINGATTN_BWD_KERNEL=$1"
-  local run=(env RINGATTN_BWD_KERNEL="$1")
-  command -v mpirun >/dev/null && run=(mpirun --allow-run-as-root -np 1 -x RINGATTN_BWD_KERNEL="$1")
+bench() {  # label, RINGATTN_BWD_KERNEL, RINGATTN_BWD_DQ, extra flags
+  echo "### ringattn bench --backward ${4:-nc}, $1 (RINGATTN_BWD_KERNEL=$2 RINGATTN_BWD_DQ=$3)"
+  local run=(env RINGATTN_BWD_KERNEL="$2" RINGATTN_BWD_DQ="$3")
+  command -v mpirun >/dev/null && run=(mpirun --allow-run-as-root -np 1 -x RINGATTN_BWD_KERNEL="$2" -x RINGATTN_BWD_DQ="$3")
   timeout "$(tmo 45 60)" "${run[@]}" "$BIN/ringattn" bench -b 16K -e 64K -f 4 --layout contiguous -c 0 --dtype bf16 \
-    --heads 32 --head-dim 128 -n 3 -w 1 --backward $2 2>&1 | tee -a "$OUT/bench.log" | grep -vE "^#  |^# (sweep|ring eff|backend)" | tail -6
+    --heads 32 --head-dim 128 -n 3 -w 1 --backward ${4:-} 2>&1 | tee -a "$OUT/bench.log" | grep -vE "^#  |^# (sweep|ring eff|backend)" | tail -4
 }
 echo "## fwd+bwd bench (official number)"
-bench wgmma ""
-bench wgmma --causal
-bench mma ""
-bench mma --causal
+bench wgmma wgmma wgmma ""
+bench wgmma wgmma wgmma --causal
+bench wgmma_dqmma wgmma mma ""
+bench wgmma_dqmma wgmma mma --causal
+bench mma mma wgmma ""
+bench mma mma wgmma --causal
 
 echo "## torch SDPA peers (same call)"
 PEER_SEQS=16384,65536 timeout "$(tmo 100 55)" python3 tests/bench/peers/torch_sdpa.py 2>&1 | grep -v efficient | tee "$OUT/torch.txt"
@@ -62,14 +69,14 @@ timeout "$(tmo 40 3)" "$BIN/ringattn_gpu_tests" --gtest_filter='RingGpuBackward*
   grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -10
 
 echo "## summary ($(( $(date +%s) - T0 )) s)"
-for f in tests_wgmma tests_mma ring; do echo "$f: $(grep -hE "^\[  (PASSED|FAILED) " "$OUT/$f.log" 2>/dev/null | tr '\n' ' ')"; done
+for f in tests_wgmma tests_dqmma tests_mma ring; do echo "$f: $(grep -hE "^\[  (PASSED|FAILED) " "$OUT/$f.log" 2>/dev/null | tr '\n' ' ')"; done
 grep -h "rc=" "$OUT/sanitizer.log"
 python3 - "$OUT/bench.log" "$OUT/torch.txt" <<'PY'
 import sys, json, re
 rows = {}
 kern = None; causal = None
 for line in open(sys.argv[1], errors="replace"):
-    m = re.match(r"### ringattn bench --backward (\S*), RINGATTN_BWD_KERNEL=(\w+)", line)
+    m = re.match(r"### ringattn bench --backward (\S*), (\w+) ", line)
     if m: causal = m.group(1) == "--causal"; kern = m.group(2); continue
     f = line.split()
     if kern and len(f) > 4 and f[0].isdigit():
@@ -79,8 +86,8 @@ for line in open(sys.argv[2], errors="replace"):
     except Exception: continue
     if "fwdbwd_tflops" in r and "gqa" not in r:
         rows[(r["S"], r["causal"], "torch_" + r["backend"])] = f'{r["fwdbwd_tflops"]:.1f}'
-print("fwd+bwd TFLOP/s | S | causal | wgmma | mma | torch flash | torch cudnn")
+print("fwd+bwd TFLOP/s | S | causal | wgmma | wgmma_dqmma | mma | torch flash | torch cudnn")
 for S in (16384, 65536):
     for c in (False, True):
-        print(f"| {S} | {int(c)} | " + " | ".join(rows.get((S, c, k), "-") for k in ("wgmma", "mma", "torch_flash", "torch_cudnn")) + " |")
+        print(f"| {S} | {int(c)} | " + " | ".join(rows.get((S, c, k), "-") for k in ("wgmma", "wgmma_dqmma", "mma", "torch_flash", "torch_cudnn")) + " |")
 PY

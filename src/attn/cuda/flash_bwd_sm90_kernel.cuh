@@ -149,7 +149,8 @@ __device__ __forceinline__ void load_tile_sw128(uint32_t dst, const Elem* src, i
   }
 }
 
-template <typename Elem, int kHeadDim>
+// kDqMma: the dQ GEMM on mma.sync instead of wgmma (a fallback variant, RINGATTN_BWD_DQ=mma).
+template <typename Elem, int kHeadDim, bool kDqMma>
 __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     flash_bwd_sm90_kernel(const FlashBwdParams p, const ChunkPositions q_pos, const ChunkPositions k_pos) {
 #if RINGATTN_SM90A_ENABLED
@@ -352,20 +353,49 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     fence_frags(dsa);
     __syncthreads();  // dS^T of both warpgroups stored
 
-    // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..]: A = dS (MN-major view of dS^T), B = K (MN-major).
+    // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..]. Warp (wg, wwarp) holds query rows 16 wwarp + g (+8),
+    // columns 64 wg + 8j + 2t (+1) in dq[4j..4j+3] with either instruction.
     float dq[32];
-    fence_regs(dq);
-    wgmma_fence();
+    if constexpr (!kDqMma) {
+      // wgmma: A = dS (MN-major view of dS^T), B = K (MN-major).
+      fence_regs(dq);
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk) {
-      WgmmaTT64<Elem>::ss(dq, make_desc_sw128(sDs + kk * 16 * Tr::kRowBytes, N * Tr::kRowBytes, Tr::kCoreRowBytes),
-                          make_desc_sw128(sK + wg * Tr::kKBlockBytes + kk * 16 * Tr::kRowBytes, Tr::kKBlockBytes,
-                                          Tr::kCoreRowBytes),
-                          kk > 0 ? 1 : 0);
+      for (int kk = 0; kk < N / 16; ++kk) {
+        WgmmaTT64<Elem>::ss(dq, make_desc_sw128(sDs + kk * 16 * Tr::kRowBytes, N * Tr::kRowBytes, Tr::kCoreRowBytes),
+                            make_desc_sw128(sK + wg * Tr::kKBlockBytes + kk * 16 * Tr::kRowBytes, Tr::kKBlockBytes,
+                                            Tr::kCoreRowBytes),
+                            kk > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(dq);
+    } else {
+      // mma.sync m16n8k16: A = dS via ldmatrix.trans of dS^T, B = K via ldmatrix.trans (both swizzled tiles).
+#pragma unroll
+      for (int i = 0; i < 32; ++i) dq[i] = 0.f;
+      const int i4 = lane >> 3;
+#pragma unroll
+      for (int kk = 0; kk < N / 16; ++kk) {
+        uint32_t a[4];
+        {
+          const int row = kk * 16 + (i4 >> 1) * 8 + (lane & 7);
+          const int chunk = wwarp * 2 + (i4 & 1);  // query columns 16 wwarp + 8 (i4 & 1)
+          bwd::ldsm_x4_t(a, sDs + row * Tr::kRowBytes + ((chunk ^ (row & 7)) << 4));
+        }
+#pragma unroll
+        for (int nn = 0; nn < 4; ++nn) {
+          uint32_t bb[4];
+          const int row = kk * 16 + (i4 & 1) * 8 + (lane & 7);
+          const int chunk = nn * 2 + (i4 >> 1);  // columns 64 wg + 16 nn + 8 (i4 >> 1)
+          bwd::ldsm_x4_t(bb, sK + wg * Tr::kKBlockBytes + row * Tr::kRowBytes + ((chunk ^ (row & 7)) << 4));
+          float(&d0)[4] = *reinterpret_cast<float(*)[4]>(&dq[4 * (2 * nn)]);
+          float(&d1)[4] = *reinterpret_cast<float(*)[4]>(&dq[4 * (2 * nn + 1)]);
+          bwd::mma16816<Elem>(d0, a, bb[0], bb[1]);
+          bwd::mma16816<Elem>(d1, a, bb[2], bb[3]);
+        }
+      }
     }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(dq);
     {
       float* base_q = p.dq_accum + ((static_cast<int64_t>(b) * p.seq_q) * p.heads + h) * D + wg * 64 + 2 * t;
       const int64_t row_stride = static_cast<int64_t>(p.heads) * D;

@@ -3,6 +3,9 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "attn/cuda/flash_bwd.hpp"
 #include "attn/cuda/flash_bwd_launch.cuh"
 #include "attn/cuda/flash_bwd_sm90_kernel.cuh"
@@ -14,7 +17,9 @@ void launch_flash_bwd_sm90_step(const FlashBwdParams& params, const ChunkPositio
                                 cudaStream_t stream) {
   if (params.seq_q == 0 || params.seq_k == 0 || params.batch == 0) return;
   using Traits = bwd90::Sm90BwdTraits<Elem, kHeadDim>;
-  auto* kernel = &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim>;
+  const char* dq = std::getenv("RINGATTN_BWD_DQ");  // "mma": dQ = dS K on mma.sync (fallback variant)
+  auto* kernel = dq && std::strcmp(dq, "mma") == 0 ? &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, true>
+                                                   : &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, false>;
   bwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
             "cudaFuncSetAttribute(flash_bwd_sm90_kernel)");
   const dim3 grid((params.seq_k + Traits::kBlockN - 1) / Traits::kBlockN, params.batch * params.kv_heads);
