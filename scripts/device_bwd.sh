@@ -32,30 +32,36 @@ timeout "$(tmo 90 200)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*:Fla
   grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -20
 grep -E "d128.*\(wgmma\)" "$OUT/tests_wgmma.log" | head -3
 
-echo "## GPU backward tests, wgmma with dQ on mma.sync (RINGATTN_BWD_DQ=mma), head_dim 128"
-RINGATTN_BWD_DQ=mma timeout "$(tmo 60 180)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*d128*' 2>&1 | tee "$OUT/tests_dqmma.log" |
-  grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -20
+for v in 1 2; do
+  echo "## GPU backward tests, wgmma kernel variant $v (1: dQ on mma.sync, 2: dQ by bulk reductions), head_dim 128"
+  RINGATTN_BWD_SM90_VARIANT=$v timeout "$(tmo 45 180)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*d128*' 2>&1 |
+    tee "$OUT/tests_v$v.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -12
+done
 
 echo "## compute-sanitizer memcheck (wgmma path)"
 timeout "$(tmo 60 180)" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" --gtest_filter="$NEW" \
   >"$OUT/sanitizer.log" 2>&1
 echo "memcheck rc=$?" | tee -a "$OUT/sanitizer.log"
+RINGATTN_BWD_SM90_VARIANT=2 timeout "$(tmo 40 170)" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" \
+  --gtest_filter="${NEW%%:*}" >"$OUT/sanitizer_v2.log" 2>&1
+echo "memcheck variant 2 rc=$?" | tee -a "$OUT/sanitizer.log"
 grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" "$OUT/sanitizer.log" | head -8
 
-bench() {  # label, RINGATTN_BWD_KERNEL, RINGATTN_BWD_DQ, extra flags
-  echo "### ringattn bench --backward ${4:-nc}, $1 (RINGATTN_BWD_KERNEL=$2 RINGATTN_BWD_DQ=$3)"
-  local run=(env RINGATTN_BWD_KERNEL="$2" RINGATTN_BWD_DQ="$3")
-  command -v mpirun >/dev/null && run=(mpirun --allow-run-as-root -np 1 -x RINGATTN_BWD_KERNEL="$2" -x RINGATTN_BWD_DQ="$3")
+bench() {  # label, RINGATTN_BWD_KERNEL, RINGATTN_BWD_SM90_VARIANT, extra flags
+  echo "### ringattn bench --backward ${4:-nc}, $1 (RINGATTN_BWD_KERNEL=$2 RINGATTN_BWD_SM90_VARIANT=$3)"
+  local run=(env RINGATTN_BWD_KERNEL="$2" RINGATTN_BWD_SM90_VARIANT="$3")
+  command -v mpirun >/dev/null && run=(mpirun --allow-run-as-root -np 1 -x RINGATTN_BWD_KERNEL="$2" -x RINGATTN_BWD_SM90_VARIANT="$3")
   timeout "$(tmo 45 60)" "${run[@]}" "$BIN/ringattn" bench -b 16K -e 64K -f 4 --layout contiguous -c 0 --dtype bf16 \
     --heads 32 --head-dim 128 -n 3 -w 1 --backward ${4:-} 2>&1 | tee -a "$OUT/bench.log" | grep -vE "^#  |^# (sweep|ring eff|backend)" | tail -4
 }
+passed() { grep -q "^\[  PASSED" "$OUT/$1.log" 2>/dev/null && ! grep -q "^\[  FAILED" "$OUT/$1.log"; }
 echo "## fwd+bwd bench (official number)"
-bench wgmma wgmma wgmma ""
-bench wgmma wgmma wgmma --causal
-bench wgmma_dqmma wgmma mma ""
-bench wgmma_dqmma wgmma mma --causal
-bench mma mma wgmma ""
-bench mma mma wgmma --causal
+bench wgmma wgmma 0 ""
+bench wgmma wgmma 0 --causal
+if passed tests_v2; then bench wgmma_v2 wgmma 2 ""; bench wgmma_v2 wgmma 2 --causal; fi
+if ! passed tests_wgmma && passed tests_v1; then bench wgmma_v1 wgmma 1 ""; bench wgmma_v1 wgmma 1 --causal; fi
+bench mma mma 0 ""
+bench mma mma 0 --causal
 
 echo "## torch SDPA peers (same call)"
 PEER_SEQS=16384,65536 timeout "$(tmo 100 55)" python3 tests/bench/peers/torch_sdpa.py 2>&1 | grep -v efficient | tee "$OUT/torch.txt"
@@ -69,7 +75,7 @@ timeout "$(tmo 40 3)" "$BIN/ringattn_gpu_tests" --gtest_filter='RingGpuBackward*
   grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -10
 
 echo "## summary ($(( $(date +%s) - T0 )) s)"
-for f in tests_wgmma tests_dqmma tests_mma ring; do echo "$f: $(grep -hE "^\[  (PASSED|FAILED) " "$OUT/$f.log" 2>/dev/null | tr '\n' ' ')"; done
+for f in tests_wgmma tests_v1 tests_v2 tests_mma ring; do echo "$f: $(grep -hE "^\[  (PASSED|FAILED) " "$OUT/$f.log" 2>/dev/null | tr '\n' ' ')"; done
 grep -h "rc=" "$OUT/sanitizer.log"
 python3 - "$OUT/bench.log" "$OUT/torch.txt" <<'PY'
 import sys, json, re
@@ -86,8 +92,8 @@ for line in open(sys.argv[2], errors="replace"):
     except Exception: continue
     if "fwdbwd_tflops" in r and "gqa" not in r:
         rows[(r["S"], r["causal"], "torch_" + r["backend"])] = f'{r["fwdbwd_tflops"]:.1f}'
-print("fwd+bwd TFLOP/s | S | causal | wgmma | wgmma_dqmma | mma | torch flash | torch cudnn")
+print("fwd+bwd TFLOP/s | S | causal | wgmma | wgmma_v2 | wgmma_v1 | mma | torch flash | torch cudnn")
 for S in (16384, 65536):
     for c in (False, True):
-        print(f"| {S} | {int(c)} | " + " | ".join(rows.get((S, c, k), "-") for k in ("wgmma", "wgmma_dqmma", "mma", "torch_flash", "torch_cudnn")) + " |")
+        print(f"| {S} | {int(c)} | " + " | ".join(rows.get((S, c, k), "-") for k in ("wgmma", "wgmma_v2", "wgmma_v1", "mma", "torch_flash", "torch_cudnn")) + " |")
 PY

@@ -53,6 +53,19 @@ __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
 
+// Bulk (non-tensor) reduction of `bytes` fp32 from shared to global memory: *dst += *src elementwise.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 template <int kN>
 __device__ __forceinline__ void fence_regs(float (&d)[kN]) {
 #pragma unroll
@@ -122,8 +135,10 @@ struct Sm90BwdTraits {
   static constexpr int kOffDo = kOffQ + 2 * kQBytes;  // two buffers
   static constexpr int kOffDs = kOffDo + 2 * kQBytes;  // dS^T: kBlockN key rows x kBlockM (= 64) query columns
   static constexpr int kOffRow = kOffDs + kBlockN * kRowBytes;  // lse_log2[2][M], delta[2][M] fp32
+  static constexpr int kOffDq = kOffRow + 4 * kBlockM * 4;  // fp32 dQ staging (variant 2), padded rows
+  static constexpr int kDqRowBytes = kHeadDim * 4 + 16;
   static constexpr int kAlign = 1024;
-  static constexpr int kSmemBytes = kOffRow + 4 * kBlockM * 4 + kAlign;
+  static constexpr int kSmemBytes = kOffDq + kBlockM * kDqRowBytes + kAlign;
   static constexpr int kCoreRowBytes = 8 * kRowBytes;  // 8 rows: one swizzle atom
   static_assert(kHeadDim == 128, "the wgmma backward covers head_dim 128");
   static_assert(kBlockM == 64, "dS^T rows are one 64-column block");
@@ -149,8 +164,10 @@ __device__ __forceinline__ void load_tile_sw128(uint32_t dst, const Elem* src, i
   }
 }
 
-// kDqMma: the dQ GEMM on mma.sync instead of wgmma (a fallback variant, RINGATTN_BWD_DQ=mma).
-template <typename Elem, int kHeadDim, bool kDqMma>
+// kVariant (RINGATTN_BWD_SM90_VARIANT): 0 dQ = dS K on wgmma, added to dq_accum with red.global.add.v2;
+// 1 the dQ GEMM on mma.sync instead (fallback); 2 as 0, dQ staged in shared memory and added with one
+// bulk reduction (cp.reduce.async.bulk) per row.
+template <typename Elem, int kHeadDim, int kVariant>
 __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     flash_bwd_sm90_kernel(const FlashBwdParams p, const ChunkPositions q_pos, const ChunkPositions k_pos) {
 #if RINGATTN_SM90A_ENABLED
@@ -166,6 +183,8 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
   const uint32_t sDs = base + Tr::kOffDs;
   float* sLse = reinterpret_cast<float*>(gbase + Tr::kOffRow);  // [2][M]
   float* sDelta = sLse + 2 * M;                                 // [2][M]
+  float* sDq = reinterpret_cast<float*>(gbase + Tr::kOffDq);    // [M][kDqRowBytes / 4] (variant 2)
+  const uint32_t sDqS = base + Tr::kOffDq;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -356,7 +375,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..]. Warp (wg, wwarp) holds query rows 16 wwarp + g (+8),
     // columns 64 wg + 8j + 2t (+1) in dq[4j..4j+3] with either instruction.
     float dq[32];
-    if constexpr (!kDqMma) {
+    if constexpr (kVariant != 1) {
       // wgmma: A = dS (MN-major view of dS^T), B = K (MN-major).
       fence_regs(dq);
       wgmma_fence();
@@ -396,23 +415,47 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
         }
       }
     }
-    {
-      float* base_q = p.dq_accum + ((static_cast<int64_t>(b) * p.seq_q) * p.heads + h) * D + wg * 64 + 2 * t;
-      const int64_t row_stride = static_cast<int64_t>(p.heads) * D;
+    float* dq_rows = p.dq_accum + ((static_cast<int64_t>(b) * p.seq_q) * p.heads + h) * D + wg * 64;
+    const int64_t dq_row_stride = static_cast<int64_t>(p.heads) * D;
+    if constexpr (kVariant != 2) {
+      // Vector reductions straight from registers.
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int r = q0 + wwarp * 16 + g + half * 8;
         if (r < p.seq_q) {
-          float* rowp = base_q + r * row_stride;
+          float* rowp = dq_rows + r * dq_row_stride + 2 * t;
 #pragma unroll
           for (int j = 0; j < 8; ++j)
             red_add_v2(rowp + j * 8, dq[4 * j + 2 * half] * p.scale, dq[4 * j + 2 * half + 1] * p.scale);
         }
       }
+    } else {
+      // Staged in shared memory (this warpgroup's 64 columns of each row), then one bulk reduction
+      // (cp.reduce.async.bulk .add.f32, 256 bytes) per query row, issued by threads 0..63 of the warpgroup.
+      const int tw = tid & 127;
+      if (tw < M) bulk_wait_read();  // the previous tile's reductions have read the staging rows
+      named_barrier_sync(1 + wg, 128);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = wwarp * 16 + g + half * 8;
+        float* dst = sDq + row * (Tr::kDqRowBytes / 4) + wg * 64 + 2 * t;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          *reinterpret_cast<float2*>(dst + j * 8) =
+              make_float2(dq[4 * j + 2 * half] * p.scale, dq[4 * j + 2 * half + 1] * p.scale);
+      }
+      fence_proxy_async();
+      named_barrier_sync(1 + wg, 128);
+      if (tw < M && q0 + tw < p.seq_q) {
+        bulk_reduce_add_f32(dq_rows + (q0 + tw) * dq_row_stride, sDqS + tw * Tr::kDqRowBytes + wg * 256, 256);
+        bulk_commit();
+      }
     }
     it = next;
     buf ^= 1;
   }
+
+  if constexpr (kVariant == 2) bulk_wait_all();  // the staging rows stay valid until the reductions are done
 
   // dK (scaled), dV += into the travelling fp32 accumulators; this block alone owns these rows.
 #pragma unroll

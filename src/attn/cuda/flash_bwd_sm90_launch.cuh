@@ -4,7 +4,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
-#include <cstring>
 
 #include "attn/cuda/flash_bwd.hpp"
 #include "attn/cuda/flash_bwd_launch.cuh"
@@ -17,9 +16,12 @@ void launch_flash_bwd_sm90_step(const FlashBwdParams& params, const ChunkPositio
                                 cudaStream_t stream) {
   if (params.seq_q == 0 || params.seq_k == 0 || params.batch == 0) return;
   using Traits = bwd90::Sm90BwdTraits<Elem, kHeadDim>;
-  const char* dq = std::getenv("RINGATTN_BWD_DQ");  // "mma": dQ = dS K on mma.sync (fallback variant)
-  auto* kernel = dq && std::strcmp(dq, "mma") == 0 ? &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, true>
-                                                   : &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, false>;
+  // RINGATTN_BWD_SM90_VARIANT: 0 (default) wgmma dQ + red.global; 1 mma.sync dQ; 2 wgmma dQ + bulk reductions.
+  const char* v = std::getenv("RINGATTN_BWD_SM90_VARIANT");
+  const int variant = v ? std::atoi(v) : 0;
+  auto* kernel = variant == 1   ? &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, 1>
+                 : variant == 2 ? &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, 2>
+                                : &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, 0>;
   bwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
             "cudaFuncSetAttribute(flash_bwd_sm90_kernel)");
   const dim3 grid((params.seq_k + Traits::kBlockN - 1) / Traits::kBlockN, params.batch * params.kv_heads);
