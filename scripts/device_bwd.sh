@@ -48,7 +48,7 @@ echo "memcheck variant 2 rc=$?" | tee -a "$OUT/sanitizer.log"
 grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" "$OUT/sanitizer.log" | head -8
 
 bench() {  # label, RINGATTN_BWD_KERNEL, RINGATTN_BWD_SM90_VARIANT, extra flags
-  echo "### ringattn bench --backward ${4:-nc}, $1 (RINGATTN_BWD_KERNEL=$2 RINGATTN_BWD_SM90_VARIANT=$3)"
+  echo "### ringattn bench --backward ${4:-nc}, $1 (RINGATTN_BWD_KERNEL=$2 RINGATTN_BWD_SM90_VARIANT=$3)" | tee -a "$OUT/bench.log"
   local run=(env RINGATTN_BWD_KERNEL="$2" RINGATTN_BWD_SM90_VARIANT="$3")
   command -v mpirun >/dev/null && run=(mpirun --allow-run-as-root -np 1 -x RINGATTN_BWD_KERNEL="$2" -x RINGATTN_BWD_SM90_VARIANT="$3")
   timeout "$(tmo 45 60)" "${run[@]}" "$BIN/ringattn" bench -b 16K -e 64K -f 4 --layout contiguous -c 0 --dtype bf16 \
