@@ -29,6 +29,12 @@ class Transport {
     const SendPart part{send, bytes};
     start_exchange_parts(&part, 1, recv, hop);
   }
+  // Device transports: marks, on the compute stream, the point after which the exchange of hop
+  // `hop` may start (all work enqueued so far). The caller may then enqueue compute and post the
+  // exchange afterwards without the exchange waiting for that compute, so the host's posting
+  // latency never idles the GPU. Without a fence, start_exchange orders after everything enqueued.
+  // Host transports ignore it.
+  virtual void fence(int hop) { (void)hop; }
   // Completes the exchange of hop `hop`. Host transports block (with the timeout); device
   // transports make the compute stream wait for it. Throws ringattn::Error naming the hop and
   // peer on timeout or communicator failure.

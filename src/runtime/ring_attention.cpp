@@ -95,15 +95,24 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
   stats_.hops.resize(p);
   // Hop 0 sends the caller's K and V as the two parts of one message and computes on them in
   // place: no copy into the travelling buffers. Later hops forward buffer (s % 2) whole.
+  // On an asynchronous backend the exchange is fenced before the compute is enqueued and posted
+  // after it, so the host's posting latency overlaps GPU work; a synchronous backend posts first.
+  const bool post_after_launch = backend_->stream() != nullptr;
   const SendPart own_kv[2] = {{k.data, kv_bytes_ / 2}, {v.data, kv_bytes_ / 2}};
   for (int s = 0; s < p; ++s) {
     void* cur = buffers_[s % 2];
-    if (s + 1 < p) {
+    const bool exchange = s + 1 < p;
+    auto post = [&] {
       if (s == 0) {
         transport_->start_exchange_parts(own_kv, 2, buffers_[1], s);
       } else {
         transport_->start_exchange(cur, buffers_[(s + 1) % 2], kv_bytes_, s);
       }
+    };
+    if (exchange && post_after_launch) {
+      transport_->fence(s);
+    } else if (exchange) {
+      post();
     }
     const int src = source_of(r, s, p);
     const ChunkPositions k_pos = chunk_positions(spec_.layout, spec_.seq_len, src, p);
@@ -114,7 +123,8 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
                              s == 0 ? v : chunk_view(cur, kv_bytes_ / 2, spec_.dtype, dev, B, S, Hkv, D), k_pos);
     }
     marks[s].computed = backend_->mark();
-    if (s + 1 < p) transport_->wait(s);
+    if (exchange && post_after_launch) post();
+    if (exchange) transport_->wait(s);
     marks[s].arrived = backend_->mark();
     stats_.hops[s].hop = s;
     stats_.hops[s].source_rank = src;
@@ -162,6 +172,7 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   backend_->reset_marks();
   const int start_mark = backend_->mark();
   backend_->backward_begin(q, out, dout, lse, q_pos_);
+  const bool post_after_launch = backend_->stream() != nullptr;  // as in forward()
   const SendPart own_kv[2] = {{k.data, kv_bytes_ / 2}, {v.data, kv_bytes_ / 2}};
 
   std::vector<HopMarks> marks(p);
@@ -178,13 +189,20 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
         backend_->accumulate(gview(cur, kv_bytes_), gview(local_grad_, 0));
       }
     }
-    const bool send_kv = s + 1 < p, send_grad = s >= 1;
-    if (s == 0 && send_kv) {  // hop 0: the caller's K and V, sent in place
-      transport_->start_exchange_parts(own_kv, 2, nxt, s);
-    } else if (send_kv || send_grad) {
-      const std::size_t offset = send_kv ? 0 : kv_bytes_;
-      const std::size_t bytes = (send_kv ? kv_bytes_ : 0) + (send_grad ? grad_bytes_ : 0);
-      transport_->start_exchange(static_cast<char*>(cur) + offset, static_cast<char*>(nxt) + offset, bytes, s);
+    const bool send_kv = s + 1 < p, send_grad = s >= 1, exchange = send_kv || send_grad;
+    auto post = [&] {
+      if (s == 0) {  // hop 0: the caller's K and V, sent in place
+        transport_->start_exchange_parts(own_kv, 2, nxt, s);
+      } else {
+        const std::size_t offset = send_kv ? 0 : kv_bytes_;
+        const std::size_t bytes = (send_kv ? kv_bytes_ : 0) + (send_grad ? grad_bytes_ : 0);
+        transport_->start_exchange(static_cast<char*>(cur) + offset, static_cast<char*>(nxt) + offset, bytes, s);
+      }
+    };
+    if (exchange && post_after_launch) {
+      transport_->fence(s);
+    } else if (exchange) {
+      post();
     }
     const int src = source_of(r, s, p);
     const ChunkPositions k_pos = chunk_positions(spec_.layout, spec_.seq_len, src, p);
@@ -196,7 +214,8 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
                               dv_of(local_grad_, 0));
     }
     marks[s].computed = backend_->mark();
-    if (send_kv || send_grad) transport_->wait(s);
+    if (exchange && post_after_launch) post();
+    if (exchange) transport_->wait(s);
     marks[s].arrived = backend_->mark();
     stats_.hops[s] = HopStats{s, src, skip, 0.0, 0.0};
     if (hop_cb_) hop_cb_(s, p, hop_user_);

@@ -74,7 +74,10 @@ NcclTransport::NcclTransport(MPI_Comm comm, int device, cudaStream_t compute_str
   // A pass posts at most `world` exchanges (backward: world, dK/dV travel home); keep two
   // passes' worth so a slot is never reused while it can still be pending.
   slots_.resize(static_cast<std::size_t>(2 * world_ + 2));
-  for (Slot& s : slots_) check_cuda(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "cudaEventCreate");
+  for (Slot& s : slots_) {
+    check_cuda(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "cudaEventCreate");
+    check_cuda(cudaEventCreateWithFlags(&s.fence, cudaEventDisableTiming), "cudaEventCreate");
+  }
 
   ncclUniqueId id;
   std::memset(&id, 0, sizeof(id));
@@ -148,6 +151,7 @@ NcclTransport::~NcclTransport() {
   }
   for (Slot& s : slots_) {
     if (s.done) cudaEventDestroy(s.done);
+    if (s.fence) cudaEventDestroy(s.fence);
   }
   if (ready_) cudaEventDestroy(ready_);
   if (comm_stream_) cudaStreamDestroy(comm_stream_);
@@ -233,9 +237,15 @@ void NcclTransport::start_exchange_parts(const SendPart* parts, int num_parts, v
     }
     slot.pending = false;
   }
-  // Sends must see finished data; receives must not overwrite a buffer that compute still reads.
-  check_cuda(cudaEventRecord(ready_, compute_stream_), "cudaEventRecord (compute -> comm)");
-  check_cuda(cudaStreamWaitEvent(comm_stream_, ready_, 0), "cudaStreamWaitEvent (comm waits for compute)");
+  // Sends must see finished data; receives must not overwrite a buffer that compute still reads:
+  // the comm stream waits for the compute stream up to this hop's fence (or up to now).
+  if (slot.fence_hop == hop) {
+    check_cuda(cudaStreamWaitEvent(comm_stream_, slot.fence, 0), "cudaStreamWaitEvent (comm waits for fence)");
+    slot.fence_hop = -1;
+  } else {
+    check_cuda(cudaEventRecord(ready_, compute_stream_), "cudaEventRecord (compute -> comm)");
+    check_cuda(cudaStreamWaitEvent(comm_stream_, ready_, 0), "cudaStreamWaitEvent (comm waits for compute)");
+  }
   // Byte counts with ncclInt8: counts are elements of the datatype, here bytes.
   // Several sends to one peer inside a group are matched in order, so part i lands at its offset.
   ncclResult_t r = ncclGroupStart();
@@ -266,6 +276,16 @@ void NcclTransport::start_exchange_parts(const SendPart* parts, int num_parts, v
   slot.posted = Clock::now();
   lock.unlock();
   cv_.notify_all();
+}
+
+void NcclTransport::fence(int hop) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (failed_.load()) throw Error(ErrorKind::kComm, failure_);
+  Slot& slot = slot_for(hop);
+  // Re-recording is safe even while an older hop of this slot is pending: its comm-stream wait
+  // captured the event when it was posted.
+  check_cuda(cudaEventRecord(slot.fence, compute_stream_), "cudaEventRecord (fence)");
+  slot.fence_hop = hop;
 }
 
 void NcclTransport::wait(int hop) {

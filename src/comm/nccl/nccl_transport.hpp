@@ -43,6 +43,7 @@ class NcclTransport final : public Transport {
   int rank() const override { return rank_; }
   int world() const override { return world_; }
   void start_exchange_parts(const SendPart* parts, int num_parts, void* recv, int hop) override;
+  void fence(int hop) override;
   // hop >= 0: the compute stream waits (on the device) for that hop's exchange.
   // hop < 0: the host waits, with the timeout, until every posted exchange has completed.
   void wait(int hop) override;
@@ -59,6 +60,8 @@ class NcclTransport final : public Transport {
   using Clock = std::chrono::steady_clock;
   struct Slot {
     cudaEvent_t done = nullptr;
+    cudaEvent_t fence = nullptr;  // recorded on the compute stream by fence(hop)
+    int fence_hop = -1;           // the hop whose fence is recorded, -1 when none
     int hop = -1;
     bool pending = false;
     Clock::time_point posted;
