@@ -10,8 +10,6 @@
 
 namespace ringattn {
 
-inline constexpr double kDefaultTimeoutMs = 300000.0;  // 5 minutes per wait
-
 struct SessionOptions {
   std::string backend = "auto";  // auto | cpu | cuda
   double timeout_ms = kDefaultTimeoutMs;

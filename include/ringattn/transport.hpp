@@ -7,6 +7,8 @@
 
 namespace ringattn {
 
+inline constexpr double kDefaultTimeoutMs = 300000.0;  // 5 minutes per wait
+
 // One piece of a message: the pieces of a send are concatenated into one receive buffer.
 struct SendPart {
   const void* data = nullptr;
@@ -47,5 +49,17 @@ class Transport {
 
 // A transport for one process (world 1): exchanges never happen.
 std::unique_ptr<Transport> make_local_transport();
+
+// ---- embedding in a host program (a training stack) that owns its communicators and streams ----
+// A GPU ring over the host program's NCCL communicator (`nccl_comm`, an ncclComm_t): rank and ring
+// size come from it, exchanges run on a stream of ringattn's own, ordered by events against
+// `compute_stream` (a cudaStream_t: the one passed to make_cuda_backend). ringattn never finalizes
+// or destroys the communicator, but aborts it when a hop outlives `timeout_ms` or NCCL reports an
+// error, so that no rank hangs (the host program then needs a new one). Throws without NCCL.
+std::unique_ptr<Transport> make_nccl_transport_borrowed(void* nccl_comm, void* compute_stream,
+                                                        double timeout_ms = kDefaultTimeoutMs);
+// A host-memory ring over the host program's MPI communicator (`mpi_comm` points to an MPI_Comm,
+// duplicated inside). Throws when ringattn is built without MPI.
+std::unique_ptr<Transport> make_mpi_transport_borrowed(void* mpi_comm);
 
 }  // namespace ringattn

@@ -22,4 +22,18 @@ class LocalTransport final : public Transport {
 
 std::unique_ptr<Transport> make_local_transport() { return std::make_unique<LocalTransport>(); }
 
+#ifndef RINGATTN_HAVE_NCCL
+std::unique_ptr<Transport> make_nccl_transport_borrowed(void*, void*, double) {
+  fail(ErrorKind::kInvalidArgument, "this ringattn was built without NCCL, so it cannot ring over an NCCL communicator",
+       "rebuild with CUDA, MPI and NCCL found by CMake (set NCCL_ROOT if needed)");
+}
+#endif
+
+#ifndef RINGATTN_HAVE_MPI
+std::unique_ptr<Transport> make_mpi_transport_borrowed(void*) {
+  fail(ErrorKind::kInvalidArgument, "this ringattn was built without MPI, so it cannot ring over an MPI communicator",
+       "install libopenmpi-dev and rebuild");
+}
+#endif
+
 }  // namespace ringattn

@@ -189,7 +189,9 @@ TEST(RingForward, CausalStepsHiddenByTheMaskAreSkipped) {
 TEST(RingTransport, AfterKHopsRankHoldsChunkOfRankMinusK) {
   const int world = mpi_world(), rank = mpi_rank();
   if (world == 1) GTEST_SKIP() << "needs at least 2 ranks to exchange";
-  auto transport = make_mpi_transport(MPI_COMM_WORLD);
+  // Through the public factory a host program uses with its own communicator.
+  MPI_Comm host_comm = MPI_COMM_WORLD;
+  auto transport = make_mpi_transport_borrowed(&host_comm);
   constexpr std::size_t kBytes = 4099;  // odd size: no alignment luck
   auto fill = [](int owner, std::vector<unsigned char>& buf) {
     for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<unsigned char>((owner * 131 + i * 7) & 0xFF);

@@ -113,4 +113,10 @@ class MpiTransport final : public Transport {
 
 std::unique_ptr<Transport> make_mpi_transport(MPI_Comm comm) { return std::make_unique<MpiTransport>(comm); }
 
+std::unique_ptr<Transport> make_mpi_transport_borrowed(void* mpi_comm) {
+  RINGATTN_CHECK(mpi_comm != nullptr, ErrorKind::kInvalidArgument, "MPI transport given a null communicator",
+                 "pass a pointer to the host program's MPI_Comm");
+  return std::make_unique<MpiTransport>(*static_cast<MPI_Comm*>(mpi_comm));
+}
+
 }  // namespace ringattn

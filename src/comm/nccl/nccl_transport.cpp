@@ -64,20 +64,7 @@ NcclTransport::NcclTransport(MPI_Comm comm, int device, cudaStream_t compute_str
     peers_.emplace_back(rec, strnlen(rec, kHostRecordBytes));
   }
 
-  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
-  int lo = 0, hi = 0;
-  check_cuda(cudaDeviceGetStreamPriorityRange(&lo, &hi), "cudaDeviceGetStreamPriorityRange");
-  // Highest priority: the NCCL kernels get SMs as soon as any frees up, instead of queueing
-  // behind the whole attention grid.
-  check_cuda(cudaStreamCreateWithPriority(&comm_stream_, cudaStreamNonBlocking, hi), "cudaStreamCreateWithPriority");
-  check_cuda(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming), "cudaEventCreate");
-  // A pass posts at most `world` exchanges (backward: world, dK/dV travel home); keep two
-  // passes' worth so a slot is never reused while it can still be pending.
-  slots_.resize(static_cast<std::size_t>(2 * world_ + 2));
-  for (Slot& s : slots_) {
-    check_cuda(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "cudaEventCreate");
-    check_cuda(cudaEventCreateWithFlags(&s.fence, cudaEventDisableTiming), "cudaEventCreate");
-  }
+  create_streams_and_events();
 
   ncclUniqueId id;
   std::memset(&id, 0, sizeof(id));
@@ -112,6 +99,44 @@ NcclTransport::NcclTransport(MPI_Comm comm, int device, cudaStream_t compute_str
   watchdog_ = std::thread([this] { watchdog_loop(); });
 }
 
+NcclTransport::NcclTransport(ncclComm_t borrowed, cudaStream_t compute_stream, double timeout_ms)
+    : owns_comm_(false), compute_stream_(compute_stream) {
+  timeout_ms_.store(timeout_ms > 0 ? timeout_ms : kDefaultTimeoutMs);
+  RINGATTN_CHECK(borrowed != nullptr, ErrorKind::kInvalidArgument, "NCCL transport given a null communicator",
+                 "pass the host program's initialised ncclComm_t");
+  RINGATTN_CHECK(compute_stream_ != nullptr, ErrorKind::kInvalidArgument,
+                 "NCCL transport given a null compute stream", "pass the stream given to make_cuda_backend");
+  comm_ = borrowed;
+  auto nccl = [](ncclResult_t r, const char* call) {
+    if (r != ncclSuccess) fail(ErrorKind::kComm, std::string(call) + " failed: " + ncclGetErrorString(r), "");
+  };
+  nccl(ncclCommUserRank(comm_, &rank_), "ncclCommUserRank");
+  nccl(ncclCommCount(comm_, &world_), "ncclCommCount");
+  nccl(ncclCommCuDevice(comm_, &device_), "ncclCommCuDevice");
+  next_ = (rank_ + 1) % world_;
+  prev_ = (rank_ + world_ - 1) % world_;
+  peers_.assign(static_cast<std::size_t>(world_), "of the host program's communicator");
+  create_streams_and_events();
+  watchdog_ = std::thread([this] { watchdog_loop(); });
+}
+
+void NcclTransport::create_streams_and_events() {
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  int lo = 0, hi = 0;
+  check_cuda(cudaDeviceGetStreamPriorityRange(&lo, &hi), "cudaDeviceGetStreamPriorityRange");
+  // Highest priority: the NCCL kernels get SMs as soon as any frees up, instead of queueing
+  // behind the whole attention grid.
+  check_cuda(cudaStreamCreateWithPriority(&comm_stream_, cudaStreamNonBlocking, hi), "cudaStreamCreateWithPriority");
+  check_cuda(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming), "cudaEventCreate");
+  // A pass posts at most `world` exchanges (backward: world, dK/dV travel home); keep two
+  // passes' worth so a slot is never reused while it can still be pending.
+  slots_.resize(static_cast<std::size_t>(2 * world_ + 2));
+  for (Slot& s : slots_) {
+    check_cuda(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "cudaEventCreate");
+    check_cuda(cudaEventCreateWithFlags(&s.fence, cudaEventDisableTiming), "cudaEventCreate");
+  }
+}
+
 NcclTransport::~NcclTransport() {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -120,6 +145,17 @@ NcclTransport::~NcclTransport() {
   cv_.notify_all();
   if (watchdog_.joinable()) watchdog_.join();
   cudaSetDevice(device_);
+  if (comm_ != nullptr && !aborted_.load() && !owns_comm_) {
+    // A borrowed communicator stays the host program's: drain what is in flight (with the
+    // deadline) and leave it alive.
+    const auto deadline = Clock::now() + timeout();
+    for (Slot& s : slots_) {
+      while (s.pending && cudaEventQuery(s.done) == cudaErrorNotReady && Clock::now() < deadline) {
+        std::this_thread::sleep_for(kSettlePoll);
+      }
+    }
+    comm_ = nullptr;
+  }
   if (comm_ != nullptr && !aborted_.load()) {
     // Drain what is still in flight (with the deadline), then finalize; abort if anything hangs.
     bool clean = true;
@@ -376,6 +412,11 @@ void NcclTransport::watchdog_loop() {
 
 void check_transport(const Transport& transport) {
   if (const auto* nccl = dynamic_cast<const NcclTransport*>(&transport)) nccl->check();
+}
+
+std::unique_ptr<Transport> make_nccl_transport_borrowed(void* nccl_comm, void* compute_stream, double timeout_ms) {
+  return std::make_unique<NcclTransport>(static_cast<ncclComm_t>(nccl_comm), static_cast<cudaStream_t>(compute_stream),
+                                         timeout_ms);
 }
 
 std::unique_ptr<Transport> make_nccl_transport(MPI_Comm comm, int device, void* compute_stream) {

@@ -35,6 +35,9 @@ class NcclTransport final : public Transport {
  public:
   // Collective over `comm`: rank 0 creates the unique id, MPI_Bcast hands it out.
   NcclTransport(MPI_Comm comm, int device, cudaStream_t compute_stream, double timeout_ms);
+  // Over the host program's communicator (blocking or not), which is never finalized or destroyed
+  // here; on a timeout or NCCL error it is aborted like our own, so that no rank hangs.
+  NcclTransport(ncclComm_t borrowed, cudaStream_t compute_stream, double timeout_ms);
   ~NcclTransport() override;
   NcclTransport(const NcclTransport&) = delete;
   NcclTransport& operator=(const NcclTransport&) = delete;
@@ -74,6 +77,8 @@ class NcclTransport final : public Transport {
   // Aborts the communicator once and records `message`; mu_ held.
   void fail_locked(const std::string& message);
   void watchdog_loop();
+  // The comm stream (highest priority), its ordering event and the per-hop event slots.
+  void create_streams_and_events();
   std::chrono::milliseconds timeout() const;
 
   int rank_ = 0;
@@ -83,6 +88,7 @@ class NcclTransport final : public Transport {
   int prev_ = 0;
   std::vector<std::string> peers_;  // "host pid" of every rank, for messages
   ncclComm_t comm_ = nullptr;
+  bool owns_comm_ = true;  // false: the host program's communicator
   cudaStream_t compute_stream_ = nullptr;
   cudaStream_t comm_stream_ = nullptr;
   cudaEvent_t ready_ = nullptr;
