@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One device call on a 4-GPU machine for issues 4 and 5: build, MPI+GPU tests at p = 4, forward and forward+backward ring efficiency, torch context_parallel beside it, 1M tokens with --check.
+#
+# Usage (device machine, repository root): scripts/device_p4.sh
+# Env: OUT (logs; the device tool sets it), NP (4), BUDGET_S (wall seconds, default 560),
+#      RINGATTN_COMMIT (the commit the copied tree is; the device copy has no .git),
+#      SKIP_TESTS=1, SKIP_PEER=1, SKIP_1M=1 (leave out a part).
+# Steps run in order of importance, each under its own timeout, and are skipped once the budget is
+# nearly spent. The summary ($OUT/summary.txt) is printed last.
+set -u
+START=$(date +%s)
+OUT=${OUT:-/tmp/ringattn_out}
+NP=${NP:-4}
+BUDGET_S=${BUDGET_S:-560}
+BUILD=build-p4
+mkdir -p "$OUT"
+export OUT
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
+export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none -x NCCL_NVLS_ENABLE
+        -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -np "$NP")
+SUMMARY="$OUT/summary.txt"
+elapsed() { echo $(( $(date +%s) - START )); }
+left() { [ $(( BUDGET_S - $(elapsed) )) -ge "$1" ]; }
+note() { echo "$*" | tee -a "$SUMMARY"; }
+COMMIT=${RINGATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo worktree)}
+note "# device_p4.sh $(date -u +%FT%TZ) commit $COMMIT, NP=$NP"
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee -a "$SUMMARY"
+
+gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
+if ! { cmake -S . -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DRINGATTN_BUILD_TESTS=ON &&
+       timeout 300 cmake --build "$BUILD" -j "$(nproc)" --target ringattn_cli ringattn_mpi_gpu_tests; } \
+     >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; note "# BUILD FAILED after $(elapsed) s"; exit 1
+fi
+note "# built in $(elapsed) s"
+BIN="$BUILD/bin/ringattn"
+
+# ---- MPI + GPU tests at p = NP (ring vs one-GPU kernel, layouts, check, hang safety, embedding) ----
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout 150 "${MPIRUN[@]}" "$BUILD/bin/ringattn_mpi_gpu_tests" >"$OUT/tests.log" 2>&1
+  note "# mpi_gpu tests np=$NP: exit $? ($(grep -c '\[       OK \]' "$OUT/tests.log") OK lines, $(grep -c '\[  FAILED  \]' "$OUT/tests.log") FAILED lines, $(grep -c '\[  SKIPPED \]' "$OUT/tests.log") SKIPPED lines) at $(elapsed) s"
+  grep -E "^\[  FAILED  \]|Failure" "$OUT/tests.log" | sort -u | head -10 | tee -a "$SUMMARY"
+fi
+
+bench() {  # bench TIMEOUT ARGS...
+  local t=$1; shift
+  timeout "$t" "${MPIRUN[@]}" "$BIN" bench --dtype bf16 --heads 32 --head-dim 128 --causal --layout zigzag "$@" \
+    2>&1 | tee -a "$OUT/bench.log" | grep -E "^ +[0-9]|^# (OK|FAILED)" | tee -a "$SUMMARY"
+}
+note "# ---- ours p=$NP causal zigzag: tokens | per GPU | ms | TFLOP/s/GPU | 1-GPU | eff | exposed | mem | model | err | check"
+note "# forward"
+left 120 && bench 120 -b 32K -e 128K -f 2 -n 10 -w 3 -c 1 -J "$OUT/p4_fwd.json"
+note "# forward+backward"
+left 120 && bench 120 -b 32K -e 128K -f 2 -n 5 -w 2 -c 1 --backward -J "$OUT/p4_fwdbwd.json"
+
+if [ "${SKIP_PEER:-0}" != 1 ] && left 150; then
+  note "# ---- torch context_parallel p=$NP, causal, 128k total (forward, forward+backward)"
+  PYTHONUNBUFFERED=1 PEER_SEQS=131072 PEER_CAUSAL=1 timeout 160 \
+    torchrun --nproc_per_node="$NP" scripts/peers/torch_context_parallel.py >"$OUT/peer.log" 2>&1
+  note "# peer exit $? at $(elapsed) s"
+  grep '^{' "$OUT/peer.log" | tee -a "$SUMMARY"
+fi
+
+if [ "${SKIP_1M:-0}" != 1 ]; then
+  note "# ---- 1M tokens, causal zigzag, p=$NP: forward (check), forward+backward"
+  left 70 && bench 120 -b 1M -e 1M -n 2 -w 0 -c 1 --no-baseline -T 600 -J "$OUT/p4_1m_fwd.json"
+  left 80 && bench 150 -b 1M -e 1M -n 1 -w 0 -c 1 --no-baseline --backward -T 600 -J "$OUT/p4_1m_fwdbwd.json"
+  if left 100; then
+    note "# run --backward --check at 1M (sampled dQ rows and dK/dV rows vs fp64, streamed)"
+    timeout $(( BUDGET_S - $(elapsed) )) "${MPIRUN[@]}" "$BIN" run --dtype bf16 --seq-len 1M --heads 32 --head-dim 128 \
+      --causal --layout zigzag --backward --check --check-rows 8 --timeout 600 >"$OUT/run_1m_bwd.log" 2>&1
+    note "# run 1M --backward --check: exit $? at $(elapsed) s"
+    grep -E "^#|PASS|FAIL" "$OUT/run_1m_bwd.log" | grep -vE "^#  rank" | tail -12 | tee -a "$SUMMARY"
+  fi
+fi
+echo
+echo "================ summary ($(elapsed) s) ================"
+cat "$SUMMARY"
