@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One device call on a 4-GPU machine for issues 4 and 5: build, MPI+GPU tests at p = 4, forward and forward+backward ring efficiency, torch context_parallel beside it, 1M tokens with --check.
 #
-# Usage (device machine, repository root): scripts/device_p4.sh
+# Usage (device machine, repository root): scripts/device_p4.sh [all|variants]
+#   variants: time the forward at VARIANT_SIZES (default 8k tokens per GPU) under each entry of
+#   VARIANTS ("name:ENV=V ..." words), then forward and forward+backward at 8k and 32k tokens per GPU
+#   with the best, then `run --backward --check` at 1M tokens (the rest of the budget).
 # Env: OUT (logs; the device tool sets it), NP (4), BUDGET_S (wall seconds, default 560),
 #      RINGATTN_COMMIT (the commit the copied tree is; the device copy has no .git),
 #      SKIP_TESTS=1, SKIP_PEER=1, SKIP_1M=1 (leave out a part).
@@ -13,6 +16,7 @@ OUT=${OUT:-/tmp/ringattn_out}
 NP=${NP:-4}
 BUDGET_S=${BUDGET_S:-560}
 BUILD=build-p4
+MODE=${1:-all}
 mkdir -p "$OUT"
 export OUT
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
@@ -37,6 +41,41 @@ fi
 note "# built in $(elapsed) s"
 BIN="$BUILD/bin/ringattn"
 
+if [ "$MODE" = variants ]; then
+  best=""; best_eff=0
+  for v in ${VARIANTS:-default: default2: postearly:RINGATTN_RING_POST=early ctas4:RINGATTN_NCCL_MAX_CTAS=4 ctas8:RINGATTN_NCCL_MAX_CTAS=8 ctas16:RINGATTN_NCCL_MAX_CTAS=16 chunk2m:NCCL_P2P_NVL_CHUNKSIZE=2097152 cememcpy:NCCL_P2P_USE_CUDA_MEMCPY=1}; do
+    left 200 || break
+    name=${v%%:*}; envs=${v#*:}
+    dbg=(); [ "$name" = default ] && dbg=(NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P)
+    rm -f "/tmp/ra_v.json"
+    echo "==== variant $name ($envs)" >>"$OUT/bench.log"
+    env "${dbg[@]}" $envs timeout 60 "${MPIRUN[@]}" "$BIN" bench --dtype bf16 --heads 32 \
+      --head-dim 128 --causal --layout zigzag ${VARIANT_SIZES:--b 32K -e 32K} -n 20 -w 5 -c 0 -J /tmp/ra_v.json \
+      >"/tmp/ra_v.log" 2>&1
+    rc=$?
+    grep -vE "^NCCL INFO|NCCL INFO" /tmp/ra_v.log | grep -E "^ +[0-9]|per-hop|FAILED|rror" >>"$OUT/bench.log"
+    [ "$name" = default ] && grep -E "NCCL INFO" /tmp/ra_v.log | grep -iE "channel|p2p|version|cumem|proxy" | head -60 >"$OUT/nccl_info.log"
+    eff=$(python3 -c "import json; r=json.load(open('/tmp/ra_v.json'))['results']; print(min(100*x['ring_efficiency'] for x in r))" 2>/dev/null || echo 0)
+    note "# variant $name ($envs): exit $rc, min eff $eff% $(grep -E '^ +[0-9]' /tmp/ra_v.log | tr -s ' ' | tr '\n' '|')"
+    if python3 -c "import sys; sys.exit(0 if float('$eff') > float('$best_eff') else 1)"; then best=$envs; best_eff=$eff; fi
+  done
+  note "# best variant: '${best:-default}' ($best_eff%)"
+  note "# forward, best variant"
+  RUN_ENV=$best
+  left 100 && bench 60 -b 32K -e 128K -f 4 -n 20 -w 5 -c 1 -J "$OUT/p4_fwd.json"
+  note "# forward+backward, best variant"
+  left 100 && bench 90 -b 32K -e 128K -f 4 -n 5 -w 2 -c 1 --backward -J "$OUT/p4_fwdbwd.json"
+  if left 150; then
+    note "# run --backward --check at 1M, best variant (sampled dQ rows and dK/dV rows vs fp64, streamed)"
+    env $best timeout $(( BUDGET_S - $(elapsed) )) "${MPIRUN[@]}" "$BIN" run --dtype bf16 --seq-len 1M --heads 32 \
+      --head-dim 128 --causal --layout zigzag --backward --check --check-rows 4 --timeout 600 >"$OUT/run_1m_bwd.log" 2>&1
+    note "# run 1M --backward --check: exit $? at $(elapsed) s"
+    grep -E "^#|PASS|FAIL" "$OUT/run_1m_bwd.log" | grep -vE "^#  rank" | tail -12 | tee -a "$SUMMARY"
+  fi
+  echo; echo "================ summary ($(elapsed) s) ================"; cat "$SUMMARY"
+  exit 0
+fi
+
 # ---- MPI + GPU tests at p = NP (ring vs one-GPU kernel, layouts, check, hang safety, embedding) ----
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout 150 "${MPIRUN[@]}" "$BUILD/bin/ringattn_mpi_gpu_tests" >"$OUT/tests.log" 2>&1
@@ -46,7 +85,7 @@ fi
 
 bench() {  # bench TIMEOUT ARGS...
   local t=$1; shift
-  timeout "$t" "${MPIRUN[@]}" "$BIN" bench --dtype bf16 --heads 32 --head-dim 128 --causal --layout zigzag "$@" \
+  timeout "$t" env ${RUN_ENV:-} "${MPIRUN[@]}" "$BIN" bench --dtype bf16 --heads 32 --head-dim 128 --causal --layout zigzag "$@" \
     2>&1 | tee -a "$OUT/bench.log" | grep -E "^ +[0-9]|^# (OK|FAILED)" | tee -a "$SUMMARY"
 }
 note "# ---- ours p=$NP causal zigzag: tokens | per GPU | ms | TFLOP/s/GPU | 1-GPU | eff | exposed | mem | model | err | check"

@@ -83,6 +83,7 @@ class RingAttention {
   PassStats stats_;
   HopCallback hop_cb_ = nullptr;
   void* hop_user_ = nullptr;
+  bool post_early_ = false;  // RINGATTN_RING_POST=early: post exchanges before compute (timing only)
 };
 
 }  // namespace ringattn

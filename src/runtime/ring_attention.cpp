@@ -1,10 +1,22 @@
 // The ring schedule: K/V chunks rotate over the transport while the backend folds each into fp32 state.
 #include "ringattn/ring_attention.hpp"
 
+#include <cstdlib>
+#include <cstring>
+
 #include "ringattn/error.hpp"
 
 namespace ringattn {
 namespace {
+
+// RINGATTN_RING_POST=early posts each exchange before the hop's compute is enqueued (the
+// pre-fence schedule, for timing comparisons); unset or "after": fence, enqueue, then post.
+constexpr const char* kRingPostEnv = "RINGATTN_RING_POST";
+
+bool post_early_from_env() {
+  const char* v = std::getenv(kRingPostEnv);
+  return v != nullptr && std::strcmp(v, "early") == 0;
+}
 
 // Source rank of the chunk visiting `rank` at step `step`: after k hops rank r holds chunk (r-k) mod p.
 int source_of(int rank, int step, int world) { return ((rank - step) % world + world) % world; }
@@ -43,6 +55,7 @@ RingAttention::RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend>
       static_cast<std::size_t>(spec_.batch * local_seq_ * spec_.effective_kv_heads() * spec_.head_dim);
   kv_bytes_ = 2 * kv_elems * dtype_size(spec_.dtype);
   grad_bytes_ = 2 * kv_elems * dtype_size(accumulator_dtype(spec_.dtype));
+  post_early_ = post_early_from_env();
 }
 
 RingAttention::~RingAttention() = default;
@@ -97,7 +110,7 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
   // place: no copy into the travelling buffers. Later hops forward buffer (s % 2) whole.
   // On an asynchronous backend the exchange is fenced before the compute is enqueued and posted
   // after it, so the host's posting latency overlaps GPU work; a synchronous backend posts first.
-  const bool post_after_launch = backend_->stream() != nullptr;
+  const bool post_after_launch = backend_->stream() != nullptr && !post_early_;
   const SendPart own_kv[2] = {{k.data, kv_bytes_ / 2}, {v.data, kv_bytes_ / 2}};
   for (int s = 0; s < p; ++s) {
     void* cur = buffers_[s % 2];
@@ -172,7 +185,7 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   backend_->reset_marks();
   const int start_mark = backend_->mark();
   backend_->backward_begin(q, out, dout, lse, q_pos_);
-  const bool post_after_launch = backend_->stream() != nullptr;  // as in forward()
+  const bool post_after_launch = backend_->stream() != nullptr && !post_early_;  // as in forward()
   const SendPart own_kv[2] = {{k.data, kv_bytes_ / 2}, {v.data, kv_bytes_ / 2}};
 
   std::vector<HopMarks> marks(p);
