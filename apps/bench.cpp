@@ -217,15 +217,15 @@ struct SizeResult {
   double exposed_pct = 0.0;
   double peak_mem_bytes = 0.0;   // max over ranks: device memory used by the job at its peak
   double ring_mem_bytes = 0.0;   // max over ranks: growth from before the ring was built
-  double model_mem_bytes = 0.0;  // Q, K, V, out, lse, two K/V buffers, fp32 accumulators
+  double model_mem_bytes = 0.0;  // model_memory(): what the formula says one rank needs
   bool checked = false;
   SampledCheckResult check;
   std::vector<HopSummary> hops;
   std::string per_rank_json;  // rank 0: array of per-rank details
 };
 
-// What the memory formula of docs/BENCHMARKS.md says one rank needs.
-double model_memory(const AttentionSpec& spec, int world) {
+// What the memory formula of docs/BENCHMARKS.md says one rank needs (forward, or forward + backward).
+double model_memory(const AttentionSpec& spec, int world, bool backward) {
   const double B = static_cast<double>(spec.batch), c = static_cast<double>(spec.local_seq(world));
   const double H = spec.heads, Hkv = spec.effective_kv_heads(), D = spec.head_dim;
   const double e = static_cast<double>(dtype_size(spec.dtype));
@@ -235,7 +235,14 @@ double model_memory(const AttentionSpec& spec, int world) {
   const double lse = B * H * c * acc;               // lse
   const double buffers = 2.0 * kv;                  // the two travelling K/V buffers
   const double state = B * c * H * D * acc + 2.0 * B * H * c * acc;  // acc, running max, running sum
-  return qo + kv + lse + buffers + state;
+  const double forward = qo + kv + lse + buffers + state;
+  if (!backward) return forward;
+  const double grads = qo + kv;                          // dO, dQ; dK, dV
+  const double kv_acc = 2.0 * B * c * Hkv * D * acc;     // fp32 dK + dV of one chunk
+  const double messages = 2.0 * (kv + kv_acc);           // two [K | V | dK | dV] messages
+  const double local_grad = kv_acc;                      // this rank's share for the visiting chunk
+  const double dq_acc = B * c * H * D * acc + 2.0 * B * H * c * acc;  // fp32 dQ, lse_log2, delta
+  return forward + grads + messages + local_grad + dq_acc;
 }
 
 std::vector<int64_t> sweep_sizes(const BenchFlags& f) {
@@ -434,7 +441,7 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
   res.tokens = spec.seq_len;
   res.tokens_per_gpu = spec.local_seq(world);
   res.flops = forward_flops(spec);
-  res.model_mem_bytes = model_memory(spec, world);
+  res.model_mem_bytes = model_memory(spec, world, f.backward);
 
   double before = 0.0;
 #ifdef RINGATTN_HAVE_CUDA
@@ -463,8 +470,10 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
     g.dq = allocate_on_backend(be, spec.dtype, {B, c, H, D});
     g.dk = allocate_on_backend(be, spec.dtype, {B, c, Hkv, D});
     g.dv = allocate_on_backend(be, spec.dtype, {B, c, Hkv, D});
-    g.dk_acc = allocate_on_backend(be, acc, {B, c, Hkv, D});
-    g.dv_acc = allocate_on_backend(be, acc, {B, c, Hkv, D});
+    if (f.baseline) {  // the one-GPU baseline's own accumulators (the ring keeps its own)
+      g.dk_acc = allocate_on_backend(be, acc, {B, c, Hkv, D});
+      g.dv_acc = allocate_on_backend(be, acc, {B, c, Hkv, D});
+    }
     fill_inputs(be, g.dout, ring->positions(), spec.seq_len, seed, TensorId::kDOut);
     res.flops *= 1.0 + kBackwardFlopsFactor;
   }
