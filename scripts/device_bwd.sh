@@ -4,6 +4,9 @@
 # memcheck on the wgmma path, the official fwd+bwd bench (ringattn bench --backward, 16K and 64K, causal
 # and not) for both kernels, and PyTorch SDPA (flash, cuDNN) in the same call. Short table last.
 # Every step has its own timeout and the whole script stops starting new steps near $BUDGET seconds.
+# Env: TEST_VARIANTS (wgmma kernel variants tested besides the default, "1 2 3"), BENCH_VARIANTS
+# (variants timed, "0 2"), MMA=0 (skip the mma.sync kernel), NCU=1 (Nsight Compute on one 16K launch
+# per timed variant: speed of light, warp states), RACECHECK (variant run under racecheck, "3").
 set -u -o pipefail
 OUT=${OUT:-/tmp/ringattn_out}
 mkdir -p "$OUT"
@@ -32,8 +35,8 @@ timeout "$(tmo 90 200)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*:Fla
   grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -20
 grep -E "d128.*\(wgmma\)" "$OUT/tests_wgmma.log" | head -3
 
-for v in 1 2; do
-  echo "## GPU backward tests, wgmma kernel variant $v (1: dQ on mma.sync, 2: dQ by bulk reductions), head_dim 128"
+for v in ${TEST_VARIANTS:-1 2 3}; do
+  echo "## GPU backward tests, wgmma kernel variant $v (1: dQ on mma.sync, 2: dQ by bulk reductions, 3: dQ pipelined), head_dim 128"
   RINGATTN_BWD_SM90_VARIANT=$v timeout "$(tmo 45 180)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*d128*' 2>&1 |
     tee "$OUT/tests_v$v.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -12
 done
@@ -45,6 +48,14 @@ echo "memcheck rc=$?" | tee -a "$OUT/sanitizer.log"
 RINGATTN_BWD_SM90_VARIANT=2 timeout "$(tmo 40 170)" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" \
   --gtest_filter="${NEW%%:*}" >"$OUT/sanitizer_v2.log" 2>&1
 echo "memcheck variant 2 rc=$?" | tee -a "$OUT/sanitizer.log"
+for v in ${RACECHECK:-3}; do
+  RINGATTN_BWD_SM90_VARIANT=$v timeout "$(tmo 60 160)" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" \
+    --gtest_filter="$NEW" >"$OUT/sanitizer_v$v.log" 2>&1
+  echo "memcheck variant $v rc=$?" | tee -a "$OUT/sanitizer.log"
+  RINGATTN_BWD_SM90_VARIANT=$v timeout "$(tmo 90 150)" compute-sanitizer --tool racecheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" \
+    --gtest_filter="${NEW##*:}" >"$OUT/racecheck_v$v.log" 2>&1
+  echo "racecheck variant $v rc=$? $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck_v$v.log")" | tee -a "$OUT/sanitizer.log"
+done
 grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" "$OUT/sanitizer.log" | head -8
 
 bench() {  # label, RINGATTN_BWD_KERNEL, RINGATTN_BWD_SM90_VARIANT, extra flags
@@ -56,12 +67,25 @@ bench() {  # label, RINGATTN_BWD_KERNEL, RINGATTN_BWD_SM90_VARIANT, extra flags
 }
 passed() { grep -q "^\[  PASSED" "$OUT/$1.log" 2>/dev/null && ! grep -q "^\[  FAILED" "$OUT/$1.log"; }
 echo "## fwd+bwd bench (official number)"
-bench wgmma wgmma 0 ""
-bench wgmma wgmma 0 --causal
-if passed tests_v2; then bench wgmma_v2 wgmma 2 ""; bench wgmma_v2 wgmma 2 --causal; fi
-if ! passed tests_wgmma && passed tests_v1; then bench wgmma_v1 wgmma 1 ""; bench wgmma_v1 wgmma 1 --causal; fi
-bench mma mma 0 ""
-bench mma mma 0 --causal
+for v in ${BENCH_VARIANTS:-0 2}; do
+  label=wgmma; [ "$v" = 0 ] || label=wgmma_v$v
+  if [ "$v" = 0 ] || passed "tests_v$v"; then bench "$label" wgmma "$v" ""; bench "$label" wgmma "$v" --causal; fi
+done
+if [ "${MMA:-1}" = 1 ]; then
+  bench mma mma 0 ""
+  bench mma mma 0 --causal
+fi
+if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
+  for v in ${BENCH_VARIANTS:-0 2}; do
+    echo "## ncu, wgmma variant $v, one 16K non-causal launch"
+    RINGATTN_BWD_SM90_VARIANT=$v timeout "$(tmo 60 60)" ncu --clock-control none --kernel-name regex:flash_bwd_sm90 \
+      --launch-skip 1 --launch-count 1 --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+      "$BIN/ringattn" bench -b 16K -e 16K -n 1 -w 1 -c 0 --no-baseline --dtype bf16 --heads 32 --head-dim 128 --backward \
+      >"$OUT/ncu_v$v.txt" 2>&1
+    grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Executed Ipc|Issue Slots Busy|Warp Cycles Per Issued|Stall|Pipe" \
+      "$OUT/ncu_v$v.txt" | head -24
+  done
+fi
 
 echo "## torch SDPA peers (same call)"
 PEER_SEQS=16384,65536 timeout "$(tmo 100 55)" python3 tests/bench/peers/torch_sdpa.py 2>&1 | grep -v efficient | tee "$OUT/torch.txt"
@@ -75,7 +99,7 @@ timeout "$(tmo 40 3)" "$BIN/ringattn_gpu_tests" --gtest_filter='RingGpuBackward*
   grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -10
 
 echo "## summary ($(( $(date +%s) - T0 )) s)"
-for f in tests_wgmma tests_v1 tests_v2 tests_mma ring; do echo "$f: $(grep -hE "^\[  (PASSED|FAILED) " "$OUT/$f.log" 2>/dev/null | tr '\n' ' ')"; done
+for f in tests_wgmma tests_v1 tests_v2 tests_v3 tests_mma ring; do echo "$f: $(grep -hE "^\[  (PASSED|FAILED) " "$OUT/$f.log" 2>/dev/null | tr '\n' ' ')"; done
 grep -h "rc=" "$OUT/sanitizer.log"
 python3 - "$OUT/bench.log" "$OUT/torch.txt" <<'PY'
 import sys, json, re
@@ -92,8 +116,9 @@ for line in open(sys.argv[2], errors="replace"):
     except Exception: continue
     if "fwdbwd_tflops" in r and "gqa" not in r:
         rows[(r["S"], r["causal"], "torch_" + r["backend"])] = f'{r["fwdbwd_tflops"]:.1f}'
-print("fwd+bwd TFLOP/s | S | causal | wgmma | wgmma_v2 | wgmma_v1 | mma | torch flash | torch cudnn")
+kinds = ("wgmma", "wgmma_v2", "wgmma_v3", "mma", "torch_flash", "torch_cudnn")
+print("fwd+bwd TFLOP/s | S | causal | " + " | ".join(kinds))
 for S in (16384, 65536):
     for c in (False, True):
-        print(f"| {S} | {int(c)} | " + " | ".join(rows.get((S, c, k), "-") for k in ("wgmma", "wgmma_v2", "wgmma_v1", "mma", "torch_flash", "torch_cudnn")) + " |")
+        print(f"| {S} | {int(c)} | " + " | ".join(rows.get((S, c, k), "-") for k in kinds) + " |")
 PY

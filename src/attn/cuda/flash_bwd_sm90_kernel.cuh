@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attn/cuda/flash_bwd.hpp"
 #include "attn/cuda/flash_bwd_kernel.cuh"
@@ -166,7 +167,11 @@ __device__ __forceinline__ void load_tile_sw128(uint32_t dst, const Elem* src, i
 
 // kVariant (RINGATTN_BWD_SM90_VARIANT): 0 dQ = dS K on wgmma, added to dq_accum with red.global.add.v2;
 // 1 the dQ GEMM on mma.sync instead (fallback); 2 as 0, dQ staged in shared memory and added with one
-// bulk reduction (cp.reduce.async.bulk) per row.
+// bulk reduction (cp.reduce.async.bulk) per row; 3 as 0, software-pipelined: the dQ GEMM of tile i is
+// issued after tile i+1's S^T and dP^T GEMMs, runs under its exp, and its reductions run under its dV
+// GEMM; the block barrier before tile i+1 then also orders the dS^T stores before that dQ GEMM, so a
+// tile needs one barrier instead of two (dS^T double-buffered: the second buffer lives where variant
+// 2 stages dQ).
 template <typename Elem, int kHeadDim, int kVariant>
 __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     flash_bwd_sm90_kernel(const FlashBwdParams p, const ChunkPositions q_pos, const ChunkPositions k_pos) {
@@ -257,9 +262,49 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
   const uint32_t sKw = sK + wg * 64 * Tr::kRowBytes;  // this warpgroup's 64 key rows (K-major A)
   const uint32_t sVw = sV + wg * 64 * Tr::kRowBytes;
 
-  int buf = 0;
-  while (it < total_it) {
-    const int next = next_visible(it + 1);
+  // Adds this warp's share of a finished dQ tile (query rows q0.., head h) into dq_accum.
+  float dq[32];
+  auto add_dq = [&](int q0_of, int h_of) {
+    float* rows = p.dq_accum + ((static_cast<int64_t>(b) * p.seq_q) * p.heads + h_of) * D + wg * 64;
+    const int64_t stride = static_cast<int64_t>(p.heads) * D;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = q0_of + wwarp * 16 + g + half * 8;
+      if (r < p.seq_q) {
+        float* rowp = rows + r * stride + 2 * t;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          red_add_v2(rowp + j * 8, dq[4 * j + 2 * half] * p.scale, dq[4 * j + 2 * half + 1] * p.scale);
+      }
+    }
+  };
+  int prev_q0 = 0, prev_h = 0;  // variant 3: the previous tile, whose dQ is computed under this one
+
+  int buf = 0, next = 0;  // the Q/dO buffer of tile `it`; the visible tile after it
+  int q0 = 0, h = 0;        // first query row and head of tile `it`
+  uint32_t sDsB = sDs;      // the dS^T buffer of tile `it`
+
+  // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..] on wgmma (A = dS, the MN-major view of the dS^T
+  // buffer ds, B = K MN-major), issued and committed as one group.
+  auto issue_dq = [&](uint32_t ds) {
+    fence_regs(dq);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk) {
+      WgmmaTT64<Elem>::ss(dq, make_desc_sw128(ds + kk * 16 * Tr::kRowBytes, N * Tr::kRowBytes, Tr::kCoreRowBytes),
+                          make_desc_sw128(sK + wg * Tr::kKBlockBytes + kk * 16 * Tr::kRowBytes, Tr::kKBlockBytes,
+                                          Tr::kCoreRowBytes),
+                          kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+  };
+
+  // First half of tile `it`: everything up to its dS^T stored and its GEMMs done (nothing in flight
+  // at the end, so a loop can turn here). With a pending dQ (variant 3, every tile but the first)
+  // it also computes and adds the previous tile's dQ, whose dS^T is in the other buffer.
+  auto first_half = [&](auto pending_tag) {
+    constexpr bool kPending = decltype(pending_tag)::value;
+    next = next_visible(it + 1);
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();  // this buffer landed; the previous iteration's GEMMs are done with sDs and the other buffer
@@ -272,8 +317,8 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     const float* lse = sLse + buf * M;
     const float* delta = sDelta + buf * M;
     const int qt = it % num_q_tiles;
-    const int h = hkv * group + it / num_q_tiles;
-    const int q0 = qt * M;
+    h = hkv * group + it / num_q_tiles;
+    q0 = qt * M;
 
     // S^T = K_w Q^T and dP^T = V_w dO^T, two groups.
     float s[32], dp[32];
@@ -317,7 +362,12 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<Elem>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
     }
-    wgmma_wait<0>();
+    if constexpr (kPending) {
+      issue_dq(buf ? sDs : base + Tr::kOffDq);  // the previous tile's dS^T buffer
+      wgmma_wait<1>();
+    } else {
+      wgmma_wait<0>();
+    }
     fence_regs(dp);
 
     // dV += P^T dO.
@@ -330,6 +380,11 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
                            1);
     }
     wgmma_commit();
+    if constexpr (kPending) {  // the previous tile's dQ (committed before dV) landed: add it under dV
+      wgmma_wait<1>();
+      fence_regs(dq);
+      add_dq(prev_q0, prev_h);
+    }
 
     // dS^T = P^T (dP^T - delta).
 #pragma unroll
@@ -355,13 +410,14 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     wgmma_commit();
     // dS^T -> shared memory (row = key, 64 query columns = one swizzled 128-byte row). dsa[kk][i]:
     // n8 tile 2kk + (i >> 1), row g + 8 (i & 1).
+    sDsB = (kVariant == 3 && buf) ? base + Tr::kOffDq : sDs;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int row = wrow + g + 8 * (i & 1);
         const int chunk = 2 * kk + (i >> 1);
-        st_shared_u32(sDs + row * Tr::kRowBytes + ((chunk ^ (row & 7)) << 4) + 4 * t, dsa[kk][i]);
+        st_shared_u32(sDsB + row * Tr::kRowBytes + ((chunk ^ (row & 7)) << 4) + 4 * t, dsa[kk][i]);
       }
     }
     fence_proxy_async();
@@ -370,23 +426,16 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     fence_regs(dk);
     fence_frags(pa);
     fence_frags(dsa);
+  };
+
+  // Second half of tile `it`: dQ = dS K into dq_accum (variants 0-2).
+  auto second_half = [&]() {
     __syncthreads();  // dS^T of both warpgroups stored
 
     // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..]. Warp (wg, wwarp) holds query rows 16 wwarp + g (+8),
     // columns 64 wg + 8j + 2t (+1) in dq[4j..4j+3] with either instruction.
-    float dq[32];
     if constexpr (kVariant != 1) {
-      // wgmma: A = dS (MN-major view of dS^T), B = K (MN-major).
-      fence_regs(dq);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < N / 16; ++kk) {
-        WgmmaTT64<Elem>::ss(dq, make_desc_sw128(sDs + kk * 16 * Tr::kRowBytes, N * Tr::kRowBytes, Tr::kCoreRowBytes),
-                            make_desc_sw128(sK + wg * Tr::kKBlockBytes + kk * 16 * Tr::kRowBytes, Tr::kKBlockBytes,
-                                            Tr::kCoreRowBytes),
-                            kk > 0 ? 1 : 0);
-      }
-      wgmma_commit();
+      issue_dq(sDsB);
       wgmma_wait<0>();
       fence_regs(dq);
     } else {
@@ -418,17 +467,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     float* dq_rows = p.dq_accum + ((static_cast<int64_t>(b) * p.seq_q) * p.heads + h) * D + wg * 64;
     const int64_t dq_row_stride = static_cast<int64_t>(p.heads) * D;
     if constexpr (kVariant != 2) {
-      // Vector reductions straight from registers.
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = q0 + wwarp * 16 + g + half * 8;
-        if (r < p.seq_q) {
-          float* rowp = dq_rows + r * dq_row_stride + 2 * t;
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-            red_add_v2(rowp + j * 8, dq[4 * j + 2 * half] * p.scale, dq[4 * j + 2 * half + 1] * p.scale);
-        }
-      }
+      add_dq(q0, h);  // vector reductions straight from registers
     } else {
       // Staged in shared memory (this warpgroup's 64 columns of each row), then one bulk reduction
       // (cp.reduce.async.bulk .add.f32, 256 bytes) per query row, issued by threads 0..63 of the warpgroup.
@@ -451,8 +490,30 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
         bulk_commit();
       }
     }
-    it = next;
-    buf ^= 1;
+  };
+
+  if constexpr (kVariant == 3) {
+    // Tile i's dQ runs inside tile i+1's first half; the loop turns when no GEMM is in flight.
+    first_half(std::false_type{});
+    while (next < total_it) {
+      prev_q0 = q0;
+      prev_h = h;
+      it = next;
+      buf ^= 1;
+      first_half(std::true_type{});
+    }
+    __syncthreads();  // the last dS^T of both warpgroups stored
+    issue_dq(sDsB);
+    wgmma_wait<0>();
+    fence_regs(dq);
+    add_dq(q0, h);
+  } else {
+    while (it < total_it) {
+      first_half(std::false_type{});
+      second_half();
+      it = next;
+      buf ^= 1;
+    }
   }
 
   if constexpr (kVariant == 2) bulk_wait_all();  // the staging rows stay valid until the reductions are done
