@@ -16,6 +16,7 @@
 #include "ringattn/error.hpp"
 #include "ringattn/ringattn.hpp"
 #include "ringattn/session.hpp"
+#include "runtime/check.hpp"
 
 namespace ringattn::cli {
 namespace {
@@ -271,19 +272,44 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   const double skipped_total = session.sum_over_ranks(skipped);
 
   // --check against the fp64 reference.
+  // A sampled check (long sequences) merges per-rank fp64 partials over each rank's own K/V
+  // (src/runtime/check.cpp), so no rank regenerates or streams the whole K/V; the exhaustive check
+  // of short runs streams the global K/V through the naive reference.
   CheckResult check;
   if (f.check) {
-    CheckResult local;
-    collectively(session, [&] {
-      const std::vector<int64_t> rows =
-          choose_check_rows(spec, world, rank, f.problem.seed, f.check_rows, &local.sampled);
-      const KvBlockSource kv = loaded ? global_kv_source(loaded->k.view, loaded->v.view)
-                                      : seeded_kv_source(f.problem.seed, spec.seq_len);
-      const bool sampled = local.sampled;
-      local = check_against_reference(spec, q.view, pos, out.view, lse.view, rows, kv);
-      local.sampled = sampled;
-    });
-    check = reduce_check(session, local);
+    bool sampled_here = false;
+    const std::vector<int64_t> rows =
+        choose_check_rows(spec, world, rank, f.problem.seed, f.check_rows, &sampled_here);
+    const bool sampled = session.max_over_ranks(sampled_here ? 1.0 : 0.0) > 0.0;
+    if (sampled) {
+      SampledCheckOptions options;
+      options.samples = static_cast<int64_t>(session.sum_over_ranks(static_cast<double>(rows.size())));
+      options.seed = f.problem.seed;
+      options.tolerance = check_tolerance(spec.dtype);
+      SampledCheckResult r;
+      collectively(session, [&] {
+        r = distributed_sampled_check(spec, rank, world, session.mpi_comm(), q.view, k.view, v.view, out.view,
+                                      lse.view, options);
+      });
+      check.rows = r.rows;
+      check.sampled = true;
+      check.max_abs_err = r.max_abs_err;
+      check.max_ref = r.max_ref;
+      check.max_rel_err = r.max_rel_err;
+      check.max_lse_err = r.max_lse_err;
+      check.mismatched = r.bad_values;
+      check.tolerance = r.tolerance;
+      check.pass = r.pass;
+    } else {
+      CheckResult local;
+      collectively(session, [&] {
+        const KvBlockSource kv = loaded ? global_kv_source(loaded->k.view, loaded->v.view)
+                                        : seeded_kv_source(f.problem.seed, spec.seq_len);
+        local = check_against_reference(spec, q.view, pos, out.view, lse.view, rows, kv);
+        local.sampled = false;
+      });
+      check = reduce_check(session, local);
+    }
   }
   GradCheckResult grad_check;
   if (f.check && f.backward) {

@@ -242,7 +242,10 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int r
   const std::size_t kv_row_elems = static_cast<std::size_t>(Hkv * D);
   const std::size_t kv_row_bytes = kv_row_elems * dtype_size(k.dtype);
   std::vector<char> kraw(block * kv_row_bytes), vraw(block * kv_row_bytes);
-  std::vector<float> kf(block * kv_row_elems), vf(block * kv_row_elems);
+  // K/V widened to float (exact for bf16, fp16 and fp32 inputs) or, for fp64 inputs, to double.
+  const bool wide = k.dtype == DType::kF64;
+  std::vector<float> kf(wide ? 0 : block * kv_row_elems), vf(wide ? 0 : block * kv_row_elems);
+  std::vector<double> kd(wide ? block * kv_row_elems : 0), vd(wide ? block * kv_row_elems : 0);
   std::vector<int64_t> kp(block);
   for (int64_t b = 0; b < B; ++b) {
     std::vector<int64_t> units;  // (sample, head) pairs of this batch
@@ -262,43 +265,56 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int r
       parallel(threads, [&](int t) {
         const int64_t per = (rows + threads - 1) / threads, lo = t * per, hi = std::min(rows, lo + per);
         if (lo >= hi) return;
-        widen(kraw.data() + lo * kv_row_bytes, k.dtype, (hi - lo) * kv_row_elems, kf.data() + lo * kv_row_elems);
-        widen(vraw.data() + lo * kv_row_bytes, v.dtype, (hi - lo) * kv_row_elems, vf.data() + lo * kv_row_elems);
-      });
-      parallel(threads, [&](int t) {
-        for (std::size_t u = t; u < units.size(); u += threads) {
-          const int64_t i = units[u] / H, h = units[u] % H, hk = h / group;
-          const double* qr = qs.data() + i * HD + h * D;
-          double& mi = m[i * H + h];
-          double& li = l[i * H + h];
-          double* ai = acc.data() + i * HD + h * D;
-          for (int64_t j = 0; j < rows; ++j) {
-            if (spec.causal && kp[j] > q_pos[i]) continue;
-            const float* kr = kf.data() + j * kv_row_elems + hk * D;
-            double d0 = 0, d1 = 0, d2 = 0, d3 = 0;
-            int64_t d = 0;
-            for (; d + 4 <= D; d += 4) {
-              d0 += qr[d] * kr[d];
-              d1 += qr[d + 1] * kr[d + 1];
-              d2 += qr[d + 2] * kr[d + 2];
-              d3 += qr[d + 3] * kr[d + 3];
-            }
-            for (; d < D; ++d) d0 += qr[d] * kr[d];
-            const double sc = (d0 + d1 + d2 + d3) * scale;
-            const float* vr = vf.data() + j * kv_row_elems + hk * D;
-            if (sc > mi) {
-              const double f = std::exp(mi - sc);  // 0 when mi = -inf
-              li = li * f + 1.0;
-              for (int64_t e = 0; e < D; ++e) ai[e] = ai[e] * f + vr[e];
-              mi = sc;
-            } else {
-              const double p = std::exp(sc - mi);
-              li += p;
-              for (int64_t e = 0; e < D; ++e) ai[e] += p * vr[e];
-            }
-          }
+        if (wide) {
+          widen(kraw.data() + lo * kv_row_bytes, k.dtype, (hi - lo) * kv_row_elems, kd.data() + lo * kv_row_elems);
+          widen(vraw.data() + lo * kv_row_bytes, v.dtype, (hi - lo) * kv_row_elems, vd.data() + lo * kv_row_elems);
+        } else {
+          widen(kraw.data() + lo * kv_row_bytes, k.dtype, (hi - lo) * kv_row_elems, kf.data() + lo * kv_row_elems);
+          widen(vraw.data() + lo * kv_row_bytes, v.dtype, (hi - lo) * kv_row_elems, vf.data() + lo * kv_row_elems);
         }
       });
+      // kb, vb: this block's widened K and V rows (float or double).
+      auto partials = [&](const auto* kb, const auto* vb) {
+        parallel(threads, [&](int t) {
+          for (std::size_t u = t; u < units.size(); u += threads) {
+            const int64_t i = units[u] / H, h = units[u] % H, hk = h / group;
+            const double* qr = qs.data() + i * HD + h * D;
+            double& mi = m[i * H + h];
+            double& li = l[i * H + h];
+            double* ai = acc.data() + i * HD + h * D;
+            for (int64_t j = 0; j < rows; ++j) {
+              if (spec.causal && kp[j] > q_pos[i]) continue;
+              const auto* kr = kb + j * kv_row_elems + hk * D;
+              double d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+              int64_t d = 0;
+              for (; d + 4 <= D; d += 4) {
+                d0 += qr[d] * kr[d];
+                d1 += qr[d + 1] * kr[d + 1];
+                d2 += qr[d + 2] * kr[d + 2];
+                d3 += qr[d + 3] * kr[d + 3];
+              }
+              for (; d < D; ++d) d0 += qr[d] * kr[d];
+              const double sc = (d0 + d1 + d2 + d3) * scale;
+              const auto* vr = vb + j * kv_row_elems + hk * D;
+              if (sc > mi) {
+                const double f = std::exp(mi - sc);  // 0 when mi = -inf
+                li = li * f + 1.0;
+                for (int64_t e = 0; e < D; ++e) ai[e] = ai[e] * f + vr[e];
+                mi = sc;
+              } else {
+                const double p = std::exp(sc - mi);
+                li += p;
+                for (int64_t e = 0; e < D; ++e) ai[e] += p * vr[e];
+              }
+            }
+          }
+        });
+      };
+      if (wide) {
+        partials(kd.data(), vd.data());
+      } else {
+        partials(kf.data(), vf.data());
+      }
     }
   }
 
