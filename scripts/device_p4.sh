@@ -40,10 +40,15 @@ if ! { cmake -S . -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DRINGATTN_
 fi
 note "# built in $(elapsed) s"
 BIN="$BUILD/bin/ringattn"
+bench() {  # bench TIMEOUT ARGS...
+  local t=$1; shift
+  timeout "$t" env ${RUN_ENV:-} "${MPIRUN[@]}" "$BIN" bench --dtype bf16 --heads 32 --head-dim 128 --causal --layout zigzag "$@" \
+    2>&1 | tee -a "$OUT/bench.log" | grep -E "^ +[0-9]|^# (OK|FAILED)" | tee -a "$SUMMARY"
+}
 
 if [ "$MODE" = variants ]; then
   best=""; best_eff=0
-  for v in ${VARIANTS:-default: default2: postearly:RINGATTN_RING_POST=early ctas4:RINGATTN_NCCL_MAX_CTAS=4 ctas8:RINGATTN_NCCL_MAX_CTAS=8 ctas16:RINGATTN_NCCL_MAX_CTAS=16 chunk2m:NCCL_P2P_NVL_CHUNKSIZE=2097152 cememcpy:NCCL_P2P_USE_CUDA_MEMCPY=1}; do
+  for v in ${VARIANTS:-default: default2: postearly:RINGATTN_RING_POST=early ctas8:RINGATTN_NCCL_MAX_CTAS=8 ctas16:RINGATTN_NCCL_MAX_CTAS=16 chunk2m:NCCL_P2P_NVL_CHUNKSIZE=2097152}; do
     left 200 || break
     name=${v%%:*}; envs=${v#*:}
     dbg=(); [ "$name" = default ] && dbg=(NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P)
@@ -83,11 +88,6 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   grep -E "^\[  FAILED  \]|Failure" "$OUT/tests.log" | sort -u | head -10 | tee -a "$SUMMARY"
 fi
 
-bench() {  # bench TIMEOUT ARGS...
-  local t=$1; shift
-  timeout "$t" env ${RUN_ENV:-} "${MPIRUN[@]}" "$BIN" bench --dtype bf16 --heads 32 --head-dim 128 --causal --layout zigzag "$@" \
-    2>&1 | tee -a "$OUT/bench.log" | grep -E "^ +[0-9]|^# (OK|FAILED)" | tee -a "$SUMMARY"
-}
 note "# ---- ours p=$NP causal zigzag: tokens | per GPU | ms | TFLOP/s/GPU | 1-GPU | eff | exposed | mem | model | err | check"
 note "# forward"
 left 120 && bench 120 -b 32K -e 128K -f 2 -n 10 -w 3 -c 1 -J "$OUT/p4_fwd.json"
