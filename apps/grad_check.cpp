@@ -43,6 +43,18 @@ void sum_over_ranks_inplace(Session& session, std::vector<double>& values) {
 #endif
 }
 
+void max_over_ranks_inplace(Session& session, std::vector<double>& values) {
+#ifdef RINGATTN_HAVE_MPI
+  if (session.world() > 1) {
+    MPI_Comm comm = *static_cast<MPI_Comm*>(session.mpi_comm());
+    MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE, MPI_MAX, comm);
+  }
+#else
+  (void)session;
+  (void)values;
+#endif
+}
+
 // Max |got - ref| and max |ref| accumulated per gradient.
 struct ErrAcc {
   double err = 0.0, ref = 0.0;
@@ -63,97 +75,148 @@ GradCheckResult check_gradients(Session& session, const AttentionSpec& spec, con
                                 const TensorView& q, const TensorView& k, const TensorView& v,
                                 const TensorView& dout, const TensorView& out, const TensorView& lse,
                                 const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                                const std::vector<int64_t>& q_rows, const std::vector<int64_t>& k_rows,
-                                const KvBlockSource& kv) {
+                                const std::vector<int64_t>& q_rows, const std::vector<int64_t>& k_rows) {
   const int64_t B = spec.batch, H = spec.heads, Hkv = spec.effective_kv_heads(), D = spec.head_dim;
   const int64_t S = spec.seq_len, Sl = q.shape[1], group = H / Hkv;
   const double scale = spec.scale();
   auto qi = [&](int64_t b, int64_t i, int64_t h) { return ((b * Sl + i) * H + h) * D; };
   auto ki = [&](int64_t b, int64_t i, int64_t h) { return ((b * Sl + i) * Hkv + h) * D; };
 
-  // ---- dQ on sampled query rows: two streamed passes over the global K/V ---------------------------
-  const int64_t nq = static_cast<int64_t>(q_rows.size());
-  const int64_t units = nq * B * H;  // one (row, batch, head) per unit
+  const int world = session.world();
+  const int rank = session.rank();
+
+  // ---- dQ on sampled query rows: every rank's rows against every rank's own K/V, merged -----------
+  // The sampled rows of all ranks (position, q, dO) go to every rank; each computes fp64 partials
+  // over its own K/V chunk (online softmax, then dQ with the merged reference lse and O), and the
+  // partials are merged exactly over ranks. No rank regenerates or receives another rank's K/V.
+  const int64_t nq_local = static_cast<int64_t>(q_rows.size());
+  const int64_t nq = static_cast<int64_t>(session.max_over_ranks(static_cast<double>(nq_local)));
+  RINGATTN_CHECK(nq == nq_local, ErrorKind::kInternal, "ranks sampled different numbers of query rows", "");
+  const int64_t row_elems = B * H * D;
+  const int64_t rows_all = world * nq;
+  std::vector<double> q_pos_all(static_cast<std::size_t>(rows_all), 0.0);
+  std::vector<double> qd_all(static_cast<std::size_t>(rows_all * 2 * row_elems), 0.0);  // [row][q | dO][b][h][d]
+  for (int64_t r = 0; r < nq; ++r) {
+    const int64_t i = q_rows[r];
+    q_pos_all[rank * nq + r] = static_cast<double>(pos.at(i));
+    double* dst = &qd_all[(rank * nq + r) * 2 * row_elems];
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t d = 0; d < D; ++d) {
+          dst[(b * H + h) * D + d] = load_as_double(q, qi(b, i, h) + d);
+          dst[row_elems + (b * H + h) * D + d] = load_as_double(dout, qi(b, i, h) + d);
+        }
+      }
+    }
+  }
+  sum_over_ranks_inplace(session, q_pos_all);  // each slot is written by one rank, zero elsewhere
+  sum_over_ranks_inplace(session, qd_all);
+  const int64_t units = rows_all * B * H;  // one (row, batch, head) per unit
+  auto q_of = [&](int64_t u) { return &qd_all[(u / (B * H)) * 2 * row_elems + (u % (B * H)) * D]; };
+  auto do_of = [&](int64_t u) { return q_of(u) + row_elems; };
   std::vector<double> m(units, -kInf), l(units, 0.0), o(units * D, 0.0), delta(units, 0.0), dq_ref(units * D, 0.0);
-  auto stream_kv = [&](auto&& per_block) {
-    for (int64_t first = 0; first < S; first += kKvBlockRows) {
-      const int64_t n = std::min(kKvBlockRows, S - first);
-      HostTensor kb = make_host_tensor(spec.dtype, {B, n, Hkv, D});
-      HostTensor vb = make_host_tensor(spec.dtype, {B, n, Hkv, D});
-      kv(first, kb.view, vb.view);
-      per_block(first, n, kb.view, vb.view);
+  // Streams this rank's K/V in blocks widened to fp64: per_block(first local row, rows, k, v), with
+  // k/v laid out (b, row, kv head, d).
+  const int64_t kv_row = Hkv * D;
+  std::vector<double> kb(static_cast<std::size_t>(B * kKvBlockRows * kv_row)), vb(kb.size());
+  std::vector<int64_t> kp(static_cast<std::size_t>(kKvBlockRows));
+  auto stream_local_kv = [&](auto&& per_block) {
+    for (int64_t first = 0; first < Sl; first += kKvBlockRows) {
+      const int64_t n = std::min(kKvBlockRows, Sl - first);
+      parallel_for(B * n, [&](int64_t r) {
+        const int64_t b = r / n, j = r % n;
+        for (int64_t e = 0; e < kv_row; ++e) {
+          kb[(b * n + j) * kv_row + e] = load_as_double(k, ki(b, first + j, 0) + e);
+          vb[(b * n + j) * kv_row + e] = load_as_double(v, ki(b, first + j, 0) + e);
+        }
+      });
+      for (int64_t j = 0; j < n; ++j) kp[j] = pos.at(first + j);
+      per_block(n);
     }
   };
-  auto score = [&](int64_t u, int64_t j, const TensorView& kb, int64_t n) {
-    const int64_t r = u / (B * H), b = (u / H) % B, h = u % H;
-    const int64_t i = q_rows[r];
-    double s = 0.0;
-    const int64_t kbase = ((b * n + j) * Hkv + h / group) * D;
-    for (int64_t d = 0; d < D; ++d) s += load_as_double(q, qi(b, i, h) + d) * load_as_double(kb, kbase + d);
-    return s * scale;
-  };
   auto visible = [&](int64_t u, int64_t key_pos) {
-    return !spec.causal || key_pos <= pos.at(q_rows[u / (B * H)]);
+    return !spec.causal || static_cast<double>(key_pos) <= q_pos_all[u / (B * H)];
   };
-  // Pass 1: reference lse and O per unit (online softmax in fp64).
-  stream_kv([&](int64_t first, int64_t n, const TensorView& kb, const TensorView& vb) {
+  auto score = [&](int64_t u, int64_t n, int64_t j) {
+    const int64_t b = (u / H) % B, h = u % H;
+    const double* qr = q_of(u);
+    const double* kr = &kb[((b * n + j) * Hkv + h / group) * D];
+    double sc = 0.0;
+    for (int64_t d = 0; d < D; ++d) sc += qr[d] * kr[d];
+    return sc * scale;
+  };
+  // Pass 1: partial online softmax per unit over this rank's keys, then the exact merge.
+  stream_local_kv([&](int64_t n) {
     parallel_for(units, [&](int64_t u) {
       const int64_t b = (u / H) % B, h = u % H;
       for (int64_t j = 0; j < n; ++j) {
-        if (!visible(u, first + j)) continue;
-        const double s = score(u, j, kb, n);
-        const double m_new = std::max(m[u], s);
-        const double corr = std::exp(m[u] - m_new), p = std::exp(s - m_new);
-        l[u] = l[u] * corr + p;
-        const int64_t vbase = ((b * n + j) * Hkv + h / group) * D;
-        for (int64_t d = 0; d < D; ++d) o[u * D + d] = o[u * D + d] * corr + p * load_as_double(vb, vbase + d);
+        if (!visible(u, kp[j])) continue;
+        const double sc = score(u, n, j);
+        const double m_new = std::max(m[u], sc);
+        const double corr = std::exp(m[u] - m_new), pj = std::exp(sc - m_new);
+        l[u] = l[u] * corr + pj;
+        const double* vr = &vb[((b * n + j) * Hkv + h / group) * D];
+        for (int64_t d = 0; d < D; ++d) o[u * D + d] = o[u * D + d] * corr + pj * vr[d];
         m[u] = m_new;
       }
     });
   });
+  std::vector<double> gm = m;
+  max_over_ranks_inplace(session, gm);
   for (int64_t u = 0; u < units; ++u) {
-    const int64_t r = u / (B * H), b = (u / H) % B, h = u % H;
+    const double f = m[u] == -kInf ? 0.0 : std::exp(m[u] - gm[u]);
+    l[u] *= f;
+    for (int64_t d = 0; d < D; ++d) o[u * D + d] *= f;
+  }
+  sum_over_ranks_inplace(session, l);
+  sum_over_ranks_inplace(session, o);
+  for (int64_t u = 0; u < units; ++u) {
     if (l[u] == 0.0) continue;
     double dsum = 0.0;
+    const double* dor = do_of(u);
     for (int64_t d = 0; d < D; ++d) {
       o[u * D + d] /= l[u];
-      dsum += load_as_double(dout, qi(b, q_rows[r], h) + d) * o[u * D + d];
+      dsum += dor[d] * o[u * D + d];
     }
     delta[u] = dsum;
-    m[u] += std::log(l[u]);  // m now holds the reference lse
+    m[u] = gm[u] + std::log(l[u]);  // m now holds the reference lse
   }
-  // Pass 2: dQ = scale * sum_j P_ij (dO_i . V_j - D_i) K_j.
-  stream_kv([&](int64_t first, int64_t n, const TensorView& kb, const TensorView& vb) {
+  // Pass 2: partial dQ = scale * sum_j P_ij (dO_i . V_j - D_i) K_j over this rank's keys, summed.
+  stream_local_kv([&](int64_t n) {
     parallel_for(units, [&](int64_t u) {
       if (l[u] == 0.0) return;
-      const int64_t r = u / (B * H), b = (u / H) % B, h = u % H;
+      const int64_t b = (u / H) % B, h = u % H;
+      const double* dor = do_of(u);
       for (int64_t j = 0; j < n; ++j) {
-        if (!visible(u, first + j)) continue;
-        const double p = std::exp(score(u, j, kb, n) - m[u]);
+        if (!visible(u, kp[j])) continue;
+        const double pj = std::exp(score(u, n, j) - m[u]);
         const int64_t base = ((b * n + j) * Hkv + h / group) * D;
         double dp = 0.0;
-        for (int64_t d = 0; d < D; ++d) dp += load_as_double(dout, qi(b, q_rows[r], h) + d) * load_as_double(vb, base + d);
-        const double ds = p * (dp - delta[u]) * scale;
-        for (int64_t d = 0; d < D; ++d) dq_ref[u * D + d] += ds * load_as_double(kb, base + d);
+        for (int64_t d = 0; d < D; ++d) dp += dor[d] * vb[base + d];
+        const double ds = pj * (dp - delta[u]) * scale;
+        for (int64_t d = 0; d < D; ++d) dq_ref[u * D + d] += ds * kb[base + d];
       }
     });
   });
+  sum_over_ranks_inplace(session, dq_ref);
   ErrAcc dq_err;
-  for (int64_t u = 0; u < units; ++u) {
-    const int64_t r = u / (B * H), b = (u / H) % B, h = u % H;
-    for (int64_t d = 0; d < D; ++d) dq_err.add(load_as_double(dq, qi(b, q_rows[r], h) + d), dq_ref[u * D + d]);
+  for (int64_t r = 0; r < nq; ++r) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t u = ((rank * nq + r) * B + b) * H + h;
+        for (int64_t d = 0; d < D; ++d) dq_err.add(load_as_double(dq, qi(b, q_rows[r], h) + d), dq_ref[u * D + d]);
+      }
+    }
   }
 
   // ---- dK/dV on sampled key rows: every rank adds its own queries' share ----------------------------
   // Gather the sampled key rows of every rank: their global positions and K/V values.
-  const int world = session.world();
   const int64_t nk_local = static_cast<int64_t>(k_rows.size());
   const int64_t nk = static_cast<int64_t>(session.max_over_ranks(static_cast<double>(nk_local)));
   RINGATTN_CHECK(nk == nk_local, ErrorKind::kInternal, "ranks sampled different numbers of key rows", "");
   const int64_t row_vals = B * Hkv * D;
   std::vector<double> key_pos(static_cast<std::size_t>(world * nk), 0.0);
   std::vector<double> key_kv(static_cast<std::size_t>(world * nk * 2 * row_vals), 0.0);
-  const int rank = session.rank();
   for (int64_t s = 0; s < nk; ++s) {
     const int64_t j = k_rows[s];
     key_pos[rank * nk + s] = static_cast<double>(pos.at(j));

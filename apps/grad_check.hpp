@@ -22,8 +22,9 @@ struct GradCheckResult {
 
 // Collective. All tensors are this rank's host copies in the run's dtype (lse fp32/fp64):
 // q, dout, out, dq: (B, S_local, H, D); k, v, dk, dv: (B, S_local, Hkv, D); lse: (B, H, S_local).
-//  - dQ of local rows `q_rows`: the reference recomputes lse and O for the row from the full K/V
-//    (streamed from `kv`, never gathered), then dQ = scale * sum_j P_ij (dO_i.V_j - D_i) K_j.
+//  - dQ of local rows `q_rows` (every rank's are checked): the reference recomputes lse and O of
+//    every sampled row from fp64 partials over each rank's own K/V, merged exactly over ranks (no
+//    rank ever holds another's K/V), then dQ = scale * sum_j P_ij (dO_i.V_j - D_i) K_j the same way.
 //  - dK/dV of local rows `k_rows` (every rank's are checked): every rank adds the fp64
 //    contributions of its own queries, P_ij = exp(scale q_i.k_j - lse_i) with D_i = dO_i.O_i
 //    from the forward's lse and O (checked separately by the forward --check), and the partial
@@ -32,7 +33,6 @@ GradCheckResult check_gradients(Session& session, const AttentionSpec& spec, con
                                 const TensorView& q, const TensorView& k, const TensorView& v,
                                 const TensorView& dout, const TensorView& out, const TensorView& lse,
                                 const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                                const std::vector<int64_t>& q_rows, const std::vector<int64_t>& k_rows,
-                                const KvBlockSource& kv);
+                                const std::vector<int64_t>& q_rows, const std::vector<int64_t>& k_rows);
 
 }  // namespace ringattn::cli

@@ -2,6 +2,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <memory>
 #include <optional>
@@ -24,6 +26,7 @@ namespace {
 constexpr int kExitCheckFailed = 2;  // results were computed but are wrong (errors exit with 1)
 constexpr uint64_t kKeySampleSalt = 0x6b65797307ull;  // separates the key-row sample from the query-row one
 constexpr double kBackwardFlopsFactor = 2.5;  // backward = 2.5 x forward FLOPs, as peers count
+constexpr const char* kRunFaultEnv = "RINGATTN_RUN_FAULT";  // tests: corrupt one gradient before --check
 
 struct RunFlags {
   ProblemFlags problem;
@@ -257,6 +260,13 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       copy_to_host(dk_dev, dk.view);
       copy_to_host(dv_dev, dv.view);
     });
+    // Tests only: RINGATTN_RUN_FAULT=dq|dk|dv scales that gradient by 1.5, which --check must catch.
+    if (const char* fault = std::getenv(kRunFaultEnv)) {
+      for (const auto& [name, t] : {std::pair<const char*, TensorView>{"dq", dq.view}, {"dk", dk.view}, {"dv", dv.view}}) {
+        if (std::strcmp(fault, name) != 0) continue;
+        for (int64_t e = 0; e < t.numel(); ++e) store_from_double(t, e, 1.5 * load_as_double(t, e));
+      }
+    }
   }
   const double wall_bwd_max = session.max_over_ranks(wall_bwd_ms);
   const double bwd_compute_max = session.max_over_ranks(bwd_stats.compute_ms());
@@ -319,10 +329,8 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       // Key rows: a different seeded sample than the query rows (same count on every rank).
       const std::vector<int64_t> key_rows =
           choose_check_rows(spec, world, rank, f.problem.seed ^ kKeySampleSalt, f.check_rows, &sampled);
-      const KvBlockSource kv = loaded ? global_kv_source(loaded->k.view, loaded->v.view)
-                                      : seeded_kv_source(f.problem.seed, spec.seq_len);
       grad_check = check_gradients(session, spec, pos, q.view, k.view, v.view, dout.view, out.view, lse.view,
-                                   dq.view, dk.view, dv.view, rows, key_rows, kv);
+                                   dq.view, dk.view, dv.view, rows, key_rows);
     });
   }
 

@@ -69,6 +69,24 @@ case $case_name in
     expect_ok --seq-len 96 --heads 4 --kv-heads 1 --head-dim 16 --causal --layout striped --backward --check --dtype fp32
     grep -q "gradient check" "$work/stdout.txt" || die "no gradient check line"
     grep -qx PASS "$work/stdout.txt" || die "no PASS line" ;;
+  backward_check_sampled)
+    expect_ok --seq-len 2400 --heads 4 --kv-heads 2 --head-dim 16 --causal --layout zigzag --backward --check \
+      --check-rows 4 --dtype fp32
+    grep -q "dK/dV on .* key rows (sampled)" "$work/stdout.txt" || die "expected a sampled gradient check"
+    grep -qx PASS "$work/stdout.txt" || die "no PASS line" ;;
+  backward_check_catches_fault)
+    # Each gradient scaled by 1.5 after the ring (RINGATTN_RUN_FAULT): --check must fail with exit 2,
+    # on the exhaustive and on the sampled path.
+    for g in dq dk dv; do
+      for rows in 0 4; do
+        RINGATTN_RUN_FAULT=$g run --seq-len 480 --heads 4 --kv-heads 2 --head-dim 16 --causal --layout zigzag \
+          --backward --check --check-rows $rows --dtype fp32 >/dev/null 2>&1
+        rc=$?
+        [ $rc -eq 2 ] || die "corrupted $g (--check-rows $rows) exited $rc, expected 2"
+        grep -qx FAIL "$work/stdout.txt" || die "corrupted $g (--check-rows $rows): no FAIL line"
+      done
+    done
+    echo "ok: every corrupted gradient fails the check" ;;
   check)
     expect_ok --seq-len 384 --heads 4 --kv-heads 2 --head-dim 32 --causal --layout zigzag --check --seed 7
     grep -qx PASS "$work/stdout.txt" || die "no PASS line" ;;
