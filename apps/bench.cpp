@@ -666,6 +666,7 @@ std::string results_json(const BenchFlags& f, const AttentionSpec& base, Session
 }
 
 int run_bench(const BenchFlags& f) {
+  guess_process_context_from_launcher();  // flag errors below name this process's rank under mpirun
   validate_flags(f);
   AttentionSpec base = spec_from_flags(f.problem);
   const std::vector<int64_t> sizes = sweep_sizes(f);

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <limits>
+#include <new>
 #include <set>
 #include <thread>
 
@@ -532,6 +533,15 @@ void write_text_file(const std::string& path, const std::string& text) {
   }
 }
 
+std::string describe_exception(const std::exception& e) {
+  if (dynamic_cast<const std::bad_alloc*>(&e) != nullptr) {
+    return context_prefix() + " out of host memory (" + e.what() +
+           ") (hint: the problem does not fit this rank's memory: use more ranks, a shorter sequence "
+           "(--seq-len, -e) or fewer heads, or fewer ranks per host)";
+  }
+  return e.what();
+}
+
 void collectively(Session& session, const std::function<void()>& fn) {
   bool ok = true;
   std::string message;
@@ -539,7 +549,7 @@ void collectively(Session& session, const std::function<void()>& fn) {
     fn();
   } catch (const std::exception& e) {
     ok = false;
-    message = e.what();
+    message = describe_exception(e);
   }
   try {
     session.agree_ok(ok, message);

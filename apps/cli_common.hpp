@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <initializer_list>
 #include <memory>
@@ -64,6 +65,9 @@ inline bool given(const CLI::Option* opt) { return opt != nullptr && opt->count(
 // Before the session exists: takes rank and world from the launcher's environment (Open MPI,
 // MPICH/PMI, Slurm) so that early error messages already name the right rank.
 void guess_process_context_from_launcher();
+
+// The message of an exception for the user; std::bad_alloc becomes "out of host memory" with a hint.
+std::string describe_exception(const std::exception& e);
 
 // ---- host tensors ------------------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 // ringattn CLI entry point: dispatches to the run, bench and info subcommands.
 #include <cstdio>
 #include <exception>
+#include <new>
 #include <vector>
 
+#include "cli_common.hpp"
 #include "commands.hpp"
 #include "ringattn/error.hpp"
 
@@ -26,6 +28,9 @@ int main(int argc, char** argv) {
     }
   } catch (const ringattn::Error& e) {
     std::fprintf(stderr, "ringattn: error: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc& e) {
+    std::fprintf(stderr, "ringattn: error: %s\n", ringattn::cli::describe_exception(e).c_str());
     return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "ringattn: error: %s %s\n", ringattn::context_prefix().c_str(), e.what());
