@@ -48,7 +48,7 @@ bench() {  # bench TIMEOUT ARGS...
 
 if [ "$MODE" = variants ]; then
   best=""; best_eff=0
-  for v in ${VARIANTS:-default: default2: postearly:RINGATTN_RING_POST=early ctas8:RINGATTN_NCCL_MAX_CTAS=8 ctas16:RINGATTN_NCCL_MAX_CTAS=16 chunk2m:NCCL_P2P_NVL_CHUNKSIZE=2097152 p2pmin64:NCCL_MIN_P2P_NCHANNELS=64}; do
+  for v in ${VARIANTS:-default: default2: postearly:RINGATTN_RING_POST=early ctas8:RINGATTN_NCCL_MAX_CTAS=8 ctas16:RINGATTN_NCCL_MAX_CTAS=16 chunk2m:NCCL_P2P_NVL_CHUNKSIZE=2097152 p2pnccl:NCCL_MIN_P2P_NCHANNELS=1}; do
     left 200 || break
     name=${v%%:*}; envs=${v#*:}
     dbg=(); [ "$name" = default ] && dbg=(NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P)
