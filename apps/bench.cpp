@@ -34,6 +34,7 @@
 
 #include "cli_common.hpp"
 #include "commands.hpp"
+#include "grad_check.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/ringattn.hpp"
 #include "ringattn/session.hpp"
@@ -48,6 +49,9 @@ constexpr int kExitCommFailure = 3;  // a peer hung or died: timeout / NCCL erro
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 constexpr double kBackwardFlopsFactor = 2.5;  // backward = 2.5x forward FLOPs, as peers count
 constexpr auto kGraceBeforeAbort = std::chrono::seconds(2);  // lets every surviving rank print its message
+constexpr const char* kBenchFaultEnv = "RINGATTN_BENCH_FAULT";  // tests: corrupt the output or a gradient
+constexpr uint64_t kGradQuerySalt = 29;  // seeds of the gradient check's query and key row samples
+constexpr uint64_t kGradKeySalt = 31;
 
 using Clock = std::chrono::steady_clock;
 
@@ -220,6 +224,8 @@ struct SizeResult {
   double model_mem_bytes = 0.0;  // model_memory(): what the formula says one rank needs
   bool checked = false;
   SampledCheckResult check;
+  bool grad_checked = false;  // -c 1 with --backward: dQ/dK/dV on sampled rows (apps/grad_check.hpp)
+  GradCheckResult grad;
   std::vector<HopSummary> hops;
   std::string per_rank_json;  // rank 0: array of per-rank details
 };
@@ -387,6 +393,14 @@ double baseline_pass(const RingAttention& ring, Backend& backend, const Attentio
   return ms_since(t0);
 }
 
+// A host copy of a backend tensor (same dtype and shape; rank 3 or 4).
+HostTensor host_copy(const TensorView& t) {
+  HostTensor h = t.rank == 3 ? make_host_tensor(t.dtype, {t.shape[0], t.shape[1], t.shape[2]})
+                             : make_host_tensor(t.dtype, {t.shape[0], t.shape[1], t.shape[2], t.shape[3]});
+  copy_to_host(t, h.view);
+  return h;
+}
+
 // Fault injection for tests (RINGATTN_BENCH_FAULT set): scales every output value, so the check
 // must report FAILED and the exit code must be non-zero.
 void scale_output(const TensorView& out, double factor) {
@@ -410,6 +424,25 @@ void scale_output(const TensorView& out, double factor) {
                    "fault injection: copy of out failed", "");
   }
 #endif
+}
+
+// RINGATTN_BENCH_FAULT set to anything but a gradient's name: the output is corrupted.
+bool output_fault() {
+  const char* fault = std::getenv(kBenchFaultEnv);
+  if (fault == nullptr) return false;
+  const std::string which = fault;
+  return which != "dq" && which != "dk" && which != "dv";
+}
+
+// Fault injection for tests: RINGATTN_BENCH_FAULT=dq|dk|dv scales that gradient (host copy) by 1.5,
+// so the gradient check must report FAILED.
+void inject_gradient_fault(const TensorView& dq, const TensorView& dk, const TensorView& dv) {
+  const char* fault = std::getenv(kBenchFaultEnv);
+  if (fault == nullptr) return;
+  const std::string which = fault;
+  const TensorView* t = which == "dq" ? &dq : which == "dk" ? &dk : which == "dv" ? &dv : nullptr;
+  if (t == nullptr) return;
+  for (int64_t e = 0; e < t->numel(); ++e) store_from_double(*t, e, 1.5 * load_as_double(*t, e));
 }
 
 std::string rank_json(int rank, const std::vector<double>& ring_ms, const std::vector<double>& base_ms,
@@ -515,13 +548,31 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
   const PassStats stats = ring->last_stats();
 
   // Check before the baseline overwrites out/lse.
-  if (f.check && std::getenv("RINGATTN_BENCH_FAULT") != nullptr) scale_output(out, 1.5);  // tests: must FAIL
+  if (f.check && output_fault()) scale_output(out, 1.5);  // tests: must FAIL
   if (f.check) {
     SampledCheckOptions opt;
     opt.samples = f.check_rows;
     opt.seed = seed + 17;
     res.check = distributed_sampled_check(spec, ring->rank(), world, session.mpi_comm(), q, k, v, out, lse, opt);
     res.checked = true;
+  }
+  if (f.check && f.backward) {
+    // Gradients of the last pass on sampled rows (as many per rank as -c samples over the ring),
+    // from host copies; the reference never gathers another rank's K/V.
+    progress.phase = "gradient check";
+    const HostTensor hq = host_copy(q), hk = host_copy(k), hv = host_copy(v), hout = host_copy(out);
+    const HostTensor hlse = host_copy(lse), hdo = host_copy(g.dout);
+    const HostTensor hdq = host_copy(g.dq), hdk = host_copy(g.dk), hdv = host_copy(g.dv);
+    inject_gradient_fault(hdq.view, hdk.view, hdv.view);
+    const int64_t per_rank = std::max<int64_t>(1, (f.check_rows + world - 1) / world);
+    bool sampled = false;
+    const std::vector<int64_t> q_rows =
+        choose_check_rows(spec, world, ring->rank(), seed + kGradQuerySalt, per_rank, &sampled);
+    const std::vector<int64_t> k_rows =
+        choose_check_rows(spec, world, ring->rank(), seed + kGradKeySalt, per_rank, &sampled);
+    res.grad = check_gradients(session, spec, ring->positions(), hq.view, hk.view, hv.view, hdo.view, hout.view,
+                               hlse.view, hdq.view, hdk.view, hdv.view, q_rows, k_rows);
+    res.grad_checked = true;
   }
 
   std::vector<double> base_ms;
@@ -580,14 +631,21 @@ void print_header(bool gpu) {
               "(TFLOP/s)", "eff (%)", "comm (%)", "(GiB)", "(GiB)", "rel err", "");
 }
 
+// The largest relative error a size's checks saw: the output, and with --backward dQ, dK, dV.
+double worst_rel_err(const SizeResult& r) {
+  double w = r.check.max_rel_err;
+  if (r.grad_checked) w = std::max({w, r.grad.dq_rel_err, r.grad.dk_rel_err, r.grad.dv_rel_err});
+  return w;
+}
+
 void print_row(const SizeResult& r, bool baseline) {
   const bool gpu = r.peak_mem_bytes > 0;
   std::printf("  %10lld %10lld %10.3f %9s %9s %8s %8.2f %9s %9.3f %9s %6s\n", static_cast<long long>(r.tokens),
               static_cast<long long>(r.tokens_per_gpu), r.ring_ms, tflops_text(r.tflops_per_gpu).c_str(),
               baseline ? tflops_text(r.baseline_tflops).c_str() : "N/A",
               baseline ? fmt("%.1f", 100.0 * r.efficiency).c_str() : "N/A", r.exposed_pct, gpu ? fmt("%.3f", r.peak_mem_bytes / kGiB).c_str() : "N/A",
-              r.model_mem_bytes / kGiB, r.checked ? fmt("%.2e", r.check.max_rel_err).c_str() : "N/A",
-              r.checked ? (r.check.pass ? "OK" : "FAIL") : "N/A");
+              r.model_mem_bytes / kGiB, r.checked ? fmt("%.2e", worst_rel_err(r)).c_str() : "N/A",
+              r.checked ? (r.check.pass && (!r.grad_checked || r.grad.pass) ? "OK" : "FAIL") : "N/A");
   std::fflush(stdout);
 }
 
@@ -651,6 +709,18 @@ std::string results_json(const BenchFlags& f, const AttentionSpec& base, Session
           .field("pass", r.check.pass)
           .end_object();
     }
+    if (r.grad_checked) {
+      j.begin_object("grad_check")
+          .field("dq_rows", r.grad.dq_rows)
+          .field("dkv_rows", r.grad.dkv_rows)
+          .field("dq_rel_err", r.grad.dq_rel_err)
+          .field("dk_rel_err", r.grad.dk_rel_err)
+          .field("dv_rel_err", r.grad.dv_rel_err)
+          .field("non_finite", r.grad.non_finite)
+          .field("tolerance", r.grad.tolerance)
+          .field("pass", r.grad.pass)
+          .end_object();
+    }
     j.begin_array("hops");
     for (std::size_t h = 0; h < r.hops.size(); ++h) {
       j.begin_object().field("hop", static_cast<int64_t>(h)).field("skipped", r.hops[h].skipped);
@@ -709,7 +779,7 @@ int run_bench(const BenchFlags& f) {
       progress.size_index = i;
       SizeResult r = run_size(*session, coll, f, spec, progress);
       progress.clear();
-      if (r.checked && !r.check.pass) ok = false;
+      if ((r.checked && !r.check.pass) || (r.grad_checked && !r.grad.pass)) ok = false;
       if (root) print_row(r, f.baseline);
       results.push_back(std::move(r));
     }
@@ -744,7 +814,7 @@ int run_bench(const BenchFlags& f) {
     double sum_tf = 0.0, worst = 0.0;
     for (const SizeResult& r : results) {
       sum_tf += r.tflops_per_gpu;
-      if (r.checked) worst = std::max(worst, r.check.max_rel_err);
+      if (r.checked) worst = std::max(worst, worst_rel_err(r));
     }
     std::printf("# Avg TFLOP/s per GPU: %.1f over %zu size%s\n", results.empty() ? 0.0 : sum_tf / results.size(),
                 results.size(), results.size() == 1 ? "" : "s");
@@ -834,7 +904,7 @@ Command add_bench_command(CLI::App& root) {
       ->capture_default_str();
   app->add_flag("!--no-baseline", f.baseline, "Skip the one-GPU baseline (no ring efficiency column)");
   app->add_flag("--backward", f.backward,
-                "Time forward + backward per pass (TFLOP/s count 3.5x the forward FLOPs; -c checks the forward)");
+                "Time forward + backward per pass (TFLOP/s count 3.5x the forward FLOPs; -c 1 also checks dQ, dK, dV on sampled rows)");
   add_problem_flags(*app, f.problem, /*with_seq_len=*/false);
   add_session_flags(*app, f.problem);
   return {app, [flags, app] {
