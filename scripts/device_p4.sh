@@ -105,7 +105,7 @@ fi
 if [ "${SKIP_1M:-0}" != 1 ]; then
   note "# ---- 1M tokens, causal zigzag, p=$NP: forward (check), forward+backward"
   left 70 && bench 120 -b 1M -e 1M -n 2 -w 0 -c 1 --no-baseline -T 600 -J "$OUT/p4_1m_fwd.json"
-  left 80 && bench 150 -b 1M -e 1M -n 1 -w 0 -c 1 --no-baseline --backward -T 600 -J "$OUT/p4_1m_fwdbwd.json"
+  left 80 && bench 240 -b 1M -e 1M -n 1 -w 0 -c 1 --no-baseline --backward -T 600 -J "$OUT/p4_1m_fwdbwd.json"
   if left 100; then
     note "# run --backward --check at 1M (sampled dQ rows and dK/dV rows vs fp64, streamed)"
     timeout $(( BUDGET_S - $(elapsed) )) "${MPIRUN[@]}" "$BIN" run --dtype bf16 --seq-len 1M --heads 32 --head-dim 128 \
