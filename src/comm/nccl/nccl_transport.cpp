@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "comm/nccl_env.hpp"
 #include "comm/transports.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/session.hpp"
@@ -41,10 +42,6 @@ std::string seconds_text(double ms) {
   return buf;
 }
 
-constexpr const char* kMinP2pChannelsEnv = "NCCL_MIN_P2P_NCHANNELS";
-constexpr const char* kMinP2pChannelsForRing = "64";
-constexpr int kMinRanksForP2pChannels = 3;
-
 }  // namespace
 
 NcclTransport::NcclTransport(MPI_Comm comm, int device, cudaStream_t compute_stream, double timeout_ms)
@@ -70,14 +67,8 @@ NcclTransport::NcclTransport(MPI_Comm comm, int device, cudaStream_t compute_str
 
   create_streams_and_events();
 
-  // NCCL gives one send/recv at least p2pnChannelsPerPeer channels, halved until min * ranks <=
-  // p2pnChannels: 16 at p = 2 but 8 at p = 4 with its defaults (32 and 32 on H100/H200), and 8
-  // channels leave a hop's K/V exposed at 8k tokens per GPU (docs/BENCHMARKS.md, 2026-11-28).
-  // From 3 ranks up, unless the user set it, ask for 64 p2p channels (16 per send/recv at p = 4).
-  // Set before NCCL's first call so its parameter cache sees it.
-  if (world_ >= kMinRanksForP2pChannels && std::getenv(kMinP2pChannelsEnv) == nullptr) {
-    setenv(kMinP2pChannelsEnv, kMinP2pChannelsForRing, 0);
-  }
+  // More p2p channels per send/recv from 3 ranks up (comm/nccl_env.hpp), before NCCL's first call.
+  apply_nccl_p2p_channel_default(world_);
 
   ncclUniqueId id;
   std::memset(&id, 0, sizeof(id));
