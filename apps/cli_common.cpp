@@ -533,6 +533,16 @@ void write_text_file(const std::string& path, const std::string& text) {
   }
 }
 
+bool inject_gradient_fault(const char* env, const TensorView& dq, const TensorView& dk, const TensorView& dv) {
+  const char* fault = std::getenv(env);
+  if (fault == nullptr) return false;
+  const std::string which = fault;
+  const TensorView* t = which == "dq" ? &dq : which == "dk" ? &dk : which == "dv" ? &dv : nullptr;
+  if (t == nullptr) return false;
+  for (int64_t e = 0; e < t->numel(); ++e) store_from_double(*t, e, 1.5 * load_as_double(*t, e));
+  return true;
+}
+
 std::string describe_exception(const std::exception& e) {
   if (dynamic_cast<const std::bad_alloc*>(&e) != nullptr) {
     return context_prefix() + " out of host memory (" + e.what() +

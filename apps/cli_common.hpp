@@ -66,6 +66,10 @@ inline bool given(const CLI::Option* opt) { return opt != nullptr && opt->count(
 // MPICH/PMI, Slurm) so that early error messages already name the right rank.
 void guess_process_context_from_launcher();
 
+// Tests only: when environment variable `env` names a gradient ("dq", "dk" or "dv"), scales that
+// host tensor by 1.5 so a gradient check must fail. Returns whether it corrupted one.
+bool inject_gradient_fault(const char* env, const TensorView& dq, const TensorView& dk, const TensorView& dv);
+
 // The message of an exception for the user; std::bad_alloc becomes "out of host memory" with a hint.
 std::string describe_exception(const std::exception& e);
 

@@ -31,28 +31,25 @@ void parallel_for(int64_t n, Fn fn) {
   for (auto& th : pool) th.join();
 }
 
-void sum_over_ranks_inplace(Session& session, std::vector<double>& values) {
+// Elementwise sum (or max) of `values` over the ranks, in place.
+void reduce_over_ranks_inplace(Session& session, std::vector<double>& values, bool max) {
 #ifdef RINGATTN_HAVE_MPI
   if (session.world() > 1) {
     MPI_Comm comm = *static_cast<MPI_Comm*>(session.mpi_comm());
-    MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE, MPI_SUM, comm);
+    MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE, max ? MPI_MAX : MPI_SUM,
+                  comm);
   }
 #else
   (void)session;
   (void)values;
+  (void)max;
 #endif
 }
-
+void sum_over_ranks_inplace(Session& session, std::vector<double>& values) {
+  reduce_over_ranks_inplace(session, values, false);
+}
 void max_over_ranks_inplace(Session& session, std::vector<double>& values) {
-#ifdef RINGATTN_HAVE_MPI
-  if (session.world() > 1) {
-    MPI_Comm comm = *static_cast<MPI_Comm*>(session.mpi_comm());
-    MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE, MPI_MAX, comm);
-  }
-#else
-  (void)session;
-  (void)values;
-#endif
+  reduce_over_ranks_inplace(session, values, true);
 }
 
 // Max |got - ref| and max |ref| accumulated per gradient.

@@ -2,8 +2,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <filesystem>
 #include <memory>
 #include <optional>
@@ -260,13 +258,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       copy_to_host(dk_dev, dk.view);
       copy_to_host(dv_dev, dv.view);
     });
-    // Tests only: RINGATTN_RUN_FAULT=dq|dk|dv scales that gradient by 1.5, which --check must catch.
-    if (const char* fault = std::getenv(kRunFaultEnv)) {
-      for (const auto& [name, t] : {std::pair<const char*, TensorView>{"dq", dq.view}, {"dk", dk.view}, {"dv", dv.view}}) {
-        if (std::strcmp(fault, name) != 0) continue;
-        for (int64_t e = 0; e < t.numel(); ++e) store_from_double(t, e, 1.5 * load_as_double(t, e));
-      }
-    }
+    inject_gradient_fault(kRunFaultEnv, dq.view, dk.view, dv.view);  // tests: --check must catch it
   }
   const double wall_bwd_max = session.max_over_ranks(wall_bwd_ms);
   const double bwd_compute_max = session.max_over_ranks(bwd_stats.compute_ms());
