@@ -262,19 +262,14 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int r
       copy_rows_to_host(vraw.data(), rows * kv_row_bytes, static_cast<const char*>(v.data) + off, rows * kv_row_bytes,
                         rows * kv_row_bytes, 1, v.device);
       for (int64_t j = 0; j < rows; ++j) kp[j] = k_pos.at(j0 + j);
-      parallel(threads, [&](int t) {
-        const int64_t per = (rows + threads - 1) / threads, lo = t * per, hi = std::min(rows, lo + per);
-        if (lo >= hi) return;
-        if (wide) {
-          widen(kraw.data() + lo * kv_row_bytes, k.dtype, (hi - lo) * kv_row_elems, kd.data() + lo * kv_row_elems);
-          widen(vraw.data() + lo * kv_row_bytes, v.dtype, (hi - lo) * kv_row_elems, vd.data() + lo * kv_row_elems);
-        } else {
-          widen(kraw.data() + lo * kv_row_bytes, k.dtype, (hi - lo) * kv_row_elems, kf.data() + lo * kv_row_elems);
-          widen(vraw.data() + lo * kv_row_bytes, v.dtype, (hi - lo) * kv_row_elems, vf.data() + lo * kv_row_elems);
-        }
-      });
-      // kb, vb: this block's widened K and V rows (float or double).
-      auto partials = [&](const auto* kb, const auto* vb) {
+      // kb, vb: this block's K and V rows, widened here to float or double, then the partials.
+      auto partials = [&](auto* kb, auto* vb) {
+        parallel(threads, [&](int t) {
+          const int64_t per = (rows + threads - 1) / threads, lo = t * per, hi = std::min(rows, lo + per);
+          if (lo >= hi) return;
+          widen(kraw.data() + lo * kv_row_bytes, k.dtype, (hi - lo) * kv_row_elems, kb + lo * kv_row_elems);
+          widen(vraw.data() + lo * kv_row_bytes, v.dtype, (hi - lo) * kv_row_elems, vb + lo * kv_row_elems);
+        });
         parallel(threads, [&](int t) {
           for (std::size_t u = t; u < units.size(); u += threads) {
             const int64_t i = units[u] / H, h = units[u] % H, hk = h / group;
