@@ -4,12 +4,42 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
+#include <type_traits>
 
 #include "attn/cuda/flash_bwd.hpp"
 #include "attn/cuda/flash_bwd_launch.cuh"
 #include "attn/cuda/flash_bwd_sm90_kernel.cuh"
+#include "attn/cuda/flash_bwd_sm90_tma_kernel.cuh"
+#include "attn/cuda/flash_fwd_sm90.hpp"  // encode_tile_map
 
 namespace ringattn::cuda {
+
+// Variant 4 / 5 (flash_bwd_sm90_tma_kernel.cuh; 5 drains the dK GEMM every tile). False (nothing
+// launched) when a tensor cannot be described by a tensor map; the caller then takes variant 0.
+template <typename Elem, int kHeadDim, bool kDrain>
+bool launch_flash_bwd_sm90_tma(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
+                               cudaStream_t stream) {
+  using Traits = bwd90::TmaBwdTraits<Elem, kHeadDim>;
+  constexpr bool kBf16 = std::is_same_v<Elem, __nv_bfloat16>;
+  bwd90::TmaBwdArgs args;
+  args.p = params;
+  if (!encode_tile_map(&args.q, kBf16, params.q, kHeadDim, params.seq_q, params.heads, params.batch, params.q_row_stride,
+                       params.q_head_stride, params.q_batch_stride, Traits::kBlockM) ||
+      !encode_tile_map(&args.dout, kBf16, params.dout, kHeadDim, params.seq_q, params.heads, params.batch,
+                       params.dout_row_stride, params.dout_head_stride, params.dout_batch_stride, Traits::kBlockM) ||
+      !encode_tile_map(&args.k, kBf16, params.k, kHeadDim, params.seq_k, params.kv_heads, params.batch,
+                       params.k_row_stride, params.k_head_stride, params.k_batch_stride, Traits::kBlockN) ||
+      !encode_tile_map(&args.v, kBf16, params.v, kHeadDim, params.seq_k, params.kv_heads, params.batch,
+                       params.v_row_stride, params.v_head_stride, params.v_batch_stride, Traits::kBlockN))
+    return false;
+  auto* kernel = &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim, kDrain>;
+  bwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
+            "cudaFuncSetAttribute(flash_bwd_sm90_tma_kernel)");
+  const dim3 grid((params.seq_k + Traits::kBlockN - 1) / Traits::kBlockN, params.batch * params.kv_heads);
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(args, q_pos, k_pos);
+  bwd_check(cudaGetLastError(), "launch of flash_bwd_sm90_tma_kernel");
+  return true;
+}
 
 template <typename Elem, int kHeadDim>
 void launch_flash_bwd_sm90_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
@@ -17,9 +47,13 @@ void launch_flash_bwd_sm90_step(const FlashBwdParams& params, const ChunkPositio
   if (params.seq_q == 0 || params.seq_k == 0 || params.batch == 0) return;
   using Traits = bwd90::Sm90BwdTraits<Elem, kHeadDim>;
   // RINGATTN_BWD_SM90_VARIANT: 0 (default) wgmma dQ + red.global; 1 mma.sync dQ; 2 wgmma dQ + bulk
-  // reductions; 3 as 0 with the dQ GEMM pipelined under the next tile (flash_bwd_sm90_kernel.cuh).
+  // reductions; 3 as 0 with the dQ GEMM pipelined under the next tile (flash_bwd_sm90_kernel.cuh);
+  // 4 TMA loads, one barrier per tile, dK under the next tile; 5 as 4, dK drained every tile
+  // (flash_bwd_sm90_tma_kernel.cuh).
   const char* v = std::getenv("RINGATTN_BWD_SM90_VARIANT");
   const int variant = v ? std::atoi(v) : 0;
+  if (variant == 4 && launch_flash_bwd_sm90_tma<Elem, kHeadDim, false>(params, q_pos, k_pos, stream)) return;
+  if (variant == 5 && launch_flash_bwd_sm90_tma<Elem, kHeadDim, true>(params, q_pos, k_pos, stream)) return;
   auto* kernel = variant == 1   ? &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, 1>
                  : variant == 2 ? &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, 2>
                  : variant == 3 ? &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, 3>

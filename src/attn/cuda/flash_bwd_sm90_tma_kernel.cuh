@@ -1,0 +1,367 @@
+// The Hopper (sm_90a) backward step kernel with TMA loads and one barrier per query tile (variant 4).
+//
+// Same contract, tiles and GEMMs as flash_bwd_sm90_kernel.cuh (2 warpgroups, 128 key rows per
+// block, 64-row query tiles, S^T = K_w Q^T, dP^T = V_w dO^T, dV_w += P^T dO, dK_w += dS^T Q,
+// dQ = dS K), with what FlashAttention-3's backward does differently:
+//   - Q/dO tiles arrive by TMA (lse_log2/delta rows by bulk copies) into 3 stages tracked by
+//     mbarriers, issued by one thread right after each tile's barrier, two tiles ahead: no thread
+//     waits for its own copies and no block-wide barrier guards the buffers;
+//   - per tile: S^T, dP^T; P^T = exp2(...) under dP^T; dS^T; dS^T stored (double-buffered); dV
+//     issued; the one barrier (dS^T of both warpgroups visible); dQ issued (runs under the dV GEMM);
+//     dK issued once dV is done; dQ added into dq_accum once it lands, under the dK GEMM.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "attn/cuda/flash_bwd_sm90_kernel.cuh"
+
+namespace ringattn::cuda::bwd90 {
+
+using sm90::fence_barrier_init;
+using sm90::mbar_arrive_expect_tx;
+using sm90::mbar_init;
+using sm90::mbar_wait;
+using sm90::prefetch_tmap;
+using sm90::tma_load_4d;
+
+// Kernel arguments: tensor maps (64-byte aligned, first) of the four 2-byte inputs and the params.
+struct TmaBwdArgs {
+  CUtensorMap q;     // (D, Sq, H, B), box 64 x kBlockM
+  CUtensorMap dout;  // (D, Sq, H, B), box 64 x kBlockM
+  CUtensorMap k;     // (D, Sk, Hkv, B), box 64 x kBlockN
+  CUtensorMap v;     // (D, Sk, Hkv, B), box 64 x kBlockN
+  FlashBwdParams p;
+};
+
+template <typename Elem, int kHeadDim>
+struct TmaBwdTraits {
+  static constexpr int kBlockM = 64;   // query rows per tile
+  static constexpr int kBlockN = 128;  // key rows per block: 64 per warpgroup
+  static constexpr int kThreads = 256;
+  static constexpr int kStages = 3;    // Q/dO/lse/delta tiles: current, next, the one being loaded
+  static constexpr int kDsStages = 2;  // dS^T: this tile's, the previous tile's (its dQ may still read it)
+  static constexpr int kRowBytes = 128;
+  static constexpr int kColBlocks = kHeadDim / 64;
+  static constexpr int kKBlockBytes = kBlockN * kRowBytes;
+  static constexpr int kKBytes = kKBlockBytes * kColBlocks;
+  static constexpr int kQBlockBytes = kBlockM * kRowBytes;
+  static constexpr int kQBytes = kQBlockBytes * kColBlocks;
+  static constexpr int kDsBytes = kBlockN * kRowBytes;  // kBlockN key rows x 64 query columns
+  static constexpr int kRowVecBytes = kBlockM * 4;      // one tile of lse_log2 or delta (fp32)
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kOffK + kKBytes;
+  static constexpr int kOffQ = kOffV + kKBytes;
+  static constexpr int kOffDo = kOffQ + kStages * kQBytes;
+  static constexpr int kOffDs = kOffDo + kStages * kQBytes;
+  static constexpr int kOffLse = kOffDs + kDsStages * kDsBytes;
+  static constexpr int kOffDelta = kOffLse + kStages * kRowVecBytes;
+  static constexpr int kOffBar = kOffDelta + kStages * kRowVecBytes;  // kv_full, full[kStages]
+  static constexpr int kAlign = 1024;
+  static constexpr int kSmemBytes = kOffBar + 8 * (1 + kStages) + kAlign;
+  static constexpr uint32_t kTileTx = 2 * kQBytes + 2 * kRowVecBytes;  // bytes landing per tile
+  static constexpr int kCoreRowBytes = 8 * kRowBytes;
+  static_assert(kHeadDim == 128, "the wgmma backward covers head_dim 128");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
+
+// 1-d bulk copy of `bytes` (multiple of 16, 16-byte aligned) from global to shared memory, completing on `bar`.
+__device__ __forceinline__ void bulk_load(uint32_t smem_dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem_dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+// kDrain: wait for the dK GEMM at the end of each tile instead of letting it run under the next
+// tile's S^T/dP^T GEMMs (a wgmma in flight across the loop's back edge can make ptxas serialise).
+template <typename Elem, int kHeadDim, bool kDrain>
+__global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
+    flash_bwd_sm90_tma_kernel(const __grid_constant__ TmaBwdArgs args, const ChunkPositions q_pos,
+                              const ChunkPositions k_pos) {
+#if RINGATTN_SM90A_ENABLED
+  using Tr = TmaBwdTraits<Elem, kHeadDim>;
+  const FlashBwdParams& p = args.p;
+  constexpr int D = kHeadDim, M = Tr::kBlockM, N = Tr::kBlockN;
+  constexpr int kDT = D / 8;  // n8 tiles of a dK / dV row block
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + (Tr::kAlign - 1)) & ~static_cast<uint32_t>(Tr::kAlign - 1);
+  unsigned char* gbase = smem_raw + (base - raw);
+  const uint32_t sK = base + Tr::kOffK;
+  const uint32_t sV = base + Tr::kOffV;
+  const float* sLse = reinterpret_cast<const float*>(gbase + Tr::kOffLse);      // [kStages][M]
+  const float* sDelta = reinterpret_cast<const float*>(gbase + Tr::kOffDelta);  // [kStages][M]
+  const uint32_t bar_kv = base + Tr::kOffBar;
+  auto bar_full = [&](int stage) -> uint32_t { return base + Tr::kOffBar + 8 * (1 + stage); };
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int wg = warp >> 2, wwarp = warp & 3;
+  const int k_tile = blockIdx.x;
+  const int b = blockIdx.y / p.kv_heads, hkv = blockIdx.y % p.kv_heads;
+  const int group = p.heads / p.kv_heads;
+  const int k0 = k_tile * N;
+  const int k_end = min(k0 + N, p.seq_k);
+  const int num_q_tiles = (p.seq_q + M - 1) / M;
+  const int total_it = group * num_q_tiles;
+  const int64_t pad_rows = flash_bwd_padded_rows(p.seq_q);
+
+  int64_t k_min = 0, k_max = 0;
+  pos_range(k_pos, k0, k_end, k_min, k_max);
+
+  // 0: empty, 1: partial (apply the causal mask), 2: full.
+  auto tile_kind = [&](int qt) -> int {
+    if (!p.causal) return 2;
+    int64_t q_min, q_max;
+    pos_range(q_pos, static_cast<int64_t>(qt) * M, min((qt + 1) * M, p.seq_q), q_min, q_max);
+    if (k_min > q_max) return 0;
+    return k_max <= q_min ? 2 : 1;
+  };
+  auto next_visible = [&](int from) -> int {
+    for (; from < total_it; ++from) {
+      if (tile_kind(from % num_q_tiles) != 0) return from;
+    }
+    return total_it;
+  };
+
+  int it = next_visible(0);
+  if (it >= total_it) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
+
+  if (tid == 0) {
+    mbar_init(bar_kv, 1);
+    for (int s = 0; s < Tr::kStages; ++s) mbar_init(bar_full(s), 1);
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  // Thread 0 loads the visible tiles in order; tile number n goes to stage n % kStages.
+  auto load_tile = [&](int iter, int stage) {
+    const int h = hkv * group + iter / num_q_tiles;
+    const int q0 = (iter % num_q_tiles) * M;
+    const uint32_t bar = bar_full(stage);
+    mbar_arrive_expect_tx(bar, Tr::kTileTx);
+#pragma unroll
+    for (int c = 0; c < Tr::kColBlocks; ++c) {
+      tma_load_4d(base + Tr::kOffQ + stage * Tr::kQBytes + c * Tr::kQBlockBytes, &args.q, bar, c * 64, q0, h, b);
+      tma_load_4d(base + Tr::kOffDo + stage * Tr::kQBytes + c * Tr::kQBlockBytes, &args.dout, bar, c * 64, q0, h, b);
+    }
+    const int64_t rv = (static_cast<int64_t>(b) * p.heads + h) * pad_rows + q0;
+    bulk_load(base + Tr::kOffLse + stage * Tr::kRowVecBytes, p.lse_log2 + rv, Tr::kRowVecBytes, bar);
+    bulk_load(base + Tr::kOffDelta + stage * Tr::kRowVecBytes, p.delta + rv, Tr::kRowVecBytes, bar);
+  };
+  int load_it = it, n_loaded = 0;  // thread 0 only: the next visible tile to load, tiles loaded
+  if (tid == 0) {
+    prefetch_tmap(&args.q);
+    prefetch_tmap(&args.dout);
+    mbar_arrive_expect_tx(bar_kv, 2 * Tr::kKBytes);
+#pragma unroll
+    for (int c = 0; c < Tr::kColBlocks; ++c) {
+      tma_load_4d(sK + c * Tr::kKBlockBytes, &args.k, bar_kv, c * 64, k0, hkv, b);
+      tma_load_4d(sV + c * Tr::kKBlockBytes, &args.v, bar_kv, c * 64, k0, hkv, b);
+    }
+    for (; n_loaded < Tr::kStages - 1 && load_it < total_it; ++n_loaded) {
+      load_tile(load_it, n_loaded);
+      load_it = next_visible(load_it + 1);
+    }
+  }
+
+  float dk[kDT * 4], dv[kDT * 4];
+#pragma unroll
+  for (int i = 0; i < kDT * 4; ++i) dk[i] = dv[i] = 0.f;
+  const int wrow = wg * 64 + wwarp * 16;  // this warp's first key row inside the tile
+  auto mask_pos = [&](int r) -> int64_t {
+    if (k0 + r >= p.seq_k) return INT64_MAX;
+    return p.causal ? pos_at(k_pos, k0 + r) : INT64_MIN;
+  };
+  const int64_t kpos0 = mask_pos(wrow + g);
+  const int64_t kpos1 = mask_pos(wrow + g + 8);
+  const bool k_tail = k_end - k0 < N;
+  const float scale_log2 = p.scale * 1.4426950408889634f;
+  const uint32_t sKw = sK + wg * 64 * Tr::kRowBytes;  // this warpgroup's 64 key rows (K-major A)
+  const uint32_t sVw = sV + wg * 64 * Tr::kRowBytes;
+  const int64_t dq_stride = static_cast<int64_t>(p.heads) * D;
+
+  mbar_wait(bar_kv, 0);
+  for (int n = 0; it < total_it; ++n) {
+    const int stage = n % Tr::kStages;
+    const uint32_t parity = (n / Tr::kStages) & 1;
+    const uint32_t sQ = base + Tr::kOffQ + stage * Tr::kQBytes;
+    const uint32_t sDo = base + Tr::kOffDo + stage * Tr::kQBytes;
+    const uint32_t sDs = base + Tr::kOffDs + (n & 1) * Tr::kDsBytes;
+    const float* lse = sLse + stage * M;
+    const float* delta = sDelta + stage * M;
+    const int qt = it % num_q_tiles;
+    const int h = hkv * group + it / num_q_tiles;
+    const int q0 = qt * M;
+    mbar_wait(bar_full(stage), parity);
+
+    // S^T = K_w Q^T and dP^T = V_w dO^T, two groups (the previous tile's dK may still be in flight).
+    float s[32], dp[32];
+    fence_regs(s);
+    fence_regs(dp);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint32_t off = (ks / 4) * Tr::kKBlockBytes + (ks % 4) * 32;
+      const uint32_t offq = (ks / 4) * Tr::kQBlockBytes + (ks % 4) * 32;
+      Wgmma<Elem, 64>::ss(s, make_desc_sw128(sKw + off, 16, Tr::kCoreRowBytes),
+                          make_desc_sw128(sQ + offq, 16, Tr::kCoreRowBytes), ks > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint32_t off = (ks / 4) * Tr::kKBlockBytes + (ks % 4) * 32;
+      const uint32_t offq = (ks / 4) * Tr::kQBlockBytes + (ks % 4) * 32;
+      Wgmma<Elem, 64>::ss(dp, make_desc_sw128(sVw + off, 16, Tr::kCoreRowBytes),
+                          make_desc_sw128(sDo + offq, 16, Tr::kCoreRowBytes), ks > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_regs(s);
+    fence_regs(dk);
+
+    // P^T in place of S^T (element 4j + e: key row wrow + g + 8 (e >> 1), query column 8j + 2t + (e & 1)).
+    const bool partial = k_tail || tile_kind(qt) == 1;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = j * 8 + 2 * t + (e & 1);
+        float pv = ex2(fmaf(s[4 * j + e], scale_log2, -lse[col]));
+        if (partial && ((e >> 1) ? kpos1 : kpos0) > pos_at(q_pos, q0 + col)) pv = 0.f;
+        s[4 * j + e] = pv;
+      }
+    }
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<Elem>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+    }
+    wgmma_wait<0>();
+    fence_regs(dp);
+
+    // dS^T = P^T (dP^T - delta), then to shared memory (row = key, 64 query columns = one swizzled
+    // 128-byte row; dsa[kk][i]: n8 tile 2kk + (i >> 1), row g + 8 (i & 1)).
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - delta[j * 8 + 2 * t + (e & 1)]);
+    }
+    uint32_t dsa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dsa[kk][i] = pack2<Elem>(dp[8 * kk + 2 * i], dp[8 * kk + 2 * i + 1]);
+    }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = wrow + g + 8 * (i & 1);
+        const int chunk = 2 * kk + (i >> 1);
+        st_shared_u32(sDs + row * Tr::kRowBytes + ((chunk ^ (row & 7)) << 4) + 4 * t, dsa[kk][i]);
+      }
+    }
+
+    // dV += P^T dO.
+    fence_regs(dv);
+    fence_frags(pa);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < M / 16; ++kk) {
+      Wgmma<Elem, 128>::rs(dv, pa[kk], make_desc_sw128(sDo + kk * 16 * Tr::kRowBytes, Tr::kQBlockBytes, Tr::kCoreRowBytes),
+                           1);
+    }
+    wgmma_commit();
+
+    // The one barrier of the tile: dS^T of both warpgroups visible to the dQ GEMM. Both warpgroups
+    // are also past every GEMM of the tile before last, so its stage takes the tile after next.
+    fence_proxy_async();
+    named_barrier_sync(1, Tr::kThreads);
+    if (tid == 0 && load_it < total_it) {
+      load_tile(load_it, n_loaded % Tr::kStages);
+      ++n_loaded;
+      load_it = next_visible(load_it + 1);
+    }
+
+    // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..] (A = dS, the MN-major view of dS^T; B = K MN-major).
+    float dq[32];
+    fence_regs(dq);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk) {
+      WgmmaTT64<Elem>::ss(dq, make_desc_sw128(sDs + kk * 16 * Tr::kRowBytes, N * Tr::kRowBytes, Tr::kCoreRowBytes),
+                          make_desc_sw128(sK + wg * Tr::kKBlockBytes + kk * 16 * Tr::kRowBytes, Tr::kKBlockBytes,
+                                          Tr::kCoreRowBytes),
+                          kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // dV done: P^T's registers are free
+    fence_regs(dv);
+    fence_frags(pa);
+
+    // dK += dS^T Q.
+    fence_regs(dk);
+    fence_frags(dsa);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < M / 16; ++kk) {
+      Wgmma<Elem, 128>::rs(dk, dsa[kk], make_desc_sw128(sQ + kk * 16 * Tr::kRowBytes, Tr::kQBlockBytes, Tr::kCoreRowBytes),
+                           1);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // dQ done
+    fence_regs(dq);
+
+    // dQ into dq_accum (rows 16 wwarp + g (+8), columns 64 wg + 8j + 2t (+1)), under the dK GEMM.
+    float* rows = p.dq_accum + ((static_cast<int64_t>(b) * p.seq_q) * p.heads + h) * D + wg * 64;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = q0 + wwarp * 16 + g + half * 8;
+      if (r < p.seq_q) {
+        float* rowp = rows + r * dq_stride + 2 * t;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          red_add_v2(rowp + j * 8, dq[4 * j + 2 * half] * p.scale, dq[4 * j + 2 * half + 1] * p.scale);
+      }
+    }
+    if constexpr (kDrain) {
+      wgmma_wait<0>();
+      fence_regs(dk);
+      fence_frags(dsa);
+    }
+    it = next_visible(it + 1);
+  }
+  wgmma_wait<0>();
+  fence_regs(dk);
+
+  // dK (scaled), dV += into the travelling fp32 accumulators; this block alone owns these rows.
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = k0 + wrow + g + half * 8;
+    if (r < p.seq_k) {
+      float* dkp = p.dk_accum + b * p.dk_batch_stride + static_cast<int64_t>(r) * p.dk_row_stride +
+                   hkv * p.dk_head_stride + 2 * t;
+      float* dvp = p.dv_accum + b * p.dv_batch_stride + static_cast<int64_t>(r) * p.dv_row_stride +
+                   hkv * p.dv_head_stride + 2 * t;
+#pragma unroll
+      for (int j = 0; j < kDT; ++j) {
+        float2 a = *reinterpret_cast<float2*>(dkp + j * 8);
+        a.x += dk[4 * j + 2 * half] * p.scale;
+        a.y += dk[4 * j + 2 * half + 1] * p.scale;
+        *reinterpret_cast<float2*>(dkp + j * 8) = a;
+        float2 c = *reinterpret_cast<float2*>(dvp + j * 8);
+        c.x += dv[4 * j + 2 * half];
+        c.y += dv[4 * j + 2 * half + 1];
+        *reinterpret_cast<float2*>(dvp + j * 8) = c;
+      }
+    }
+  }
+#endif  // RINGATTN_SM90A_ENABLED
+}
+
+}  // namespace ringattn::cuda::bwd90
