@@ -285,9 +285,10 @@ TEST_P(FlashBwdTest, MatchesReference) {
   p.lse_row_stride = 1;
 
   // Workspace, poisoned (NaN) to prove preprocess fills it.
-  DeviceBuf<float> dq_acc(q_loc.size()), lse2_d(flash_bwd_row_vector_bytes(B, H, Sq) / 4),
+  const std::size_t dq_acc_bytes = flash_bwd_dq_accum_bytes(B, H, D, Sq);
+  DeviceBuf<float> dq_acc(dq_acc_bytes / 4), lse2_d(flash_bwd_row_vector_bytes(B, H, Sq) / 4),
       delta_d(flash_bwd_row_vector_bytes(B, H, Sq) / 4);
-  CUDA_OK(cudaMemset(dq_acc.ptr, 0xff, q_loc.size() * 4));
+  CUDA_OK(cudaMemset(dq_acc.ptr, 0xff, dq_acc_bytes));
   CUDA_OK(cudaMemset(lse2_d.ptr, 0xff, flash_bwd_row_vector_bytes(B, H, Sq)));
   CUDA_OK(cudaMemset(delta_d.ptr, 0xff, flash_bwd_row_vector_bytes(B, H, Sq)));
   p.dq_accum = dq_acc.ptr;
@@ -444,7 +445,8 @@ TEST(FlashBwdBench, DISABLED_Speed) {
   std::mt19937 rng(7);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   DeviceBuf<uint16_t> q(n), k(n), v(n), o(n), dout(n), dq(n);
-  DeviceBuf<float> lse(static_cast<std::size_t>(B) * H * S), dq_acc(n), dk_acc(n), dv_acc(n),
+  DeviceBuf<float> lse(static_cast<std::size_t>(B) * H * S), dq_acc(flash_bwd_dq_accum_bytes(B, H, D, S) / 4),
+      dk_acc(n), dv_acc(n),
       lse2(flash_bwd_row_vector_bytes(B, H, S) / 4), delta(flash_bwd_row_vector_bytes(B, H, S) / 4);
   ASSERT_TRUE(q.ptr && k.ptr && v.ptr && o.ptr && dout.ptr && dq.ptr && lse.ptr && dq_acc.ptr && dk_acc.ptr &&
               dv_acc.ptr && lse2.ptr && delta.ptr);

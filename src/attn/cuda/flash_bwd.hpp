@@ -55,7 +55,8 @@ struct FlashBwdParams {
   int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
 
   // Workspace owned by the caller, all fp32 and contiguous:
-  // dq_accum: (B, Sq, H, D); lse_log2, delta: (B, H, flash_bwd_padded_rows(Sq)).
+  // dq_accum: (B, Sq, H, D), or with flash_bwd_dq_tiled() (B, H, padded rows / 64, 2, 64 x 64) in the
+  // register order of the Hopper kernel's warpgroups; lse_log2, delta: (B, H, flash_bwd_padded_rows(Sq)).
   float* dq_accum = nullptr;
   float* lse_log2 = nullptr;  // lse * log2(e); +inf for rows that see no key and for padding rows
   float* delta = nullptr;     // rowsum(dout * out); 0 for padding rows
@@ -63,7 +64,7 @@ struct FlashBwdParams {
 
 // Bytes of each workspace buffer for a problem shape.
 inline std::size_t flash_bwd_dq_accum_bytes(int batch, int heads, int head_dim, int64_t seq_q) {
-  return static_cast<std::size_t>(batch) * heads * head_dim * seq_q * sizeof(float);
+  return static_cast<std::size_t>(batch) * heads * head_dim * flash_bwd_padded_rows(seq_q) * sizeof(float);
 }
 inline std::size_t flash_bwd_row_vector_bytes(int batch, int heads, int64_t seq_q) {
   return static_cast<std::size_t>(batch) * heads * flash_bwd_padded_rows(seq_q) * sizeof(float);
@@ -101,5 +102,10 @@ enum class BwdKernel { kMma, kWgmma };
 BwdKernel flash_bwd_kernel_choice();
 // True when the step for this head_dim would run the wgmma kernel on the current device.
 bool flash_bwd_uses_wgmma(int head_dim);
+// RINGATTN_BWD_SM90_VARIANT (0 unless set; flash_bwd_sm90_launch.cuh lists them), read on every call.
+int flash_bwd_sm90_variant();
+// True when the step writes dq_accum in the tiled layout (the wgmma kernel's variant 6); preprocess,
+// step and finalize of one pass must agree, so the variant must not change within a pass.
+bool flash_bwd_dq_tiled(int head_dim);
 
 }  // namespace ringattn::cuda

@@ -75,6 +75,39 @@ __global__ void flash_bwd_finalize_kernel(const FlashBwdParams p) {
   *reinterpret_cast<Vec8<Elem>*>(dst) = out;
 }
 
+// As flash_bwd_finalize_kernel, from the tiled dq_accum: query row i of head h is row r = i % 64 of
+// tile i / 64; column c belongs to warpgroup c / 64, whose thread tw = 32 (r / 16) + 4 (r % 8) + t
+// holds it as float 2 (r % 16 / 8) + (c % 2) of its float4 number j = c % 64 / 8, at float offset
+// (128 j + tw) 4 of the warpgroup's 64 x 64 block. The 8 columns of a chunk are t = 0..3, pairs.
+template <typename Elem>
+__global__ void flash_bwd_finalize_tiled_kernel(const FlashBwdParams p) {
+  constexpr int kTileRows = 64, kWgBlock = 64 * 64;
+  const int64_t chunks_per_row = p.head_dim / 8;
+  const int64_t total = static_cast<int64_t>(p.batch) * p.seq_q * p.heads * chunks_per_row;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= total) return;
+  const int64_t dc = c % chunks_per_row;
+  int64_t rest = c / chunks_per_row;
+  const int64_t h = rest % p.heads;
+  rest /= p.heads;
+  const int64_t i = rest % p.seq_q;
+  const int64_t b = rest / p.seq_q;
+  const int r = static_cast<int>(i % kTileRows);
+  const int wg = static_cast<int>(dc / 8), j = static_cast<int>(dc % 8);
+  const int tw0 = 32 * (r / 16) + 4 * (r % 8);
+  const float* tile = p.dq_accum + ((b * p.heads + h) * flash_bwd_padded_rows(p.seq_q) + (i - r)) * p.head_dim;
+  const float* src = tile + wg * kWgBlock + (128 * j + tw0) * 4 + 2 * ((r % 16) / 8);
+  Vec8<Elem> out;
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    const float2 x = *reinterpret_cast<const float2*>(src + 4 * t);
+    out.v[2 * t] = static_cast<Elem>(x.x);
+    out.v[2 * t + 1] = static_cast<Elem>(x.y);
+  }
+  Elem* dst = static_cast<Elem*>(p.dq) + b * p.dq_batch_stride + i * p.dq_row_stride + h * p.dq_head_stride + dc * 8;
+  *reinterpret_cast<Vec8<Elem>*>(dst) = out;
+}
+
 void check_cuda(cudaError_t status, const char* what) {
   if (status == cudaSuccess) return;
   fail(ErrorKind::kCuda, std::string(what) + " failed: " + cudaGetErrorName(status) + " (" +
@@ -147,6 +180,13 @@ bool flash_bwd_uses_wgmma(int head_dim) {
   return head_dim == 128 && flash_bwd_kernel_choice() == BwdKernel::kWgmma && sm90_fwd_supported();
 }
 
+int flash_bwd_sm90_variant() {
+  const char* v = std::getenv("RINGATTN_BWD_SM90_VARIANT");
+  return v ? std::atoi(v) : 0;
+}
+
+bool flash_bwd_dq_tiled(int head_dim) { return flash_bwd_uses_wgmma(head_dim) && flash_bwd_sm90_variant() == 6; }
+
 void flash_bwd_preprocess(const FlashBwdParams& p, cudaStream_t stream) {
   check_common(p);
   if (p.batch == 0 || p.seq_q == 0) return;
@@ -199,10 +239,13 @@ void flash_bwd_finalize(const FlashBwdParams& p, cudaStream_t stream) {
   const int64_t chunks = static_cast<int64_t>(p.batch) * p.seq_q * p.heads * (p.head_dim / 8);
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>((chunks + threads - 1) / threads);
+  const bool tiled = flash_bwd_dq_tiled(p.head_dim);
   if (p.dtype == DType::kBF16) {
-    flash_bwd_finalize_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(p);
+    tiled ? flash_bwd_finalize_tiled_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(p)
+          : flash_bwd_finalize_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(p);
   } else {
-    flash_bwd_finalize_kernel<__half><<<blocks, threads, 0, stream>>>(p);
+    tiled ? flash_bwd_finalize_tiled_kernel<__half><<<blocks, threads, 0, stream>>>(p)
+          : flash_bwd_finalize_kernel<__half><<<blocks, threads, 0, stream>>>(p);
   }
   check_cuda(cudaGetLastError(), "launch of flash_bwd_finalize_kernel");
 }

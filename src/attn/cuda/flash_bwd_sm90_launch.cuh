@@ -14,9 +14,10 @@
 
 namespace ringattn::cuda {
 
-// Variant 4 / 5 (flash_bwd_sm90_tma_kernel.cuh; 5 drains the dK GEMM every tile). False (nothing
-// launched) when a tensor cannot be described by a tensor map; the caller then takes variant 0.
-template <typename Elem, int kHeadDim, bool kDrain>
+// Variants 4-6 (flash_bwd_sm90_tma_kernel.cuh; 5 drains the dK GEMM every tile, 6 adds dQ by bulk
+// reductions into the tiled dq_accum). False (nothing launched) when a tensor cannot be described
+// by a tensor map; the caller then takes variant 0.
+template <typename Elem, int kHeadDim, bool kDrain, bool kBulkDq = false>
 bool launch_flash_bwd_sm90_tma(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
                                cudaStream_t stream) {
   using Traits = bwd90::TmaBwdTraits<Elem, kHeadDim>;
@@ -32,7 +33,7 @@ bool launch_flash_bwd_sm90_tma(const FlashBwdParams& params, const ChunkPosition
       !encode_tile_map(&args.v, kBf16, params.v, kHeadDim, params.seq_k, params.kv_heads, params.batch,
                        params.v_row_stride, params.v_head_stride, params.v_batch_stride, Traits::kBlockN))
     return false;
-  auto* kernel = &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim, kDrain>;
+  auto* kernel = &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim, kDrain, kBulkDq>;
   bwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
             "cudaFuncSetAttribute(flash_bwd_sm90_tma_kernel)");
   const dim3 grid((params.seq_k + Traits::kBlockN - 1) / Traits::kBlockN, params.batch * params.kv_heads);
@@ -48,10 +49,17 @@ void launch_flash_bwd_sm90_step(const FlashBwdParams& params, const ChunkPositio
   using Traits = bwd90::Sm90BwdTraits<Elem, kHeadDim>;
   // RINGATTN_BWD_SM90_VARIANT: 0 (default) wgmma dQ + red.global; 1 mma.sync dQ; 2 wgmma dQ + bulk
   // reductions; 3 as 0 with the dQ GEMM pipelined under the next tile (flash_bwd_sm90_kernel.cuh);
-  // 4 TMA loads, one barrier per tile, dK under the next tile; 5 as 4, dK drained every tile
-  // (flash_bwd_sm90_tma_kernel.cuh).
-  const char* v = std::getenv("RINGATTN_BWD_SM90_VARIANT");
-  const int variant = v ? std::atoi(v) : 0;
+  // 4 TMA loads, one barrier per tile, dK under the next tile; 5 as 4, dK drained every tile; 6 as
+  // 4, dQ by bulk reductions into the tiled dq_accum (flash_bwd_sm90_tma_kernel.cuh).
+  const int variant = flash_bwd_sm90_variant();
+  if (variant == 6) {
+    // The tiled dq_accum (flash_bwd_dq_tiled) has no other writer: no fallback.
+    if (!launch_flash_bwd_sm90_tma<Elem, kHeadDim, false, true>(params, q_pos, k_pos, stream))
+      fail(ErrorKind::kInvalidArgument,
+           "RINGATTN_BWD_SM90_VARIANT=6 needs q, dout, k, v that a TMA tensor map can describe",
+           "unset RINGATTN_BWD_SM90_VARIANT to use the default kernel");
+    return;
+  }
   if (variant == 4 && launch_flash_bwd_sm90_tma<Elem, kHeadDim, false>(params, q_pos, k_pos, stream)) return;
   if (variant == 5 && launch_flash_bwd_sm90_tma<Elem, kHeadDim, true>(params, q_pos, k_pos, stream)) return;
   auto* kernel = variant == 1   ? &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, 1>
