@@ -42,6 +42,10 @@ for v in ${TEST_VARIANTS:-1 2 3}; do
     tee "$OUT/tests_v$v.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -12
 done
 
+echo "## GPU backward tests, default variant without TMA (RINGATTN_BWD_SM90_NO_TMA=1: variant 0 into the tiled dQ)"
+RINGATTN_BWD_SM90_NO_TMA=1 timeout "$(tmo 45 180)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*d128*' 2>&1 |
+  tee "$OUT/tests_notma.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -12
+
 echo "## compute-sanitizer memcheck (wgmma path)"
 timeout "$(tmo 60 180)" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" --gtest_filter="$NEW" \
   >"$OUT/sanitizer.log" 2>&1
@@ -69,7 +73,7 @@ bench() {  # label, RINGATTN_BWD_KERNEL, RINGATTN_BWD_SM90_VARIANT, extra flags
 passed() { grep -q "^\[  PASSED" "$OUT/$1.log" 2>/dev/null && ! grep -q "^\[  FAILED" "$OUT/$1.log"; }
 echo "## fwd+bwd bench (official number)"
 for v in ${BENCH_VARIANTS:-0 2}; do
-  label=wgmma; [ "$v" = 0 ] || label=wgmma_v$v
+  label=wgmma_v$v
   if [ "$v" = 0 ] || passed "tests_v$v"; then bench "$label" wgmma "$v" ""; bench "$label" wgmma "$v" --causal; fi
 done
 if [ "${MMA:-1}" = 1 ]; then
@@ -100,7 +104,7 @@ timeout "$(tmo 40 3)" "$BIN/ringattn_gpu_tests" --gtest_filter='RingGpuBackward*
   grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -10
 
 echo "## summary ($(( $(date +%s) - T0 )) s)"
-for f in tests_wgmma $(for v in ${TEST_VARIANTS:-1 2 3}; do echo tests_v$v; done) tests_mma ring; do echo "$f: $(grep -hE "^\[  (PASSED|FAILED) " "$OUT/$f.log" 2>/dev/null | tr '\n' ' ')"; done
+for f in tests_wgmma tests_notma $(for v in ${TEST_VARIANTS:-1 2 3}; do echo tests_v$v; done) tests_mma ring; do echo "$f: $(grep -hE "^\[  (PASSED|FAILED) " "$OUT/$f.log" 2>/dev/null | tr '\n' ' ')"; done
 grep -h "rc=" "$OUT/sanitizer.log"
 python3 - "$OUT/bench.log" "$OUT/torch.txt" <<'PY'
 import sys, json, re

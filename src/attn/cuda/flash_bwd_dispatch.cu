@@ -182,7 +182,7 @@ bool flash_bwd_uses_wgmma(int head_dim) {
 
 int flash_bwd_sm90_variant() {
   const char* v = std::getenv("RINGATTN_BWD_SM90_VARIANT");
-  return v ? std::atoi(v) : 0;
+  return v ? std::atoi(v) : kDefaultSm90BwdVariant;
 }
 
 bool flash_bwd_dq_tiled(int head_dim) { return flash_bwd_uses_wgmma(head_dim) && flash_bwd_sm90_variant() == 6; }

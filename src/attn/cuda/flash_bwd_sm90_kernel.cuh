@@ -265,6 +265,16 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
   // Adds this warp's share of a finished dQ tile (query rows q0.., head h) into dq_accum.
   float dq[32];
   auto add_dq = [&](int q0_of, int h_of) {
+    if (p.dq_tiled) {  // the layout of flash_bwd_sm90_tma_kernel.cuh's variant 6 (flash_bwd_dq_tiled)
+      float* blk = p.dq_accum + ((static_cast<int64_t>(b) * p.heads + h_of) * pad_rows + q0_of) * D + wg * 64 * 64 +
+                   (tid & 127) * 4;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        red_add_v2(blk + j * 512, dq[4 * j] * p.scale, dq[4 * j + 1] * p.scale);
+        red_add_v2(blk + j * 512 + 2, dq[4 * j + 2] * p.scale, dq[4 * j + 3] * p.scale);
+      }
+      return;
+    }
     float* rows = p.dq_accum + ((static_cast<int64_t>(b) * p.seq_q) * p.heads + h_of) * D + wg * 64;
     const int64_t stride = static_cast<int64_t>(p.heads) * D;
 #pragma unroll

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "attn/cuda/flash_bwd.hpp"
@@ -47,18 +48,18 @@ void launch_flash_bwd_sm90_step(const FlashBwdParams& params, const ChunkPositio
                                 cudaStream_t stream) {
   if (params.seq_q == 0 || params.seq_k == 0 || params.batch == 0) return;
   using Traits = bwd90::Sm90BwdTraits<Elem, kHeadDim>;
-  // RINGATTN_BWD_SM90_VARIANT: 0 (default) wgmma dQ + red.global; 1 mma.sync dQ; 2 wgmma dQ + bulk
+  // RINGATTN_BWD_SM90_VARIANT: 0 wgmma dQ + red.global; 1 mma.sync dQ; 2 wgmma dQ + bulk
   // reductions; 3 as 0 with the dQ GEMM pipelined under the next tile (flash_bwd_sm90_kernel.cuh);
-  // 4 TMA loads, one barrier per tile, dK under the next tile; 5 as 4, dK drained every tile; 6 as
-  // 4, dQ by bulk reductions into the tiled dq_accum (flash_bwd_sm90_tma_kernel.cuh).
+  // 4 TMA loads, one barrier per tile, dK under the next tile; 5 as 4, dK drained every tile; 6 (the
+  // default) as 4, dQ by bulk reductions into the tiled dq_accum (flash_bwd_sm90_tma_kernel.cuh).
   const int variant = flash_bwd_sm90_variant();
+  FlashBwdParams p = params;
   if (variant == 6) {
-    // The tiled dq_accum (flash_bwd_dq_tiled) has no other writer: no fallback.
-    if (!launch_flash_bwd_sm90_tma<Elem, kHeadDim, false, true>(params, q_pos, k_pos, stream))
-      fail(ErrorKind::kInvalidArgument,
-           "RINGATTN_BWD_SM90_VARIANT=6 needs q, dout, k, v that a TMA tensor map can describe",
-           "unset RINGATTN_BWD_SM90_VARIANT to use the default kernel");
-    return;
+    // RINGATTN_BWD_SM90_NO_TMA=1 (tests) takes the fallback that strides no tensor map can describe take.
+    const char* no_tma = std::getenv("RINGATTN_BWD_SM90_NO_TMA");
+    const bool tma = no_tma == nullptr || std::strcmp(no_tma, "1") != 0;
+    if (tma && launch_flash_bwd_sm90_tma<Elem, kHeadDim, false, true>(params, q_pos, k_pos, stream)) return;
+    p.dq_tiled = true;  // variant 0, adding into the tiled dq_accum
   }
   if (variant == 4 && launch_flash_bwd_sm90_tma<Elem, kHeadDim, false>(params, q_pos, k_pos, stream)) return;
   if (variant == 5 && launch_flash_bwd_sm90_tma<Elem, kHeadDim, true>(params, q_pos, k_pos, stream)) return;
@@ -69,7 +70,7 @@ void launch_flash_bwd_sm90_step(const FlashBwdParams& params, const ChunkPositio
   bwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
             "cudaFuncSetAttribute(flash_bwd_sm90_kernel)");
   const dim3 grid((params.seq_k + Traits::kBlockN - 1) / Traits::kBlockN, params.batch * params.kv_heads);
-  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(params, q_pos, k_pos);
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, q_pos, k_pos);
   bwd_check(cudaGetLastError(), "launch of flash_bwd_sm90_kernel");
 }
 
