@@ -264,5 +264,11 @@ TEST(RingBackward, Fp64GradientsEqualReferenceForEveryLayoutMaskAndGrouping) {
   for (const Case& c : all_cases()) backward_case(c, /*batch=*/2, /*seq=*/24, /*head_dim=*/5);
 }
 
+// One batch entry: the last step runs in two halves of its key rows and the first half's gradients
+// travel home beside the second (RingAttention::backward); the result must not change.
+TEST(RingBackward, Fp64GradientsWithTheSplitHomeHop) {
+  for (const Case& c : all_cases()) backward_case(c, /*batch=*/1, /*seq=*/24, /*head_dim=*/5);
+}
+
 }  // namespace
 }  // namespace ringattn

@@ -45,7 +45,7 @@ class CpuEngine {
     Hkv_ = spec.effective_kv_heads();
     D_ = spec.head_dim;
     Sq_ = q_rows;
-    Sk_ = k_rows;
+    (void)k_rows;  // each step takes its rows from the K/V it is given
     const auto q_elems = static_cast<std::size_t>(B_ * Sq_ * H_ * D_);
     acc_.assign(q_elems, T(0));
     m_.assign(static_cast<std::size_t>(B_ * H_ * Sq_), T(0));
@@ -62,6 +62,7 @@ class CpuEngine {
   }
 
   void forward_step(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos) {
+    const int64_t Sk = rows_of(k, k_pos, "k");
     widen(k, k_);
     widen(v, v_);
     const std::vector<int64_t> k_abs = expand_positions(k_pos);
@@ -73,8 +74,8 @@ class CpuEngine {
         const int64_t hk = h / group;
         for (int64_t i0 = 0; i0 < Sq_; i0 += kTileQ) {
           const int64_t i1 = std::min(Sq_, i0 + kTileQ);
-          for (int64_t j0 = 0; j0 < Sk_; j0 += kTileK) {
-            const int64_t j1 = std::min(Sk_, j0 + kTileK);
+          for (int64_t j0 = 0; j0 < Sk; j0 += kTileK) {
+            const int64_t j1 = std::min(Sk, j0 + kTileK);
             const Visibility vis = classify_tile(q_pos_, i0, i1, k_pos, j0, j1, spec_.causal);
             if (vis == Visibility::kEmpty) continue;
             for (int64_t i = i0; i < i1; ++i) {
@@ -85,7 +86,7 @@ class CpuEngine {
                   s[j - j0] = -std::numeric_limits<T>::infinity();
                   continue;
                 }
-                const T* kr = &k_[((b * Sk_ + j) * Hkv_ + hk) * D_];
+                const T* kr = &k_[((b * Sk + j) * Hkv_ + hk) * D_];
                 T dot = 0;
                 for (int64_t d = 0; d < D_; ++d) dot += qr[d] * kr[d];
                 s[j - j0] = dot * scale;
@@ -102,7 +103,7 @@ class CpuEngine {
                 if (s[j - j0] == -std::numeric_limits<T>::infinity()) continue;
                 const T p = std::exp(s[j - j0] - m_new);
                 sum += p;
-                const T* vr = &v_[((b * Sk_ + j) * Hkv_ + hk) * D_];
+                const T* vr = &v_[((b * Sk + j) * Hkv_ + hk) * D_];
                 for (int64_t d = 0; d < D_; ++d) acc[d] += p * vr[d];
               }
               l_[row] = l_[row] * correction + sum;
@@ -157,6 +158,9 @@ class CpuEngine {
 
   void backward_step(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos, const TensorView& dk,
                      const TensorView& dv) {
+    const int64_t Sk = rows_of(k, k_pos, "k");
+    RINGATTN_CHECK(dk.numel() == k.numel() && dv.numel() == k.numel(), ErrorKind::kInternal,
+                   "dK/dV accumulators " + dk.describe() + " do not match k " + k.describe(), "");
     widen(k, k_);
     widen(v, v_);
     T* dk_acc = static_cast<T*>(dk.data);
@@ -169,8 +173,8 @@ class CpuEngine {
         const int64_t hk = h / group;
         for (int64_t i0 = 0; i0 < Sq_; i0 += kTileQ) {
           const int64_t i1 = std::min(Sq_, i0 + kTileQ);
-          for (int64_t j0 = 0; j0 < Sk_; j0 += kTileK) {
-            const int64_t j1 = std::min(Sk_, j0 + kTileK);
+          for (int64_t j0 = 0; j0 < Sk; j0 += kTileK) {
+            const int64_t j1 = std::min(Sk, j0 + kTileK);
             const Visibility vis = classify_tile(q_pos_, i0, i1, k_pos, j0, j1, spec_.causal);
             if (vis == Visibility::kEmpty) continue;
             for (int64_t i = i0; i < i1; ++i) {
@@ -183,7 +187,7 @@ class CpuEngine {
               const T row_delta = delta_[(b * H_ + h) * Sq_ + i];
               for (int64_t j = j0; j < j1; ++j) {
                 if (vis == Visibility::kPartial && k_abs[j] > q_abs_[i]) continue;
-                const int64_t ko = ((b * Sk_ + j) * Hkv_ + hk) * D_;
+                const int64_t ko = ((b * Sk + j) * Hkv_ + hk) * D_;
                 const T* kr = &k_[ko];
                 const T* vr = &v_[ko];
                 T dot = 0, dp = 0;
@@ -212,7 +216,17 @@ class CpuEngine {
 
  private:
   AttentionSpec spec_;
-  int64_t B_ = 0, H_ = 0, Hkv_ = 0, D_ = 0, Sq_ = 0, Sk_ = 0;
+  // Rows of a visiting K/V chunk (or a slice of one): k is (B, Sk, Hkv, D) and k_pos covers Sk rows.
+  int64_t rows_of(const TensorView& k, const ChunkPositions& k_pos, const char* what) const {
+    const int64_t sk = k.rank == 4 ? k.shape[1] : -1;
+    RINGATTN_CHECK(sk >= 0 && k.numel() == B_ * sk * Hkv_ * D_ && k_pos.size() == sk, ErrorKind::kInternal,
+                   std::string(what) + " " + k.describe() + " does not match " + std::to_string(k_pos.size()) +
+                       " key positions",
+                   "");
+    return sk;
+  }
+
+  int64_t B_ = 0, H_ = 0, Hkv_ = 0, D_ = 0, Sq_ = 0;
   ChunkPositions q_pos_;
   std::vector<int64_t> q_abs_;
   std::vector<T> q_, k_, v_, acc_, m_, l_, do_, lse_, delta_;
