@@ -42,9 +42,6 @@ struct ChunkPositions {
   int64_t max_in(int64_t lo, int64_t hi) const;
 };
 
-// The positions of local rows [lo, hi) of `pos` (0 <= lo < hi <= pos.size()), as rows 0.. of a chunk.
-ChunkPositions slice_positions(const ChunkPositions& pos, int64_t lo, int64_t hi);
-
 // Rows per rank must be a multiple of this many for the layout on `world` ranks.
 int64_t layout_divisor(Layout layout, int world);
 // Positions of rank `rank`'s chunk of a `seq_len`-token sequence; seq_len % layout_divisor == 0.

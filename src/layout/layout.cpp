@@ -1,9 +1,7 @@
 // Global positions of every rank's chunk, tile/chunk visibility under the causal rule, shard/unshard on the host.
 #include "ringattn/layout.hpp"
 
-#include <algorithm>
 #include <cstring>
-#include <string>
 
 #include "ringattn/error.hpp"
 
@@ -33,22 +31,6 @@ int64_t ChunkPositions::max_in(int64_t lo, int64_t hi) const {
 
 int64_t layout_divisor(Layout layout, int world) {
   return layout == Layout::kZigzag ? 2 * static_cast<int64_t>(world) : static_cast<int64_t>(world);
-}
-
-ChunkPositions slice_positions(const ChunkPositions& pos, int64_t lo, int64_t hi) {
-  RINGATTN_CHECK(0 <= lo && lo < hi && hi <= pos.size(), ErrorKind::kInternal,
-                 "slice [" + std::to_string(lo) + ", " + std::to_string(hi) + ") of a chunk of " +
-                     std::to_string(pos.size()) + " rows",
-                 "");
-  ChunkPositions out;
-  int64_t first = 0;  // local row of the current segment's first element
-  for (int s = 0; s < pos.num_segments; ++s) {
-    const Segment& seg = pos.seg[s];
-    const int64_t a = std::max(lo, first), b = std::min(hi, first + seg.count);
-    if (a < b) out.seg[out.num_segments++] = Segment{seg.start + seg.stride * (a - first), seg.stride, b - a};
-    first += seg.count;
-  }
-  return out;
 }
 
 ChunkPositions chunk_positions(Layout layout, int64_t seq_len, int rank, int world) {

@@ -188,15 +188,8 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   const bool post_after_launch = backend_->stream() != nullptr && !post_early_;  // as in forward()
   const SendPart own_kv[2] = {{k.data, kv_bytes_ / 2}, {v.data, kv_bytes_ / 2}};
 
-  // The home hop (the finished dK/dV of the chunk computed last travel to its owner, rank r+1)
-  // follows the last compute. With one batch entry the last step runs in two halves of its key
-  // rows, and the first half's gradients travel home while the second half computes, so only the
-  // second half's transfer is exposed. Both the halves and the unsplit transfer are reported as
-  // hop p (compute: what ran beside the transfer; exposed: the wait for it).
-  const bool split_home = p > 1 && B == 1 && S % 2 == 0;
-  const int64_t half_rows = S / 2;
-  const std::size_t half_grad_bytes = grad_bytes_ / 4;  // one of dK, dV, half of the rows
-
+  // Hops 0..p-1 compute; hop p (p > 1) is the home hop, reported with its own compute (the last
+  // accumulate) and exposed time (the transfer nothing runs beside).
   std::vector<HopMarks> marks(p + (p > 1 ? 1 : 0));
   stats_ = PassStats{};
   stats_.hops.resize(marks.size());
@@ -231,14 +224,7 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     const bool skip = classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty;
     marks[s].begin = backend_->mark();
     backend_->zero(gview(local_grad_, 0));
-    const bool split = split_home && s == p - 1;
-    if (!skip && split) {  // the first half of the key rows now, the second beside the home hop
-      backend_->backward_step(chunk_view(cur, 0, spec_.dtype, dev, B, half_rows, Hkv, D),
-                              chunk_view(cur, kv_bytes_ / 2, spec_.dtype, dev, B, half_rows, Hkv, D),
-                              slice_positions(k_pos, 0, half_rows),
-                              chunk_view(local_grad_, 0, acc_dtype, dev, B, half_rows, Hkv, D),
-                              chunk_view(local_grad_, grad_bytes_ / 2, acc_dtype, dev, B, half_rows, Hkv, D));
-    } else if (!skip) {
+    if (!skip) {
       backend_->backward_step(s == 0 ? k : kview(cur), s == 0 ? v : vview(cur), k_pos, dk_of(local_grad_, 0),
                               dv_of(local_grad_, 0));
     }
@@ -250,74 +236,21 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     if (hop_cb_) hop_cb_(s, p, hop_user_);
   }
   // Home hop: the chunk processed last belongs to rank r+1; send it its finished gradients.
+  void* home = grad_buffers_[0];
   if (p > 1) {
-    void* cur = grad_buffers_[p % 2];        // the arrived gradient partial of the chunk of step p-1
-    void* nxt = grad_buffers_[(p + 1) % 2];  // that chunk's K/V; receives the finished gradients
-    char* recv = static_cast<char*>(nxt) + kv_bytes_;
-    char* acc = static_cast<char*>(cur) + kv_bytes_;
-    HopMarks& home = marks[p];
-    home.begin = backend_->mark();
-    if (split_home) {
-      const int src = source_of(r, p - 1, p);
-      const ChunkPositions k_pos = chunk_positions(spec_.layout, spec_.seq_len, src, p);
-      const bool skip = classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty;
-      const std::size_t kv_row_bytes = kv_bytes_ / 2 / static_cast<std::size_t>(S);
-      auto add_half = [&](int h) {  // arrived partial += this rank's share, rows of half h, dK and dV
-        for (int part = 0; part < 2; ++part) {
-          const std::size_t off = part * (grad_bytes_ / 2) + h * half_grad_bytes;
-          const TensorView a = make_view(acc + off, acc_dtype, dev, {B, half_rows, Hkv * D});
-          backend_->accumulate(a, make_view(static_cast<char*>(local_grad_) + off, acc_dtype, dev,
-                                            {B, half_rows, Hkv * D}));
-        }
-      };
-      auto post_half = [&](int h) {  // [dK rows of half h | dV rows of half h] into recv + h 2 half
-        const SendPart parts[2] = {{acc + h * half_grad_bytes, half_grad_bytes},
-                                   {acc + grad_bytes_ / 2 + h * half_grad_bytes, half_grad_bytes}};
-        transport_->start_exchange_parts(parts, 2, recv + h * 2 * half_grad_bytes, p + h);
-      };
-      add_half(0);
-      if (post_after_launch) {
-        transport_->fence(p);
-      } else {
-        post_half(0);
-      }
-      if (!skip) {
-        const std::size_t kv_off = half_rows * kv_row_bytes;
-        // The K/V of step p-1 are in the buffer that now receives (into its gradient part only).
-        backend_->backward_step(chunk_view(nxt, kv_off, spec_.dtype, dev, B, half_rows, Hkv, D),
-                                chunk_view(nxt, kv_bytes_ / 2 + kv_off, spec_.dtype, dev, B, half_rows, Hkv, D),
-                                slice_positions(k_pos, half_rows, S),
-                                chunk_view(local_grad_, half_grad_bytes, acc_dtype, dev, B, half_rows, Hkv, D),
-                                chunk_view(local_grad_, grad_bytes_ / 2 + half_grad_bytes, acc_dtype, dev, B,
-                                           half_rows, Hkv, D));
-      }
-      if (post_after_launch) post_half(0);
-      home.computed = backend_->mark();
-      transport_->wait(p);
-      add_half(1);
-      post_half(1);
-      transport_->wait(p + 1);
-      home.arrived = backend_->mark();
-      for (int h = 0; h < 2; ++h) {
-        char* got = recv + h * 2 * half_grad_bytes;
-        const std::size_t out_off = h * half_rows * (kv_bytes_ / 2 / static_cast<std::size_t>(S));
-        backend_->cast_accumulator(make_view(got, acc_dtype, dev, {B, half_rows, Hkv, D}),
-                                   make_view(static_cast<char*>(dk.data) + out_off, spec_.dtype, dev,
-                                             {B, half_rows, Hkv, D}));
-        backend_->cast_accumulator(make_view(got + half_grad_bytes, acc_dtype, dev, {B, half_rows, Hkv, D}),
-                                   make_view(static_cast<char*>(dv.data) + out_off, spec_.dtype, dev,
-                                             {B, half_rows, Hkv, D}));
-      }
-    } else {
-      backend_->accumulate(gview(cur, kv_bytes_), gview(local_grad_, 0));
-      home.computed = backend_->mark();
-      transport_->start_exchange(acc, recv, grad_bytes_, p);
-      transport_->wait(p);
-      home.arrived = backend_->mark();
-      backend_->cast_accumulator(dk_of(nxt, kv_bytes_), dk);
-      backend_->cast_accumulator(dv_of(nxt, kv_bytes_), dv);
-    }
+    void* cur = grad_buffers_[p % 2];
+    void* nxt = grad_buffers_[(p + 1) % 2];
+    marks[p].begin = backend_->mark();
+    backend_->accumulate(gview(cur, kv_bytes_), gview(local_grad_, 0));
+    marks[p].computed = backend_->mark();
+    transport_->start_exchange(static_cast<char*>(cur) + kv_bytes_, static_cast<char*>(nxt) + kv_bytes_,
+                               grad_bytes_, p);
+    transport_->wait(p);
+    marks[p].arrived = backend_->mark();
     stats_.hops[p] = HopStats{p, source_of(r, p - 1, p), false, 0.0, 0.0};
+    home = nxt;
+    backend_->cast_accumulator(dk_of(home, kv_bytes_), dk);
+    backend_->cast_accumulator(dv_of(home, kv_bytes_), dv);
   } else {
     backend_->cast_accumulator(dk_of(local_grad_, 0), dk);
     backend_->cast_accumulator(dv_of(local_grad_, 0), dv);

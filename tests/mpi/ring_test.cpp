@@ -264,9 +264,8 @@ TEST(RingBackward, Fp64GradientsEqualReferenceForEveryLayoutMaskAndGrouping) {
   for (const Case& c : all_cases()) backward_case(c, /*batch=*/2, /*seq=*/24, /*head_dim=*/5);
 }
 
-// One batch entry: the last step runs in two halves of its key rows and the first half's gradients
-// travel home beside the second (RingAttention::backward); the result must not change.
-TEST(RingBackward, Fp64GradientsWithTheSplitHomeHop) {
+// One batch entry (the CLI's and most training stacks' case), also through the home hop's telemetry.
+TEST(RingBackward, Fp64GradientsWithOneBatchEntry) {
   for (const Case& c : all_cases()) backward_case(c, /*batch=*/1, /*seq=*/24, /*head_dim=*/5);
 }
 
