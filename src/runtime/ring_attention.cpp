@@ -235,22 +235,24 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     stats_.hops[s] = HopStats{s, src, skip, 0.0, 0.0};
     if (hop_cb_) hop_cb_(s, p, hop_user_);
   }
-  // Home hop: the chunk processed last belongs to rank r+1; send it its finished gradients.
-  void* home = grad_buffers_[0];
+  // Home hop: the chunk processed last belongs to rank r+1; send it its finished gradients. They
+  // are final here, so they are rounded to the input dtype before they travel (into the free K/V
+  // part of the buffer): the owner gets the bits it would have rounded itself, and for 16-bit
+  // inputs this transfer, which no compute hides, carries half the bytes of the fp32 sums.
   if (p > 1) {
-    void* cur = grad_buffers_[p % 2];
-    void* nxt = grad_buffers_[(p + 1) % 2];
+    void* cur = grad_buffers_[p % 2];        // the arrived partial; its K/V part is stale
+    void* nxt = grad_buffers_[(p + 1) % 2];  // receives [dK | dV] of this rank's own chunk
     marks[p].begin = backend_->mark();
     backend_->accumulate(gview(cur, kv_bytes_), gview(local_grad_, 0));
+    backend_->cast_accumulator(dk_of(cur, kv_bytes_), kview(cur));
+    backend_->cast_accumulator(dv_of(cur, kv_bytes_), vview(cur));
     marks[p].computed = backend_->mark();
-    transport_->start_exchange(static_cast<char*>(cur) + kv_bytes_, static_cast<char*>(nxt) + kv_bytes_,
-                               grad_bytes_, p);
+    transport_->start_exchange(cur, nxt, kv_bytes_, p);
     transport_->wait(p);
     marks[p].arrived = backend_->mark();
     stats_.hops[p] = HopStats{p, source_of(r, p - 1, p), false, 0.0, 0.0};
-    home = nxt;
-    backend_->cast_accumulator(dk_of(home, kv_bytes_), dk);
-    backend_->cast_accumulator(dv_of(home, kv_bytes_), dv);
+    backend_->copy(dk.data, nxt, kv_bytes_ / 2);
+    backend_->copy(dv.data, static_cast<char*>(nxt) + kv_bytes_ / 2, kv_bytes_ / 2);
   } else {
     backend_->cast_accumulator(dk_of(local_grad_, 0), dk);
     backend_->cast_accumulator(dv_of(local_grad_, 0), dv);
