@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# One device call for the backward kernels (single GPU): build, GPU backward tests on both step kernels
-# (RINGATTN_BWD_KERNEL=wgmma, the default, and =mma), the scheduler-level fwd+bwd test, compute-sanitizer
-# memcheck on the wgmma path, the official fwd+bwd bench (ringattn bench --backward, 16K and 64K, causal
-# and not) for both kernels, and PyTorch SDPA (flash, cuDNN) in the same call. Short table last.
+# One device call for the backward kernels (single GPU): build, GPU backward tests on the Hopper kernel
+# (RINGATTN_BWD_KERNEL=wgmma, the default: TMA kernel), its cp.async fallback (RINGATTN_BWD_SM90_NO_TMA=1)
+# and the mma.sync kernel (=mma), the scheduler-level fwd+bwd test, compute-sanitizer memcheck and
+# racecheck on the Hopper kernels, the official fwd+bwd bench (ringattn bench --backward, 16K and 64K,
+# causal and not) per kernel, and PyTorch SDPA (flash, cuDNN) in the same call. Short table last.
 # Every step has its own timeout and the whole script stops starting new steps near $BUDGET seconds.
-# Env: TEST_VARIANTS (wgmma kernel variants tested besides the default, "1 2 3"), BENCH_VARIANTS
-# (variants timed, "0 2"), MMA=0 (skip the mma.sync kernel), NCU=1 (Nsight Compute on one 16K launch
-# per timed variant: speed of light, warp states), RACECHECK (variants run under memcheck and racecheck, "3"),
-# MEMCHECK_V2=0 (skip variant 2's memcheck).
+# Env: MMA=0 (skip the mma.sync kernel's bench), NCU=1 (Nsight Compute on one 16K launch of the Hopper
+# kernel: speed of light, warp states).
 set -u -o pipefail
 OUT=${OUT:-/tmp/ringattn_out}
 mkdir -p "$OUT"
@@ -36,60 +35,44 @@ timeout "$(tmo 90 200)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*:Fla
   grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -20
 grep -E "d128.*\(wgmma\)" "$OUT/tests_wgmma.log" | head -3
 
-for v in ${TEST_VARIANTS:-1 2 3}; do
-  echo "## GPU backward tests, wgmma kernel variant $v (1: dQ on mma.sync, 2: dQ by bulk reductions, 3: dQ pipelined, 4/5: TMA, one barrier per tile), head_dim 128"
-  RINGATTN_BWD_SM90_VARIANT=$v timeout "$(tmo 45 180)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*d128*' 2>&1 |
-    tee "$OUT/tests_v$v.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -12
-done
-
-echo "## GPU backward tests, default variant without TMA (RINGATTN_BWD_SM90_NO_TMA=1: variant 0 into the tiled dQ)"
+echo "## GPU backward tests, Hopper fallback without TMA (RINGATTN_BWD_SM90_NO_TMA=1), head_dim 128"
 RINGATTN_BWD_SM90_NO_TMA=1 timeout "$(tmo 45 180)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*d128*' 2>&1 |
   tee "$OUT/tests_notma.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -12
 
-echo "## compute-sanitizer memcheck (wgmma path)"
+echo "## compute-sanitizer memcheck and racecheck (Hopper kernels)"
 timeout "$(tmo 60 180)" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" --gtest_filter="$NEW" \
   >"$OUT/sanitizer.log" 2>&1
 echo "memcheck rc=$?" | tee -a "$OUT/sanitizer.log"
-[ "${MEMCHECK_V2:-1}" = 1 ] && RINGATTN_BWD_SM90_VARIANT=2 timeout "$(tmo 40 170)" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" \
-  --gtest_filter="${NEW%%:*}" >"$OUT/sanitizer_v2.log" 2>&1
-[ "${MEMCHECK_V2:-1}" = 1 ] && echo "memcheck variant 2 rc=$?" | tee -a "$OUT/sanitizer.log"
-for v in ${RACECHECK:-3}; do
-  RINGATTN_BWD_SM90_VARIANT=$v timeout "$(tmo 60 160)" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" \
-    --gtest_filter="$NEW" >"$OUT/sanitizer_v$v.log" 2>&1
-  echo "memcheck variant $v rc=$?" | tee -a "$OUT/sanitizer.log"
-  RINGATTN_BWD_SM90_VARIANT=$v timeout "$(tmo 90 150)" compute-sanitizer --tool racecheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" \
-    --gtest_filter="${NEW##*:}" >"$OUT/racecheck_v$v.log" 2>&1
-  echo "racecheck variant $v rc=$? $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck_v$v.log")" | tee -a "$OUT/sanitizer.log"
-done
+RINGATTN_BWD_SM90_NO_TMA=1 timeout "$(tmo 40 170)" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" \
+  --gtest_filter="${NEW%%:*}" >"$OUT/sanitizer_notma.log" 2>&1
+echo "memcheck without TMA rc=$?" | tee -a "$OUT/sanitizer.log"
+timeout "$(tmo 90 150)" compute-sanitizer --tool racecheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" \
+  --gtest_filter="${NEW##*:}" >"$OUT/racecheck.log" 2>&1
+echo "racecheck rc=$? $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck.log")" | tee -a "$OUT/sanitizer.log"
 grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" "$OUT/sanitizer.log" | head -8
 
-bench() {  # label, RINGATTN_BWD_KERNEL, RINGATTN_BWD_SM90_VARIANT, extra flags
-  echo "### ringattn bench --backward ${4:-nc}, $1 (RINGATTN_BWD_KERNEL=$2 RINGATTN_BWD_SM90_VARIANT=$3)" | tee -a "$OUT/bench.log"
-  local run=(env RINGATTN_BWD_KERNEL="$2" RINGATTN_BWD_SM90_VARIANT="$3")
-  command -v mpirun >/dev/null && run=(mpirun --allow-run-as-root -np 1 -x RINGATTN_BWD_KERNEL="$2" -x RINGATTN_BWD_SM90_VARIANT="$3")
+bench() {  # label, RINGATTN_BWD_KERNEL, extra flags
+  echo "### ringattn bench --backward ${3:-nc}, $1 (RINGATTN_BWD_KERNEL=$2)" | tee -a "$OUT/bench.log"
+  local run=(env RINGATTN_BWD_KERNEL="$2")
+  command -v mpirun >/dev/null && run=(mpirun --allow-run-as-root -np 1 -x RINGATTN_BWD_KERNEL="$2")
   timeout "$(tmo 45 60)" "${run[@]}" "$BIN/ringattn" bench -b 16K -e 64K -f 4 --layout contiguous -c 0 --dtype bf16 \
-    --heads 32 --head-dim 128 -n 3 -w 1 --backward ${4:-} 2>&1 | tee -a "$OUT/bench.log" | grep -vE "^#  |^# (sweep|ring eff|backend)" | tail -4
+    --heads 32 --head-dim 128 -n 3 -w 1 --backward ${3:-} 2>&1 | tee -a "$OUT/bench.log" | grep -vE "^#  |^# (sweep|ring eff|backend)" | tail -4
 }
-passed() { grep -q "^\[  PASSED" "$OUT/$1.log" 2>/dev/null && ! grep -q "^\[  FAILED" "$OUT/$1.log"; }
 echo "## fwd+bwd bench (official number)"
-for v in ${BENCH_VARIANTS:-0 2}; do
-  label=wgmma_v$v
-  if [ "$v" = 6 ] || passed "tests_v$v"; then  # 6: the default, tested above bench "$label" wgmma "$v" ""; bench "$label" wgmma "$v" --causal; fi
-done
+bench wgmma wgmma ""
+bench wgmma wgmma --causal
 if [ "${MMA:-1}" = 1 ]; then
-  bench mma mma 0 ""
-  bench mma mma 0 --causal
+  bench mma mma ""
+  bench mma mma --causal
 fi
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
-  for v in ${BENCH_VARIANTS:-0 2}; do
-    echo "## ncu, wgmma variant $v, one 16K non-causal launch"
-    RINGATTN_BWD_SM90_VARIANT=$v timeout "$(tmo 60 60)" ncu --clock-control none --kernel-name regex:flash_bwd_sm90 \
-      --launch-skip 1 --launch-count 1 --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
-      "$BIN/ringattn" bench -b 16K -e 16K -n 1 -w 1 -c 0 --no-baseline --dtype bf16 --heads 32 --head-dim 128 --backward \
-      >"$OUT/ncu_v$v.txt" 2>&1
-    grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Executed Ipc|Issue Slots Busy|Warp Cycles Per Issued|Stall|Pipe" \
-      "$OUT/ncu_v$v.txt" | head -24
-  done
+  echo "## ncu, Hopper kernel, one 16K non-causal launch"
+  timeout "$(tmo 60 60)" ncu --clock-control none --kernel-name regex:flash_bwd_sm90 \
+    --launch-skip 1 --launch-count 1 --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+    "$BIN/ringattn" bench -b 16K -e 16K -n 1 -w 1 -c 0 --no-baseline --dtype bf16 --heads 32 --head-dim 128 --backward \
+    >"$OUT/ncu.txt" 2>&1
+  grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Executed Ipc|Issue Slots Busy|Warp Cycles Per Issued|Stall|Pipe" \
+    "$OUT/ncu.txt" | head -24
 fi
 
 echo "## torch SDPA peers (same call)"
@@ -104,7 +87,7 @@ timeout "$(tmo 40 3)" "$BIN/ringattn_gpu_tests" --gtest_filter='RingGpuBackward*
   grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -10
 
 echo "## summary ($(( $(date +%s) - T0 )) s)"
-for f in tests_wgmma tests_notma $(for v in ${TEST_VARIANTS:-1 2 3}; do echo tests_v$v; done) tests_mma ring; do echo "$f: $(grep -hE "^\[  (PASSED|FAILED) " "$OUT/$f.log" 2>/dev/null | tr '\n' ' ')"; done
+for f in tests_wgmma tests_notma tests_mma ring; do echo "$f: $(grep -hE "^\[  (PASSED|FAILED) " "$OUT/$f.log" 2>/dev/null | tr '\n' ' ')"; done
 grep -h "rc=" "$OUT/sanitizer.log"
 python3 - "$OUT/bench.log" "$OUT/torch.txt" <<'PY'
 import sys, json, re

@@ -2,8 +2,8 @@
 # One-GPU device call: per-instruction stall attribution (Nsight Compute source view, SASS) of the Hopper backward step kernel.
 #
 # Usage (device machine, repository root): scripts/device_bwd_profile.sh
-# Env: OUT (logs; the device tool sets it), VARIANTS (RINGATTN_BWD_SM90_VARIANT values, "0"),
-#      SEQ (tokens, 16K), TOP (instructions listed, 40).
+# Env: OUT (logs; the device tool sets it), KERNELS (RINGATTN_BWD_SM90_NO_TMA values: 0 the TMA kernel,
+#      1 its cp.async fallback; "0"), SEQ (tokens, 16K), TOP (instructions listed, 40).
 # Writes $OUT/summary_v<V>.txt (speed of light, warp states), $OUT/source_v<V>.csv (the SASS source view)
 # and $OUT/top_stalls_v<V>.txt: the TOP SASS
 # instructions by sampled stalls with their stall reasons, so the next kernel change aims at the
@@ -20,10 +20,10 @@ cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DRINGATTN_BUILD_TESTS=OFF -DC
   cmake --build "$BUILD" -j "$(nproc)" --target ringattn_cli >>"$OUT/build.log" 2>&1 ||
   { tail -30 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
 echo "# built in $(( $(date +%s) - T0 )) s"
-for v in ${VARIANTS:-0}; do
+for v in ${KERNELS:-0}; do
   rep=/tmp/ringattn_bwd_v$v
   rm -f "$rep.ncu-rep"
-  RINGATTN_BWD_SM90_VARIANT=$v timeout 240 ncu --clock-control none --kernel-name regex:flash_bwd_sm90 \
+  RINGATTN_BWD_SM90_NO_TMA=$v timeout 240 ncu --clock-control none --kernel-name regex:flash_bwd_sm90 \
     --launch-skip 1 --launch-count 1 --set full --import-source yes -o "$rep" \
     "$BUILD/bin/ringattn" bench -b "$SEQ" -e "$SEQ" -n 1 -w 1 -c 0 --no-baseline --dtype bf16 --heads 32 \
     --head-dim 128 --backward >"$OUT/ncu_run_v$v.log" 2>&1

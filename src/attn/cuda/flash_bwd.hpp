@@ -56,12 +56,10 @@ struct FlashBwdParams {
 
   // Workspace owned by the caller, all fp32 and contiguous:
   // dq_accum: (B, Sq, H, D), or with flash_bwd_dq_tiled() (B, H, padded rows / 64, 2, 64 x 64) in the
-  // register order of the Hopper kernel's warpgroups; lse_log2, delta: (B, H, flash_bwd_padded_rows(Sq)).
+  // register order of the Hopper kernels' warpgroups; lse_log2, delta: (B, H, flash_bwd_padded_rows(Sq)).
   float* dq_accum = nullptr;
   float* lse_log2 = nullptr;  // lse * log2(e); +inf for rows that see no key and for padding rows
   float* delta = nullptr;     // rowsum(dout * out); 0 for padding rows
-  // Set by the step launcher, not by callers: dq_accum has the tiled layout (flash_bwd_dq_tiled).
-  bool dq_tiled = false;
 };
 
 // Bytes of each workspace buffer for a problem shape.
@@ -104,12 +102,9 @@ enum class BwdKernel { kMma, kWgmma };
 BwdKernel flash_bwd_kernel_choice();
 // True when the step for this head_dim would run the wgmma kernel on the current device.
 bool flash_bwd_uses_wgmma(int head_dim);
-// RINGATTN_BWD_SM90_VARIANT (kDefaultSm90BwdVariant unless set; flash_bwd_sm90_launch.cuh lists
-// them), read on every call so a test can switch it with setenv.
-inline constexpr int kDefaultSm90BwdVariant = 6;
-int flash_bwd_sm90_variant();
-// True when the step writes dq_accum in the tiled layout (the wgmma kernel's variant 6, the default);
-// preprocess, step and finalize of one pass must agree, so the variant must not change within a pass.
+// True when dq_accum has the tiled layout: whenever the Hopper kernels run (flash_bwd_uses_wgmma);
+// preprocess, step and finalize of one pass must agree, so RINGATTN_BWD_KERNEL must not change
+// within a pass.
 bool flash_bwd_dq_tiled(int head_dim);
 
 }  // namespace ringattn::cuda

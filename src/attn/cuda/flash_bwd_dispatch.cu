@@ -180,12 +180,7 @@ bool flash_bwd_uses_wgmma(int head_dim) {
   return head_dim == 128 && flash_bwd_kernel_choice() == BwdKernel::kWgmma && sm90_fwd_supported();
 }
 
-int flash_bwd_sm90_variant() {
-  const char* v = std::getenv("RINGATTN_BWD_SM90_VARIANT");
-  return v ? std::atoi(v) : kDefaultSm90BwdVariant;
-}
-
-bool flash_bwd_dq_tiled(int head_dim) { return flash_bwd_uses_wgmma(head_dim) && flash_bwd_sm90_variant() == 6; }
+bool flash_bwd_dq_tiled(int head_dim) { return flash_bwd_uses_wgmma(head_dim); }
 
 void flash_bwd_preprocess(const FlashBwdParams& p, cudaStream_t stream) {
   check_common(p);

@@ -136,10 +136,8 @@ struct Sm90BwdTraits {
   static constexpr int kOffDo = kOffQ + 2 * kQBytes;  // two buffers
   static constexpr int kOffDs = kOffDo + 2 * kQBytes;  // dS^T: kBlockN key rows x kBlockM (= 64) query columns
   static constexpr int kOffRow = kOffDs + kBlockN * kRowBytes;  // lse_log2[2][M], delta[2][M] fp32
-  static constexpr int kOffDq = kOffRow + 4 * kBlockM * 4;  // fp32 dQ staging (variant 2), padded rows
-  static constexpr int kDqRowBytes = kHeadDim * 4 + 16;
   static constexpr int kAlign = 1024;
-  static constexpr int kSmemBytes = kOffDq + kBlockM * kDqRowBytes + kAlign;
+  static constexpr int kSmemBytes = kOffRow + 4 * kBlockM * 4 + kAlign;
   static constexpr int kCoreRowBytes = 8 * kRowBytes;  // 8 rows: one swizzle atom
   static_assert(kHeadDim == 128, "the wgmma backward covers head_dim 128");
   static_assert(kBlockM == 64, "dS^T rows are one 64-column block");
@@ -165,14 +163,10 @@ __device__ __forceinline__ void load_tile_sw128(uint32_t dst, const Elem* src, i
   }
 }
 
-// kVariant (RINGATTN_BWD_SM90_VARIANT): 0 dQ = dS K on wgmma, added to dq_accum with red.global.add.v2;
-// 1 the dQ GEMM on mma.sync instead (fallback); 2 as 0, dQ staged in shared memory and added with one
-// bulk reduction (cp.reduce.async.bulk) per row; 3 as 0, software-pipelined: the dQ GEMM of tile i is
-// issued after tile i+1's S^T and dP^T GEMMs, runs under its exp, and its reductions run under its dV
-// GEMM; the block barrier before tile i+1 then also orders the dS^T stores before that dQ GEMM, so a
-// tile needs one barrier instead of two (dS^T double-buffered: the second buffer lives where variant
-// 2 stages dQ).
-template <typename Elem, int kHeadDim, int kVariant>
+// The fallback of the TMA kernel (flash_bwd_sm90_tma_kernel.cuh) for tensors no tensor map can
+// describe: dQ = dS K on wgmma, added into the tiled dq_accum with red.global.add.v2; two block
+// barriers per query tile.
+template <typename Elem, int kHeadDim>
 __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     flash_bwd_sm90_kernel(const FlashBwdParams p, const ChunkPositions q_pos, const ChunkPositions k_pos) {
 #if RINGATTN_SM90A_ENABLED
@@ -188,8 +182,6 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
   const uint32_t sDs = base + Tr::kOffDs;
   float* sLse = reinterpret_cast<float*>(gbase + Tr::kOffRow);  // [2][M]
   float* sDelta = sLse + 2 * M;                                 // [2][M]
-  float* sDq = reinterpret_cast<float*>(gbase + Tr::kOffDq);    // [M][kDqRowBytes / 4] (variant 2)
-  const uint32_t sDqS = base + Tr::kOffDq;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -262,37 +254,21 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
   const uint32_t sKw = sK + wg * 64 * Tr::kRowBytes;  // this warpgroup's 64 key rows (K-major A)
   const uint32_t sVw = sV + wg * 64 * Tr::kRowBytes;
 
-  // Adds this warp's share of a finished dQ tile (query rows q0.., head h) into dq_accum.
   float dq[32];
+  // Adds this warp's share of a finished dQ tile (query rows q0.., head h) into the tiled dq_accum
+  // (flash_bwd_dq_tiled: the register order of the TMA kernel's staging).
   auto add_dq = [&](int q0_of, int h_of) {
-    if (p.dq_tiled) {  // the layout of flash_bwd_sm90_tma_kernel.cuh's variant 6 (flash_bwd_dq_tiled)
-      float* blk = p.dq_accum + ((static_cast<int64_t>(b) * p.heads + h_of) * pad_rows + q0_of) * D + wg * 64 * 64 +
-                   (tid & 127) * 4;
+    float* blk = p.dq_accum + ((static_cast<int64_t>(b) * p.heads + h_of) * pad_rows + q0_of) * D + wg * 64 * 64 +
+                 (tid & 127) * 4;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        red_add_v2(blk + j * 512, dq[4 * j] * p.scale, dq[4 * j + 1] * p.scale);
-        red_add_v2(blk + j * 512 + 2, dq[4 * j + 2] * p.scale, dq[4 * j + 3] * p.scale);
-      }
-      return;
-    }
-    float* rows = p.dq_accum + ((static_cast<int64_t>(b) * p.seq_q) * p.heads + h_of) * D + wg * 64;
-    const int64_t stride = static_cast<int64_t>(p.heads) * D;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = q0_of + wwarp * 16 + g + half * 8;
-      if (r < p.seq_q) {
-        float* rowp = rows + r * stride + 2 * t;
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-          red_add_v2(rowp + j * 8, dq[4 * j + 2 * half] * p.scale, dq[4 * j + 2 * half + 1] * p.scale);
-      }
+    for (int j = 0; j < 8; ++j) {
+      red_add_v2(blk + j * 512, dq[4 * j] * p.scale, dq[4 * j + 1] * p.scale);
+      red_add_v2(blk + j * 512 + 2, dq[4 * j + 2] * p.scale, dq[4 * j + 3] * p.scale);
     }
   };
-  int prev_q0 = 0, prev_h = 0;  // variant 3: the previous tile, whose dQ is computed under this one
 
   int buf = 0, next = 0;  // the Q/dO buffer of tile `it`; the visible tile after it
   int q0 = 0, h = 0;        // first query row and head of tile `it`
-  uint32_t sDsB = sDs;      // the dS^T buffer of tile `it`
 
   // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..] on wgmma (A = dS, the MN-major view of the dS^T
   // buffer ds, B = K MN-major), issued and committed as one group.
@@ -309,11 +285,8 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     wgmma_commit();
   };
 
-  // First half of tile `it`: everything up to its dS^T stored and its GEMMs done (nothing in flight
-  // at the end, so a loop can turn here). With a pending dQ (variant 3, every tile but the first)
-  // it also computes and adds the previous tile's dQ, whose dS^T is in the other buffer.
-  auto first_half = [&](auto pending_tag) {
-    constexpr bool kPending = decltype(pending_tag)::value;
+  // First half of tile `it`: everything up to its dS^T stored and its GEMMs done.
+  auto first_half = [&]() {
     next = next_visible(it + 1);
     cp_async_wait_all();
     fence_proxy_async();
@@ -372,12 +345,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<Elem>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
     }
-    if constexpr (kPending) {
-      issue_dq(buf ? sDs : base + Tr::kOffDq);  // the previous tile's dS^T buffer
-      wgmma_wait<1>();
-    } else {
-      wgmma_wait<0>();
-    }
+    wgmma_wait<0>();
     fence_regs(dp);
 
     // dV += P^T dO.
@@ -390,11 +358,6 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
                            1);
     }
     wgmma_commit();
-    if constexpr (kPending) {  // the previous tile's dQ (committed before dV) landed: add it under dV
-      wgmma_wait<1>();
-      fence_regs(dq);
-      add_dq(prev_q0, prev_h);
-    }
 
     // dS^T = P^T (dP^T - delta).
 #pragma unroll
@@ -420,14 +383,13 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     wgmma_commit();
     // dS^T -> shared memory (row = key, 64 query columns = one swizzled 128-byte row). dsa[kk][i]:
     // n8 tile 2kk + (i >> 1), row g + 8 (i & 1).
-    sDsB = (kVariant == 3 && buf) ? base + Tr::kOffDq : sDs;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int row = wrow + g + 8 * (i & 1);
         const int chunk = 2 * kk + (i >> 1);
-        st_shared_u32(sDsB + row * Tr::kRowBytes + ((chunk ^ (row & 7)) << 4) + 4 * t, dsa[kk][i]);
+        st_shared_u32(sDs + row * Tr::kRowBytes + ((chunk ^ (row & 7)) << 4) + 4 * t, dsa[kk][i]);
       }
     }
     fence_proxy_async();
@@ -438,95 +400,23 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     fence_frags(dsa);
   };
 
-  // Second half of tile `it`: dQ = dS K into dq_accum (variants 0-2).
+  // Second half of tile `it`: dQ = dS K into dq_accum.
   auto second_half = [&]() {
     __syncthreads();  // dS^T of both warpgroups stored
-
     // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..]. Warp (wg, wwarp) holds query rows 16 wwarp + g (+8),
-    // columns 64 wg + 8j + 2t (+1) in dq[4j..4j+3] with either instruction.
-    if constexpr (kVariant != 1) {
-      issue_dq(sDsB);
-      wgmma_wait<0>();
-      fence_regs(dq);
-    } else {
-      // mma.sync m16n8k16: A = dS via ldmatrix.trans of dS^T, B = K via ldmatrix.trans (both swizzled tiles).
-#pragma unroll
-      for (int i = 0; i < 32; ++i) dq[i] = 0.f;
-      const int i4 = lane >> 3;
-#pragma unroll
-      for (int kk = 0; kk < N / 16; ++kk) {
-        uint32_t a[4];
-        {
-          const int row = kk * 16 + (i4 >> 1) * 8 + (lane & 7);
-          const int chunk = wwarp * 2 + (i4 & 1);  // query columns 16 wwarp + 8 (i4 & 1)
-          bwd::ldsm_x4_t(a, sDs + row * Tr::kRowBytes + ((chunk ^ (row & 7)) << 4));
-        }
-#pragma unroll
-        for (int nn = 0; nn < 4; ++nn) {
-          uint32_t bb[4];
-          const int row = kk * 16 + (i4 & 1) * 8 + (lane & 7);
-          const int chunk = nn * 2 + (i4 >> 1);  // columns 64 wg + 16 nn + 8 (i4 >> 1)
-          bwd::ldsm_x4_t(bb, sK + wg * Tr::kKBlockBytes + row * Tr::kRowBytes + ((chunk ^ (row & 7)) << 4));
-          float(&d0)[4] = *reinterpret_cast<float(*)[4]>(&dq[4 * (2 * nn)]);
-          float(&d1)[4] = *reinterpret_cast<float(*)[4]>(&dq[4 * (2 * nn + 1)]);
-          bwd::mma16816<Elem>(d0, a, bb[0], bb[1]);
-          bwd::mma16816<Elem>(d1, a, bb[2], bb[3]);
-        }
-      }
-    }
-    float* dq_rows = p.dq_accum + ((static_cast<int64_t>(b) * p.seq_q) * p.heads + h) * D + wg * 64;
-    const int64_t dq_row_stride = static_cast<int64_t>(p.heads) * D;
-    if constexpr (kVariant != 2) {
-      add_dq(q0, h);  // vector reductions straight from registers
-    } else {
-      // Staged in shared memory (this warpgroup's 64 columns of each row), then one bulk reduction
-      // (cp.reduce.async.bulk .add.f32, 256 bytes) per query row, issued by threads 0..63 of the warpgroup.
-      const int tw = tid & 127;
-      if (tw < M) bulk_wait_read();  // the previous tile's reductions have read the staging rows
-      named_barrier_sync(1 + wg, 128);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = wwarp * 16 + g + half * 8;
-        float* dst = sDq + row * (Tr::kDqRowBytes / 4) + wg * 64 + 2 * t;
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-          *reinterpret_cast<float2*>(dst + j * 8) =
-              make_float2(dq[4 * j + 2 * half] * p.scale, dq[4 * j + 2 * half + 1] * p.scale);
-      }
-      fence_proxy_async();
-      named_barrier_sync(1 + wg, 128);
-      if (tw < M && q0 + tw < p.seq_q) {
-        bulk_reduce_add_f32(dq_rows + (q0 + tw) * dq_row_stride, sDqS + tw * Tr::kDqRowBytes + wg * 256, 256);
-        bulk_commit();
-      }
-    }
-  };
-
-  if constexpr (kVariant == 3) {
-    // Tile i's dQ runs inside tile i+1's first half; the loop turns when no GEMM is in flight.
-    first_half(std::false_type{});
-    while (next < total_it) {
-      prev_q0 = q0;
-      prev_h = h;
-      it = next;
-      buf ^= 1;
-      first_half(std::true_type{});
-    }
-    __syncthreads();  // the last dS^T of both warpgroups stored
-    issue_dq(sDsB);
+    // columns 64 wg + 8j + 2t (+1) in dq[4j..4j+3].
+    issue_dq(sDs);
     wgmma_wait<0>();
     fence_regs(dq);
-    add_dq(q0, h);
-  } else {
-    while (it < total_it) {
-      first_half(std::false_type{});
-      second_half();
-      it = next;
-      buf ^= 1;
-    }
-  }
+    add_dq(q0, h);  // vector reductions straight from registers
+  };
 
-  if constexpr (kVariant == 2) bulk_wait_all();  // the staging rows stay valid until the reductions are done
+  while (it < total_it) {
+    first_half();
+    second_half();
+    it = next;
+    buf ^= 1;
+  }
 
   // dK (scaled), dV += into the travelling fp32 accumulators; this block alone owns these rows.
 #pragma unroll

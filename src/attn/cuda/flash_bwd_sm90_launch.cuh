@@ -15,10 +15,9 @@
 
 namespace ringattn::cuda {
 
-// Variants 4-6 (flash_bwd_sm90_tma_kernel.cuh; 5 drains the dK GEMM every tile, 6 adds dQ by bulk
-// reductions into the tiled dq_accum). False (nothing launched) when a tensor cannot be described
-// by a tensor map; the caller then takes variant 0.
-template <typename Elem, int kHeadDim, bool kDrain, bool kBulkDq = false>
+// The TMA kernel (flash_bwd_sm90_tma_kernel.cuh). False (nothing launched) when a tensor cannot be
+// described by a tensor map; the caller then takes the cp.async kernel.
+template <typename Elem, int kHeadDim>
 bool launch_flash_bwd_sm90_tma(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
                                cudaStream_t stream) {
   using Traits = bwd90::TmaBwdTraits<Elem, kHeadDim>;
@@ -34,7 +33,7 @@ bool launch_flash_bwd_sm90_tma(const FlashBwdParams& params, const ChunkPosition
       !encode_tile_map(&args.v, kBf16, params.v, kHeadDim, params.seq_k, params.kv_heads, params.batch,
                        params.v_row_stride, params.v_head_stride, params.v_batch_stride, Traits::kBlockN))
     return false;
-  auto* kernel = &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim, kDrain, kBulkDq>;
+  auto* kernel = &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim>;
   bwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
             "cudaFuncSetAttribute(flash_bwd_sm90_tma_kernel)");
   const dim3 grid((params.seq_k + Traits::kBlockN - 1) / Traits::kBlockN, params.batch * params.kv_heads);
@@ -47,30 +46,16 @@ template <typename Elem, int kHeadDim>
 void launch_flash_bwd_sm90_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
                                 cudaStream_t stream) {
   if (params.seq_q == 0 || params.seq_k == 0 || params.batch == 0) return;
+  // RINGATTN_BWD_SM90_NO_TMA=1 (tests) takes the fallback that strides no tensor map can describe take.
+  const char* no_tma = std::getenv("RINGATTN_BWD_SM90_NO_TMA");
+  const bool tma = no_tma == nullptr || std::strcmp(no_tma, "1") != 0;
+  if (tma && launch_flash_bwd_sm90_tma<Elem, kHeadDim>(params, q_pos, k_pos, stream)) return;
   using Traits = bwd90::Sm90BwdTraits<Elem, kHeadDim>;
-  // RINGATTN_BWD_SM90_VARIANT: 0 wgmma dQ + red.global; 1 mma.sync dQ; 2 wgmma dQ + bulk
-  // reductions; 3 as 0 with the dQ GEMM pipelined under the next tile (flash_bwd_sm90_kernel.cuh);
-  // 4 TMA loads, one barrier per tile, dK under the next tile; 5 as 4, dK drained every tile; 6 (the
-  // default) as 4, dQ by bulk reductions into the tiled dq_accum (flash_bwd_sm90_tma_kernel.cuh).
-  const int variant = flash_bwd_sm90_variant();
-  FlashBwdParams p = params;
-  if (variant == 6) {
-    // RINGATTN_BWD_SM90_NO_TMA=1 (tests) takes the fallback that strides no tensor map can describe take.
-    const char* no_tma = std::getenv("RINGATTN_BWD_SM90_NO_TMA");
-    const bool tma = no_tma == nullptr || std::strcmp(no_tma, "1") != 0;
-    if (tma && launch_flash_bwd_sm90_tma<Elem, kHeadDim, false, true>(params, q_pos, k_pos, stream)) return;
-    p.dq_tiled = true;  // variant 0, adding into the tiled dq_accum
-  }
-  if (variant == 4 && launch_flash_bwd_sm90_tma<Elem, kHeadDim, false>(params, q_pos, k_pos, stream)) return;
-  if (variant == 5 && launch_flash_bwd_sm90_tma<Elem, kHeadDim, true>(params, q_pos, k_pos, stream)) return;
-  auto* kernel = variant == 1   ? &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, 1>
-                 : variant == 2 ? &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, 2>
-                 : variant == 3 ? &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, 3>
-                                : &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim, 0>;
+  auto* kernel = &bwd90::flash_bwd_sm90_kernel<Elem, kHeadDim>;
   bwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
             "cudaFuncSetAttribute(flash_bwd_sm90_kernel)");
   const dim3 grid((params.seq_k + Traits::kBlockN - 1) / Traits::kBlockN, params.batch * params.kv_heads);
-  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, q_pos, k_pos);
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(params, q_pos, k_pos);
   bwd_check(cudaGetLastError(), "launch of flash_bwd_sm90_kernel");
 }
 

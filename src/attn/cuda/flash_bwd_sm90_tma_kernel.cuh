@@ -1,4 +1,4 @@
-// The Hopper (sm_90a) backward step kernel with TMA loads and one barrier per query tile (variant 4).
+// The Hopper (sm_90a) backward step kernel: TMA loads, one barrier per query tile, dQ by bulk reductions.
 //
 // Same contract, tiles and GEMMs as flash_bwd_sm90_kernel.cuh (2 warpgroups, 128 key rows per
 // block, 64-row query tiles, S^T = K_w Q^T, dP^T = V_w dO^T, dV_w += P^T dO, dK_w += dS^T Q,
@@ -8,7 +8,9 @@
 //     waits for its own copies and no block-wide barrier guards the buffers;
 //   - per tile: S^T, dP^T; P^T = exp2(...) under dP^T; dS^T; dS^T stored (double-buffered); dV
 //     issued; the one barrier (dS^T of both warpgroups visible); dQ issued (runs under the dV GEMM);
-//     dK issued once dV is done; dQ added into dq_accum once it lands, under the dK GEMM.
+//     dK issued once dV is done; dQ, once it lands, staged in shared memory in register order and
+//     added into the tiled dq_accum (flash_bwd_dq_tiled) with one 16 KB bulk reduction per
+//     warpgroup, under the dK GEMM (which stays in flight into the next tile's S^T/dP^T GEMMs).
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
@@ -60,7 +62,7 @@ struct TmaBwdTraits {
   static constexpr int kOffQ = kOffV + kKBytes;
   static constexpr int kOffDo = kOffQ + kStages * kQBytes;
   static constexpr int kOffDs = kOffDo + kStages * kQBytes;
-  static constexpr int kDqStageBytes = 64 * 64 * 4;  // one warpgroup's fp32 dQ block (variant 6)
+  static constexpr int kDqStageBytes = 64 * 64 * 4;  // one warpgroup's fp32 dQ block
   static constexpr int kOffDqStage = kOffDs + kDsStages * kDsBytes;
   static constexpr int kOffLse = kOffDqStage + 2 * kDqStageBytes;
   static constexpr int kOffDelta = kOffLse + kStages * kRowVecBytes;
@@ -81,12 +83,7 @@ __device__ __forceinline__ void bulk_load(uint32_t smem_dst, const void* src, ui
       : "memory");
 }
 
-// kDrain: wait for the dK GEMM at the end of each tile instead of letting it run under the next
-// tile's S^T/dP^T GEMMs (a wgmma in flight across the loop's back edge can make ptxas serialise).
-// kBulkDq: dq_accum has the tiled layout (flash_bwd_dq_tiled): each warpgroup stages its 64 x 64
-// fp32 dQ block in shared memory in register order and adds it with one 16 KB bulk reduction,
-// instead of 16 vector reductions per thread.
-template <typename Elem, int kHeadDim, bool kDrain, bool kBulkDq>
+template <typename Elem, int kHeadDim>
 __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     flash_bwd_sm90_tma_kernel(const __grid_constant__ TmaBwdArgs args, const ChunkPositions q_pos,
                               const ChunkPositions k_pos) {
@@ -191,7 +188,6 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   const float scale_log2 = p.scale * 1.4426950408889634f;
   const uint32_t sKw = sK + wg * 64 * Tr::kRowBytes;  // this warpgroup's 64 key rows (K-major A)
   const uint32_t sVw = sV + wg * 64 * Tr::kRowBytes;
-  const int64_t dq_stride = static_cast<int64_t>(p.heads) * D;
 
   mbar_wait(bar_kv, 0);
   for (int n = 0; it < total_it; ++n) {
@@ -289,10 +285,8 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
 
     // The one barrier of the tile: dS^T of both warpgroups visible to the dQ GEMM. Both warpgroups
     // are also past every GEMM of the tile before last, so its stage takes the tile after next
-    // (and, with kBulkDq, the last tile's bulk reduction has read this warpgroup's dQ staging).
-    if constexpr (kBulkDq) {
-      if ((tid & 127) == 0) bulk_wait_read();
-    }
+    // (and the last tile's bulk reduction has read this warpgroup's dQ staging).
+    if ((tid & 127) == 0) bulk_wait_read();
     fence_proxy_async();
     named_barrier_sync(1, Tr::kThreads);
     if (tid == 0 && load_it < total_it) {
@@ -330,48 +324,26 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     wgmma_wait<1>();  // dQ done
     fence_regs(dq);
 
-    if constexpr (kBulkDq) {
-      // Thread tw's float4 number j holds dq[4j .. 4j + 3] at float offset (128 j + tw) 4 of the
-      // warpgroup's block; flash_bwd_finalize reads the same order back.
-      const int tw = tid & 127;
-      const uint32_t stage_dq = base + Tr::kOffDqStage + wg * Tr::kDqStageBytes;
+    // Thread tw's float4 number j holds dq[4j .. 4j + 3] at float offset (128 j + tw) 4 of the
+    // warpgroup's block; flash_bwd_finalize reads the same order back.
+    const int tw = tid & 127;
+    const uint32_t stage_dq = base + Tr::kOffDqStage + wg * Tr::kDqStageBytes;
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
-        st_shared_v4(stage_dq + (j * 128 + tw) * 16, dq[4 * j] * p.scale, dq[4 * j + 1] * p.scale,
-                     dq[4 * j + 2] * p.scale, dq[4 * j + 3] * p.scale);
-      fence_proxy_async();
-      named_barrier_sync(2 + wg, 128);
-      if (tw == 0) {
-        float* tile = p.dq_accum + ((static_cast<int64_t>(b) * p.heads + h) * pad_rows + q0) * D + wg * 64 * 64;
-        bulk_reduce_add_f32(tile, stage_dq, Tr::kDqStageBytes);
-        bulk_commit();
-      }
-    } else {
-      // dQ into dq_accum (rows 16 wwarp + g (+8), columns 64 wg + 8j + 2t (+1)), under the dK GEMM.
-      float* rows = p.dq_accum + ((static_cast<int64_t>(b) * p.seq_q) * p.heads + h) * D + wg * 64;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = q0 + wwarp * 16 + g + half * 8;
-        if (r < p.seq_q) {
-          float* rowp = rows + r * dq_stride + 2 * t;
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-            red_add_v2(rowp + j * 8, dq[4 * j + 2 * half] * p.scale, dq[4 * j + 2 * half + 1] * p.scale);
-        }
-      }
-    }
-    if constexpr (kDrain) {
-      wgmma_wait<0>();
-      fence_regs(dk);
-      fence_frags(dsa);
+    for (int j = 0; j < 8; ++j)
+      st_shared_v4(stage_dq + (j * 128 + tw) * 16, dq[4 * j] * p.scale, dq[4 * j + 1] * p.scale,
+                   dq[4 * j + 2] * p.scale, dq[4 * j + 3] * p.scale);
+    fence_proxy_async();
+    named_barrier_sync(2 + wg, 128);
+    if (tw == 0) {
+      float* tile = p.dq_accum + ((static_cast<int64_t>(b) * p.heads + h) * pad_rows + q0) * D + wg * 64 * 64;
+      bulk_reduce_add_f32(tile, stage_dq, Tr::kDqStageBytes);
+      bulk_commit();
     }
     it = next_visible(it + 1);
   }
   wgmma_wait<0>();
   fence_regs(dk);
-  if constexpr (kBulkDq) {
-    if ((tid & 127) == 0) bulk_wait_all();  // the staging stays valid until the last reduction is done
-  }
+  if ((tid & 127) == 0) bulk_wait_all();  // the staging stays valid until the last reduction is done
 
   // dK (scaled), dV += into the travelling fp32 accumulators; this block alone owns these rows.
 #pragma unroll
