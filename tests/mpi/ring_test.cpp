@@ -246,6 +246,14 @@ void backward_case(const Case& c, int64_t batch, int64_t seq, int head_dim) {
   Local dk = make_local(f, {batch, n, c.kv_heads, head_dim});
   Local dv = make_local(f, {batch, n, c.kv_heads, head_dim});
   ring.backward(lq.view, lk.view, lv.view, out.view, lse.view, ldo.view, dq.view, dk.view, dv.view);
+  // One entry per compute hop, plus the home hop (the finished dK/dV travelling to their owner).
+  const std::vector<HopStats>& hops = ring.last_stats().hops;
+  ASSERT_EQ(static_cast<int>(hops.size()), world > 1 ? world + 1 : 1);
+  if (world > 1) {
+    EXPECT_EQ(hops.back().hop, world);
+    EXPECT_EQ(hops.back().source_rank, (rank + 1) % world);  // the chunk computed last is rank+1's
+    EXPECT_GE(hops.back().exposed_comm_ms, 0.0);
+  }
   Local wq = shard(rdq.view, c.heads), wk = shard(rdk.view, c.kv_heads), wv = shard(rdv.view, c.kv_heads);
   auto max_err = [](const Local& a, const Local& b) {
     double e = 0.0;
