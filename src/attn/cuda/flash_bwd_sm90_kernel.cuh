@@ -1,7 +1,8 @@
-// The Hopper (sm_90a) backward step kernel: the same algorithm and contract as flash_bwd_kernel.cuh
-// (one block owns one K/V tile of one kv head, loops over the query heads of its group and all
-// visible query tiles, dK/dV in registers added once into the travelling fp32 accumulators, dQ added
-// to the fp32 dq_accum with vector reductions), with the five GEMMs on wgmma:
+// The Hopper (sm_90a) backward pieces shared with flash_bwd_sm90_tma_kernel.cuh, and the cp.async
+// fallback kernel for tensors no tensor map can describe. Same algorithm and contract as
+// flash_bwd_kernel.cuh (one block owns one K/V tile of one kv head, loops over the query heads of its
+// group and all visible query tiles, dK/dV in registers added once into the travelling fp32
+// accumulators, dQ added to the fp32 dq_accum), with the five GEMMs on wgmma:
 //   per warpgroup w (key rows [64w, 64w + 64) of the 128-row K/V tile), per 64-row query tile:
 //   S^T  = K_w Q^T      (m64 n64,  A = K, B = Q, both K-major from shared memory)
 //   dP^T = V_w dO^T     (m64 n64,  A = V, B = dO, both K-major)
@@ -9,11 +10,10 @@
 //   dK_w += dS^T Q      (m64 n128, A = dS^T from registers, B = Q MN-major)
 //   then dS^T (both warpgroups) goes to shared memory and warpgroup w computes
 //   dQ[:, 64w, 64w + 64) = dS K[:, 64w..]  (m64 n64 k128, A = dS MN-major, B = K MN-major).
-// Tiles are loaded with 16-byte cp.async (zero-filled tails, any strides) straight into the layout
-// the TMA would write with the 128-byte swizzle: column blocks of 64 elements, row r at byte 128 r of
-// its block, 16-byte chunk c stored at chunk c ^ (r % 8), blocks 1024-byte aligned. Q/dO/lse/delta
-// tiles are double-buffered. Each GEMM group is waited for before its results are used; the two
-// warpgroups overlap each other's exp/mask work with their GEMMs.
+// Shared tiles use the layout the TMA writes with the 128-byte swizzle: column blocks of 64
+// elements, row r at byte 128 r of its block, 16-byte chunk c stored at chunk c ^ (r % 8), blocks
+// 1024-byte aligned. The fallback writes it with 16-byte cp.async (zero-filled tails, any strides),
+// double-buffers Q/dO/lse/delta and takes two block barriers per query tile.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -144,6 +144,167 @@ struct Sm90BwdTraits {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
+// ---- Pieces shared by the two Hopper backward kernels (this file's and flash_bwd_sm90_tma_kernel.cuh) ----
+
+// The query tiles a block's K/V tile sees: tiles of kBlockM rows of every query head of its group,
+// iteration it = (head in group) * num_q_tiles + query tile.
+template <int kBlockM>
+struct QTileWalk {
+  const FlashBwdParams& p;
+  const ChunkPositions& q_pos;
+  int64_t k_min, k_max;  // key positions of the block's K/V tile
+  int num_q_tiles, total_it;
+  // 0: empty, 1: partial (apply the causal mask), 2: full.
+  __device__ __forceinline__ int kind(int qt) const {
+    if (!p.causal) return 2;
+    int64_t q_min, q_max;
+    pos_range(q_pos, static_cast<int64_t>(qt) * kBlockM, min((qt + 1) * kBlockM, p.seq_q), q_min, q_max);
+    if (k_min > q_max) return 0;
+    return k_max <= q_min ? 2 : 1;
+  }
+  // The first iteration >= from whose tile is not empty, or total_it.
+  __device__ __forceinline__ int next_visible(int from) const {
+    for (; from < total_it; ++from) {
+      if (kind(from % num_q_tiles) != 0) return from;
+    }
+    return total_it;
+  }
+};
+
+// Position of row r of the K/V tile starting at chunk row k0, for the mask: INT64_MAX past the chunk
+// (always masked), INT64_MIN without a causal mask (never masked).
+__device__ __forceinline__ int64_t key_mask_pos(const FlashBwdParams& p, const ChunkPositions& k_pos, int k0, int r) {
+  if (k0 + r >= p.seq_k) return INT64_MAX;
+  return p.causal ? pos_at(k_pos, k0 + r) : INT64_MIN;
+}
+
+// S^T = K_w Q^T into s and dP^T = V_w dO^T into dp (m64n64k16, both operands K-major from shared
+// memory), committed as two groups.
+template <typename Elem, typename Tr>
+__device__ __forceinline__ void issue_s_dp(float (&s)[32], float (&dp)[32], uint32_t sKw, uint32_t sVw, uint32_t sQ,
+                                           uint32_t sDo) {
+  fence_regs(s);
+  fence_regs(dp);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < Tr::kHeadDim / 16; ++ks) {
+    const uint32_t off = (ks / 4) * Tr::kKBlockBytes + (ks % 4) * 32;
+    const uint32_t offq = (ks / 4) * Tr::kQBlockBytes + (ks % 4) * 32;
+    Wgmma<Elem, 64>::ss(s, make_desc_sw128(sKw + off, 16, Tr::kCoreRowBytes),
+                        make_desc_sw128(sQ + offq, 16, Tr::kCoreRowBytes), ks > 0 ? 1 : 0);
+  }
+  wgmma_commit();
+#pragma unroll
+  for (int ks = 0; ks < Tr::kHeadDim / 16; ++ks) {
+    const uint32_t off = (ks / 4) * Tr::kKBlockBytes + (ks % 4) * 32;
+    const uint32_t offq = (ks / 4) * Tr::kQBlockBytes + (ks % 4) * 32;
+    Wgmma<Elem, 64>::ss(dp, make_desc_sw128(sVw + off, 16, Tr::kCoreRowBytes),
+                        make_desc_sw128(sDo + offq, 16, Tr::kCoreRowBytes), ks > 0 ? 1 : 0);
+  }
+  wgmma_commit();
+}
+
+// P^T in place of S^T (element 4j + e: key row g + 8 (e >> 1) of the warp, query column
+// 8j + 2t + (e & 1)); in partial tiles keys after the query are masked.
+__device__ __forceinline__ void softmax_p(float (&s)[32], const float* lse, float scale_log2, bool partial,
+                                          int64_t kpos0, int64_t kpos1, const ChunkPositions& q_pos, int q0, int t) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = j * 8 + 2 * t + (e & 1);
+      float pv = ex2(fmaf(s[4 * j + e], scale_log2, -lse[col]));
+      if (partial && ((e >> 1) ? kpos1 : kpos0) > pos_at(q_pos, q0 + col)) pv = 0.f;
+      s[4 * j + e] = pv;
+    }
+  }
+}
+
+// An m64 x k64 accumulator tile as the four k16 A fragments of an RS wgmma, rounded to Elem.
+template <typename Elem>
+__device__ __forceinline__ void pack_a(const float (&x)[32], uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[kk][i] = pack2<Elem>(x[8 * kk + 2 * i], x[8 * kk + 2 * i + 1]);
+  }
+}
+
+// acc (m64 x n kHeadDim) += A B with A = a (registers, k = kBlockM) and B MN-major from shared memory
+// at sB (dV += P^T dO, dK += dS^T Q), committed as one group.
+template <typename Elem, typename Tr>
+__device__ __forceinline__ void issue_rs(float (&acc)[Tr::kHeadDim / 2], uint32_t (&a)[4][4], uint32_t sB) {
+  fence_regs(acc);
+  fence_frags(a);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < Tr::kBlockM / 16; ++kk) {
+    Wgmma<Elem, 128>::rs(acc, a[kk], make_desc_sw128(sB + kk * 16 * Tr::kRowBytes, Tr::kQBlockBytes, Tr::kCoreRowBytes),
+                         1);
+  }
+  wgmma_commit();
+}
+
+// dS^T (A fragments) to shared memory: row = key, the 64 query columns one swizzled 128-byte row;
+// dsa[kk][i] is n8 tile 2kk + (i >> 1), row g + 8 (i & 1) of the warp's 16 rows from wrow.
+template <typename Tr>
+__device__ __forceinline__ void store_ds_t(uint32_t sDs, const uint32_t (&dsa)[4][4], int wrow, int g, int t) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = wrow + g + 8 * (i & 1);
+      const int chunk = 2 * kk + (i >> 1);
+      st_shared_u32(sDs + row * Tr::kRowBytes + ((chunk ^ (row & 7)) << 4) + 4 * t, dsa[kk][i]);
+    }
+  }
+}
+
+// dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..] (m64n64k16, A = dS as the MN-major view of the dS^T
+// buffer ds, B = K MN-major), committed as one group. Warp (wg, wwarp) gets query rows 16 wwarp + g
+// (+8), columns 64 wg + 8j + 2t (+1) in dq[4j .. 4j + 3].
+template <typename Elem, typename Tr>
+__device__ __forceinline__ void issue_dq(float (&dq)[32], uint32_t ds, uint32_t sK, int wg) {
+  fence_regs(dq);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < Tr::kBlockN / 16; ++kk) {
+    WgmmaTT64<Elem>::ss(dq, make_desc_sw128(ds + kk * 16 * Tr::kRowBytes, Tr::kBlockN * Tr::kRowBytes, Tr::kCoreRowBytes),
+                        make_desc_sw128(sK + wg * Tr::kKBlockBytes + kk * 16 * Tr::kRowBytes, Tr::kKBlockBytes,
+                                        Tr::kCoreRowBytes),
+                        kk > 0 ? 1 : 0);
+  }
+  wgmma_commit();
+}
+
+// dK (scaled) and dV of the warp's key rows r0 + g (+8) added into the travelling fp32 accumulators;
+// the block alone owns these rows.
+template <int kHeadDim>
+__device__ __forceinline__ void add_dk_dv(const FlashBwdParams& p, const float (&dk)[kHeadDim / 2],
+                                          const float (&dv)[kHeadDim / 2], int b, int hkv, int r0, int g, int t) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = r0 + g + half * 8;
+    if (r < p.seq_k) {
+      float* dkp = p.dk_accum + b * p.dk_batch_stride + static_cast<int64_t>(r) * p.dk_row_stride +
+                   hkv * p.dk_head_stride + 2 * t;
+      float* dvp = p.dv_accum + b * p.dv_batch_stride + static_cast<int64_t>(r) * p.dv_row_stride +
+                   hkv * p.dv_head_stride + 2 * t;
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        float2 a = *reinterpret_cast<float2*>(dkp + j * 8);
+        a.x += dk[4 * j + 2 * half] * p.scale;
+        a.y += dk[4 * j + 2 * half + 1] * p.scale;
+        *reinterpret_cast<float2*>(dkp + j * 8) = a;
+        float2 c = *reinterpret_cast<float2*>(dvp + j * 8);
+        c.x += dv[4 * j + 2 * half];
+        c.y += dv[4 * j + 2 * half + 1];
+        *reinterpret_cast<float2*>(dvp + j * 8) = c;
+      }
+    }
+  }
+}
+
 // Copies rows [row0, row0 + kRows) of a (rows, D) strided slab into the swizzled column-block layout
 // at shared address dst; rows >= limit are zero-filled.
 template <int kRows, int kCols, int kThreads, typename Elem>
@@ -198,22 +359,9 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
   int64_t k_min = 0, k_max = 0;
   pos_range(k_pos, k0, k_end, k_min, k_max);
 
-  // 0: empty, 1: partial (apply the causal mask), 2: full.
-  auto tile_kind = [&](int qt) -> int {
-    if (!p.causal) return 2;
-    int64_t q_min, q_max;
-    pos_range(q_pos, static_cast<int64_t>(qt) * M, min((qt + 1) * M, p.seq_q), q_min, q_max);
-    if (k_min > q_max) return 0;
-    return k_max <= q_min ? 2 : 1;
-  };
-  auto next_visible = [&](int it) -> int {
-    for (; it < total_it; ++it) {
-      if (tile_kind(it % num_q_tiles) != 0) return it;
-    }
-    return total_it;
-  };
+  const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it};
 
-  int it = next_visible(0);
+  int it = walk.next_visible(0);
   if (it >= total_it) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
   const Elem* kg = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
@@ -243,12 +391,8 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
 #pragma unroll
   for (int i = 0; i < kDT * 4; ++i) dk[i] = dv[i] = 0.f;
   const int wrow = wg * 64 + wwarp * 16;  // this warp's first key row inside the tile
-  auto mask_pos = [&](int r) -> int64_t {
-    if (k0 + r >= p.seq_k) return INT64_MAX;
-    return p.causal ? pos_at(k_pos, k0 + r) : INT64_MIN;
-  };
-  const int64_t kpos0 = mask_pos(wrow + g);
-  const int64_t kpos1 = mask_pos(wrow + g + 8);
+  const int64_t kpos0 = key_mask_pos(p, k_pos, k0, wrow + g);
+  const int64_t kpos1 = key_mask_pos(p, k_pos, k0, wrow + g + 8);
   const bool k_tail = k_end - k0 < N;
   const float scale_log2 = p.scale * 1.4426950408889634f;
   const uint32_t sKw = sK + wg * 64 * Tr::kRowBytes;  // this warpgroup's 64 key rows (K-major A)
@@ -270,24 +414,9 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
   int buf = 0, next = 0;  // the Q/dO buffer of tile `it`; the visible tile after it
   int q0 = 0, h = 0;        // first query row and head of tile `it`
 
-  // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..] on wgmma (A = dS, the MN-major view of the dS^T
-  // buffer ds, B = K MN-major), issued and committed as one group.
-  auto issue_dq = [&](uint32_t ds) {
-    fence_regs(dq);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk) {
-      WgmmaTT64<Elem>::ss(dq, make_desc_sw128(ds + kk * 16 * Tr::kRowBytes, N * Tr::kRowBytes, Tr::kCoreRowBytes),
-                          make_desc_sw128(sK + wg * Tr::kKBlockBytes + kk * 16 * Tr::kRowBytes, Tr::kKBlockBytes,
-                                          Tr::kCoreRowBytes),
-                          kk > 0 ? 1 : 0);
-    }
-    wgmma_commit();
-  };
-
   // First half of tile `it`: everything up to its dS^T stored and its GEMMs done.
   auto first_half = [&]() {
-    next = next_visible(it + 1);
+    next = walk.next_visible(it + 1);
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();  // this buffer landed; the previous iteration's GEMMs are done with sDs and the other buffer
@@ -305,59 +434,19 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
 
     // S^T = K_w Q^T and dP^T = V_w dO^T, two groups.
     float s[32], dp[32];
-    fence_regs(s);
-    fence_regs(dp);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const uint32_t off = (ks / 4) * Tr::kKBlockBytes + (ks % 4) * 32;
-      const uint32_t offq = (ks / 4) * Tr::kQBlockBytes + (ks % 4) * 32;
-      Wgmma<Elem, 64>::ss(s, make_desc_sw128(sKw + off, 16, Tr::kCoreRowBytes),
-                          make_desc_sw128(sQ + offq, 16, Tr::kCoreRowBytes), ks > 0 ? 1 : 0);
-    }
-    wgmma_commit();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const uint32_t off = (ks / 4) * Tr::kKBlockBytes + (ks % 4) * 32;
-      const uint32_t offq = (ks / 4) * Tr::kQBlockBytes + (ks % 4) * 32;
-      Wgmma<Elem, 64>::ss(dp, make_desc_sw128(sVw + off, 16, Tr::kCoreRowBytes),
-                          make_desc_sw128(sDo + offq, 16, Tr::kCoreRowBytes), ks > 0 ? 1 : 0);
-    }
-    wgmma_commit();
+    issue_s_dp<Elem, Tr>(s, dp, sKw, sVw, sQ, sDo);
     wgmma_wait<1>();
     fence_regs(s);
 
     // P^T in place of S^T (element 4j + e: key row wrow + g + 8 (e >> 1), query column 8j + 2t + (e & 1)).
-    const bool partial = k_tail || tile_kind(qt) == 1;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = j * 8 + 2 * t + (e & 1);
-        float pv = ex2(fmaf(s[4 * j + e], scale_log2, -lse[col]));
-        if (partial && ((e >> 1) ? kpos1 : kpos0) > pos_at(q_pos, q0 + col)) pv = 0.f;
-        s[4 * j + e] = pv;
-      }
-    }
+    softmax_p(s, lse, scale_log2, k_tail || walk.kind(qt) == 1, kpos0, kpos1, q_pos, q0, t);
     uint32_t pa[4][4];
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<Elem>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
-    }
+    pack_a<Elem>(s, pa);
     wgmma_wait<0>();
     fence_regs(dp);
 
     // dV += P^T dO.
-    fence_regs(dv);
-    fence_frags(pa);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < M / 16; ++kk) {
-      Wgmma<Elem, 128>::rs(dv, pa[kk], make_desc_sw128(sDo + kk * 16 * Tr::kRowBytes, Tr::kQBlockBytes, Tr::kCoreRowBytes),
-                           1);
-    }
-    wgmma_commit();
+    issue_rs<Elem, Tr>(dv, pa, sDo);
 
     // dS^T = P^T (dP^T - delta).
 #pragma unroll
@@ -366,32 +455,10 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
       for (int e = 0; e < 4; ++e) s[4 * j + e] *= dp[4 * j + e] - delta[j * 8 + 2 * t + (e & 1)];
     }
     uint32_t dsa[4][4];
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) dsa[kk][i] = pack2<Elem>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
-    }
+    pack_a<Elem>(s, dsa);
     // dK += dS^T Q.
-    fence_regs(dk);
-    fence_frags(dsa);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < M / 16; ++kk) {
-      Wgmma<Elem, 128>::rs(dk, dsa[kk], make_desc_sw128(sQ + kk * 16 * Tr::kRowBytes, Tr::kQBlockBytes, Tr::kCoreRowBytes),
-                           1);
-    }
-    wgmma_commit();
-    // dS^T -> shared memory (row = key, 64 query columns = one swizzled 128-byte row). dsa[kk][i]:
-    // n8 tile 2kk + (i >> 1), row g + 8 (i & 1).
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = wrow + g + 8 * (i & 1);
-        const int chunk = 2 * kk + (i >> 1);
-        st_shared_u32(sDs + row * Tr::kRowBytes + ((chunk ^ (row & 7)) << 4) + 4 * t, dsa[kk][i]);
-      }
-    }
+    issue_rs<Elem, Tr>(dk, dsa, sQ);
+    store_ds_t<Tr>(sDs, dsa, wrow, g, t);
     fence_proxy_async();
     wgmma_wait<0>();
     fence_regs(dv);
@@ -405,7 +472,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     __syncthreads();  // dS^T of both warpgroups stored
     // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..]. Warp (wg, wwarp) holds query rows 16 wwarp + g (+8),
     // columns 64 wg + 8j + 2t (+1) in dq[4j..4j+3].
-    issue_dq(sDs);
+    issue_dq<Elem, Tr>(dq, sDs, sK, wg);
     wgmma_wait<0>();
     fence_regs(dq);
     add_dq(q0, h);  // vector reductions straight from registers
@@ -418,28 +485,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     buf ^= 1;
   }
 
-  // dK (scaled), dV += into the travelling fp32 accumulators; this block alone owns these rows.
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = k0 + wrow + g + half * 8;
-    if (r < p.seq_k) {
-      float* dkp = p.dk_accum + b * p.dk_batch_stride + static_cast<int64_t>(r) * p.dk_row_stride +
-                   hkv * p.dk_head_stride + 2 * t;
-      float* dvp = p.dv_accum + b * p.dv_batch_stride + static_cast<int64_t>(r) * p.dv_row_stride +
-                   hkv * p.dv_head_stride + 2 * t;
-#pragma unroll
-      for (int j = 0; j < kDT; ++j) {
-        float2 a = *reinterpret_cast<float2*>(dkp + j * 8);
-        a.x += dk[4 * j + 2 * half] * p.scale;
-        a.y += dk[4 * j + 2 * half + 1] * p.scale;
-        *reinterpret_cast<float2*>(dkp + j * 8) = a;
-        float2 c = *reinterpret_cast<float2*>(dvp + j * 8);
-        c.x += dv[4 * j + 2 * half];
-        c.y += dv[4 * j + 2 * half + 1];
-        *reinterpret_cast<float2*>(dvp + j * 8) = c;
-      }
-    }
-  }
+  add_dk_dv<kHeadDim>(p, dk, dv, b, hkv, k0 + wrow, g, t);
 #endif  // RINGATTN_SM90A_ENABLED
 }
 

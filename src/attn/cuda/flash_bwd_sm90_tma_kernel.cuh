@@ -42,8 +42,9 @@ __device__ __forceinline__ void st_shared_v4(uint32_t addr, float a, float b, fl
   asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
 
-template <typename Elem, int kHeadDim>
+template <typename Elem, int kHeadDim_>
 struct TmaBwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;   // query rows per tile
   static constexpr int kBlockN = 128;  // key rows per block: 64 per warpgroup
   static constexpr int kThreads = 256;
@@ -117,23 +118,9 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
 
   int64_t k_min = 0, k_max = 0;
   pos_range(k_pos, k0, k_end, k_min, k_max);
+  const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it};
 
-  // 0: empty, 1: partial (apply the causal mask), 2: full.
-  auto tile_kind = [&](int qt) -> int {
-    if (!p.causal) return 2;
-    int64_t q_min, q_max;
-    pos_range(q_pos, static_cast<int64_t>(qt) * M, min((qt + 1) * M, p.seq_q), q_min, q_max);
-    if (k_min > q_max) return 0;
-    return k_max <= q_min ? 2 : 1;
-  };
-  auto next_visible = [&](int from) -> int {
-    for (; from < total_it; ++from) {
-      if (tile_kind(from % num_q_tiles) != 0) return from;
-    }
-    return total_it;
-  };
-
-  int it = next_visible(0);
+  int it = walk.next_visible(0);
   if (it >= total_it) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
   if (tid == 0) {
@@ -170,7 +157,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     }
     for (; n_loaded < Tr::kStages - 1 && load_it < total_it; ++n_loaded) {
       load_tile(load_it, n_loaded);
-      load_it = next_visible(load_it + 1);
+      load_it = walk.next_visible(load_it + 1);
     }
   }
 
@@ -178,12 +165,8 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
 #pragma unroll
   for (int i = 0; i < kDT * 4; ++i) dk[i] = dv[i] = 0.f;
   const int wrow = wg * 64 + wwarp * 16;  // this warp's first key row inside the tile
-  auto mask_pos = [&](int r) -> int64_t {
-    if (k0 + r >= p.seq_k) return INT64_MAX;
-    return p.causal ? pos_at(k_pos, k0 + r) : INT64_MIN;
-  };
-  const int64_t kpos0 = mask_pos(wrow + g);
-  const int64_t kpos1 = mask_pos(wrow + g + 8);
+  const int64_t kpos0 = key_mask_pos(p, k_pos, k0, wrow + g);
+  const int64_t kpos1 = key_mask_pos(p, k_pos, k0, wrow + g + 8);
   const bool k_tail = k_end - k0 < N;
   const float scale_log2 = p.scale * 1.4426950408889634f;
   const uint32_t sKw = sK + wg * 64 * Tr::kRowBytes;  // this warpgroup's 64 key rows (K-major A)
@@ -205,47 +188,15 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
 
     // S^T = K_w Q^T and dP^T = V_w dO^T, two groups (the previous tile's dK may still be in flight).
     float s[32], dp[32];
-    fence_regs(s);
-    fence_regs(dp);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const uint32_t off = (ks / 4) * Tr::kKBlockBytes + (ks % 4) * 32;
-      const uint32_t offq = (ks / 4) * Tr::kQBlockBytes + (ks % 4) * 32;
-      Wgmma<Elem, 64>::ss(s, make_desc_sw128(sKw + off, 16, Tr::kCoreRowBytes),
-                          make_desc_sw128(sQ + offq, 16, Tr::kCoreRowBytes), ks > 0 ? 1 : 0);
-    }
-    wgmma_commit();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const uint32_t off = (ks / 4) * Tr::kKBlockBytes + (ks % 4) * 32;
-      const uint32_t offq = (ks / 4) * Tr::kQBlockBytes + (ks % 4) * 32;
-      Wgmma<Elem, 64>::ss(dp, make_desc_sw128(sVw + off, 16, Tr::kCoreRowBytes),
-                          make_desc_sw128(sDo + offq, 16, Tr::kCoreRowBytes), ks > 0 ? 1 : 0);
-    }
-    wgmma_commit();
+    issue_s_dp<Elem, Tr>(s, dp, sKw, sVw, sQ, sDo);
     wgmma_wait<1>();
     fence_regs(s);
     fence_regs(dk);
 
     // P^T in place of S^T (element 4j + e: key row wrow + g + 8 (e >> 1), query column 8j + 2t + (e & 1)).
-    const bool partial = k_tail || tile_kind(qt) == 1;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = j * 8 + 2 * t + (e & 1);
-        float pv = ex2(fmaf(s[4 * j + e], scale_log2, -lse[col]));
-        if (partial && ((e >> 1) ? kpos1 : kpos0) > pos_at(q_pos, q0 + col)) pv = 0.f;
-        s[4 * j + e] = pv;
-      }
-    }
+    softmax_p(s, lse, scale_log2, k_tail || walk.kind(qt) == 1, kpos0, kpos1, q_pos, q0, t);
     uint32_t pa[4][4];
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<Elem>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
-    }
+    pack_a<Elem>(s, pa);
     wgmma_wait<0>();
     fence_regs(dp);
 
@@ -257,31 +208,11 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
       for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - delta[j * 8 + 2 * t + (e & 1)]);
     }
     uint32_t dsa[4][4];
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) dsa[kk][i] = pack2<Elem>(dp[8 * kk + 2 * i], dp[8 * kk + 2 * i + 1]);
-    }
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = wrow + g + 8 * (i & 1);
-        const int chunk = 2 * kk + (i >> 1);
-        st_shared_u32(sDs + row * Tr::kRowBytes + ((chunk ^ (row & 7)) << 4) + 4 * t, dsa[kk][i]);
-      }
-    }
+    pack_a<Elem>(dp, dsa);
+    store_ds_t<Tr>(sDs, dsa, wrow, g, t);
 
     // dV += P^T dO.
-    fence_regs(dv);
-    fence_frags(pa);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < M / 16; ++kk) {
-      Wgmma<Elem, 128>::rs(dv, pa[kk], make_desc_sw128(sDo + kk * 16 * Tr::kRowBytes, Tr::kQBlockBytes, Tr::kCoreRowBytes),
-                           1);
-    }
-    wgmma_commit();
+    issue_rs<Elem, Tr>(dv, pa, sDo);
 
     // The one barrier of the tile: dS^T of both warpgroups visible to the dQ GEMM. Both warpgroups
     // are also past every GEMM of the tile before last, so its stage takes the tile after next
@@ -292,35 +223,18 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     if (tid == 0 && load_it < total_it) {
       load_tile(load_it, n_loaded % Tr::kStages);
       ++n_loaded;
-      load_it = next_visible(load_it + 1);
+      load_it = walk.next_visible(load_it + 1);
     }
 
     // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..] (A = dS, the MN-major view of dS^T; B = K MN-major).
     float dq[32];
-    fence_regs(dq);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk) {
-      WgmmaTT64<Elem>::ss(dq, make_desc_sw128(sDs + kk * 16 * Tr::kRowBytes, N * Tr::kRowBytes, Tr::kCoreRowBytes),
-                          make_desc_sw128(sK + wg * Tr::kKBlockBytes + kk * 16 * Tr::kRowBytes, Tr::kKBlockBytes,
-                                          Tr::kCoreRowBytes),
-                          kk > 0 ? 1 : 0);
-    }
-    wgmma_commit();
+    issue_dq<Elem, Tr>(dq, sDs, sK, wg);
     wgmma_wait<1>();  // dV done: P^T's registers are free
     fence_regs(dv);
     fence_frags(pa);
 
     // dK += dS^T Q.
-    fence_regs(dk);
-    fence_frags(dsa);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < M / 16; ++kk) {
-      Wgmma<Elem, 128>::rs(dk, dsa[kk], make_desc_sw128(sQ + kk * 16 * Tr::kRowBytes, Tr::kQBlockBytes, Tr::kCoreRowBytes),
-                           1);
-    }
-    wgmma_commit();
+    issue_rs<Elem, Tr>(dk, dsa, sQ);
     wgmma_wait<1>();  // dQ done
     fence_regs(dq);
 
@@ -339,34 +253,13 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
       bulk_reduce_add_f32(tile, stage_dq, Tr::kDqStageBytes);
       bulk_commit();
     }
-    it = next_visible(it + 1);
+    it = walk.next_visible(it + 1);
   }
   wgmma_wait<0>();
   fence_regs(dk);
   if ((tid & 127) == 0) bulk_wait_all();  // the staging stays valid until the last reduction is done
 
-  // dK (scaled), dV += into the travelling fp32 accumulators; this block alone owns these rows.
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = k0 + wrow + g + half * 8;
-    if (r < p.seq_k) {
-      float* dkp = p.dk_accum + b * p.dk_batch_stride + static_cast<int64_t>(r) * p.dk_row_stride +
-                   hkv * p.dk_head_stride + 2 * t;
-      float* dvp = p.dv_accum + b * p.dv_batch_stride + static_cast<int64_t>(r) * p.dv_row_stride +
-                   hkv * p.dv_head_stride + 2 * t;
-#pragma unroll
-      for (int j = 0; j < kDT; ++j) {
-        float2 a = *reinterpret_cast<float2*>(dkp + j * 8);
-        a.x += dk[4 * j + 2 * half] * p.scale;
-        a.y += dk[4 * j + 2 * half + 1] * p.scale;
-        *reinterpret_cast<float2*>(dkp + j * 8) = a;
-        float2 c = *reinterpret_cast<float2*>(dvp + j * 8);
-        c.x += dv[4 * j + 2 * half];
-        c.y += dv[4 * j + 2 * half + 1];
-        *reinterpret_cast<float2*>(dvp + j * 8) = c;
-      }
-    }
-  }
+  add_dk_dv<kHeadDim>(p, dk, dv, b, hkv, k0 + wrow, g, t);
 #endif  // RINGATTN_SM90A_ENABLED
 }
 
