@@ -252,7 +252,6 @@ void backward_case(const Case& c, int64_t batch, int64_t seq, int head_dim) {
   if (world > 1) {
     EXPECT_EQ(hops.back().hop, world);
     EXPECT_EQ(hops.back().source_rank, (rank + 1) % world);  // the chunk computed last is rank+1's
-    EXPECT_GE(hops.back().exposed_comm_ms, 0.0);
   }
   Local wq = shard(rdq.view, c.heads), wk = shard(rdk.view, c.kv_heads), wv = shard(rdv.view, c.kv_heads);
   auto max_err = [](const Local& a, const Local& b) {

@@ -113,6 +113,38 @@ __device__ __forceinline__ void pos_range(const ChunkPositions& p, int64_t lo, i
   }
 }
 
+// The query tiles a block's K/V tile sees: tiles of kBlockM rows of every query head of its group,
+// iteration it = (head in group) * num_q_tiles + query tile.
+template <int kBlockM>
+struct QTileWalk {
+  const FlashBwdParams& p;
+  const ChunkPositions& q_pos;
+  int64_t k_min, k_max;  // key positions of the block's K/V tile
+  int num_q_tiles, total_it;
+  // 0: empty, 1: partial (apply the causal mask), 2: full.
+  __device__ __forceinline__ int kind(int qt) const {
+    if (!p.causal) return 2;
+    int64_t q_min, q_max;
+    pos_range(q_pos, static_cast<int64_t>(qt) * kBlockM, min((qt + 1) * kBlockM, p.seq_q), q_min, q_max);
+    if (k_min > q_max) return 0;
+    return k_max <= q_min ? 2 : 1;
+  }
+  // The first iteration >= from whose tile is not empty, or total_it.
+  __device__ __forceinline__ int next_visible(int from) const {
+    for (; from < total_it; ++from) {
+      if (kind(from % num_q_tiles) != 0) return from;
+    }
+    return total_it;
+  }
+};
+
+// Position of row r of the K/V tile starting at chunk row k0, for the mask: INT64_MAX past the chunk
+// (always masked), INT64_MIN without a causal mask (never masked).
+__device__ __forceinline__ int64_t key_mask_pos(const FlashBwdParams& p, const ChunkPositions& k_pos, int k0, int r) {
+  if (k0 + r >= p.seq_k) return INT64_MAX;
+  return p.causal ? pos_at(k_pos, k0 + r) : INT64_MIN;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Compile-time shape of the kernel.
 
@@ -251,22 +283,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   int64_t k_min = 0, k_max = 0;
   pos_range(k_pos, k0, k_end, k_min, k_max);
 
-  // 0: empty, 1: partial (apply the causal mask), 2: full.
-  auto tile_kind = [&](int qt) -> int {
-    if (!p.causal) return 2;
-    int64_t q_min, q_max;
-    pos_range(q_pos, static_cast<int64_t>(qt) * M, min((qt + 1) * M, p.seq_q), q_min, q_max);
-    if (k_min > q_max) return 0;
-    return k_max <= q_min ? 2 : 1;
-  };
-  auto next_visible = [&](int it) -> int {
-    for (; it < total_it; ++it) {
-      if (tile_kind(it % num_q_tiles) != 0) return it;
-    }
-    return total_it;
-  };
+  const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it};
 
-  int it = next_visible(0);
+  int it = walk.next_visible(0);
   if (it >= total_it) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
   const Elem* kg = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
@@ -303,19 +322,15 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   // Key positions of this thread's two rows for the mask: rows past seq_k are masked everywhere (their
   // zero-filled K would otherwise give P = exp(-lse), which may overflow); without causality valid rows
   // are never masked.
-  auto mask_pos = [&](int r) -> int64_t {
-    if (k0 + r >= p.seq_k) return INT64_MAX;
-    return p.causal ? pos_at(k_pos, k0 + r) : INT64_MIN;
-  };
-  const int64_t kpos0 = mask_pos(wrow + g);
-  const int64_t kpos1 = mask_pos(wrow + g + 8);
+  const int64_t kpos0 = key_mask_pos(p, k_pos, k0, wrow + g);
+  const int64_t kpos1 = key_mask_pos(p, k_pos, k0, wrow + g + 8);
   const bool k_tail = k_end - k0 < N;
   const float scale_log2 = p.scale * 1.4426950408889634f;
   const int wm = warp % Tr::kWarpsM, wn = warp / Tr::kWarpsM;
 
   int buf = 0;
   while (it < total_it) {
-    const int next = next_visible(it + 1);
+    const int next = walk.next_visible(it + 1);
     cp_async_wait_all();
     __syncthreads();  // this buffer landed; the previous dQ GEMM is done with sDs
     if (next < total_it) {
@@ -338,7 +353,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
       for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
     }
     gemm_a_bt<Elem, D, Tr::kNT>(s, sK, wrow, sQ);
-    const bool partial = k_tail || tile_kind(qt) == 1;
+    const bool partial = k_tail || walk.kind(qt) == 1;
 #pragma unroll
     for (int j = 0; j < Tr::kNT; ++j) {
 #pragma unroll

@@ -36,6 +36,8 @@ using bwd::ex2;
 using bwd::pack2;
 using bwd::pos_at;
 using bwd::pos_range;
+using bwd::QTileWalk;
+using bwd::key_mask_pos;
 using bwd::red_add_v2;
 using bwd::smem_u32;
 using sm90::make_desc_sw128;
@@ -52,19 +54,6 @@ __device__ __forceinline__ void cp_async_16_s(uint32_t smem_dst, const void* gme
 }
 __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
-}
-
-// Bulk (non-tensor) reduction of `bytes` fp32 from shared to global memory: *dst += *src elementwise.
-__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 template <int kN>
@@ -145,38 +134,6 @@ struct Sm90BwdTraits {
 };
 
 // ---- Pieces shared by the two Hopper backward kernels (this file's and flash_bwd_sm90_tma_kernel.cuh) ----
-
-// The query tiles a block's K/V tile sees: tiles of kBlockM rows of every query head of its group,
-// iteration it = (head in group) * num_q_tiles + query tile.
-template <int kBlockM>
-struct QTileWalk {
-  const FlashBwdParams& p;
-  const ChunkPositions& q_pos;
-  int64_t k_min, k_max;  // key positions of the block's K/V tile
-  int num_q_tiles, total_it;
-  // 0: empty, 1: partial (apply the causal mask), 2: full.
-  __device__ __forceinline__ int kind(int qt) const {
-    if (!p.causal) return 2;
-    int64_t q_min, q_max;
-    pos_range(q_pos, static_cast<int64_t>(qt) * kBlockM, min((qt + 1) * kBlockM, p.seq_q), q_min, q_max);
-    if (k_min > q_max) return 0;
-    return k_max <= q_min ? 2 : 1;
-  }
-  // The first iteration >= from whose tile is not empty, or total_it.
-  __device__ __forceinline__ int next_visible(int from) const {
-    for (; from < total_it; ++from) {
-      if (kind(from % num_q_tiles) != 0) return from;
-    }
-    return total_it;
-  }
-};
-
-// Position of row r of the K/V tile starting at chunk row k0, for the mask: INT64_MAX past the chunk
-// (always masked), INT64_MIN without a causal mask (never masked).
-__device__ __forceinline__ int64_t key_mask_pos(const FlashBwdParams& p, const ChunkPositions& k_pos, int k0, int r) {
-  if (k0 + r >= p.seq_k) return INT64_MAX;
-  return p.causal ? pos_at(k_pos, k0 + r) : INT64_MIN;
-}
 
 // S^T = K_w Q^T into s and dP^T = V_w dO^T into dp (m64n64k16, both operands K-major from shared
 // memory), committed as two groups.
