@@ -5,7 +5,8 @@
 # racecheck on the Hopper kernels, the official fwd+bwd bench (ringattn bench --backward, 16K and 64K,
 # causal and not) per kernel, and PyTorch SDPA (flash, cuDNN) in the same call. Short table last.
 # Every step has its own timeout and the whole script stops starting new steps near $BUDGET seconds.
-# Env: MMA=0 (skip the mma.sync kernel's bench), NCU=1 (Nsight Compute on one 16K launch of the Hopper
+# Env: MMA=0 (skip the mma.sync kernel's bench), AB_ENV=NAME=VALUE (bench the Hopper kernel again under
+# that environment variable, label wgmma-ab), NCU=1 (Nsight Compute on one 16K launch of the Hopper
 # kernel: speed of light, warp states).
 set -u -o pipefail
 OUT=${OUT:-/tmp/ringattn_out}
@@ -51,16 +52,21 @@ timeout "$(tmo 90 150)" compute-sanitizer --tool racecheck --error-exitcode 9 "$
 echo "racecheck rc=$? $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck.log")" | tee -a "$OUT/sanitizer.log"
 grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" "$OUT/sanitizer.log" | head -8
 
-bench() {  # label, RINGATTN_BWD_KERNEL, extra flags
-  echo "### ringattn bench --backward ${3:-nc}, $1 (RINGATTN_BWD_KERNEL=$2)" | tee -a "$OUT/bench.log"
-  local run=(env RINGATTN_BWD_KERNEL="$2")
-  command -v mpirun >/dev/null && run=(mpirun --allow-run-as-root -np 1 -x RINGATTN_BWD_KERNEL="$2")
+bench() {  # label, RINGATTN_BWD_KERNEL, extra flags, extra environment variable NAME=VALUE
+  echo "### ringattn bench --backward ${3:-nc}, $1 (RINGATTN_BWD_KERNEL=$2 ${4:-})" | tee -a "$OUT/bench.log"
+  local extra=${4:-RINGATTN_BWD_KERNEL=$2}
+  local run=(env RINGATTN_BWD_KERNEL="$2" "$extra")
+  command -v mpirun >/dev/null && run=(mpirun --allow-run-as-root -np 1 -x RINGATTN_BWD_KERNEL="$2" -x "$extra")
   timeout "$(tmo 45 60)" "${run[@]}" "$BIN/ringattn" bench -b 16K -e 64K -f 4 --layout contiguous -c 0 --dtype bf16 \
     --heads 32 --head-dim 128 -n 3 -w 1 --backward ${3:-} 2>&1 | tee -a "$OUT/bench.log" | grep -vE "^#  |^# (sweep|ring eff|backend)" | tail -4
 }
 echo "## fwd+bwd bench (official number)"
 bench wgmma wgmma ""
 bench wgmma wgmma --causal
+if [ -n "${AB_ENV:-}" ]; then  # an A/B experiment: the same kernel under NAME=VALUE
+  bench wgmma-ab wgmma "" "$AB_ENV"
+  bench wgmma-ab wgmma --causal "$AB_ENV"
+fi
 if [ "${MMA:-1}" = 1 ]; then
   bench mma mma ""
   bench mma mma --causal
@@ -94,7 +100,7 @@ import sys, json, re
 rows = {}
 kern = None; causal = None
 for line in open(sys.argv[1], errors="replace"):
-    m = re.match(r"### ringattn bench --backward (\S*), (\w+) ", line)
+    m = re.match(r"### ringattn bench --backward (\S*), ([\w-]+) ", line)
     if m: causal = m.group(1) == "--causal"; kern = m.group(2); continue
     f = line.split()
     if kern and len(f) > 4 and f[0].isdigit():

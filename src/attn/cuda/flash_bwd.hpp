@@ -28,6 +28,7 @@ struct FlashBwdParams {
   int seq_k = 0;     // rows of the visiting K/V chunk Sk
   float scale = 0.f; // softmax scale (1/sqrt(head_dim) unless the spec says otherwise)
   bool causal = false;
+  bool walk_up = false;  // EXPERIMENT (A/B, to be removed): ascending query-tile walk
 
   // q, out, dout: (B, Sq, H, D); dq: (B, Sq, H, D) output of finalize.
   const void* q = nullptr;

@@ -114,13 +114,18 @@ __device__ __forceinline__ void pos_range(const ChunkPositions& p, int64_t lo, i
 }
 
 // The query tiles a block's K/V tile sees: tiles of kBlockM rows of every query head of its group,
-// iteration it = (head in group) * num_q_tiles + query tile.
+// iteration it = (head in group) * num_q_tiles + query tile, visited from the last iteration down.
+// Descending, the blocks of one head that run together read the same Q/dO tiles and add into the
+// same dQ rows (under a causal mask an ascending walk starts each key tile at its diagonal, so the
+// blocks running together touch rows spread over the whole chunk, and L2 misses them), and the
+// first visible tile needs no scan (the last query tile sees every key tile any tile sees).
 template <int kBlockM>
 struct QTileWalk {
   const FlashBwdParams& p;
   const ChunkPositions& q_pos;
   int64_t k_min, k_max;  // key positions of the block's K/V tile
   int num_q_tiles, total_it;
+  static constexpr int kEnd = -1;  // past the last visible iteration
   // 0: empty, 1: partial (apply the causal mask), 2: full.
   __device__ __forceinline__ int kind(int qt) const {
     if (!p.causal) return 2;
@@ -129,12 +134,18 @@ struct QTileWalk {
     if (k_min > q_max) return 0;
     return k_max <= q_min ? 2 : 1;
   }
-  // The first iteration >= from whose tile is not empty, or total_it.
-  __device__ __forceinline__ int next_visible(int from) const {
-    for (; from < total_it; ++from) {
-      if (kind(from % num_q_tiles) != 0) return from;
+  // The first iteration of the walk whose tile is not empty, or kEnd.
+  __device__ __forceinline__ int first() const { return visible_from(p.walk_up ? 0 : total_it - 1); }
+  // The next iteration after `it` whose tile is not empty, or kEnd.
+  __device__ __forceinline__ int after(int it) const { return visible_from(p.walk_up ? it + 1 : it - 1); }
+
+ private:
+  __device__ __forceinline__ int visible_from(int it) const {
+    const int step = p.walk_up ? 1 : -1;
+    for (; it >= 0 && it < total_it; it += step) {
+      if (kind(it % num_q_tiles) != 0) return it;
     }
-    return total_it;
+    return kEnd;
   }
 };
 
@@ -285,8 +296,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 
   const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it};
 
-  int it = walk.next_visible(0);
-  if (it >= total_it) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
+  int it = walk.first();
+  if (it == walk.kEnd) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
   const Elem* kg = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
   const Elem* vg = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hkv * p.v_head_stride;
@@ -329,11 +340,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   const int wm = warp % Tr::kWarpsM, wn = warp / Tr::kWarpsM;
 
   int buf = 0;
-  while (it < total_it) {
-    const int next = walk.next_visible(it + 1);
+  while (it != walk.kEnd) {
+    const int next = walk.after(it);
     cp_async_wait_all();
     __syncthreads();  // this buffer landed; the previous dQ GEMM is done with sDs
-    if (next < total_it) {
+    if (next != walk.kEnd) {
       load_q_side(next, buf ^ 1);
       cp_async_commit();
     }

@@ -318,8 +318,8 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
 
   const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it};
 
-  int it = walk.next_visible(0);
-  if (it >= total_it) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
+  int it = walk.first();
+  if (it == walk.kEnd) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
   const Elem* kg = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
   const Elem* vg = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hkv * p.v_head_stride;
@@ -373,11 +373,11 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
 
   // First half of tile `it`: everything up to its dS^T stored and its GEMMs done.
   auto first_half = [&]() {
-    next = walk.next_visible(it + 1);
+    next = walk.after(it);
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();  // this buffer landed; the previous iteration's GEMMs are done with sDs and the other buffer
-    if (next < total_it) {
+    if (next != walk.kEnd) {
       load_q_side(next, buf ^ 1);
       cp_async_commit();
     }
@@ -435,7 +435,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     add_dq(q0, h);  // vector reductions straight from registers
   };
 
-  while (it < total_it) {
+  while (it != walk.kEnd) {
     first_half();
     second_half();
     it = next;

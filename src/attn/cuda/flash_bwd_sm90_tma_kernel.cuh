@@ -133,8 +133,8 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   pos_range(k_pos, k0, k_end, k_min, k_max);
   const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it};
 
-  int it = walk.next_visible(0);
-  if (it >= total_it) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
+  int it = walk.first();
+  if (it == walk.kEnd) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
   if (tid == 0) {
     mbar_init(bar_kv, 1);
@@ -168,9 +168,9 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
       tma_load_4d(sK + c * Tr::kKBlockBytes, &args.k, bar_kv, c * 64, k0, hkv, b);
       tma_load_4d(sV + c * Tr::kKBlockBytes, &args.v, bar_kv, c * 64, k0, hkv, b);
     }
-    for (; n_loaded < Tr::kStages - 1 && load_it < total_it; ++n_loaded) {
+    for (; n_loaded < Tr::kStages - 1 && load_it != walk.kEnd; ++n_loaded) {
       load_tile(load_it, n_loaded);
-      load_it = walk.next_visible(load_it + 1);
+      load_it = walk.after(load_it);
     }
   }
 
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   const uint32_t sVw = sV + wg * 64 * Tr::kRowBytes;
 
   mbar_wait(bar_kv, 0);
-  for (int n = 0; it < total_it; ++n) {
+  for (int n = 0; it != walk.kEnd; ++n) {
     const int stage = n % Tr::kStages;
     const uint32_t parity = (n / Tr::kStages) & 1;
     const uint32_t sQ = base + Tr::kOffQ + stage * Tr::kQBytes;
@@ -233,10 +233,10 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     if ((tid & 127) == 0) bulk_wait_read();
     fence_proxy_async();
     named_barrier_sync(1, Tr::kThreads);
-    if (tid == 0 && load_it < total_it) {
+    if (tid == 0 && load_it != walk.kEnd) {
       load_tile(load_it, n_loaded % Tr::kStages);
       ++n_loaded;
-      load_it = walk.next_visible(load_it + 1);
+      load_it = walk.after(load_it);
     }
 
     // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..] (A = dS, the MN-major view of dS^T; B = K MN-major).
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
       bulk_reduce_add_f32(tile, stage_dq, Tr::kDqStageBytes);
       bulk_commit();
     }
-    it = walk.next_visible(it + 1);
+    it = walk.after(it);
   }
   wgmma_wait<0>();
   fence_regs(dk);
