@@ -114,17 +114,17 @@ __device__ __forceinline__ void pos_range(const ChunkPositions& p, int64_t lo, i
 }
 
 // The query tiles a block's K/V tile sees: tiles of kBlockM rows of every query head of its group,
-// iteration it = (head in group) * num_q_tiles + query tile, visited from the last iteration down.
-// Descending, the blocks of one head that run together read the same Q/dO tiles and add into the
-// same dQ rows (under a causal mask an ascending walk starts each key tile at its diagonal, so the
-// blocks running together touch rows spread over the whole chunk, and L2 misses them), and the
-// first visible tile needs no scan (the last query tile sees every key tile any tile sees).
+// iteration it = (head in group) * num_q_tiles + query tile, visited from `start` up, wrapping from
+// total_it - 1 to 0. Each lookup also returns the tile's kind, so a kernel can compute the next
+// tile and its kind while its GEMMs run instead of between them (under a causal mask a kind costs
+// two position ranges of 64-bit arithmetic).
 template <int kBlockM>
 struct QTileWalk {
   const FlashBwdParams& p;
   const ChunkPositions& q_pos;
   int64_t k_min, k_max;  // key positions of the block's K/V tile
   int num_q_tiles, total_it;
+  int start;  // the first iteration of the walk
   static constexpr int kEnd = -1;  // past the last visible iteration
   // 0: empty, 1: partial (apply the causal mask), 2: full.
   __device__ __forceinline__ int kind(int qt) const {
@@ -134,20 +134,33 @@ struct QTileWalk {
     if (k_min > q_max) return 0;
     return k_max <= q_min ? 2 : 1;
   }
-  // The first iteration of the walk whose tile is not empty, or kEnd.
-  __device__ __forceinline__ int first() const { return visible_from(p.walk_up ? 0 : total_it - 1); }
-  // The next iteration after `it` whose tile is not empty, or kEnd.
-  __device__ __forceinline__ int after(int it) const { return visible_from(p.walk_up ? it + 1 : it - 1); }
+  // The first visible iteration of the walk (or kEnd) and its kind.
+  __device__ __forceinline__ int first(int& kd) const { return visible_from(0, kd); }
+  // The visible iteration after `it` (or kEnd) and its kind.
+  __device__ __forceinline__ int after(int it, int& kd) const {
+    return visible_from((it >= start ? it - start : it - start + total_it) + 1, kd);
+  }
 
  private:
-  __device__ __forceinline__ int visible_from(int it) const {
-    const int step = p.walk_up ? 1 : -1;
-    for (; it >= 0 && it < total_it; it += step) {
-      if (kind(it % num_q_tiles) != 0) return it;
+  // Walks from step n (iterations after start) to the first visible one.
+  __device__ __forceinline__ int visible_from(int n, int& kd) const {
+    for (; n < total_it; ++n) {
+      const int it = start + n < total_it ? start + n : start + n - total_it;
+      kd = kind(it % num_q_tiles);
+      if (kd != 0) return it;
     }
+    kd = 0;
     return kEnd;
   }
 };
+
+// The walk's first iteration. EXPERIMENT (A/B, to be removed with walk_rotate): without a causal
+// mask, the query tile facing the block's key tile, so the blocks running together add into
+// different dQ rows.
+__device__ __forceinline__ int walk_start(const FlashBwdParams& p, int k0, int num_q_tiles) {
+  if (p.causal || !p.walk_rotate || p.seq_k == 0) return 0;
+  return static_cast<int>(static_cast<int64_t>(k0) * num_q_tiles / p.seq_k);
+}
 
 // Position of row r of the K/V tile starting at chunk row k0, for the mask: INT64_MAX past the chunk
 // (always masked), INT64_MIN without a causal mask (never masked).
@@ -294,9 +307,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   int64_t k_min = 0, k_max = 0;
   pos_range(k_pos, k0, k_end, k_min, k_max);
 
-  const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it};
+  const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it, walk_start(p, k0, num_q_tiles)};
 
-  int it = walk.first();
+  int it_kind = 0;  // kind of tile `it`
+  int it = walk.first(it_kind);
   if (it == walk.kEnd) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
   const Elem* kg = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
@@ -341,7 +355,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 
   int buf = 0;
   while (it != walk.kEnd) {
-    const int next = walk.after(it);
+    int next_kind = 0;
+    const int next = walk.after(it, next_kind);
     cp_async_wait_all();
     __syncthreads();  // this buffer landed; the previous dQ GEMM is done with sDs
     if (next != walk.kEnd) {
@@ -364,7 +379,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
       for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
     }
     gemm_a_bt<Elem, D, Tr::kNT>(s, sK, wrow, sQ);
-    const bool partial = k_tail || walk.kind(qt) == 1;
+    const bool partial = k_tail || it_kind == 1;
 #pragma unroll
     for (int j = 0; j < Tr::kNT; ++j) {
 #pragma unroll
@@ -439,6 +454,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
       }
     }
     it = next;
+    it_kind = next_kind;
     buf ^= 1;
   }
 

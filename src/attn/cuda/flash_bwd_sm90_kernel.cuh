@@ -40,6 +40,7 @@ using bwd::QTileWalk;
 using bwd::key_mask_pos;
 using bwd::red_add_v2;
 using bwd::smem_u32;
+using bwd::walk_start;
 using sm90::make_desc_sw128;
 using sm90::Wgmma;
 using sm90::wgmma_commit;
@@ -316,9 +317,10 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
   int64_t k_min = 0, k_max = 0;
   pos_range(k_pos, k0, k_end, k_min, k_max);
 
-  const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it};
+  const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it, walk_start(p, k0, num_q_tiles)};
 
-  int it = walk.first();
+  int it_kind = 0;
+  int it = walk.first(it_kind);
   if (it == walk.kEnd) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
   const Elem* kg = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
@@ -368,12 +370,13 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     }
   };
 
-  int buf = 0, next = 0;  // the Q/dO buffer of tile `it`; the visible tile after it
+  int buf = 0, next = 0, next_kind = 0;  // the Q/dO buffer of tile `it`; the visible tile after it (and its kind,
+                                         // unused: carried, it costs this register-bound kernel a spill)
   int q0 = 0, h = 0;        // first query row and head of tile `it`
 
   // First half of tile `it`: everything up to its dS^T stored and its GEMMs done.
   auto first_half = [&]() {
-    next = walk.after(it);
+    next = walk.after(it, next_kind);
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();  // this buffer landed; the previous iteration's GEMMs are done with sDs and the other buffer

@@ -131,9 +131,10 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
 
   int64_t k_min = 0, k_max = 0;
   pos_range(k_pos, k0, k_end, k_min, k_max);
-  const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it};
+  const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it, walk_start(p, k0, num_q_tiles)};
 
-  int it = walk.first();
+  int it_kind = 0;  // kind of tile `it`
+  int it = walk.first(it_kind);
   if (it == walk.kEnd) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
   if (tid == 0) {
@@ -158,7 +159,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     bulk_load(base + Tr::kOffLse + stage * Tr::kRowVecBytes, p.lse_log2 + rv, Tr::kRowVecBytes, bar);
     bulk_load(base + Tr::kOffDelta + stage * Tr::kRowVecBytes, p.delta + rv, Tr::kRowVecBytes, bar);
   };
-  int load_it = it, n_loaded = 0;  // thread 0 only: the next visible tile to load, tiles loaded
+  int load_it = it, load_kind = 0, n_loaded = 0;  // thread 0 only: the next visible tile to load, tiles loaded
   if (tid == 0) {
     prefetch_tmap(&args.q);
     prefetch_tmap(&args.dout);
@@ -170,7 +171,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     }
     for (; n_loaded < Tr::kStages - 1 && load_it != walk.kEnd; ++n_loaded) {
       load_tile(load_it, n_loaded);
-      load_it = walk.after(load_it);
+      load_it = walk.after(load_it, load_kind);
     }
   }
 
@@ -202,12 +203,14 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     // S^T = K_w Q^T and dP^T = V_w dO^T, two groups (the previous tile's dK may still be in flight).
     float s[32], dp[32];
     issue_s_dp<Elem, Tr>(s, dp, sKw, sVw, sQ, sDo);
+    int next_kind = 0;
+    const int next = walk.after(it, next_kind);  // under the GEMMs
     wgmma_wait<1>();
     fence_regs(s);
     fence_regs(dk);
 
     // P^T in place of S^T (element 4j + e: key row wrow + g + 8 (e >> 1), query column 8j + 2t + (e & 1)).
-    softmax_p(s, lse, scale_log2, k_tail || walk.kind(qt) == 1, kpos0, kpos1, q_pos, q0, t);
+    softmax_p(s, lse, scale_log2, k_tail || it_kind == 1, kpos0, kpos1, q_pos, q0, t);
     uint32_t pa[4][4];
     pack_a<Elem>(s, pa);
     wgmma_wait<0>();
@@ -233,15 +236,12 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     if ((tid & 127) == 0) bulk_wait_read();
     fence_proxy_async();
     named_barrier_sync(1, Tr::kThreads);
-    if (tid == 0 && load_it != walk.kEnd) {
-      load_tile(load_it, n_loaded % Tr::kStages);
-      ++n_loaded;
-      load_it = walk.after(load_it);
-    }
+    if (tid == 0 && load_it != walk.kEnd) load_tile(load_it, n_loaded++ % Tr::kStages);
 
     // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..] (A = dS, the MN-major view of dS^T; B = K MN-major).
     float dq[32];
     issue_dq<Elem, Tr>(dq, sDs, sK, wg);
+    if (tid == 0 && load_it != walk.kEnd) load_it = walk.after(load_it, load_kind);  // under the GEMMs
     wgmma_wait<1>();  // dV done: P^T's registers are free
     fence_regs(dv);
     fence_frags(pa);
@@ -266,7 +266,8 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
       bulk_reduce_add_f32(tile, stage_dq, Tr::kDqStageBytes);
       bulk_commit();
     }
-    it = walk.after(it);
+    it = next;
+    it_kind = next_kind;
   }
   wgmma_wait<0>();
   fence_regs(dk);
