@@ -3,8 +3,9 @@
 #
 # Usage (device machine, repository root): scripts/device_bwd_profile.sh
 # Env: OUT (logs; the device tool sets it), KERNELS (RINGATTN_BWD_SM90_NO_TMA values: 0 the TMA kernel,
-#      1 its cp.async fallback; "0"), SEQ (tokens, 16K), TOP (instructions listed, 40).
-# Writes $OUT/summary_v<V>.txt (speed of light, warp states), $OUT/source_v<V>.csv (the SASS source view)
+#      1 its cp.async fallback; "0"), CAUSAL ("0 1": non-causal and causal), SEQ (tokens, 16K),
+#      TOP (instructions listed, 40).
+# Writes $OUT/summary_v<V>.txt (speed of light, warp states), /tmp/source_v<V>.csv (the SASS source view)
 # and $OUT/top_stalls_v<V>.txt: the TOP SASS
 # instructions by sampled stalls with their stall reasons, so the next kernel change aims at the
 # instructions that wait, not at a guess.
@@ -20,20 +21,24 @@ cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DRINGATTN_BUILD_TESTS=OFF -DC
   cmake --build "$BUILD" -j "$(nproc)" --target ringattn_cli >>"$OUT/build.log" 2>&1 ||
   { tail -30 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
 echo "# built in $(( $(date +%s) - T0 )) s"
-for v in ${KERNELS:-0}; do
+for v0 in ${KERNELS:-0}; do
+for c in ${CAUSAL:-0 1}; do
+  v=${v0}c$c
+  flags=""
+  [ "$c" = 1 ] && flags=--causal
   rep=/tmp/ringattn_bwd_v$v
   rm -f "$rep.ncu-rep"
-  RINGATTN_BWD_SM90_NO_TMA=$v timeout 240 ncu --clock-control none --kernel-name regex:flash_bwd_sm90 \
+  RINGATTN_BWD_SM90_NO_TMA=$v0 timeout 240 ncu --clock-control none --kernel-name regex:flash_bwd_sm90 \
     --launch-skip 1 --launch-count 1 --set full --import-source yes -o "$rep" \
     "$BUILD/bin/ringattn" bench -b "$SEQ" -e "$SEQ" -n 1 -w 1 -c 0 --no-baseline --dtype bf16 --heads 32 \
-    --head-dim 128 --backward >"$OUT/ncu_run_v$v.log" 2>&1
+    --head-dim 128 --backward $flags >"$OUT/ncu_run_v$v.log" 2>&1
   echo "# variant $v: ncu exit $? at $(( $(date +%s) - T0 )) s"
   [ -f "$rep.ncu-rep" ] || { tail -20 "$OUT/ncu_run_v$v.log"; continue; }
   ncu --import "$rep.ncu-rep" --section SpeedOfLight --section WarpStateStats --print-details all \
     >"$OUT/summary_v$v.txt" 2>&1
   grep -E "Duration|Compute \(SM\) Throughput|Warp Cycles Per Issued|Stall" "$OUT/summary_v$v.txt" | head -24
-  ncu --import "$rep.ncu-rep" --page source --print-source sass --csv >"$OUT/source_v$v.csv" 2>"$OUT/source_err_v$v.log"
-  python3 - "$OUT/source_v$v.csv" "$TOP" >"$OUT/top_stalls_v$v.txt" <<'PY'
+  ncu --import "$rep.ncu-rep" --page source --print-source sass --csv >"/tmp/source_v$v.csv" 2>"/tmp/source_err_v$v.log"
+  python3 - "/tmp/source_v$v.csv" "$TOP" >"$OUT/top_stalls_v$v.txt" <<'PY'
 import csv, sys
 path, top = sys.argv[1], int(sys.argv[2])
 rows = list(csv.reader(open(path, errors="replace")))
@@ -61,5 +66,6 @@ for r in body[:top]:
     print(f"{100 * num(r[key]) / total:5.1f}%  {r[src][:70]:<70}  {why_s}")
 PY
   head -"$(( TOP + 1 ))" "$OUT/top_stalls_v$v.txt"
+done
 done
 echo "# done in $(( $(date +%s) - T0 )) s"
