@@ -28,7 +28,6 @@ struct FlashBwdParams {
   int seq_k = 0;     // rows of the visiting K/V chunk Sk
   float scale = 0.f; // softmax scale (1/sqrt(head_dim) unless the spec says otherwise)
   bool causal = false;
-  bool walk_rotate = false;  // EXPERIMENT (A/B, to be removed): non-causal walks start at the facing query tile
 
   // q, out, dout: (B, Sq, H, D); dq: (B, Sq, H, D) output of finalize.
   const void* q = nullptr;

@@ -195,10 +195,8 @@ void flash_bwd_preprocess(const FlashBwdParams& p, cudaStream_t stream) {
   }
 }
 
-void flash_bwd_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
+void flash_bwd_step(const FlashBwdParams& p, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
                     cudaStream_t stream) {
-  FlashBwdParams p = params;
-  p.walk_rotate = std::getenv("RINGATTN_BWD_WALK_ROTATE") != nullptr;
   check_common(p);
   if (p.batch == 0 || p.seq_q == 0 || p.seq_k == 0) return;
   require(q_pos.size() == p.seq_q && k_pos.size() == p.seq_k, "positions do not match seq_q / seq_k");

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "attn/cuda/flash_bwd.hpp"
+#include "attn/cuda/flash_bwd_walk.hpp"
 
 namespace ringattn::cuda::bwd {
 
@@ -113,53 +114,16 @@ __device__ __forceinline__ void pos_range(const ChunkPositions& p, int64_t lo, i
   }
 }
 
-// The query tiles a block's K/V tile sees: tiles of kBlockM rows of every query head of its group,
-// iteration it = (head in group) * num_q_tiles + query tile, visited from `start` up, wrapping from
-// total_it - 1 to 0. Each lookup also returns the tile's kind, so a kernel can compute the next
-// tile and its kind while its GEMMs run instead of between them (under a causal mask a kind costs
-// two position ranges of 64-bit arithmetic).
+// Computes the walk's bounds for this block into shared memory; call from every thread, then
+// __syncthreads() before walking.
 template <int kBlockM>
-struct QTileWalk {
-  const FlashBwdParams& p;
-  const ChunkPositions& q_pos;
-  int64_t k_min, k_max;  // key positions of the block's K/V tile
-  int num_q_tiles, total_it;
-  int start;  // the first iteration of the walk
-  static constexpr int kEnd = -1;  // past the last visible iteration
-  // 0: empty, 1: partial (apply the causal mask), 2: full.
-  __device__ __forceinline__ int kind(int qt) const {
-    if (!p.causal) return 2;
-    int64_t q_min, q_max;
-    pos_range(q_pos, static_cast<int64_t>(qt) * kBlockM, min((qt + 1) * kBlockM, p.seq_q), q_min, q_max);
-    if (k_min > q_max) return 0;
-    return k_max <= q_min ? 2 : 1;
+__device__ __forceinline__ void store_q_tile_bounds(QTileBounds& dst, const FlashBwdParams& p, const ChunkPositions& q_pos,
+                                                    const ChunkPositions& k_pos, int k0, int k_end) {
+  if (threadIdx.x == 0) {
+    int64_t k_min = 0, k_max = 0;
+    pos_range(k_pos, k0, k_end, k_min, k_max);
+    dst = q_tile_bounds<kBlockM>(q_pos, p.seq_q, p.causal, k_min, k_max);
   }
-  // The first visible iteration of the walk (or kEnd) and its kind.
-  __device__ __forceinline__ int first(int& kd) const { return visible_from(0, kd); }
-  // The visible iteration after `it` (or kEnd) and its kind.
-  __device__ __forceinline__ int after(int it, int& kd) const {
-    return visible_from((it >= start ? it - start : it - start + total_it) + 1, kd);
-  }
-
- private:
-  // Walks from step n (iterations after start) to the first visible one.
-  __device__ __forceinline__ int visible_from(int n, int& kd) const {
-    for (; n < total_it; ++n) {
-      const int it = start + n < total_it ? start + n : start + n - total_it;
-      kd = kind(it % num_q_tiles);
-      if (kd != 0) return it;
-    }
-    kd = 0;
-    return kEnd;
-  }
-};
-
-// The walk's first iteration. EXPERIMENT (A/B, to be removed with walk_rotate): without a causal
-// mask, the query tile facing the block's key tile, so the blocks running together add into
-// different dQ rows.
-__device__ __forceinline__ int walk_start(const FlashBwdParams& p, int k0, int num_q_tiles) {
-  if (p.causal || !p.walk_rotate || p.seq_k == 0) return 0;
-  return static_cast<int>(static_cast<int64_t>(k0) * num_q_tiles / p.seq_k);
 }
 
 // Position of row r of the K/V tile starting at chunk row k0, for the mask: INT64_MAX past the chunk
@@ -301,17 +265,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   const int k0 = k_tile * N;
   const int k_end = min(k0 + N, p.seq_k);
   const int num_q_tiles = (p.seq_q + M - 1) / M;
-  const int total_it = group * num_q_tiles;
   const int64_t pad_rows = flash_bwd_padded_rows(p.seq_q);
 
-  int64_t k_min = 0, k_max = 0;
-  pos_range(k_pos, k0, k_end, k_min, k_max);
-
-  const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it, walk_start(p, k0, num_q_tiles)};
-
-  int it_kind = 0;  // kind of tile `it`
-  int it = walk.first(it_kind);
-  if (it == walk.kEnd) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
+  __shared__ QTileBounds bounds;
+  store_q_tile_bounds<M>(bounds, p, q_pos, k_pos, k0, k_end);
+  __syncthreads();
+  const QTileWalk walk{bounds, num_q_tiles, group};
+  QTile cur = walk.first();
+  if (walk.done(cur)) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
   const Elem* kg = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
   const Elem* vg = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hkv * p.v_head_stride;
@@ -319,9 +280,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   load_tile<N, D, Tr::kThreads>(sV, vg, p.v_row_stride, k0, p.seq_k);
 
   // Issues the copies of iteration `iter`'s Q, dO tiles and its lse_log2/delta slices into buffer `buf`.
-  auto load_q_side = [&](int iter, int buf) {
-    const int h = hkv * group + iter / num_q_tiles;
-    const int q0 = (iter % num_q_tiles) * M;
+  auto load_q_side = [&](const QTile& tile, int buf) {
+    const int h = hkv * group + tile.hg;
+    const int q0 = tile.qt * M;
     const Elem* qg = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
     const Elem* dog = static_cast<const Elem*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
     load_tile<M, D, Tr::kThreads>(smem + Tr::kOffQ + buf * Tr::kTileQ, qg, p.q_row_stride, q0, p.seq_q);
@@ -334,7 +295,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
       cp_async_16(sDelta + buf * M + c * 4, p.delta + rv + c * 4, true);
     }
   };
-  load_q_side(it, 0);
+  load_q_side(cur, 0);
   cp_async_commit();
 
   float dk[Tr::kDT][4], dv[Tr::kDT][4];
@@ -354,12 +315,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   const int wm = warp % Tr::kWarpsM, wn = warp / Tr::kWarpsM;
 
   int buf = 0;
-  while (it != walk.kEnd) {
-    int next_kind = 0;
-    const int next = walk.after(it, next_kind);
+  while (!walk.done(cur)) {
+    const QTile next = walk.after(cur);
     cp_async_wait_all();
     __syncthreads();  // this buffer landed; the previous dQ GEMM is done with sDs
-    if (next != walk.kEnd) {
+    if (!walk.done(next)) {
       load_q_side(next, buf ^ 1);
       cp_async_commit();
     }
@@ -367,9 +327,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     const Elem* sDo = smem + Tr::kOffDo + buf * Tr::kTileQ;
     const float* lse = sLse + buf * M;
     const float* delta = sDelta + buf * M;
-    const int qt = it % num_q_tiles;
-    const int h = hkv * group + it / num_q_tiles;
-    const int q0 = qt * M;
+    const int h = hkv * group + cur.hg;
+    const int q0 = cur.qt * M;
 
     // S^T = K Q^T, then P^T in place.
     float s[Tr::kNT][4];
@@ -379,7 +338,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
       for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
     }
     gemm_a_bt<Elem, D, Tr::kNT>(s, sK, wrow, sQ);
-    const bool partial = k_tail || it_kind == 1;
+    const bool partial = k_tail || cur.kind == 1;
 #pragma unroll
     for (int j = 0; j < Tr::kNT; ++j) {
 #pragma unroll
@@ -453,8 +412,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
         }
       }
     }
-    it = next;
-    it_kind = next_kind;
+    cur = next;
     buf ^= 1;
   }
 

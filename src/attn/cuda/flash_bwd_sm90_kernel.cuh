@@ -40,7 +40,9 @@ using bwd::QTileWalk;
 using bwd::key_mask_pos;
 using bwd::red_add_v2;
 using bwd::smem_u32;
-using bwd::walk_start;
+using bwd::QTile;
+using bwd::QTileBounds;
+using bwd::store_q_tile_bounds;
 using sm90::make_desc_sw128;
 using sm90::Wgmma;
 using sm90::wgmma_commit;
@@ -311,26 +313,23 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
   const int k0 = k_tile * N;
   const int k_end = min(k0 + N, p.seq_k);
   const int num_q_tiles = (p.seq_q + M - 1) / M;
-  const int total_it = group * num_q_tiles;
   const int64_t pad_rows = flash_bwd_padded_rows(p.seq_q);
 
-  int64_t k_min = 0, k_max = 0;
-  pos_range(k_pos, k0, k_end, k_min, k_max);
-
-  const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it, walk_start(p, k0, num_q_tiles)};
-
-  int it_kind = 0;
-  int it = walk.first(it_kind);
-  if (it == walk.kEnd) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
+  __shared__ QTileBounds bounds;
+  store_q_tile_bounds<M>(bounds, p, q_pos, k_pos, k0, k_end);
+  __syncthreads();
+  const QTileWalk walk{bounds, num_q_tiles, group};
+  QTile cur = walk.first();
+  if (walk.done(cur)) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
   const Elem* kg = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
   const Elem* vg = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hkv * p.v_head_stride;
   load_tile_sw128<N, D, Tr::kThreads>(sK, kg, p.k_row_stride, k0, p.seq_k);
   load_tile_sw128<N, D, Tr::kThreads>(sV, vg, p.v_row_stride, k0, p.seq_k);
 
-  auto load_q_side = [&](int iter, int buf) {
-    const int h = hkv * group + iter / num_q_tiles;
-    const int q0 = (iter % num_q_tiles) * M;
+  auto load_q_side = [&](const QTile& tile, int buf) {
+    const int h = hkv * group + tile.hg;
+    const int q0 = tile.qt * M;
     const Elem* qg = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
     const Elem* dog = static_cast<const Elem*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
     load_tile_sw128<M, D, Tr::kThreads>(base + Tr::kOffQ + buf * Tr::kQBytes, qg, p.q_row_stride, q0, p.seq_q);
@@ -343,7 +342,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
       cp_async_16(sDelta + buf * M + c * 4, p.delta + rv + c * 4, true);
     }
   };
-  load_q_side(it, 0);
+  load_q_side(cur, 0);
   cp_async_commit();
 
   float dk[kDT * 4], dv[kDT * 4];
@@ -370,17 +369,17 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     }
   };
 
-  int buf = 0, next = 0, next_kind = 0;  // the Q/dO buffer of tile `it`; the visible tile after it (and its kind,
-                                         // unused: carried, it costs this register-bound kernel a spill)
-  int q0 = 0, h = 0;        // first query row and head of tile `it`
+  int buf = 0;        // the Q/dO buffer of tile `cur`
+  QTile next = cur;   // the visible tile after it
+  int q0 = 0, h = 0;  // first query row and head of tile `cur`
 
-  // First half of tile `it`: everything up to its dS^T stored and its GEMMs done.
+  // First half of tile `cur`: everything up to its dS^T stored and its GEMMs done.
   auto first_half = [&]() {
-    next = walk.after(it, next_kind);
+    next = walk.after(cur);
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();  // this buffer landed; the previous iteration's GEMMs are done with sDs and the other buffer
-    if (next != walk.kEnd) {
+    if (!walk.done(next)) {
       load_q_side(next, buf ^ 1);
       cp_async_commit();
     }
@@ -388,9 +387,8 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     const uint32_t sDo = base + Tr::kOffDo + buf * Tr::kQBytes;
     const float* lse = sLse + buf * M;
     const float* delta = sDelta + buf * M;
-    const int qt = it % num_q_tiles;
-    h = hkv * group + it / num_q_tiles;
-    q0 = qt * M;
+    h = hkv * group + cur.hg;
+    q0 = cur.qt * M;
 
     // S^T = K_w Q^T and dP^T = V_w dO^T, two groups.
     float s[32], dp[32];
@@ -399,7 +397,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     fence_regs(s);
 
     // P^T in place of S^T (element 4j + e: key row wrow + g + 8 (e >> 1), query column 8j + 2t + (e & 1)).
-    softmax_p(s, lse, scale_log2, k_tail || walk.kind(qt) == 1, kpos0, kpos1, q_pos, q0, t);
+    softmax_p(s, lse, scale_log2, k_tail || cur.kind == 1, kpos0, kpos1, q_pos, q0, t);
     uint32_t pa[4][4];
     pack_a<Elem>(s, pa);
     wgmma_wait<0>();
@@ -427,7 +425,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     fence_frags(dsa);
   };
 
-  // Second half of tile `it`: dQ = dS K into dq_accum.
+  // Second half of tile `cur`: dQ = dS K into dq_accum.
   auto second_half = [&]() {
     __syncthreads();  // dS^T of both warpgroups stored
     // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..]. Warp (wg, wwarp) holds query rows 16 wwarp + g (+8),
@@ -438,10 +436,10 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     add_dq(q0, h);  // vector reductions straight from registers
   };
 
-  while (it != walk.kEnd) {
+  while (!walk.done(cur)) {
     first_half();
     second_half();
-    it = next;
+    cur = next;
     buf ^= 1;
   }
 

@@ -126,28 +126,24 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   const int k0 = k_tile * N;
   const int k_end = min(k0 + N, p.seq_k);
   const int num_q_tiles = (p.seq_q + M - 1) / M;
-  const int total_it = group * num_q_tiles;
   const int64_t pad_rows = flash_bwd_padded_rows(p.seq_q);
 
-  int64_t k_min = 0, k_max = 0;
-  pos_range(k_pos, k0, k_end, k_min, k_max);
-  const QTileWalk<M> walk{p, q_pos, k_min, k_max, num_q_tiles, total_it, walk_start(p, k0, num_q_tiles)};
-
-  int it_kind = 0;  // kind of tile `it`
-  int it = walk.first(it_kind);
-  if (it == walk.kEnd) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
-
+  __shared__ QTileBounds bounds;
+  store_q_tile_bounds<M>(bounds, p, q_pos, k_pos, k0, k_end);
   if (tid == 0) {
     mbar_init(bar_kv, 1);
     for (int s = 0; s < Tr::kStages; ++s) mbar_init(bar_full(s), 1);
     fence_barrier_init();
   }
   __syncthreads();
+  const QTileWalk walk{bounds, num_q_tiles, group};
+  QTile cur = walk.first();
+  if (walk.done(cur)) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
   // Thread 0 loads the visible tiles in order; tile number n goes to stage n % kStages.
-  auto load_tile = [&](int iter, int stage) {
-    const int h = hkv * group + iter / num_q_tiles;
-    const int q0 = (iter % num_q_tiles) * M;
+  auto load_tile = [&](const QTile& tile, int stage) {
+    const int h = hkv * group + tile.hg;
+    const int q0 = tile.qt * M;
     const uint32_t bar = bar_full(stage);
     mbar_arrive_expect_tx(bar, Tr::kTileTx);
 #pragma unroll
@@ -159,7 +155,8 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     bulk_load(base + Tr::kOffLse + stage * Tr::kRowVecBytes, p.lse_log2 + rv, Tr::kRowVecBytes, bar);
     bulk_load(base + Tr::kOffDelta + stage * Tr::kRowVecBytes, p.delta + rv, Tr::kRowVecBytes, bar);
   };
-  int load_it = it, load_kind = 0, n_loaded = 0;  // thread 0 only: the next visible tile to load, tiles loaded
+  QTile load = cur;  // thread 0 only: the next visible tile to load
+  int n_loaded = 0;  // thread 0 only: tiles loaded
   if (tid == 0) {
     prefetch_tmap(&args.q);
     prefetch_tmap(&args.dout);
@@ -169,9 +166,9 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
       tma_load_4d(sK + c * Tr::kKBlockBytes, &args.k, bar_kv, c * 64, k0, hkv, b);
       tma_load_4d(sV + c * Tr::kKBlockBytes, &args.v, bar_kv, c * 64, k0, hkv, b);
     }
-    for (; n_loaded < Tr::kStages - 1 && load_it != walk.kEnd; ++n_loaded) {
-      load_tile(load_it, n_loaded);
-      load_it = walk.after(load_it, load_kind);
+    for (; n_loaded < Tr::kStages - 1 && !walk.done(load); ++n_loaded) {
+      load_tile(load, n_loaded);
+      load = walk.after(load);
     }
   }
 
@@ -187,30 +184,28 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   const uint32_t sVw = sV + wg * 64 * Tr::kRowBytes;
 
   mbar_wait(bar_kv, 0);
-  for (int n = 0; it != walk.kEnd; ++n) {
-    const int stage = n % Tr::kStages;
-    const uint32_t parity = (n / Tr::kStages) & 1;
+  int stage = 0;         // tile number n's stage: n % kStages
+  uint32_t parity = 0;   // and its phase: (n / kStages) & 1
+  for (int n = 0; !walk.done(cur); ++n) {
     const uint32_t sQ = base + Tr::kOffQ + stage * Tr::kQBytes;
     const uint32_t sDo = base + Tr::kOffDo + stage * Tr::kQBytes;
     const uint32_t sDs = base + Tr::kOffDs + (n & 1) * Tr::kDsBytes;
     const float* lse = sLse + stage * M;
     const float* delta = sDelta + stage * M;
-    const int qt = it % num_q_tiles;
-    const int h = hkv * group + it / num_q_tiles;
-    const int q0 = qt * M;
+    const int h = hkv * group + cur.hg;
+    const int q0 = cur.qt * M;
     mbar_wait(bar_full(stage), parity);
 
     // S^T = K_w Q^T and dP^T = V_w dO^T, two groups (the previous tile's dK may still be in flight).
     float s[32], dp[32];
     issue_s_dp<Elem, Tr>(s, dp, sKw, sVw, sQ, sDo);
-    int next_kind = 0;
-    const int next = walk.after(it, next_kind);  // under the GEMMs
+    const QTile next = walk.after(cur);  // under the GEMMs
     wgmma_wait<1>();
     fence_regs(s);
     fence_regs(dk);
 
     // P^T in place of S^T (element 4j + e: key row wrow + g + 8 (e >> 1), query column 8j + 2t + (e & 1)).
-    softmax_p(s, lse, scale_log2, k_tail || it_kind == 1, kpos0, kpos1, q_pos, q0, t);
+    softmax_p(s, lse, scale_log2, k_tail || cur.kind == 1, kpos0, kpos1, q_pos, q0, t);
     uint32_t pa[4][4];
     pack_a<Elem>(s, pa);
     wgmma_wait<0>();
@@ -236,12 +231,12 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     if ((tid & 127) == 0) bulk_wait_read();
     fence_proxy_async();
     named_barrier_sync(1, Tr::kThreads);
-    if (tid == 0 && load_it != walk.kEnd) load_tile(load_it, n_loaded++ % Tr::kStages);
+    if (tid == 0 && !walk.done(load)) load_tile(load, n_loaded++ % Tr::kStages);
 
     // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..] (A = dS, the MN-major view of dS^T; B = K MN-major).
     float dq[32];
     issue_dq<Elem, Tr>(dq, sDs, sK, wg);
-    if (tid == 0 && load_it != walk.kEnd) load_it = walk.after(load_it, load_kind);  // under the GEMMs
+    if (tid == 0 && !walk.done(load)) load = walk.after(load);  // under the GEMMs
     wgmma_wait<1>();  // dV done: P^T's registers are free
     fence_regs(dv);
     fence_frags(pa);
@@ -266,8 +261,11 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
       bulk_reduce_add_f32(tile, stage_dq, Tr::kDqStageBytes);
       bulk_commit();
     }
-    it = next;
-    it_kind = next_kind;
+    cur = next;
+    if (++stage == Tr::kStages) {
+      stage = 0;
+      parity ^= 1;
+    }
   }
   wgmma_wait<0>();
   fence_regs(dk);
