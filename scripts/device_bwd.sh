@@ -6,7 +6,8 @@
 # causal and not) per kernel, and PyTorch SDPA (flash, cuDNN) in the same call. Short table last.
 # Every step has its own timeout and the whole script stops starting new steps near $BUDGET seconds.
 # Env: MMA=0 (skip the mma.sync kernel's bench), AB_ENV=NAME=VALUE (bench the Hopper kernel again under
-# that environment variable, label wgmma-ab), NCU=1 (Nsight Compute on one 16K launch of the Hopper
+# that environment variable, label wgmma-ab), BASE_TREE=DIR (a source tree of an earlier commit, e.g. from
+# `git archive <sha> | tar -x -C .base`, carried: built and benched too, label base), NCU=1 (Nsight Compute on one 16K launch of the Hopper
 # kernel: speed of light, warp states).
 set -u -o pipefail
 OUT=${OUT:-/tmp/ringattn_out}
@@ -52,17 +53,27 @@ timeout "$(tmo 90 150)" compute-sanitizer --tool racecheck --error-exitcode 9 "$
 echo "racecheck rc=$? $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck.log")" | tee -a "$OUT/sanitizer.log"
 grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" "$OUT/sanitizer.log" | head -8
 
-bench() {  # label, RINGATTN_BWD_KERNEL, extra flags, extra environment variable NAME=VALUE
+if [ -n "${BASE_TREE:-}" ]; then
+  echo "## build of the baseline tree $BASE_TREE"
+  cmake -S "$BASE_TREE" -B build-base -DCMAKE_BUILD_TYPE=Release -DRINGATTN_BUILD_TESTS=OFF >"$OUT/build_base.log" 2>&1 &&
+    cmake --build build-base -j16 --target ringattn_cli >>"$OUT/build_base.log" 2>&1 || { tail -20 "$OUT/build_base.log"; BASE_TREE=; }
+fi
+
+bench() {  # label, RINGATTN_BWD_KERNEL, extra flags, extra environment variable NAME=VALUE, binary directory
   echo "### ringattn bench --backward ${3:-nc}, $1 (RINGATTN_BWD_KERNEL=$2 ${4:-})" | tee -a "$OUT/bench.log"
   local extra=${4:-RINGATTN_BWD_KERNEL=$2}
   local run=(env RINGATTN_BWD_KERNEL="$2" "$extra")
   command -v mpirun >/dev/null && run=(mpirun --allow-run-as-root -np 1 -x RINGATTN_BWD_KERNEL="$2" -x "$extra")
-  timeout "$(tmo 45 60)" "${run[@]}" "$BIN/ringattn" bench -b 16K -e 64K -f 4 --layout contiguous -c 0 --dtype bf16 \
+  timeout "$(tmo 45 60)" "${run[@]}" "${5:-$BIN}/ringattn" bench -b 16K -e 64K -f 4 --layout contiguous -c 0 --dtype bf16 \
     --heads 32 --head-dim 128 -n 3 -w 1 --backward ${3:-} 2>&1 | tee -a "$OUT/bench.log" | grep -vE "^#  |^# (sweep|ring eff|backend)" | tail -4
 }
 echo "## fwd+bwd bench (official number)"
 bench wgmma wgmma ""
 bench wgmma wgmma --causal
+if [ -n "${BASE_TREE:-}" ]; then
+  bench base wgmma "" "" build-base/bin
+  bench base wgmma --causal "" build-base/bin
+fi
 if [ -n "${AB_ENV:-}" ]; then  # an A/B experiment: the same kernel under NAME=VALUE
   bench wgmma-ab wgmma "" "$AB_ENV"
   bench wgmma-ab wgmma --causal "$AB_ENV"
