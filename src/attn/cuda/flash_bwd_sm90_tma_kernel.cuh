@@ -199,7 +199,6 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     // S^T = K_w Q^T and dP^T = V_w dO^T, two groups (the previous tile's dK may still be in flight).
     float s[32], dp[32];
     issue_s_dp<Elem, Tr>(s, dp, sKw, sVw, sQ, sDo);
-    const QTile next = walk.after(cur);  // under the GEMMs
     wgmma_wait<1>();
     fence_regs(s);
     fence_regs(dk);
@@ -231,12 +230,14 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     if ((tid & 127) == 0) bulk_wait_read();
     fence_proxy_async();
     named_barrier_sync(1, Tr::kThreads);
-    if (tid == 0 && !walk.done(load)) load_tile(load, n_loaded++ % Tr::kStages);
+    if (tid == 0 && !walk.done(load)) {
+      load_tile(load, n_loaded++ % Tr::kStages);
+      load = walk.after(load);
+    }
 
     // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..] (A = dS, the MN-major view of dS^T; B = K MN-major).
     float dq[32];
     issue_dq<Elem, Tr>(dq, sDs, sK, wg);
-    if (tid == 0 && !walk.done(load)) load = walk.after(load);  // under the GEMMs
     wgmma_wait<1>();  // dV done: P^T's registers are free
     fence_regs(dv);
     fence_frags(pa);
@@ -261,7 +262,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
       bulk_reduce_add_f32(tile, stage_dq, Tr::kDqStageBytes);
       bulk_commit();
     }
-    cur = next;
+    cur = walk.after(cur);
     if (++stage == Tr::kStages) {
       stage = 0;
       parity ^= 1;
