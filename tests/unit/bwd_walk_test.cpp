@@ -43,7 +43,7 @@ int expect_walk(const ChunkPositions& q_pos, Range k, bool causal, int group, co
   const int seq_q = static_cast<int>(q_pos.size());
   const int num_q_tiles = (seq_q + kBlockM - 1) / kBlockM;
   const QTileBounds bd = q_tile_bounds<kBlockM>(q_pos, seq_q, causal, k.lo, k.hi);
-  const QTileWalk walk{bd, num_q_tiles, group};
+  const QTileWalk walk{bd, num_q_tiles, group, causal};
   std::vector<QTile> want;
   int partial = 0;
   for (int hg = 0; hg < group; ++hg) {

@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
   __shared__ QTileBounds bounds;
   store_q_tile_bounds<M>(bounds, p, q_pos, k_pos, k0, k_end);
   __syncthreads();
-  const QTileWalk walk{bounds, num_q_tiles, group};
+  const QTileWalk walk{bounds, num_q_tiles, group, p.causal};
   QTile cur = walk.first();
   if (walk.done(cur)) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 

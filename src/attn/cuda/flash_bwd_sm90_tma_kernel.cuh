@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     fence_barrier_init();
   }
   __syncthreads();
-  const QTileWalk walk{bounds, num_q_tiles, group};
+  const QTileWalk walk{bounds, num_q_tiles, group, p.causal};
   QTile cur = walk.first();
   if (walk.done(cur)) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
