@@ -43,7 +43,7 @@ int expect_walk(const ChunkPositions& q_pos, Range k, bool causal, int group, co
   const int seq_q = static_cast<int>(q_pos.size());
   const int num_q_tiles = (seq_q + kBlockM - 1) / kBlockM;
   const QTileBounds bd = q_tile_bounds<kBlockM>(q_pos, seq_q, causal, k.lo, k.hi);
-  const QTileWalk walk{bd, num_q_tiles, group, causal};
+  const QTileWalk walk{bd, num_q_tiles, group};
   std::vector<QTile> want;
   int partial = 0;
   for (int hg = 0; hg < group; ++hg) {
@@ -56,7 +56,7 @@ int expect_walk(const ChunkPositions& q_pos, Range k, bool causal, int group, co
     }
   }
   std::vector<QTile> got;
-  for (QTile c = walk.first(); !walk.done(c); c = walk.after(c)) {
+  for (QTile c = walk.first(); !walk.done(c); c = walk.after(c, causal)) {
     got.push_back(c);
     if (got.size() > static_cast<size_t>(group * num_q_tiles)) {
       ADD_FAILURE() << what << ": the walk does not end";

@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   __shared__ QTileBounds bounds;
   store_q_tile_bounds<M>(bounds, p, q_pos, k_pos, k0, k_end);
   __syncthreads();
-  const QTileWalk walk{bounds, num_q_tiles, group, p.causal};
+  const QTileWalk walk{bounds, num_q_tiles, group};
   QTile cur = walk.first();
   if (walk.done(cur)) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 
   int buf = 0;
   while (!walk.done(cur)) {
-    const QTile next = walk.after(cur);
+    const QTile next = walk.after(cur, p.causal);
     cp_async_wait_all();
     __syncthreads();  // this buffer landed; the previous dQ GEMM is done with sDs
     if (!walk.done(next)) {

@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
   __shared__ QTileBounds bounds;
   store_q_tile_bounds<M>(bounds, p, q_pos, k_pos, k0, k_end);
   __syncthreads();
-  const QTileWalk walk{bounds, num_q_tiles, group, p.causal};
+  const QTileWalk walk{bounds, num_q_tiles, group};
   QTile cur = walk.first();
   if (walk.done(cur)) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
@@ -375,7 +375,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
 
   // First half of tile `cur`: everything up to its dS^T stored and its GEMMs done.
   auto first_half = [&]() {
-    next = walk.after(cur);
+    next = walk.after(cur, p.causal);
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();  // this buffer landed; the previous iteration's GEMMs are done with sDs and the other buffer

@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     fence_barrier_init();
   }
   __syncthreads();
-  const QTileWalk walk{bounds, num_q_tiles, group, p.causal};
+  const QTileWalk walk{bounds, num_q_tiles, group};
   QTile cur = walk.first();
   if (walk.done(cur)) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
 
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     }
     for (; n_loaded < Tr::kStages - 1 && !walk.done(load); ++n_loaded) {
       load_tile(load, n_loaded);
-      load = walk.after(load);
+      load = walk.after(load, p.causal);
     }
   }
 
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     named_barrier_sync(1, Tr::kThreads);
     if (tid == 0 && !walk.done(load)) {
       load_tile(load, n_loaded++ % Tr::kStages);
-      load = walk.after(load);
+      load = walk.after(load, p.causal);
     }
 
     // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..] (A = dS, the MN-major view of dS^T; B = K MN-major).
@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
       bulk_reduce_add_f32(tile, stage_dq, Tr::kDqStageBytes);
       bulk_commit();
     }
-    cur = walk.after(cur);
+    cur = walk.after(cur, p.causal);
     if (++stage == Tr::kStages) {
       stage = 0;
       parity ^= 1;

@@ -83,19 +83,19 @@ struct QTile {
 };
 
 // The query tiles a block's key tile sees, in order: every visible tile of the group's first head,
-// then of the next. On the GPU bd lives in shared memory (one thread computes it per block); without
-// a causal mask the walk steps without reading it (every tile is full).
+// then of the next. On the GPU bd lives in shared memory (one thread computes it per block).
 struct QTileWalk {
   const QTileBounds& bd;
   int num_q_tiles, group;
-  bool causal;
   RINGATTN_HD int kind(int qt) const {
     if (qt < bd.run0_end) return qt < bd.e0 ? 0 : (qt < bd.f0 ? 1 : 2);
     if (qt == bd.mid) return bd.mid_kind;
     return qt < bd.e1 ? 0 : (qt < bd.f1 ? 1 : 2);
   }
   RINGATTN_HD QTile first() const { return visible_from(0, 0); }
-  RINGATTN_HD QTile after(const QTile& c) const {
+  // `causal` false: every tile is full, the step reads no bound (the kernels pass the kernel
+  // parameter, which stays in the constant bank instead of taking a register).
+  RINGATTN_HD QTile after(const QTile& c, bool causal) const {
     if (!causal) return c.qt + 1 < num_q_tiles ? QTile{c.hg, c.qt + 1, 2} : QTile{c.hg + 1, 0, 2};
     return c.qt + 1 < num_q_tiles ? visible_from(c.hg, c.qt + 1) : visible_from(c.hg + 1, 0);
   }
