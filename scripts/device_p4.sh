@@ -7,7 +7,8 @@
 #   with the best, then `run --backward --check` at 1M tokens (the rest of the budget).
 # Env: OUT (logs; the device tool sets it), NP (4), BUDGET_S (wall seconds, default 560),
 #      RINGATTN_COMMIT (the commit the copied tree is; the device copy has no .git),
-#      SKIP_TESTS=1, SKIP_PEER=1, SKIP_1M=1 (leave out a part).
+#      SKIP_TESTS=1, SKIP_PEER=1, SKIP_1M=1 (leave out a part), SIZES (the ring sweep's total tokens,
+#      "-b 32K -e 128K -f 2": 8k to 32k tokens per GPU at NP=4).
 # Steps run in order of importance, each under its own timeout, and are skipped once the budget is
 # nearly spent. The summary ($OUT/summary.txt) is printed last.
 set -u
@@ -90,9 +91,9 @@ fi
 
 note "# ---- ours p=$NP causal zigzag: tokens | per GPU | ms | TFLOP/s/GPU | 1-GPU | eff | exposed | mem | model | err | check"
 note "# forward"
-left 120 && bench 120 -b 32K -e 128K -f 2 -n 10 -w 3 -c 1 -J "$OUT/p4_fwd.json"
+left 120 && bench 120 ${SIZES:--b 32K -e 128K -f 2} -n 10 -w 3 -c 1 -J "$OUT/p4_fwd.json"
 note "# forward+backward"
-left 120 && bench 120 -b 32K -e 128K -f 2 -n 5 -w 2 -c 1 --backward -J "$OUT/p4_fwdbwd.json"
+left 120 && bench 120 ${SIZES:--b 32K -e 128K -f 2} -n 5 -w 2 -c 1 --backward -J "$OUT/p4_fwdbwd.json"
 
 if [ "${SKIP_PEER:-0}" != 1 ] && left 150; then
   note "# ---- torch context_parallel p=$NP, causal, 128k total (forward, forward+backward)"
