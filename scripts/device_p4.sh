@@ -2,7 +2,8 @@
 # One device call on a 4-GPU machine for issues 4 and 5: build, MPI+GPU tests at p = 4, forward and forward+backward ring efficiency, torch context_parallel beside it, 1M tokens with --check.
 #
 # Usage (device machine, repository root): scripts/device_p4.sh [all|variants]
-#   variants: time the forward at VARIANT_SIZES (default 8k tokens per GPU) under each entry of
+#   variants: time the forward (with VARIANT_FLAGS=--backward: forward+backward) at VARIANT_SIZES
+#   (default 8k tokens per GPU) under each entry of
 #   VARIANTS ("name:ENV=V ..." words), then forward and forward+backward at 8k and 32k tokens per GPU
 #   with the best, then `run --backward --check` at 1M tokens (the rest of the budget).
 # Env: OUT (logs; the device tool sets it), NP (4), BUDGET_S (wall seconds, default 560),
@@ -56,7 +57,7 @@ if [ "$MODE" = variants ]; then
     rm -f "/tmp/ra_v.json"
     echo "==== variant $name ($envs)" >>"$OUT/bench.log"
     env "${dbg[@]}" $envs timeout 60 "${MPIRUN[@]}" "$BIN" bench --dtype bf16 --heads 32 \
-      --head-dim 128 --causal --layout zigzag ${VARIANT_SIZES:--b 32K -e 32K} -n 20 -w 5 -c 0 -J /tmp/ra_v.json \
+      --head-dim 128 --causal --layout zigzag ${VARIANT_SIZES:--b 32K -e 32K} ${VARIANT_FLAGS:-} -n 20 -w 5 -c 0 -J /tmp/ra_v.json \
       >"/tmp/ra_v.log" 2>&1
     rc=$?
     grep -vE "^NCCL INFO|NCCL INFO" /tmp/ra_v.log | grep -E "^ +[0-9]|per-hop|FAILED|rror" >>"$OUT/bench.log"

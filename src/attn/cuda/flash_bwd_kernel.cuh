@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   load_tile<N, D, Tr::kThreads>(sK, kg, p.k_row_stride, k0, p.seq_k);
   load_tile<N, D, Tr::kThreads>(sV, vg, p.v_row_stride, k0, p.seq_k);
 
-  // Issues the copies of iteration `iter`'s Q, dO tiles and its lse_log2/delta slices into buffer `buf`.
+  // Issues the copies of the Q, dO tiles of `tile` and its lse_log2/delta slices into buffer `buf`.
   auto load_q_side = [&](const QTile& tile, int buf) {
     const int h = hkv * group + tile.hg;
     const int q0 = tile.qt * M;
