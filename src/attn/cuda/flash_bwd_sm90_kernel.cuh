@@ -35,7 +35,6 @@ using bwd::cp_async_wait_all;
 using bwd::ex2;
 using bwd::pack2;
 using bwd::pos_at;
-using bwd::pos_range;
 using bwd::QTileWalk;
 using bwd::key_mask_pos;
 using bwd::red_add_v2;
