@@ -114,6 +114,24 @@ __device__ __forceinline__ void pos_range(const ChunkPositions& p, int64_t lo, i
   }
 }
 
+// Where a backward block works: key tile blockIdx.x (kBlockN rows) of kv head hkv of batch entry b,
+// against the query tiles (kBlockM rows) of the group of query heads sharing that kv head.
+template <int kBlockM, int kBlockN>
+struct BwdBlock {
+  int b, hkv, group;  // batch entry, kv head, query heads per kv head
+  int k0, k_end;      // the key tile's chunk rows [k0, k_end)
+  int num_q_tiles;
+  int64_t pad_rows;   // rows of each (b, h) slice of lse_log2 / delta / dq_accum
+  __device__ __forceinline__ explicit BwdBlock(const FlashBwdParams& p)
+      : b(blockIdx.y / p.kv_heads),
+        hkv(blockIdx.y % p.kv_heads),
+        group(p.heads / p.kv_heads),
+        k0(blockIdx.x * kBlockN),
+        k_end(min(k0 + kBlockN, p.seq_k)),
+        num_q_tiles((p.seq_q + kBlockM - 1) / kBlockM),
+        pad_rows(flash_bwd_padded_rows(p.seq_q)) {}
+};
+
 // Computes the walk's bounds for this block into shared memory; call from every thread, then
 // __syncthreads() before walking.
 template <int kBlockM>
@@ -259,13 +277,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int k_tile = blockIdx.x;
-  const int b = blockIdx.y / p.kv_heads, hkv = blockIdx.y % p.kv_heads;
-  const int group = p.heads / p.kv_heads;
-  const int k0 = k_tile * N;
-  const int k_end = min(k0 + N, p.seq_k);
-  const int num_q_tiles = (p.seq_q + M - 1) / M;
-  const int64_t pad_rows = flash_bwd_padded_rows(p.seq_q);
+  const BwdBlock<M, N> blk(p);
+  const int b = blk.b, hkv = blk.hkv, group = blk.group, k0 = blk.k0, k_end = blk.k_end;
+  const int num_q_tiles = blk.num_q_tiles;
+  const int64_t pad_rows = blk.pad_rows;
 
   __shared__ QTileBounds bounds;
   store_q_tile_bounds<M>(bounds, p, q_pos, k_pos, k0, k_end);

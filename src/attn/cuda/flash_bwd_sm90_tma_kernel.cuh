@@ -120,13 +120,10 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int wg = warp >> 2, wwarp = warp & 3;
-  const int k_tile = blockIdx.x;
-  const int b = blockIdx.y / p.kv_heads, hkv = blockIdx.y % p.kv_heads;
-  const int group = p.heads / p.kv_heads;
-  const int k0 = k_tile * N;
-  const int k_end = min(k0 + N, p.seq_k);
-  const int num_q_tiles = (p.seq_q + M - 1) / M;
-  const int64_t pad_rows = flash_bwd_padded_rows(p.seq_q);
+  const BwdBlock<M, N> blk(p);
+  const int b = blk.b, hkv = blk.hkv, group = blk.group, k0 = blk.k0, k_end = blk.k_end;
+  const int num_q_tiles = blk.num_q_tiles;
+  const int64_t pad_rows = blk.pad_rows;
 
   __shared__ QTileBounds bounds;
   store_q_tile_bounds<M>(bounds, p, q_pos, k_pos, k0, k_end);
