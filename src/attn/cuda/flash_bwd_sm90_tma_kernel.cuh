@@ -1,16 +1,16 @@
 // The Hopper (sm_90a) backward step kernel: TMA loads, one barrier per query tile, dQ by bulk reductions.
 //
-// Same contract, tiles and GEMMs as flash_bwd_sm90_kernel.cuh (2 warpgroups, 128 key rows per
-// block, 64-row query tiles, S^T = K_w Q^T, dP^T = V_w dO^T, dV_w += P^T dO, dK_w += dS^T Q,
-// dQ = dS K), with what FlashAttention-3's backward does differently:
-//   - Q/dO tiles arrive by TMA (lse_log2/delta rows by bulk copies) into 3 stages tracked by
-//     mbarriers, issued by one thread right after each tile's barrier, two tiles ahead: no thread
-//     waits for its own copies and no block-wide barrier guards the buffers;
+// Same contract, tiles and GEMMs as flash_bwd_sm90_kernel.cuh (2 consumer warpgroups, 128 key rows
+// per block, 64-row query tiles, S^T = K_w Q^T, dP^T = V_w dO^T, dV_w += P^T dO, dK_w += dS^T Q,
+// dQ = dS K), organised as FlashAttention-3's backward:
+//   - warp specialised: a producer warpgroup (24 registers) in which one thread loads the Q/dO tiles
+//     by TMA (lse_log2/delta rows by bulk copies) into 3 stages (full/empty mbarriers) and another
+//     adds the consumers' staged dQ blocks into the tiled dq_accum (flash_bwd_dq_tiled) with one
+//     16 KB bulk reduction per warpgroup and tile; two consumer warpgroups (240 registers) compute;
 //   - per tile: S^T, dP^T; P^T = exp2(...) under dP^T; dS^T; dS^T stored (double-buffered); dV
-//     issued; the one barrier (dS^T of both warpgroups visible); dQ issued (runs under the dV GEMM);
-//     dK issued once dV is done; dQ, once it lands, staged in shared memory in register order and
-//     added into the tiled dq_accum (flash_bwd_dq_tiled) with one 16 KB bulk reduction per
-//     warpgroup, under the dK GEMM (which stays in flight into the next tile's S^T/dP^T GEMMs).
+//     issued; the one consumer barrier (dS^T of both warpgroups visible); dQ issued (runs under the
+//     dV GEMM); dK issued once dV is done; dQ, once it lands, staged in shared memory in register
+//     order for the dQ thread, while dK stays in flight into the next tile's S^T/dP^T GEMMs.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
@@ -23,10 +23,13 @@
 namespace ringattn::cuda::bwd90 {
 
 using sm90::fence_barrier_init;
+using sm90::mbar_arrive;
 using sm90::mbar_arrive_expect_tx;
 using sm90::mbar_init;
 using sm90::mbar_wait;
 using sm90::prefetch_tmap;
+using sm90::setmaxnreg_dec;
+using sm90::setmaxnreg_inc;
 using sm90::tma_load_4d;
 
 // Kernel arguments: tensor maps (64-byte aligned, first) of the four 2-byte inputs and the params.
@@ -47,7 +50,12 @@ struct TmaBwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;   // query rows per tile
   static constexpr int kBlockN = 128;  // key rows per block: 64 per warpgroup
-  static constexpr int kThreads = 256;
+  static constexpr int kConsumers = 2;  // consumer warpgroups, 64 key rows each
+  static constexpr int kWarpgroupThreads = 128;
+  static constexpr int kConsumerThreads = kConsumers * kWarpgroupThreads;
+  static constexpr int kThreads = kWarpgroupThreads + kConsumerThreads;  // producer warpgroup first
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
   static constexpr int kStages = 3;    // Q/dO/lse/delta tiles: current, next, the one being loaded
   static constexpr int kDsStages = 2;  // dS^T: this tile's, the previous tile's (its dQ may still read it)
   static constexpr int kRowBytes = 128;
@@ -67,13 +75,15 @@ struct TmaBwdTraits {
   static constexpr int kOffDqStage = kOffDs + kDsStages * kDsBytes;
   static constexpr int kOffLse = kOffDqStage + 2 * kDqStageBytes;
   static constexpr int kOffDelta = kOffLse + kStages * kRowVecBytes;
-  static constexpr int kOffBar = kOffDelta + kStages * kRowVecBytes;  // kv_full, full[kStages]
+  static constexpr int kOffBar = kOffDelta + kStages * kRowVecBytes;
+  static constexpr int kNumBars = 1 + 2 * kStages + 2 * kConsumers;  // kv, full[], empty[], dq_full[], dq_empty[]
   static constexpr int kAlign = 1024;
-  static constexpr int kSmemBytes = kOffBar + 8 * (1 + kStages) + kAlign;
+  static constexpr int kSmemBytes = kOffBar + 8 * kNumBars + kAlign;
   static constexpr uint32_t kTileTx = 2 * kQBytes + 2 * kRowVecBytes;  // bytes landing per tile
   static constexpr int kCoreRowBytes = 8 * kRowBytes;
   static_assert(kHeadDim == 128, "the wgmma backward covers head_dim 128");
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+  static_assert(kSmemBytes + static_cast<int>(sizeof(QTileBounds)) <= 227 * 1024, "shared memory");
+  static_assert(kProducerRegs * kWarpgroupThreads + kConsumerRegs * kConsumerThreads <= 65536, "register file");
 };
 
 // Bulk (non-tensor) reduction of `bytes` fp32 from shared to global memory: *dst += *src elementwise.
@@ -83,7 +93,11 @@ __device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, ui
                : "memory");
 }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// Waits until at most kPending bulk groups of this thread still read their shared-memory source.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
@@ -115,11 +129,12 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   const float* sLse = reinterpret_cast<const float*>(gbase + Tr::kOffLse);      // [kStages][M]
   const float* sDelta = reinterpret_cast<const float*>(gbase + Tr::kOffDelta);  // [kStages][M]
   const uint32_t bar_kv = base + Tr::kOffBar;
-  auto bar_full = [&](int stage) -> uint32_t { return base + Tr::kOffBar + 8 * (1 + stage); };
+  auto bar_full = [&](int stage) -> uint32_t { return bar_kv + 8 * (1 + stage); };
+  auto bar_empty = [&](int stage) -> uint32_t { return bar_kv + 8 * (1 + Tr::kStages + stage); };
+  auto bar_dq_full = [&](int cwg) -> uint32_t { return bar_kv + 8 * (1 + 2 * Tr::kStages + cwg); };
+  auto bar_dq_empty = [&](int cwg) -> uint32_t { return bar_kv + 8 * (3 + 2 * Tr::kStages + cwg); };
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int wg = warp >> 2, wwarp = warp & 3;
   const BwdBlock<M, N> blk(p);
   const int b = blk.b, hkv = blk.hkv, group = blk.group, k0 = blk.k0, k_end = blk.k_end;
   const int num_q_tiles = blk.num_q_tiles;
@@ -129,67 +144,111 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   store_q_tile_bounds<M>(bounds, p, q_pos, k_pos, k0, k_end);
   if (tid == 0) {
     mbar_init(bar_kv, 1);
-    for (int s = 0; s < Tr::kStages; ++s) mbar_init(bar_full(s), 1);
+    for (int s = 0; s < Tr::kStages; ++s) {
+      mbar_init(bar_full(s), 1);
+      mbar_init(bar_empty(s), Tr::kConsumerThreads);
+    }
+    for (int c = 0; c < Tr::kConsumers; ++c) {
+      mbar_init(bar_dq_full(c), Tr::kWarpgroupThreads);
+      mbar_init(bar_dq_empty(c), 1);
+    }
     fence_barrier_init();
   }
   __syncthreads();
   const QTileWalk walk{bounds, num_q_tiles, group};
-  QTile cur = walk.first();
-  if (walk.done(cur)) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
-
-  // Thread 0 loads the visible tiles in order; tile number n goes to stage n % kStages.
-  auto load_tile = [&](const QTile& tile, int stage) {
-    const int h = hkv * group + tile.hg;
-    const int q0 = tile.qt * M;
-    const uint32_t bar = bar_full(stage);
-    mbar_arrive_expect_tx(bar, Tr::kTileTx);
-#pragma unroll
-    for (int c = 0; c < Tr::kColBlocks; ++c) {
-      tma_load_4d(base + Tr::kOffQ + stage * Tr::kQBytes + c * Tr::kQBlockBytes, &args.q, bar, c * 64, q0, h, b);
-      tma_load_4d(base + Tr::kOffDo + stage * Tr::kQBytes + c * Tr::kQBlockBytes, &args.dout, bar, c * 64, q0, h, b);
-    }
-    const int64_t rv = (static_cast<int64_t>(b) * p.heads + h) * pad_rows + q0;
-    bulk_load(base + Tr::kOffLse + stage * Tr::kRowVecBytes, p.lse_log2 + rv, Tr::kRowVecBytes, bar);
-    bulk_load(base + Tr::kOffDelta + stage * Tr::kRowVecBytes, p.delta + rv, Tr::kRowVecBytes, bar);
+  const QTile first = walk.first();
+  if (walk.done(first)) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
+  // Row offset of a tile's lse_log2/delta slice and of its dq_accum rows.
+  auto tile_rows = [&](const QTile& tile) {
+    return (static_cast<int64_t>(b) * p.heads + hkv * group + tile.hg) * pad_rows + tile.qt * M;
   };
-  QTile load = cur;  // thread 0 only: the next visible tile to load
-  int n_loaded = 0;  // thread 0 only: tiles loaded
-  if (tid == 0) {
-    prefetch_tmap(&args.q);
-    prefetch_tmap(&args.dout);
-    mbar_arrive_expect_tx(bar_kv, 2 * Tr::kKBytes);
+
+  if (warp < Tr::kWarpgroupThreads / 32) {
+    // ---------------- producer warpgroup: warp 0 loads, warp 1 adds dQ ----------------
+    setmaxnreg_dec<Tr::kProducerRegs>();
+    if (warp == 0 && lane == 0) {
+      prefetch_tmap(&args.q);
+      prefetch_tmap(&args.dout);
+      mbar_arrive_expect_tx(bar_kv, 2 * Tr::kKBytes);
 #pragma unroll
-    for (int c = 0; c < Tr::kColBlocks; ++c) {
-      tma_load_4d(sK + c * Tr::kKBlockBytes, &args.k, bar_kv, c * 64, k0, hkv, b);
-      tma_load_4d(sV + c * Tr::kKBlockBytes, &args.v, bar_kv, c * 64, k0, hkv, b);
+      for (int c = 0; c < Tr::kColBlocks; ++c) {
+        tma_load_4d(sK + c * Tr::kKBlockBytes, &args.k, bar_kv, c * 64, k0, hkv, b);
+        tma_load_4d(sV + c * Tr::kKBlockBytes, &args.v, bar_kv, c * 64, k0, hkv, b);
+      }
+      // Tile number n goes to stage n % kStages once the consumers have released that stage's
+      // previous tile (number n - kStages).
+      int stage = 0;
+      uint32_t parity = 0;
+      for (QTile tile = first; !walk.done(tile); tile = walk.after(tile, p.causal)) {
+        mbar_wait(bar_empty(stage), parity ^ 1u);
+        const uint32_t bar = bar_full(stage);
+        const int h = hkv * group + tile.hg;
+        const int q0 = tile.qt * M;
+        mbar_arrive_expect_tx(bar, Tr::kTileTx);
+#pragma unroll
+        for (int c = 0; c < Tr::kColBlocks; ++c) {
+          tma_load_4d(base + Tr::kOffQ + stage * Tr::kQBytes + c * Tr::kQBlockBytes, &args.q, bar, c * 64, q0, h, b);
+          tma_load_4d(base + Tr::kOffDo + stage * Tr::kQBytes + c * Tr::kQBlockBytes, &args.dout, bar, c * 64, q0, h,
+                      b);
+        }
+        const int64_t rv = tile_rows(tile);
+        bulk_load(base + Tr::kOffLse + stage * Tr::kRowVecBytes, p.lse_log2 + rv, Tr::kRowVecBytes, bar);
+        bulk_load(base + Tr::kOffDelta + stage * Tr::kRowVecBytes, p.delta + rv, Tr::kRowVecBytes, bar);
+        if (++stage == Tr::kStages) {
+          stage = 0;
+          parity ^= 1u;
+        }
+      }
+    } else if (warp == 1 && lane == 0) {
+      // Each consumer warpgroup's staged dQ block of a tile is added into the tiled dq_accum by one
+      // bulk reduction; the staging is handed back once the reduction has read it.
+      uint32_t parity = 0;
+      for (QTile tile = first; !walk.done(tile); tile = walk.after(tile, p.causal)) {
+        float* rows = p.dq_accum + tile_rows(tile) * D;
+#pragma unroll
+        for (int c = 0; c < Tr::kConsumers; ++c) {
+          mbar_wait(bar_dq_full(c), parity);
+          bulk_reduce_add_f32(rows + c * 64 * 64, base + Tr::kOffDqStage + c * Tr::kDqStageBytes, Tr::kDqStageBytes);
+          bulk_commit();
+        }
+        bulk_wait_read<1>();
+        mbar_arrive(bar_dq_empty(0));
+        bulk_wait_read<0>();
+        mbar_arrive(bar_dq_empty(1));
+        parity ^= 1u;
+      }
+      bulk_wait_all();  // the reductions have landed in global memory
     }
-    for (; n_loaded < Tr::kStages - 1 && !walk.done(load); ++n_loaded) {
-      load_tile(load, n_loaded);
-      load = walk.after(load, p.causal);
-    }
+    return;
   }
 
+  // ---------------- consumer warpgroups ----------------
+  setmaxnreg_inc<Tr::kConsumerRegs>();
+  const int g = lane >> 2, t = lane & 3;
+  // Consumer warpgroup 0 / 1 (key rows [64 wg, 64 wg + 64)), broadcast so that the compiler knows it
+  // is warp-uniform: the shared-memory descriptors derived from it then live in uniform registers.
+  const int wg = __shfl_sync(0xffffffffu, warp / 4, 0) - 1, wwarp = warp & 3;
   float dk[kDT * 4], dv[kDT * 4];
 #pragma unroll
   for (int i = 0; i < kDT * 4; ++i) dk[i] = dv[i] = 0.f;
   const int wrow = wg * 64 + wwarp * 16;  // this warp's first key row inside the tile
-  const int64_t kpos0 = key_mask_pos(p, k_pos, k0, wrow + g);
-  const int64_t kpos1 = key_mask_pos(p, k_pos, k0, wrow + g + 8);
   const bool k_tail = k_end - k0 < N;
   const float scale_log2 = p.scale * 1.4426950408889634f;
   const uint32_t sKw = sK + wg * 64 * Tr::kRowBytes;  // this warpgroup's 64 key rows (K-major A)
   const uint32_t sVw = sV + wg * 64 * Tr::kRowBytes;
+  const int tw = tid & 127;
+  const uint32_t stage_dq = base + Tr::kOffDqStage + wg * Tr::kDqStageBytes;
 
   mbar_wait(bar_kv, 0);
-  int stage = 0;         // tile number n's stage: n % kStages
-  uint32_t parity = 0;   // and its phase: (n / kStages) & 1
-  for (int n = 0; !walk.done(cur); ++n) {
+  int stage = 0;        // tile number n's stage: n % kStages
+  uint32_t parity = 0;  // and its phase: (n / kStages) & 1
+  uint32_t n = 0;
+  for (QTile cur = first; !walk.done(cur); cur = walk.after(cur, p.causal), ++n) {
     const uint32_t sQ = base + Tr::kOffQ + stage * Tr::kQBytes;
     const uint32_t sDo = base + Tr::kOffDo + stage * Tr::kQBytes;
     const uint32_t sDs = base + Tr::kOffDs + (n & 1) * Tr::kDsBytes;
     const float* lse = sLse + stage * M;
     const float* delta = sDelta + stage * M;
-    const int h = hkv * group + cur.hg;
     const int q0 = cur.qt * M;
     mbar_wait(bar_full(stage), parity);
 
@@ -199,9 +258,14 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     wgmma_wait<1>();
     fence_regs(s);
     fence_regs(dk);
+    if (n > 0) mbar_arrive(bar_empty(stage == 0 ? Tr::kStages - 1 : stage - 1));  // the previous tile's dK is done
 
     // P^T in place of S^T (element 4j + e: key row wrow + g + 8 (e >> 1), query column 8j + 2t + (e & 1)).
-    softmax_p(s, lse, scale_log2, k_tail || cur.kind == 1, kpos0, kpos1, q_pos, q0, t);
+    // The key rows' mask positions are looked up in partial tiles only (registers are short).
+    const bool partial = k_tail || cur.kind == 1;
+    const int64_t kpos0 = partial ? key_mask_pos(p, k_pos, k0, wrow + g) : 0;
+    const int64_t kpos1 = partial ? key_mask_pos(p, k_pos, k0, wrow + g + 8) : 0;
+    softmax_p(s, lse, scale_log2, partial, kpos0, kpos1, q_pos, q0, t);
     uint32_t pa[4][4];
     pack_a<Elem>(s, pa);
     wgmma_wait<0>();
@@ -221,16 +285,13 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     // dV += P^T dO.
     issue_rs<Elem, Tr>(dv, pa, sDo);
 
-    // The one barrier of the tile: dS^T of both warpgroups visible to the dQ GEMM. Both warpgroups
-    // are also past every GEMM of the tile before last, so its stage takes the tile after next
-    // (and the last tile's bulk reduction has read this warpgroup's dQ staging).
-    if ((tid & 127) == 0) bulk_wait_read();
+    // The one barrier of the tile (consumers only): dS^T of both warpgroups visible to the dQ GEMM,
+    // and both past the dQ GEMM of the tile before, so the other dS^T buffer may be overwritten next.
     fence_proxy_async();
-    named_barrier_sync(1, Tr::kThreads);
-    if (tid == 0 && !walk.done(load)) {
-      load_tile(load, n_loaded++ % Tr::kStages);
-      load = walk.after(load, p.causal);
-    }
+    named_barrier_sync(1, Tr::kConsumerThreads);
+    // The dQ staging is free once the reduction of the tile before has read it (long since, by now;
+    // waited for here, where fewer registers are live than once dQ lands).
+    mbar_wait(bar_dq_empty(wg), (n & 1) ^ 1u);
 
     // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..] (A = dS, the MN-major view of dS^T; B = K MN-major).
     float dq[32];
@@ -246,20 +307,12 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
 
     // Thread tw's float4 number j holds dq[4j .. 4j + 3] at float offset (128 j + tw) 4 of the
     // warpgroup's block; flash_bwd_finalize reads the same order back.
-    const int tw = tid & 127;
-    const uint32_t stage_dq = base + Tr::kOffDqStage + wg * Tr::kDqStageBytes;
 #pragma unroll
     for (int j = 0; j < 8; ++j)
       st_shared_v4(stage_dq + (j * 128 + tw) * 16, dq[4 * j] * p.scale, dq[4 * j + 1] * p.scale,
                    dq[4 * j + 2] * p.scale, dq[4 * j + 3] * p.scale);
     fence_proxy_async();
-    named_barrier_sync(2 + wg, 128);
-    if (tw == 0) {
-      float* tile = p.dq_accum + ((static_cast<int64_t>(b) * p.heads + h) * pad_rows + q0) * D + wg * 64 * 64;
-      bulk_reduce_add_f32(tile, stage_dq, Tr::kDqStageBytes);
-      bulk_commit();
-    }
-    cur = walk.after(cur, p.causal);
+    mbar_arrive(bar_dq_full(wg));
     if (++stage == Tr::kStages) {
       stage = 0;
       parity ^= 1;
@@ -267,8 +320,6 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   }
   wgmma_wait<0>();
   fence_regs(dk);
-  if ((tid & 127) == 0) bulk_wait_all();  // the staging stays valid until the last reduction is done
-
   add_dk_dv<kHeadDim>(p, dk, dv, b, hkv, k0 + wrow, g, t);
 #endif  // RINGATTN_SM90A_ENABLED
 }
