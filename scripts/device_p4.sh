@@ -8,8 +8,10 @@
 #   with the best, then `run --backward --check` at 1M tokens (the rest of the budget).
 # Env: OUT (logs; the device tool sets it), NP (4), BUDGET_S (wall seconds, default 560),
 #      RINGATTN_COMMIT (the commit the copied tree is; the device copy has no .git),
-#      SKIP_TESTS=1, SKIP_PEER=1, SKIP_1M=1 (leave out a part), SIZES (the ring sweep's total tokens,
-#      "-b 32K -e 128K -f 2": 8k to 32k tokens per GPU at NP=4).
+#      SKIP_TESTS=1, SKIP_FWD=1, SKIP_PEER=1, SKIP_1M=1 (leave out a part), SIZES (the ring sweep's
+#      total tokens, "-b 32K -e 128K -f 2": 8k to 32k tokens per GPU at NP=4), BASE_TREE (the source
+#      tree of an earlier commit, carried: built beside ours, its forward+backward timed right after
+#      ours at the same sizes).
 # Steps run in order of importance, each under its own timeout, and are skipped once the budget is
 # nearly spent. The summary ($OUT/summary.txt) is printed last.
 set -u
@@ -35,6 +37,11 @@ note "# device_p4.sh $(date -u +%FT%TZ) commit $COMMIT, NP=$NP"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee -a "$SUMMARY"
 
 gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
+if [ -n "${BASE_TREE:-}" ]; then
+  ( cmake -S "$BASE_TREE" -B build-p4-base "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DRINGATTN_BUILD_TESTS=OFF &&
+    timeout 300 cmake --build build-p4-base -j "$(nproc)" --target ringattn_cli ) >"$OUT/build_base.log" 2>&1 &
+  BASE_PID=$!
+fi
 if ! { cmake -S . -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DRINGATTN_BUILD_TESTS=ON &&
        timeout 300 cmake --build "$BUILD" -j "$(nproc)" --target ringattn_cli ringattn_mpi_gpu_tests; } \
      >"$OUT/build.log" 2>&1; then
@@ -91,10 +98,23 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 
 note "# ---- ours p=$NP causal zigzag: tokens | per GPU | ms | TFLOP/s/GPU | 1-GPU | eff | exposed | mem | model | err | check"
-note "# forward"
-left 120 && bench 120 ${SIZES:--b 32K -e 128K -f 2} -n 10 -w 3 -c 1 -J "$OUT/p4_fwd.json"
+if [ "${SKIP_FWD:-0}" != 1 ]; then
+  note "# forward"
+  left 120 && bench 120 ${SIZES:--b 32K -e 128K -f 2} -n 10 -w 3 -c 1 -J "$OUT/p4_fwd.json"
+fi
 note "# forward+backward"
 left 120 && bench 120 ${SIZES:--b 32K -e 128K -f 2} -n 5 -w 2 -c 1 --backward -J "$OUT/p4_fwdbwd.json"
+if [ -n "${BASE_TREE:-}" ]; then
+  wait "$BASE_PID"
+  if [ -x build-p4-base/bin/ringattn ]; then
+    note "# forward+backward, base tree $BASE_TREE (same sizes)"
+    BIN=build-p4-base/bin/ringattn
+    left 120 && bench 120 ${SIZES:--b 32K -e 128K -f 2} -n 5 -w 2 -c 1 --backward -J "$OUT/p4_fwdbwd_base.json"
+    BIN="$BUILD/bin/ringattn"
+  else
+    note "# base tree build failed: $(tail -3 "$OUT/build_base.log" | tr '\n' ' ')"
+  fi
+fi
 
 if [ "${SKIP_PEER:-0}" != 1 ] && left 150; then
   note "# ---- torch context_parallel p=$NP, causal, 128k total (forward, forward+backward)"
