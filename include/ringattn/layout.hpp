@@ -40,16 +40,7 @@ struct ChunkPositions {
   // Smallest and largest global position among local rows [lo, hi); hi > lo.
   int64_t min_in(int64_t lo, int64_t hi) const;
   int64_t max_in(int64_t lo, int64_t hi) const;
-  // Positions of local rows [lo, hi) (0 <= lo < hi <= size()) as a chunk of their own.
-  ChunkPositions rows(int64_t lo, int64_t hi) const;
 };
-
-// Where to cut the key chunk `k` in two so that its rows [0, cut) carry about `share` (0..1) of the
-// attention work of the queries `q` on it (visible (query, key) pairs under the causal rule; all
-// pairs without it). `cut` is a multiple of `multiple` in [multiple, k.size() - multiple], the one
-// closest to the share; 0 when k has fewer than 2 * multiple rows.
-int64_t split_rows_by_work(const ChunkPositions& q, const ChunkPositions& k, bool causal, double share,
-                           int64_t multiple);
 
 // Rows per rank must be a multiple of this many for the layout on `world` ranks.
 int64_t layout_divisor(Layout layout, int world);

@@ -59,8 +59,6 @@ class RingAttention {
                 const TensorView& dk, const TensorView& dv);
 
   const PassStats& last_stats() const { return stats_; }
-  // Backward: rows of the own chunk computed at step 0; the rest run beside the home hop.
-  int64_t diagonal_cut() const { return diagonal_cut_; }
   void set_hop_callback(HopCallback cb, void* user) { hop_cb_ = cb; hop_user_ = user; }
 
  private:
@@ -82,9 +80,6 @@ class RingAttention {
   void* buffers_[2] = {nullptr, nullptr};
   void* grad_buffers_[2] = {nullptr, nullptr};  // [K | V | dK | dV] messages of the backward ring
   void* local_grad_ = nullptr;                   // this rank's dK/dV share for the visiting chunk
-  // Backward: rows [0, diagonal_cut_) of the own chunk are computed at step 0, the rest while the
-  // home hop travels (local_seq_ when there is no ring or the chunk is too short to cut).
-  int64_t diagonal_cut_ = 0;
   PassStats stats_;
   HopCallback hop_cb_ = nullptr;
   void* hop_user_ = nullptr;

@@ -1,9 +1,7 @@
 // Global positions of every rank's chunk, tile/chunk visibility under the causal rule, shard/unshard on the host.
 #include "ringattn/layout.hpp"
 
-#include <cmath>
 #include <cstring>
-#include <vector>
 
 #include "ringattn/error.hpp"
 
@@ -27,54 +25,6 @@ int64_t ChunkPositions::max_in(int64_t lo, int64_t hi) const {
     const int64_t a = std::max(lo, base), b = std::min(hi, base + seg[s].count);
     if (a < b) best = std::max(best, seg[s].start + seg[s].stride * (b - 1 - base));
     base += seg[s].count;
-  }
-  return best;
-}
-
-ChunkPositions ChunkPositions::rows(int64_t lo, int64_t hi) const {
-  RINGATTN_CHECK(lo >= 0 && lo < hi && hi <= size(), ErrorKind::kInternal,
-                 "rows [" + std::to_string(lo) + ", " + std::to_string(hi) + ") of a chunk of " +
-                     std::to_string(size()),
-                 "");
-  ChunkPositions out;
-  int64_t base = 0;
-  for (int s = 0; s < num_segments; ++s) {
-    const int64_t a = std::max(lo, base), b = std::min(hi, base + seg[s].count);
-    if (a < b) out.seg[out.num_segments++] = {seg[s].start + seg[s].stride * (a - base), seg[s].stride, b - a};
-    base += seg[s].count;
-  }
-  return out;
-}
-
-int64_t split_rows_by_work(const ChunkPositions& q, const ChunkPositions& k, bool causal, double share,
-                           int64_t multiple) {
-  RINGATTN_CHECK(multiple > 0 && share >= 0.0 && share <= 1.0, ErrorKind::kInternal, "split_rows_by_work arguments",
-                 "");
-  const int64_t sk = k.size();
-  if (sk < 2 * multiple) return 0;
-  // Work of key row j: the queries at or after its position (causal), or all of them.
-  std::vector<int64_t> qpos;
-  if (causal) {
-    qpos.resize(static_cast<std::size_t>(q.size()));
-    for (int64_t i = 0; i < q.size(); ++i) qpos[i] = q.at(i);
-    std::sort(qpos.begin(), qpos.end());
-  }
-  auto work = [&](int64_t j) -> int64_t {
-    if (!causal) return q.size();
-    return static_cast<int64_t>(qpos.end() - std::lower_bound(qpos.begin(), qpos.end(), k.at(j)));
-  };
-  std::vector<int64_t> prefix(static_cast<std::size_t>(sk / multiple) + 1, 0);  // work of rows [0, i multiple)
-  int64_t total = 0;
-  for (int64_t j = 0; j < sk; ++j) {
-    if (j % multiple == 0) prefix[j / multiple] = total;
-    total += work(j);
-  }
-  const double target = share * static_cast<double>(total);
-  int64_t best = multiple;
-  for (int64_t cut = multiple; cut <= sk - multiple; cut += multiple) {
-    if (std::abs(static_cast<double>(prefix[cut / multiple]) - target) <
-        std::abs(static_cast<double>(prefix[best / multiple]) - target))
-      best = cut;
   }
   return best;
 }

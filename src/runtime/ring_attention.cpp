@@ -21,12 +21,6 @@ bool post_early_from_env() {
 // Source rank of the chunk visiting `rank` at step `step`: after k hops rank r holds chunk (r-k) mod p.
 int source_of(int rank, int step, int world) { return ((rank - step) % world + world) % world; }
 
-// The backward's own (diagonal) chunk is cut in two: the rows computed at step 0 hide the first
-// exchange (K/V only), the rest hide the home hop (fp32 dK/dV: twice the bytes), so the first part
-// gets a third of the chunk's work. Cuts are multiples of the GPU backward kernels' key block.
-constexpr double kDiagonalFirstShare = 1.0 / 3.0;
-constexpr int64_t kDiagonalCutMultiple = 128;
-
 DType accumulator_dtype(DType dtype) { return dtype == DType::kF64 ? DType::kF64 : DType::kF32; }
 
 TensorView chunk_view(void* base, std::size_t offset_bytes, DType dtype, Device device, int64_t b, int64_t s,
@@ -62,11 +56,6 @@ RingAttention::RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend>
   kv_bytes_ = 2 * kv_elems * dtype_size(spec_.dtype);
   grad_bytes_ = 2 * kv_elems * dtype_size(accumulator_dtype(spec_.dtype));
   post_early_ = post_early_from_env();
-  diagonal_cut_ = local_seq_;
-  if (transport_->world() > 1) {
-    const int64_t cut = split_rows_by_work(q_pos_, q_pos_, spec_.causal, kDiagonalFirstShare, kDiagonalCutMultiple);
-    if (cut > 0) diagonal_cut_ = cut;
-  }
 }
 
 RingAttention::~RingAttention() = default;
@@ -193,12 +182,6 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     return chunk_view(base, offset + grad_bytes_ / 2, acc_dtype, dev, B, S, Hkv, D);
   };
 
-  // Rows [lo, hi) of the own chunk (the diagonal step) into the same rows of local_grad_.
-  auto own_rows = [&](int64_t lo, int64_t hi) {
-    backend_->backward_step(narrow(k, 1, lo, hi - lo), narrow(v, 1, lo, hi - lo), q_pos_.rows(lo, hi),
-                            narrow(dk_of(local_grad_, 0), 1, lo, hi - lo), narrow(dv_of(local_grad_, 0), 1, lo, hi - lo));
-  };
-
   backend_->reset_marks();
   const int start_mark = backend_->mark();
   backend_->backward_begin(q, out, dout, lse, q_pos_);
@@ -206,7 +189,7 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   const SendPart own_kv[2] = {{k.data, kv_bytes_ / 2}, {v.data, kv_bytes_ / 2}};
 
   // Hops 0..p-1 compute; hop p (p > 1) is the home hop, reported with its own compute (the last
-  // accumulate and the rest of the own chunk) and exposed time (what of the transfer that leaves).
+  // accumulate) and exposed time (the transfer nothing runs beside).
   std::vector<HopMarks> marks(p + (p > 1 ? 1 : 0));
   stats_ = PassStats{};
   stats_.hops.resize(marks.size());
@@ -241,10 +224,9 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     const bool skip = classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty;
     marks[s].begin = backend_->mark();
     backend_->zero(gview(local_grad_, 0));
-    if (s == 0) {
-      own_rows(0, diagonal_cut_);  // the own chunk always sees itself
-    } else if (!skip) {
-      backend_->backward_step(kview(cur), vview(cur), k_pos, dk_of(local_grad_, 0), dv_of(local_grad_, 0));
+    if (!skip) {
+      backend_->backward_step(s == 0 ? k : kview(cur), s == 0 ? v : vview(cur), k_pos, dk_of(local_grad_, 0),
+                              dv_of(local_grad_, 0));
     }
     marks[s].computed = backend_->mark();
     if (exchange && post_after_launch) post();
@@ -253,25 +235,24 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     stats_.hops[s] = HopStats{s, src, skip, 0.0, 0.0};
     if (hop_cb_) hop_cb_(s, p, hop_user_);
   }
-  // Home hop: the chunk processed last belongs to rank r+1; send it its fp32 partial, the shares of
-  // every rank but its own. Meanwhile this rank computes the rest of its own chunk's rows; its
-  // partial, arriving from rank r-1, plus that share is final and is rounded once to the input dtype.
+  // Home hop: the chunk processed last belongs to rank r+1; send it its finished gradients. They
+  // are final here, so they are rounded to the input dtype before they travel (into the free K/V
+  // part of the buffer): the owner gets the bits it would have rounded itself, and for 16-bit
+  // inputs this transfer, which no compute hides, carries half the bytes of the fp32 sums.
   if (p > 1) {
-    void* cur = grad_buffers_[p % 2];        // the arrived partial of chunk r+1; its K/V part is stale
-    void* nxt = grad_buffers_[(p + 1) % 2];  // receives this rank's own chunk's partial
+    void* cur = grad_buffers_[p % 2];        // the arrived partial; its K/V part is stale
+    void* nxt = grad_buffers_[(p + 1) % 2];  // receives [dK | dV] of this rank's own chunk
     marks[p].begin = backend_->mark();
     backend_->accumulate(gview(cur, kv_bytes_), gview(local_grad_, 0));
-    transport_->start_exchange(static_cast<char*>(cur) + kv_bytes_, static_cast<char*>(nxt) + kv_bytes_, grad_bytes_,
-                               p);
-    backend_->zero(gview(local_grad_, 0));
-    if (diagonal_cut_ < S) own_rows(diagonal_cut_, S);
+    backend_->cast_accumulator(dk_of(cur, kv_bytes_), kview(cur));
+    backend_->cast_accumulator(dv_of(cur, kv_bytes_), vview(cur));
     marks[p].computed = backend_->mark();
+    transport_->start_exchange(cur, nxt, kv_bytes_, p);
     transport_->wait(p);
     marks[p].arrived = backend_->mark();
     stats_.hops[p] = HopStats{p, source_of(r, p - 1, p), false, 0.0, 0.0};
-    backend_->accumulate(gview(nxt, kv_bytes_), gview(local_grad_, 0));
-    backend_->cast_accumulator(dk_of(nxt, kv_bytes_), dk);
-    backend_->cast_accumulator(dv_of(nxt, kv_bytes_), dv);
+    backend_->copy(dk.data, nxt, kv_bytes_ / 2);
+    backend_->copy(dv.data, static_cast<char*>(nxt) + kv_bytes_ / 2, kv_bytes_ / 2);
   } else {
     backend_->cast_accumulator(dk_of(local_grad_, 0), dk);
     backend_->cast_accumulator(dv_of(local_grad_, 0), dv);

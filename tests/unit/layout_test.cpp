@@ -2,7 +2,6 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <numeric>
 #include <random>
@@ -161,62 +160,6 @@ TEST(Layout, CausalContiguousHidesLaterRanksEntirely) {
   EXPECT_EQ(classify_chunks(r3, r0, true), Visibility::kFull);
   EXPECT_EQ(classify_chunks(r0, r0, true), Visibility::kPartial);
   EXPECT_EQ(classify_chunks(r0, r3, false), Visibility::kFull);
-}
-
-// rows(lo, hi) lists exactly the positions of rows [lo, hi), for every layout and range.
-TEST(Layout, RowsOfAChunkKeepTheirPositions) {
-  for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStriped}) {
-    for (int world : {1, 2, 3}) {
-      const ChunkPositions c = chunk_positions(layout, 12 * world, world - 1, world);
-      for (int64_t lo = 0; lo < c.size(); ++lo) {
-        for (int64_t hi = lo + 1; hi <= c.size(); ++hi) {
-          const ChunkPositions r = c.rows(lo, hi);
-          ASSERT_EQ(r.size(), hi - lo);
-          for (int64_t i = lo; i < hi; ++i) ASSERT_EQ(r.at(i - lo), c.at(i)) << layout_name(layout) << " row " << i;
-        }
-      }
-    }
-  }
-}
-
-// The cut is the multiple whose rows' work (visible pairs, counted one by one) is closest to the share.
-TEST(Layout, SplitRowsByWorkMatchesBruteForce) {
-  for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStriped}) {
-    for (int world : {2, 4}) {
-      for (bool causal : {false, true}) {
-        for (double share : {0.0, 1.0 / 3.0, 0.5, 1.0}) {
-          const int64_t S = 96 * world;
-          const ChunkPositions q = chunk_positions(layout, S, world - 1, world);
-          const ChunkPositions k = chunk_positions(layout, S, 0, world);
-          constexpr int64_t kMultiple = 8;
-          std::vector<int64_t> prefix{0};  // work of key rows [0, j)
-          for (int64_t j = 0; j < k.size(); ++j) {
-            int64_t w = 0;
-            for (int64_t i = 0; i < q.size(); ++i) w += (!causal || k.at(j) <= q.at(i)) ? 1 : 0;
-            prefix.push_back(prefix.back() + w);
-          }
-          const double target = share * static_cast<double>(prefix.back());
-          int64_t best = kMultiple;
-          for (int64_t cut = kMultiple; cut <= k.size() - kMultiple; cut += kMultiple)
-            if (std::abs(prefix[cut] - target) < std::abs(prefix[best] - target)) best = cut;
-          EXPECT_EQ(split_rows_by_work(q, k, causal, share, kMultiple), best)
-              << layout_name(layout) << " world " << world << " causal " << causal << " share " << share;
-        }
-      }
-    }
-  }
-  const ChunkPositions short_chunk = chunk_positions(Layout::kContiguous, 30, 0, 2);  // 15 rows < 2 x 8
-  EXPECT_EQ(split_rows_by_work(short_chunk, short_chunk, true, 0.5, 8), 0);
-}
-
-// The causal zigzag diagonal: a third of its work lies in the first ~18% of its rows.
-TEST(Layout, SplitRowsByWorkOfTheZigzagDiagonal) {
-  const ChunkPositions c = chunk_positions(Layout::kZigzag, 8 * 4096, 1, 4);  // 8192 rows, 2 segments
-  const int64_t cut = split_rows_by_work(c, c, true, 1.0 / 3.0, 128);
-  // Key row j < 4096 of segment 0 is seen by 2 x 4096 - j queries: a third of the 2 x 4096^2 pairs
-  // lies below row 0.367 x 4096 = 1503, whose nearest multiple of 128 by work is 1536.
-  EXPECT_EQ(cut, 1536);
-  EXPECT_EQ(split_rows_by_work(c, c, false, 1.0 / 3.0, 128), 2688);  // 8192 / 3 = 2730.7 -> 21 x 128
 }
 
 }  // namespace
