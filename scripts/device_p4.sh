@@ -11,7 +11,7 @@
 #      SKIP_TESTS=1, SKIP_FWD=1, SKIP_PEER=1, SKIP_1M=1 (leave out a part), SIZES (the ring sweep's
 #      total tokens, "-b 32K -e 128K -f 2": 8k to 32k tokens per GPU at NP=4), BASE_TREE (the source
 #      tree of an earlier commit, carried: built beside ours, its forward+backward timed right after
-#      ours at the same sizes).
+#      ours at the same sizes), GPU_TESTS (a gtest filter of the one-GPU suite to run first).
 # Steps run in order of importance, each under its own timeout, and are skipped once the budget is
 # nearly spent. The summary ($OUT/summary.txt) is printed last.
 set -u
@@ -43,7 +43,8 @@ if [ -n "${BASE_TREE:-}" ]; then
   BASE_PID=$!
 fi
 if ! { cmake -S . -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DRINGATTN_BUILD_TESTS=ON &&
-       timeout 300 cmake --build "$BUILD" -j "$(nproc)" --target ringattn_cli ringattn_mpi_gpu_tests; } \
+       timeout 300 cmake --build "$BUILD" -j "$(nproc)" --target ringattn_cli ringattn_mpi_gpu_tests \
+         ${GPU_TESTS:+ringattn_gpu_tests}; } \
      >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"; note "# BUILD FAILED after $(elapsed) s"; exit 1
 fi
@@ -88,6 +89,11 @@ if [ "$MODE" = variants ]; then
   fi
   echo; echo "================ summary ($(elapsed) s) ================"; cat "$SUMMARY"
   exit 0
+fi
+
+if [ -n "${GPU_TESTS:-}" ]; then
+  timeout 120 "$BUILD/bin/ringattn_gpu_tests" --gtest_filter="$GPU_TESTS" >"$OUT/gpu_tests.log" 2>&1
+  note "# one-GPU tests '$GPU_TESTS': exit $? ($(grep -c '\[       OK \]' "$OUT/gpu_tests.log") OK, $(grep -c '\[  FAILED  \]' "$OUT/gpu_tests.log") FAILED lines)"
 fi
 
 # ---- MPI + GPU tests at p = NP (ring vs one-GPU kernel, layouts, check, hang safety, embedding) ----

@@ -46,6 +46,8 @@ class Backend {
   virtual void backward_end(const TensorView& dq);
   // Rounds an fp32/fp64 accumulator into a spec.dtype tensor of the same shape.
   virtual void cast_accumulator(const TensorView& acc, const TensorView& dst);
+  // dst = round(acc + addend), rounded once; acc may be overwritten. The default adds, then casts.
+  virtual void cast_accumulator_sum(const TensorView& acc, const TensorView& addend, const TensorView& dst);
   // Fills an accumulator view with zeros.
   virtual void zero(const TensorView& acc);
   // dst += src for two accumulator views of the same shape and dtype (travelling dK/dV partials).

@@ -23,6 +23,10 @@ void Backend::backward_step(const TensorView&, const TensorView&, const ChunkPos
 }
 void Backend::backward_end(const TensorView&) { missing(*this, "backward pass"); }
 void Backend::cast_accumulator(const TensorView&, const TensorView&) { missing(*this, "accumulator cast"); }
+void Backend::cast_accumulator_sum(const TensorView& acc, const TensorView& addend, const TensorView& dst) {
+  accumulate(acc, addend);
+  cast_accumulator(acc, dst);
+}
 void Backend::zero(const TensorView&) { missing(*this, "zero fill"); }
 void Backend::accumulate(const TensorView&, const TensorView&) { missing(*this, "accumulate"); }
 

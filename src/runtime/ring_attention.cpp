@@ -189,21 +189,19 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   const SendPart own_kv[2] = {{k.data, kv_bytes_ / 2}, {v.data, kv_bytes_ / 2}};
 
   // Hops 0..p-1 compute; hop p (p > 1) is the home hop, reported with its own compute (the last
-  // accumulate) and exposed time (the transfer nothing runs beside).
+  // sum and rounding) and exposed time (the transfer nothing runs beside).
   std::vector<HopMarks> marks(p + (p > 1 ? 1 : 0));
   stats_ = PassStats{};
   stats_.hops.resize(marks.size());
+  // This rank's dK/dV share of step s's chunk goes, at step 0 (the own chunk, whose partial starts
+  // here and leaves at hop 1), straight into the gradient part of hop 1's message; at later steps
+  // into local_grad_, added at step s+1 to the partial that arrived one hop behind its K/V. After a
+  // skipped step there is no share (`shared` false): the partial passes on as it arrived.
+  bool shared = false;
   for (int s = 0; s < p; ++s) {
     void* cur = grad_buffers_[s % 2];
     void* nxt = p > 1 ? grad_buffers_[(s + 1) % 2] : nullptr;
-    if (s >= 1) {
-      // Gradient partial of the chunk processed at step s-1: what arrived plus this rank's share.
-      if (s == 1) {
-        backend_->copy(static_cast<char*>(cur) + kv_bytes_, local_grad_, grad_bytes_);
-      } else {
-        backend_->accumulate(gview(cur, kv_bytes_), gview(local_grad_, 0));
-      }
-    }
+    if (s >= 2 && shared) backend_->accumulate(gview(cur, kv_bytes_), gview(local_grad_, 0));
     const bool send_kv = s + 1 < p, send_grad = s >= 1, exchange = send_kv || send_grad;
     auto post = [&] {
       if (s == 0) {  // hop 0: the caller's K and V, sent in place
@@ -223,10 +221,12 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     const ChunkPositions k_pos = chunk_positions(spec_.layout, spec_.seq_len, src, p);
     const bool skip = classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty;
     marks[s].begin = backend_->mark();
-    backend_->zero(gview(local_grad_, 0));
+    void* share = s == 0 && p > 1 ? static_cast<char*>(grad_buffers_[1]) + kv_bytes_ : local_grad_;
+    shared = !skip;
+    if (s == 0 || !skip) backend_->zero(gview(share, 0));  // hop 1 sends the own chunk's share in any case
     if (!skip) {
-      backend_->backward_step(s == 0 ? k : kview(cur), s == 0 ? v : vview(cur), k_pos, dk_of(local_grad_, 0),
-                              dv_of(local_grad_, 0));
+      backend_->backward_step(s == 0 ? k : kview(cur), s == 0 ? v : vview(cur), k_pos, dk_of(share, 0),
+                              dv_of(share, 0));
     }
     marks[s].computed = backend_->mark();
     if (exchange && post_after_launch) post();
@@ -243,9 +243,13 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     void* cur = grad_buffers_[p % 2];        // the arrived partial; its K/V part is stale
     void* nxt = grad_buffers_[(p + 1) % 2];  // receives [dK | dV] of this rank's own chunk
     marks[p].begin = backend_->mark();
-    backend_->accumulate(gview(cur, kv_bytes_), gview(local_grad_, 0));
-    backend_->cast_accumulator(dk_of(cur, kv_bytes_), kview(cur));
-    backend_->cast_accumulator(dv_of(cur, kv_bytes_), vview(cur));
+    if (shared) {  // the arrived partial plus this rank's share, added and rounded in one pass
+      backend_->cast_accumulator_sum(dk_of(cur, kv_bytes_), dk_of(local_grad_, 0), kview(cur));
+      backend_->cast_accumulator_sum(dv_of(cur, kv_bytes_), dv_of(local_grad_, 0), vview(cur));
+    } else {
+      backend_->cast_accumulator(dk_of(cur, kv_bytes_), kview(cur));
+      backend_->cast_accumulator(dv_of(cur, kv_bytes_), vview(cur));
+    }
     marks[p].computed = backend_->mark();
     transport_->start_exchange(cur, nxt, kv_bytes_, p);
     transport_->wait(p);

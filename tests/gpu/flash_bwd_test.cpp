@@ -426,6 +426,39 @@ TEST(FlashBwdAccumulate, AddsInPlace) {
   }
 }
 
+// flash_bwd_cast_sum: dst = round(a + b), bf16 and fp16, vectorised and scalar paths, odd length,
+// against the host's round-to-nearest-even of the fp32 sum; the 16-bit words past n stay untouched.
+TEST(FlashBwdCastSum, RoundsTheSumOnce) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device visible: GPU cast_sum test skipped";
+  const int64_t n = 100003;
+  std::vector<float> a(n + 8), b(n + 8);
+  std::mt19937 rng(4);
+  std::uniform_real_distribution<float> u(-3.f, 3.f);
+  for (auto& x : a) x = u(rng);
+  for (auto& x : b) x = u(rng);
+  DeviceBuf<float> da(n + 8), db(n + 8);
+  DeviceBuf<uint16_t> dd(n + 8);
+  ASSERT_TRUE(da.ptr && db.ptr && dd.ptr);
+  CUDA_OK(cudaMemcpy(da.ptr, a.data(), (n + 8) * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(db.ptr, b.data(), (n + 8) * 4, cudaMemcpyHostToDevice));
+  constexpr uint16_t kPoison = 0x7fff;
+  for (const DType dt : {DType::kBF16, DType::kF16}) {
+    for (const int offset : {0, 1}) {  // 1: not aligned, scalar path
+      std::vector<uint16_t> fill(n + 8, kPoison);
+      CUDA_OK(cudaMemcpy(dd.ptr, fill.data(), (n + 8) * 2, cudaMemcpyHostToDevice));
+      flash_bwd_cast_sum(da.ptr + offset, db.ptr + offset, dd.ptr + offset, dt, n, nullptr);
+      CUDA_OK(cudaDeviceSynchronize());
+      std::vector<uint16_t> r(n + 8);
+      CUDA_OK(cudaMemcpy(r.data(), dd.ptr, (n + 8) * 2, cudaMemcpyDeviceToHost));
+      for (int64_t i = 0; i < n + 8; ++i) {
+        const bool inside = i >= offset && i < offset + n;
+        const uint16_t want = inside ? bits_of(dt, a[i] + b[i]) : kPoison;
+        ASSERT_EQ(r[i], want) << dtype_name(dt) << " element " << i << " offset " << offset;
+      }
+    }
+  }
+}
+
 // Speed of one whole-sequence backward (preprocess + step + finalize) on one GPU; not part of the suite.
 // Run: ringattn_gpu_tests --gtest_also_run_disabled_tests --gtest_filter='FlashBwdBench.*'
 // Env: RINGATTN_BWD_BENCH_SEQ (16384), RINGATTN_BWD_BENCH_HEADS (32), RINGATTN_BWD_BENCH_DIM (128),

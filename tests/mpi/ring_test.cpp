@@ -245,6 +245,9 @@ void backward_case(const Case& c, int64_t batch, int64_t seq, int head_dim) {
   Local dq = make_local(f, {batch, n, c.heads, head_dim});
   Local dk = make_local(f, {batch, n, c.kv_heads, head_dim});
   Local dv = make_local(f, {batch, n, c.kv_heads, head_dim});
+  // Twice: the second pass reuses the ring's message buffers and accumulators, so a share or partial
+  // left over from the first would show.
+  ring.backward(lq.view, lk.view, lv.view, out.view, lse.view, ldo.view, dq.view, dk.view, dv.view);
   ring.backward(lq.view, lk.view, lv.view, out.view, lse.view, ldo.view, dq.view, dk.view, dv.view);
   // One entry per compute hop, plus the home hop (the finished dK/dV travelling to their owner).
   const std::vector<HopStats>& hops = ring.last_stats().hops;

@@ -293,6 +293,21 @@ class CudaBackend final : public Backend {
     cuda::cast_f32(acc.as<float>(), dst.data, dst.dtype, acc.numel(), stream_);
   }
 
+  void cast_accumulator_sum(const TensorView& acc, const TensorView& addend, const TensorView& dst) override {
+    require(acc.device == Device::kCuda && addend.device == Device::kCuda && dst.device == Device::kCuda &&
+                acc.dtype == DType::kF32 && addend.dtype == DType::kF32 && acc.is_contiguous() &&
+                addend.is_contiguous() && dst.is_contiguous() && acc.numel() == dst.numel() &&
+                addend.numel() == dst.numel(),
+            "cast_accumulator_sum of " + acc.describe() + " and " + addend.describe() + " to " + dst.describe(),
+            "all contiguous on the device, fp32 sources, same number of elements");
+    if (dst.dtype == DType::kF32) {  // no rounding: the sum is the result
+      accumulate(acc, addend);
+      cast_accumulator(acc, dst);
+      return;
+    }
+    cuda::flash_bwd_cast_sum(acc.as<float>(), addend.as<float>(), dst.data, dst.dtype, dst.numel(), stream_);
+  }
+
   void zero(const TensorView& acc) override {
     require(acc.device == Device::kCuda && acc.is_contiguous(), "zero of " + acc.describe(),
             "the accumulator must be contiguous on the device");

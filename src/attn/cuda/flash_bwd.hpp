@@ -85,6 +85,8 @@ void flash_bwd_finalize(const FlashBwdParams& params, cudaStream_t stream);
 
 // dst[i] += src[i] for n contiguous fp32 elements (Backend::accumulate of travelling dK/dV partials).
 void flash_bwd_accumulate(float* dst, const float* src, int64_t n, cudaStream_t stream);
+// dst = round(a + b) into bf16/fp16, n elements: the last partial plus this rank's share, rounded once.
+void flash_bwd_cast_sum(const float* a, const float* b, void* dst, DType dtype, int64_t n, cudaStream_t stream);
 
 // The step for one compile-time (Elem, head_dim); one instantiation per translation unit.
 template <typename Elem, int kHeadDim>

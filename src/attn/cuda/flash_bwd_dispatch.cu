@@ -135,6 +135,32 @@ __global__ void accumulate_kernel(float* __restrict__ dst, const float* __restri
   }
 }
 
+__device__ __forceinline__ void store_rounded(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+__device__ __forceinline__ void store_rounded(__half* p, float x) { *p = __float2half_rn(x); }
+
+// dst = round(a + b): four elements per thread per iteration when a, b are 16-byte and dst 8-byte aligned.
+template <typename Elem>
+__global__ void cast_sum_kernel(const float* __restrict__ a, const float* __restrict__ b, Elem* __restrict__ dst,
+                                int64_t n, bool vec4) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t done = 0;
+  if (vec4) {
+    for (int64_t i = first; i < n / 4; i += stride) {
+      const float4 x = reinterpret_cast<const float4*>(a)[i];
+      const float4 y = reinterpret_cast<const float4*>(b)[i];
+      Elem out[4];
+      store_rounded(&out[0], x.x + y.x);
+      store_rounded(&out[1], x.y + y.y);
+      store_rounded(&out[2], x.z + y.z);
+      store_rounded(&out[3], x.w + y.w);
+      reinterpret_cast<uint2*>(dst)[i] = *reinterpret_cast<const uint2*>(out);
+    }
+    done = n / 4 * 4;
+  }
+  for (int64_t i = done + first; i < n; i += stride) store_rounded(dst + i, a[i] + b[i]);
+}
+
 void require(bool cond, const std::string& what) {
   if (!cond) fail(ErrorKind::kInternal, "flash backward: " + what, "");
 }
@@ -254,6 +280,22 @@ void flash_bwd_accumulate(float* dst, const float* src, int64_t n, cudaStream_t 
   const unsigned blocks = static_cast<unsigned>(want < 1 ? 1 : (want > 65535 ? 65535 : want));
   accumulate_kernel<<<blocks, threads, 0, stream>>>(dst, src, n, vec4);
   check_cuda(cudaGetLastError(), "launch of accumulate_kernel");
+}
+
+void flash_bwd_cast_sum(const float* a, const float* b, void* dst, DType dtype, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  require(a != nullptr && b != nullptr && dst != nullptr, "cast_sum of a null buffer");
+  require(dtype == DType::kBF16 || dtype == DType::kF16, "cast_sum rounds to bf16 or fp16");
+  const bool vec4 = aligned16(a) && aligned16(b) && reinterpret_cast<std::uintptr_t>(dst) % 8 == 0;
+  const int threads = 256;
+  const int64_t want = ((vec4 ? n / 4 : n) + threads - 1) / threads;
+  const unsigned blocks = static_cast<unsigned>(want < 1 ? 1 : (want > 65535 ? 65535 : want));
+  if (dtype == DType::kBF16) {
+    cast_sum_kernel<<<blocks, threads, 0, stream>>>(a, b, static_cast<__nv_bfloat16*>(dst), n, vec4);
+  } else {
+    cast_sum_kernel<<<blocks, threads, 0, stream>>>(a, b, static_cast<__half*>(dst), n, vec4);
+  }
+  check_cuda(cudaGetLastError(), "launch of cast_sum_kernel");
 }
 
 }  // namespace ringattn::cuda
