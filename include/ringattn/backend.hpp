@@ -39,8 +39,7 @@ class Backend {
   virtual void backward_begin(const TensorView& q, const TensorView& out, const TensorView& dout,
                               const TensorView& lse, const ChunkPositions& q_pos);
   // k, v: (B, k_rows, Hkv, D) spec.dtype; dk_acc, dv_acc: (B, k_rows, Hkv, D) fp32 (fp64 for fp64
-  // runs), accumulated in place: the accumulators that travel with the chunk. All four may be row
-  // slices (narrow along dimension 1) of larger tensors: any strides, contiguous head_dim.
+  // runs), accumulated in place: the accumulators that travel with the chunk.
   virtual void backward_step(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos,
                              const TensorView& dk_acc, const TensorView& dv_acc);
   // dq: (B, q_rows, H, D) spec.dtype.

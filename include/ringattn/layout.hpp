@@ -40,10 +40,7 @@ struct ChunkPositions {
   // Smallest and largest global position among local rows [lo, hi); hi > lo.
   int64_t min_in(int64_t lo, int64_t hi) const;
   int64_t max_in(int64_t lo, int64_t hi) const;
-  // Positions of local rows [lo, hi) (0 <= lo < hi <= size()) as a chunk of their own.
-  ChunkPositions rows(int64_t lo, int64_t hi) const;
 };
-
 
 // Rows per rank must be a multiple of this many for the layout on `world` ranks.
 int64_t layout_divisor(Layout layout, int world);

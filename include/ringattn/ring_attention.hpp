@@ -59,10 +59,6 @@ class RingAttention {
                 const TensorView& dk, const TensorView& dv);
 
   const PassStats& last_stats() const { return stats_; }
-  // Backward: key rows of the last step's chunk computed before its finished dK/dV start home (the
-  // rest is computed while they travel); 0 when the last step is not cut (one rank, batch > 1, a
-  // chunk shorter than two key blocks).
-  int64_t last_step_cut() const { return last_cut_; }
   void set_hop_callback(HopCallback cb, void* user) { hop_cb_ = cb; hop_user_ = user; }
 
  private:
@@ -84,8 +80,6 @@ class RingAttention {
   void* buffers_[2] = {nullptr, nullptr};
   void* grad_buffers_[2] = {nullptr, nullptr};  // [K | V | dK | dV] messages of the backward ring
   void* local_grad_ = nullptr;                   // this rank's dK/dV share for the visiting chunk
-  int64_t last_cut_ = 0;                         // see last_step_cut()
-  void* home_recv_ = nullptr;                    // first rows home when they cannot land in local_grad_
   PassStats stats_;
   HopCallback hop_cb_ = nullptr;
   void* hop_user_ = nullptr;

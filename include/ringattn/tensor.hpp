@@ -40,8 +40,6 @@ struct TensorView {
 
 // A row-major contiguous view over `data`.
 TensorView make_view(void* data, DType dtype, Device device, std::initializer_list<int64_t> shape);
-// The `length` indices from `start` of dimension `dim` (same strides, data moved to the first).
-TensorView narrow(const TensorView& t, int dim, int64_t start, int64_t length);
 
 // bf16 / fp16 <-> fp32 on the host (round to nearest even).
 float bf16_to_float(uint16_t bits);

@@ -78,18 +78,6 @@ TensorView make_view(void* data, DType dtype, Device device, std::initializer_li
   return v;
 }
 
-TensorView narrow(const TensorView& t, int dim, int64_t start, int64_t length) {
-  RINGATTN_CHECK(dim >= 0 && dim < t.rank && start >= 0 && length >= 0 && start + length <= t.shape[dim],
-                 ErrorKind::kInternal,
-                 "narrow of " + t.describe() + " to [" + std::to_string(start) + ", " + std::to_string(start + length) +
-                     ") along dimension " + std::to_string(dim),
-                 "");
-  TensorView v = t;
-  v.data = static_cast<char*>(t.data) + start * t.stride[dim] * static_cast<int64_t>(dtype_size(t.dtype));
-  v.shape[dim] = length;
-  return v;
-}
-
 float bf16_to_float(uint16_t bits) {
   uint32_t u = static_cast<uint32_t>(bits) << 16;
   float f;

@@ -29,21 +29,6 @@ int64_t ChunkPositions::max_in(int64_t lo, int64_t hi) const {
   return best;
 }
 
-ChunkPositions ChunkPositions::rows(int64_t lo, int64_t hi) const {
-  RINGATTN_CHECK(lo >= 0 && lo < hi && hi <= size(), ErrorKind::kInternal,
-                 "rows [" + std::to_string(lo) + ", " + std::to_string(hi) + ") of a chunk of " +
-                     std::to_string(size()),
-                 "");
-  ChunkPositions out;
-  int64_t base = 0;
-  for (int s = 0; s < num_segments; ++s) {
-    const int64_t a = std::max(lo, base), b = std::min(hi, base + seg[s].count);
-    if (a < b) out.seg[out.num_segments++] = {seg[s].start + seg[s].stride * (a - base), seg[s].stride, b - a};
-    base += seg[s].count;
-  }
-  return out;
-}
-
 int64_t layout_divisor(Layout layout, int world) {
   return layout == Layout::kZigzag ? 2 * static_cast<int64_t>(world) : static_cast<int64_t>(world);
 }

@@ -1,8 +1,6 @@
 // The ring schedule: K/V chunks rotate over the transport while the backend folds each into fp32 state.
 #include "ringattn/ring_attention.hpp"
 
-#include <algorithm>
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -22,14 +20,6 @@ bool post_early_from_env() {
 
 // Source rank of the chunk visiting `rank` at step `step`: after k hops rank r holds chunk (r-k) mod p.
 int source_of(int rank, int step, int world) { return ((rank - step) % world + world) % world; }
-
-// The backward's last step is cut by key rows: the first part (this share of the rows) must hide
-// that step's incoming partial (fp32 dK/dV, two thirds of a full hop's bytes); its rows' finished
-// gradients then travel home while the second part computes, and only the second part's rows
-// travel with nothing beside them. The cut is the same on every rank (the home messages' sizes
-// must match) and a multiple of the GPU backward kernels' key block.
-constexpr double kLastStepFirstShare = 0.6;
-constexpr int64_t kCutMultiple = 128;
 
 DType accumulator_dtype(DType dtype) { return dtype == DType::kF64 ? DType::kF64 : DType::kF32; }
 
@@ -66,11 +56,6 @@ RingAttention::RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend>
   kv_bytes_ = 2 * kv_elems * dtype_size(spec_.dtype);
   grad_bytes_ = 2 * kv_elems * dtype_size(accumulator_dtype(spec_.dtype));
   post_early_ = post_early_from_env();
-  // Row ranges of a batch-1 chunk are contiguous messages.
-  if (transport_->world() > 1 && spec_.batch == 1 && local_seq_ >= 2 * kCutMultiple) {
-    const int64_t blocks = std::llround(kLastStepFirstShare * static_cast<double>(local_seq_) / kCutMultiple);
-    last_cut_ = std::min(std::max<int64_t>(blocks, 1) * kCutMultiple, (local_seq_ - 1) / kCutMultiple * kCutMultiple);
-  }
 }
 
 RingAttention::~RingAttention() = default;
@@ -187,13 +172,6 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     grad_buffers_[1] = p > 1 ? backend_->allocate(msg_bytes) : nullptr;
     local_grad_ = backend_->allocate(grad_bytes_);
   }
-  // The first rows of a cut last step arrive home (hop p) in local_grad_'s dK rows [0, cut), which
-  // their own rounding has read, when 16-bit rows take at most half the fp32 bytes; else apart.
-  const int64_t row_bytes = Hkv * D * static_cast<int64_t>(dtype_size(spec_.dtype));
-  const bool recv_in_share = dtype_size(acc_dtype) >= 2 * dtype_size(spec_.dtype);
-  if (last_cut_ > 0 && !recv_in_share && !home_recv_)
-    home_recv_ = backend_->allocate(static_cast<std::size_t>(2 * last_cut_ * row_bytes));
-  void* first_rows_recv = recv_in_share ? local_grad_ : home_recv_;
   auto kview = [&](void* base) { return chunk_view(base, 0, spec_.dtype, dev, B, S, Hkv, D); };
   auto vview = [&](void* base) { return chunk_view(base, kv_bytes_ / 2, spec_.dtype, dev, B, S, Hkv, D); };
   auto gview = [&](void* base, std::size_t offset) {
@@ -202,38 +180,6 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   auto dk_of = [&](void* base, std::size_t offset) { return chunk_view(base, offset, acc_dtype, dev, B, S, Hkv, D); };
   auto dv_of = [&](void* base, std::size_t offset) {
     return chunk_view(base, offset + grad_bytes_ / 2, acc_dtype, dev, B, S, Hkv, D);
-  };
-
-  // The cut last step (see kLastStepFirstShare): `home` is the buffer whose gradient part receives
-  // the last partial (hop p-1) and whose free K/V part holds the rounded results that travel home.
-  void* home = p > 1 ? grad_buffers_[p % 2] : nullptr;
-  auto last_rows = [&](void* kv, const ChunkPositions& k_pos, int64_t lo, int64_t hi) {
-    const int64_t n = hi - lo;
-    backend_->backward_step(narrow(kview(kv), 1, lo, n), narrow(vview(kv), 1, lo, n), k_pos.rows(lo, hi),
-                            narrow(dk_of(local_grad_, 0), 1, lo, n), narrow(dv_of(local_grad_, 0), 1, lo, n));
-  };
-  // Rows [lo, hi) of the last chunk: partial plus this rank's share, rounded into home's K/V part.
-  auto round_home = [&](int64_t lo, int64_t hi, bool with_share) {
-    for (int t = 0; t < 2; ++t) {
-      const int64_t n = hi - lo;
-      const TensorView acc = narrow(t == 0 ? dk_of(home, kv_bytes_) : dv_of(home, kv_bytes_), 1, lo, n);
-      const TensorView dst = narrow(t == 0 ? kview(home) : vview(home), 1, lo, n);
-      if (with_share) {
-        const TensorView share = narrow(t == 0 ? dk_of(local_grad_, 0) : dv_of(local_grad_, 0), 1, lo, n);
-        backend_->cast_accumulator_sum(acc, share, dst);
-      } else {
-        backend_->cast_accumulator(acc, dst);
-      }
-    }
-  };
-  // Sends rows [lo, hi) of the rounded dK and dV home; the same rows of this rank's own chunk arrive
-  // in `recv` as [dK rows | dV rows]. Rows of every batch entry: a part range is one message only
-  // for batch 1 or all rows.
-  auto post_home = [&](int64_t lo, int64_t hi, void* recv, int hop) {
-    const std::size_t bytes = static_cast<std::size_t>(B * (hi - lo) * row_bytes);
-    const SendPart parts[2] = {{static_cast<char*>(home) + lo * row_bytes, bytes},
-                               {static_cast<char*>(home) + kv_bytes_ / 2 + lo * row_bytes, bytes}};
-    transport_->start_exchange_parts(parts, 2, recv, hop);
   };
 
   backend_->reset_marks();
@@ -252,7 +198,6 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   // into local_grad_, added at step s+1 to the partial that arrived one hop behind its K/V. After a
   // skipped step there is no share (`shared` false): the partial passes on as it arrived.
   bool shared = false;
-  bool cut_last = false;  // the last step was cut: hop p took its first rows home
   for (int s = 0; s < p; ++s) {
     void* cur = grad_buffers_[s % 2];
     void* nxt = p > 1 ? grad_buffers_[(s + 1) % 2] : nullptr;
@@ -279,58 +224,39 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     void* share = s == 0 && p > 1 ? static_cast<char*>(grad_buffers_[1]) + kv_bytes_ : local_grad_;
     shared = !skip;
     if (s == 0 || !skip) backend_->zero(gview(share, 0));  // hop 1 sends the own chunk's share in any case
-    cut_last = s == p - 1 && p > 1 && last_cut_ > 0;  // on every rank alike, computing or not
-    if (cut_last) {
-      // First part; then the last partial is waited for and the first part's rows, now final, start
-      // home (hop p) while the second part computes. Hop p-1's wait sits inside this step's compute.
-      if (!skip) last_rows(cur, k_pos, 0, last_cut_);
-      if (post_after_launch) post();
-      transport_->wait(s);
-      round_home(0, last_cut_, shared);
-      post_home(0, last_cut_, first_rows_recv, p);
-      if (!skip) last_rows(cur, k_pos, last_cut_, S);
-      marks[s].computed = backend_->mark();
-      marks[s].arrived = marks[s].computed;
-    } else {
-      if (!skip) {
-        backend_->backward_step(s == 0 ? k : kview(cur), s == 0 ? v : vview(cur), k_pos, dk_of(share, 0),
-                                dv_of(share, 0));
-      }
-      marks[s].computed = backend_->mark();
-      if (exchange && post_after_launch) post();
-      if (exchange) transport_->wait(s);
-      marks[s].arrived = backend_->mark();
+    if (!skip) {
+      backend_->backward_step(s == 0 ? k : kview(cur), s == 0 ? v : vview(cur), k_pos, dk_of(share, 0),
+                              dv_of(share, 0));
     }
+    marks[s].computed = backend_->mark();
+    if (exchange && post_after_launch) post();
+    if (exchange) transport_->wait(s);
+    marks[s].arrived = backend_->mark();
     stats_.hops[s] = HopStats{s, src, skip, 0.0, 0.0};
     if (hop_cb_) hop_cb_(s, p, hop_user_);
   }
   // Home hop: the chunk processed last belongs to rank r+1; send it its finished gradients. They
   // are final here, so they are rounded to the input dtype before they travel (into the free K/V
   // part of the buffer): the owner gets the bits it would have rounded itself, and for 16-bit
-  // inputs this transfer carries half the bytes of the fp32 sums. With the last step cut, its first
-  // rows left during the step (hop p); the rest go now (hop p + 1).
+  // inputs this transfer, which no compute hides, carries half the bytes of the fp32 sums.
   if (p > 1) {
-    void* nxt = grad_buffers_[(p + 1) % 2];  // the last step's K/V, free now: receives own rows
-    const bool cut = cut_last;
-    const int64_t lo = cut ? last_cut_ : 0;
+    void* cur = grad_buffers_[p % 2];        // the arrived partial; its K/V part is stale
+    void* nxt = grad_buffers_[(p + 1) % 2];  // receives [dK | dV] of this rank's own chunk
     marks[p].begin = backend_->mark();
-    if (cut) transport_->wait(p);  // under the second part; before hop p + 1 takes the transport
-    round_home(lo, S, shared);     // shared: the arrived partial plus this rank's share, in one pass
+    if (shared) {  // the arrived partial plus this rank's share, added and rounded in one pass
+      backend_->cast_accumulator_sum(dk_of(cur, kv_bytes_), dk_of(local_grad_, 0), kview(cur));
+      backend_->cast_accumulator_sum(dv_of(cur, kv_bytes_), dv_of(local_grad_, 0), vview(cur));
+    } else {
+      backend_->cast_accumulator(dk_of(cur, kv_bytes_), kview(cur));
+      backend_->cast_accumulator(dv_of(cur, kv_bytes_), vview(cur));
+    }
     marks[p].computed = backend_->mark();
-    post_home(lo, S, nxt, cut ? p + 1 : p);
-    transport_->wait(cut ? p + 1 : p);
+    transport_->start_exchange(cur, nxt, kv_bytes_, p);
+    transport_->wait(p);
     marks[p].arrived = backend_->mark();
     stats_.hops[p] = HopStats{p, source_of(r, p - 1, p), false, 0.0, 0.0};
-    const std::size_t first = static_cast<std::size_t>(lo * row_bytes);
-    const std::size_t rest = static_cast<std::size_t>(B * (S - lo) * row_bytes);
-    auto* dkb = static_cast<char*>(dk.data);
-    auto* dvb = static_cast<char*>(dv.data);
-    if (cut) {
-      backend_->copy(dkb, first_rows_recv, first);
-      backend_->copy(dvb, static_cast<char*>(first_rows_recv) + first, first);
-    }
-    backend_->copy(dkb + first, nxt, rest);
-    backend_->copy(dvb + first, static_cast<char*>(nxt) + rest, rest);
+    backend_->copy(dk.data, nxt, kv_bytes_ / 2);
+    backend_->copy(dv.data, static_cast<char*>(nxt) + kv_bytes_ / 2, kv_bytes_ / 2);
   } else {
     backend_->cast_accumulator(dk_of(local_grad_, 0), dk);
     backend_->cast_accumulator(dv_of(local_grad_, 0), dv);

@@ -4,7 +4,6 @@
 #include <cmath>
 #include <limits>
 #include <random>
-#include <utility>
 #include <vector>
 
 #include "attn/reference.hpp"
@@ -180,43 +179,6 @@ TEST(CpuBackend, BackwardMatchesReferenceAndFiniteDifferences) {
       x->data[i] = saved;
       EXPECT_NEAR(grad.data[i], (up - down) / (2 * kStep), 1e-7) << "element " << i;
     }
-  }
-}
-
-// A backward step over key rows [0, c) and then [c, S) (strided row slices of batch-2 tensors, as the
-// ring's cut own chunk) gives the gradients of the whole step, against the reference.
-TEST(CpuBackend, BackwardStepOverRowSlicesEqualsTheWholeStep) {
-  std::mt19937_64 rng(5);
-  const int64_t B = 2, S = 14, H = 2, Hkv = 1, D = 3;
-  for (bool causal : {false, true}) {
-    AttentionSpec spec = spec_for(B, H, Hkv, D, causal);
-    spec.seq_len = S;
-    Buf q = random_buf({B, S, H, D}, rng), k = random_buf({B, S, Hkv, D}, rng), v = random_buf({B, S, Hkv, D}, rng);
-    Buf dout = random_buf({B, S, H, D}, rng);
-    const ChunkPositions pos = identity_positions(S);
-    auto be = make_cpu_backend();
-    be->prepare(spec, S, S);
-    be->forward_begin(q.view, pos);
-    be->forward_step(k.view, v.view, pos);
-    Buf o = poisoned({B, S, H, D}), l = poisoned({B, H, S});
-    be->forward_end(o.view, l.view);
-    be->backward_begin(q.view, o.view, dout.view, l.view, pos);
-    Buf dk = random_buf({B, S, Hkv, D}, rng), dv = random_buf({B, S, Hkv, D}, rng);
-    be->zero(dk.view);
-    be->zero(dv.view);
-    constexpr int64_t kCut = 5;
-    for (auto [lo, n] : {std::pair<int64_t, int64_t>{0, kCut}, {kCut, S - kCut}}) {
-      ASSERT_FALSE(narrow(dk.view, 1, lo, n).is_contiguous());
-      be->backward_step(narrow(k.view, 1, lo, n), narrow(v.view, 1, lo, n), pos.rows(lo, lo + n),
-                        narrow(dk.view, 1, lo, n), narrow(dv.view, 1, lo, n));
-    }
-    Buf dq = poisoned({B, S, H, D});
-    be->backward_end(dq.view);
-    Buf rq = poisoned({B, S, H, D}), rk = poisoned({B, S, Hkv, D}), rv = poisoned({B, S, Hkv, D});
-    reference_attention_backward(spec, q.view, k.view, v.view, dout.view, rq.view, rk.view, rv.view);
-    EXPECT_LT(max_abs_diff(dq, rq), 1e-12) << "causal " << causal;
-    EXPECT_LT(max_abs_diff(dk, rk), 1e-12) << "causal " << causal;
-    EXPECT_LT(max_abs_diff(dv, rv), 1e-12) << "causal " << causal;
   }
 }
 

@@ -162,21 +162,5 @@ TEST(Layout, CausalContiguousHidesLaterRanksEntirely) {
   EXPECT_EQ(classify_chunks(r0, r3, false), Visibility::kFull);
 }
 
-// rows(lo, hi) lists exactly the positions of rows [lo, hi), for every layout and range.
-TEST(Layout, RowsOfAChunkKeepTheirPositions) {
-  for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStriped}) {
-    for (int world : {1, 2, 3}) {
-      const ChunkPositions c = chunk_positions(layout, 12 * world, world - 1, world);
-      for (int64_t lo = 0; lo < c.size(); ++lo) {
-        for (int64_t hi = lo + 1; hi <= c.size(); ++hi) {
-          const ChunkPositions r = c.rows(lo, hi);
-          ASSERT_EQ(r.size(), hi - lo);
-          for (int64_t i = lo; i < hi; ++i) ASSERT_EQ(r.at(i - lo), c.at(i)) << layout_name(layout) << " row " << i;
-        }
-      }
-    }
-  }
-}
-
 }  // namespace
 }  // namespace ringattn

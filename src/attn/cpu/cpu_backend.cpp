@@ -29,32 +29,6 @@ void widen(const TensorView& src, std::vector<T>& dst) {
   }
 }
 
-// Copies a host tensor of rank 4 into another of the same dtype and shape, any strides.
-void copy_strided(const TensorView& src, const TensorView& dst) {
-  const int64_t es = static_cast<int64_t>(dtype_size(src.dtype));
-  for (int64_t a = 0; a < src.shape[0]; ++a)
-    for (int64_t b = 0; b < src.shape[1]; ++b)
-      for (int64_t c = 0; c < src.shape[2]; ++c)
-        for (int64_t d = 0; d < src.shape[3]; ++d) {
-          const int64_t so = a * src.stride[0] + b * src.stride[1] + c * src.stride[2] + d * src.stride[3];
-          const int64_t dof = a * dst.stride[0] + b * dst.stride[1] + c * dst.stride[2] + d * dst.stride[3];
-          std::memcpy(static_cast<char*>(dst.data) + dof * es, static_cast<const char*>(src.data) + so * es,
-                      static_cast<std::size_t>(es));
-        }
-}
-
-// A contiguous host copy of a rank-4 view (the view itself when it already is contiguous).
-struct Contiguous {
-  std::vector<unsigned char> bytes;
-  TensorView view;
-  explicit Contiguous(const TensorView& t) : view(t) {
-    if (t.is_contiguous()) return;
-    bytes.resize(t.nbytes());
-    view = make_view(bytes.data(), t.dtype, t.device, {t.shape[0], t.shape[1], t.shape[2], t.shape[3]});
-    copy_strided(t, view);
-  }
-};
-
 std::vector<int64_t> expand_positions(const ChunkPositions& p) {
   std::vector<int64_t> out(static_cast<std::size_t>(p.size()));
   for (int64_t i = 0; i < p.size(); ++i) out[i] = p.at(i);
@@ -288,14 +262,7 @@ class CpuBackend final : public Backend {
                      const TensorView& dv) override {
     const DType acc = wide_ ? DType::kF64 : DType::kF32;
     RINGATTN_CHECK(dk.dtype == acc && dv.dtype == acc, ErrorKind::kInternal, "dK/dV accumulators of wrong dtype", "");
-    RINGATTN_CHECK(k.rank == 4 && v.rank == 4 && dk.rank == 4 && dv.rank == 4, ErrorKind::kInternal,
-                   "backward_step takes (B, rows, Hkv, D) views", "");
-    // Row slices of a batch > 1 are strided: the engine works on contiguous copies.
-    const Contiguous kc(k), vc(v), dkc(dk), dvc(dv);
-    wide_ ? f64_.backward_step(kc.view, vc.view, k_pos, dkc.view, dvc.view)
-          : f32_.backward_step(kc.view, vc.view, k_pos, dkc.view, dvc.view);
-    if (!dk.is_contiguous()) copy_strided(dkc.view, dk);
-    if (!dv.is_contiguous()) copy_strided(dvc.view, dv);
+    wide_ ? f64_.backward_step(k, v, k_pos, dk, dv) : f32_.backward_step(k, v, k_pos, dk, dv);
   }
   void backward_end(const TensorView& dq) override { wide_ ? f64_.backward_end(dq) : f32_.backward_end(dq); }
 
