@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <exception>
 #include <memory>
 #include <random>
 #include <string>
@@ -331,14 +332,19 @@ TEST(HangSafety, SilentPeerTimesOutWithHopAndPeer) {
 
   constexpr int kSilent = 1;
   const auto t0 = std::chrono::steady_clock::now();
-  std::string message;
+  std::string message;  // what this rank saw, whatever it was, so that a failure says what happened
+  bool comm_error = false;
   if (s.rank() != kSilent) {
     ring->transport().set_timeout_ms(3000.0);
     try {
       ring->forward(q.view, k.view, v.view, out.view, lse.view);
       check_transport(ring->transport());
+      message = "(the forward completed without an error)";
     } catch (const Error& e) {
-      if (e.kind() == ErrorKind::kComm) message = e.what();
+      comm_error = e.kind() == ErrorKind::kComm;
+      message = std::string(comm_error ? "" : "(not a communication error) ") + e.what();
+    } catch (const std::exception& e) {
+      message = std::string("(not a ringattn::Error) ") + e.what();
     }
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -348,6 +354,7 @@ TEST(HangSafety, SilentPeerTimesOutWithHopAndPeer) {
     return;
   }
   std::printf("[ hang p=%d rank %d ] after %.1f s: %s\n", s.world(), s.rank(), secs, message.c_str());
+  EXPECT_TRUE(comm_error) << message;
   EXPECT_NE(message.find("hop"), std::string::npos) << message;
   EXPECT_TRUE(message.find("timed out") != std::string::npos || message.find("did not complete") != std::string::npos)
       << message;
