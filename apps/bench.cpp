@@ -246,7 +246,7 @@ double model_memory(const AttentionSpec& spec, int world, bool backward) {
   const double grads = qo + kv;                          // dO, dQ; dK, dV
   const double kv_acc = 2.0 * B * c * Hkv * D * acc;     // fp32 dK + dV of one chunk
   const double messages = 2.0 * (kv + kv_acc);           // two [K | V | dK | dV] messages
-  const double local_grad = kv_acc;                      // this rank's share for the visiting chunk
+  const double local_grad = (world > 2 ? 2.0 : 1.0) * kv_acc;  // this rank's shares (one written, one folded)
   const double dq_acc = B * c * H * D * acc + 2.0 * B * H * c * acc;  // fp32 dQ, lse_log2, delta
   return forward + grads + messages + local_grad + dq_acc;
 }
@@ -356,11 +356,13 @@ double baseline_backward_pass(const RingAttention& ring, Backend& backend, const
   backend.reset_marks();
   backend.mark();
   backend.backward_begin(q, out, g.dout, lse, ring.positions());
+  // One GPU keeps one dK/dV accumulator for all its steps (the ring zeroes only step 0's share on
+  // the compute stream; later shares are zeroed beside the compute).
+  backend.zero(g.dk_acc);
+  backend.zero(g.dv_acc);
   for (int s = 0; s < p; ++s) {
     const int src = ((r - s) % p + p) % p;
     const ChunkPositions k_pos = chunk_positions(spec.layout, spec.seq_len, src, p);
-    backend.zero(g.dk_acc);
-    backend.zero(g.dv_acc);
     if (classify_chunks(ring.positions(), k_pos, spec.causal) == Visibility::kEmpty) continue;
     backend.backward_step(k, v, k_pos, g.dk_acc, g.dv_acc);
   }

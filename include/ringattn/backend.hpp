@@ -52,6 +52,13 @@ class Backend {
   virtual void zero(const TensorView& acc);
   // dst += src for two accumulator views of the same shape and dtype (travelling dK/dV partials).
   virtual void accumulate(const TensorView& dst, const TensorView& src);
+  // The same two on `stream`, beside the compute (the ring passes a transport's exchange stream,
+  // see ExchangePrologue): device backends take a stream of their device (nullptr = the compute
+  // stream); host backends get nullptr and run them now. fold_on: dst += src, then src = 0 (a share
+  // folded into the partial that travels on, its buffer zeroed for a later step), in one pass.
+  // The defaults call zero / accumulate and refuse a stream.
+  virtual void zero_on(const TensorView& acc, void* stream);
+  virtual void fold_on(const TensorView& dst, const TensorView& src, void* stream);
 
   // ---- memory and timing helpers used by the scheduler ----
   // Allocates `bytes` in the backend's memory (host or device); freed with the backend.

@@ -79,7 +79,9 @@ class RingAttention {
   std::size_t grad_bytes_ = 0;     // dK + dV accumulators of one chunk (backward)
   void* buffers_[2] = {nullptr, nullptr};
   void* grad_buffers_[2] = {nullptr, nullptr};  // [K | V | dK | dV] messages of the backward ring
-  void* local_grad_ = nullptr;                   // this rank's dK/dV share for the visiting chunk
+  // This rank's dK/dV shares of visiting chunks: step s writes local_grad_[s % 2] while the exchange
+  // stream folds step s-1's share into the partial it sends (the second one from 3 ranks up).
+  void* local_grad_[2] = {nullptr, nullptr};
   PassStats stats_;
   HopCallback hop_cb_ = nullptr;
   void* hop_user_ = nullptr;

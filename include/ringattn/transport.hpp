@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -15,21 +16,40 @@ struct SendPart {
   std::size_t bytes = 0;
 };
 
+// One piece of an exchange: `bytes` from `send` to rank+1, and as many bytes from rank-1 into
+// `recv`. Every rank posts pieces of the same sizes in the same order.
+struct ExchangePart {
+  const void* send = nullptr;
+  void* recv = nullptr;
+  std::size_t bytes = 0;
+};
+
+// Work that must precede an exchange's transfer but need not wait for the compute enqueued after
+// the fence (the backward folds a dK/dV share into the partial it sends). Called with the stream
+// the transfer runs on: device transports pass their exchange stream (a cudaStream_t), so the
+// work runs beside the compute; host transports pass nullptr and call it on the posting thread.
+using ExchangePrologue = std::function<void(void* stream)>;
+
 class Transport {
  public:
   virtual ~Transport() = default;
   virtual const char* name() const = 0;
   virtual int rank() const = 0;
   virtual int world() const = 0;
-  // Posts the exchange of hop `hop` as one message: the concatenation of `parts` to rank+1, and
-  // the same number of bytes from rank-1 into `recv` (every rank sends parts of the same sizes).
-  // Device transports start the send only after the work already enqueued on the compute stream,
-  // so a buffer written by that work (or read by it, for recv) is safe.
-  virtual void start_exchange_parts(const SendPart* parts, int num_parts, void* recv, int hop) = 0;
+  // Posts the exchange of hop `hop`: every part's `send` to rank+1 and its `recv` from rank-1, in
+  // order. `before`, if set, is enqueued ahead of the transfer (see ExchangePrologue).
+  // Device transports start the transfer only after the work already enqueued on the compute stream
+  // (or up to the hop's fence), so a buffer written by that work (or read by it, for recv) is safe.
+  virtual void start_exchange_pieces(const ExchangePart* parts, int num_parts, int hop,
+                                     const ExchangePrologue& before = nullptr) = 0;
+  // Sends the concatenation of `parts` to rank+1 and receives as many bytes from rank-1 into `recv`.
+  void start_exchange_parts(const SendPart* parts, int num_parts, void* recv, int hop,
+                            const ExchangePrologue& before = nullptr);
   // The one-piece form: `send` (bytes) to rank+1, `recv` (bytes) from rank-1.
-  void start_exchange(const void* send, void* recv, std::size_t bytes, int hop) {
+  void start_exchange(const void* send, void* recv, std::size_t bytes, int hop,
+                      const ExchangePrologue& before = nullptr) {
     const SendPart part{send, bytes};
-    start_exchange_parts(&part, 1, recv, hop);
+    start_exchange_parts(&part, 1, recv, hop, before);
   }
   // Device transports: marks, on the compute stream, the point after which the exchange of hop
   // `hop` may start (all work enqueued so far). The caller may then enqueue compute and post the

@@ -10,7 +10,7 @@ class LocalTransport final : public Transport {
   const char* name() const override { return "local"; }
   int rank() const override { return 0; }
   int world() const override { return 1; }
-  void start_exchange_parts(const SendPart*, int, void*, int hop) override {
+  void start_exchange_pieces(const ExchangePart*, int, int hop, const ExchangePrologue&) override {
     fail(ErrorKind::kInternal, "a ring of one rank was asked to exchange at hop " + std::to_string(hop), "");
   }
   void wait(int) override {}

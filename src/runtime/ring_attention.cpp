@@ -170,7 +170,8 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   if (!grad_buffers_[0]) {
     grad_buffers_[0] = backend_->allocate(msg_bytes);
     grad_buffers_[1] = p > 1 ? backend_->allocate(msg_bytes) : nullptr;
-    local_grad_ = backend_->allocate(grad_bytes_);
+    local_grad_[1] = backend_->allocate(grad_bytes_);
+    local_grad_[0] = p > 2 ? backend_->allocate(grad_bytes_) : local_grad_[1];
   }
   auto kview = [&](void* base) { return chunk_view(base, 0, spec_.dtype, dev, B, S, Hkv, D); };
   auto vview = [&](void* base) { return chunk_view(base, kv_bytes_ / 2, spec_.dtype, dev, B, S, Hkv, D); };
@@ -189,27 +190,41 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   const SendPart own_kv[2] = {{k.data, kv_bytes_ / 2}, {v.data, kv_bytes_ / 2}};
 
   // Hops 0..p-1 compute; hop p (p > 1) is the home hop, reported with its own compute (the last
-  // sum and rounding) and exposed time (the transfer nothing runs beside).
+  // sum and rounding, and dQ's finalize beside the transfer) and exposed time.
   std::vector<HopMarks> marks(p + (p > 1 ? 1 : 0));
   stats_ = PassStats{};
   stats_.hops.resize(marks.size());
   // This rank's dK/dV share of step s's chunk goes, at step 0 (the own chunk, whose partial starts
-  // here and leaves at hop 1), straight into the gradient part of hop 1's message; at later steps
-  // into local_grad_, added at step s+1 to the partial that arrived one hop behind its K/V. After a
-  // skipped step there is no share (`shared` false): the partial passes on as it arrived.
+  // here and leaves at hop 1), straight into the gradient part of hop 1's message; at a later step
+  // s into local_grad_[s % 2]. Hop s+1's prologue folds it into the partial that arrived one hop
+  // behind its K/V (and zeroes it for step s+2) on the exchange stream, beside step s+1's compute,
+  // so no pass over the partials sits between two steps. After a skipped step there is no share
+  // (`shared` false): the partial passes on as it arrived, and the share's buffer stays zero.
   bool shared = false;
   for (int s = 0; s < p; ++s) {
     void* cur = grad_buffers_[s % 2];
     void* nxt = p > 1 ? grad_buffers_[(s + 1) % 2] : nullptr;
-    if (s >= 2 && shared) backend_->accumulate(gview(cur, kv_bytes_), gview(local_grad_, 0));
     const bool send_kv = s + 1 < p, send_grad = s >= 1, exchange = send_kv || send_grad;
+    ExchangePrologue before;
+    if (s == 0 && p > 1) {  // the shares of steps 1 and 2 start from zero
+      before = [&](void* stream) {
+        backend_->zero_on(gview(local_grad_[1], 0), stream);
+        if (local_grad_[0] != local_grad_[1]) backend_->zero_on(gview(local_grad_[0], 0), stream);
+      };
+    } else if (s >= 2 && shared) {
+      void* prev_share = local_grad_[(s - 1) % 2];
+      before = [&, prev_share](void* stream) {
+        backend_->fold_on(gview(cur, kv_bytes_), gview(prev_share, 0), stream);
+      };
+    }
     auto post = [&] {
       if (s == 0) {  // hop 0: the caller's K and V, sent in place
-        transport_->start_exchange_parts(own_kv, 2, nxt, s);
+        transport_->start_exchange_parts(own_kv, 2, nxt, s, before);
       } else {
         const std::size_t offset = send_kv ? 0 : kv_bytes_;
         const std::size_t bytes = (send_kv ? kv_bytes_ : 0) + (send_grad ? grad_bytes_ : 0);
-        transport_->start_exchange(static_cast<char*>(cur) + offset, static_cast<char*>(nxt) + offset, bytes, s);
+        transport_->start_exchange(static_cast<char*>(cur) + offset, static_cast<char*>(nxt) + offset, bytes, s,
+                                   before);
       }
     };
     if (exchange && post_after_launch) {
@@ -221,9 +236,9 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     const ChunkPositions k_pos = chunk_positions(spec_.layout, spec_.seq_len, src, p);
     const bool skip = classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty;
     marks[s].begin = backend_->mark();
-    void* share = s == 0 && p > 1 ? static_cast<char*>(grad_buffers_[1]) + kv_bytes_ : local_grad_;
+    void* share = s == 0 && p > 1 ? static_cast<char*>(grad_buffers_[1]) + kv_bytes_ : local_grad_[s % 2];
     shared = !skip;
-    if (s == 0 || !skip) backend_->zero(gview(share, 0));  // hop 1 sends the own chunk's share in any case
+    if (s == 0) backend_->zero(gview(share, 0));  // hop 1 sends the own chunk's share in any case
     if (!skip) {
       backend_->backward_step(s == 0 ? k : kview(cur), s == 0 ? v : vview(cur), k_pos, dk_of(share, 0),
                               dv_of(share, 0));
@@ -238,30 +253,32 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   // Home hop: the chunk processed last belongs to rank r+1; send it its finished gradients. They
   // are final here, so they are rounded to the input dtype before they travel (into the free K/V
   // part of the buffer): the owner gets the bits it would have rounded itself, and for 16-bit
-  // inputs this transfer, which no compute hides, carries half the bytes of the fp32 sums.
+  // inputs this transfer, which no step hides, carries half the bytes of the fp32 sums. They land
+  // in the caller's dk and dv; dQ's finalize runs beside the transfer.
   if (p > 1) {
-    void* cur = grad_buffers_[p % 2];        // the arrived partial; its K/V part is stale
-    void* nxt = grad_buffers_[(p + 1) % 2];  // receives [dK | dV] of this rank's own chunk
+    void* cur = grad_buffers_[p % 2];  // the arrived partial; its K/V part is stale
+    void* last_share = local_grad_[(p - 1) % 2];
     marks[p].begin = backend_->mark();
     if (shared) {  // the arrived partial plus this rank's share, added and rounded in one pass
-      backend_->cast_accumulator_sum(dk_of(cur, kv_bytes_), dk_of(local_grad_, 0), kview(cur));
-      backend_->cast_accumulator_sum(dv_of(cur, kv_bytes_), dv_of(local_grad_, 0), vview(cur));
+      backend_->cast_accumulator_sum(dk_of(cur, kv_bytes_), dk_of(last_share, 0), kview(cur));
+      backend_->cast_accumulator_sum(dv_of(cur, kv_bytes_), dv_of(last_share, 0), vview(cur));
     } else {
       backend_->cast_accumulator(dk_of(cur, kv_bytes_), kview(cur));
       backend_->cast_accumulator(dv_of(cur, kv_bytes_), vview(cur));
     }
+    const ExchangePart home[2] = {{cur, dk.data, kv_bytes_ / 2},
+                                  {static_cast<char*>(cur) + kv_bytes_ / 2, dv.data, kv_bytes_ / 2}};
+    transport_->start_exchange_pieces(home, 2, p);
+    backend_->backward_end(dq);
     marks[p].computed = backend_->mark();
-    transport_->start_exchange(cur, nxt, kv_bytes_, p);
     transport_->wait(p);
     marks[p].arrived = backend_->mark();
     stats_.hops[p] = HopStats{p, source_of(r, p - 1, p), false, 0.0, 0.0};
-    backend_->copy(dk.data, nxt, kv_bytes_ / 2);
-    backend_->copy(dv.data, static_cast<char*>(nxt) + kv_bytes_ / 2, kv_bytes_ / 2);
   } else {
-    backend_->cast_accumulator(dk_of(local_grad_, 0), dk);
-    backend_->cast_accumulator(dv_of(local_grad_, 0), dv);
+    backend_->cast_accumulator(dk_of(local_grad_[0], 0), dk);
+    backend_->cast_accumulator(dv_of(local_grad_[0], 0), dv);
+    backend_->backward_end(dq);
   }
-  backend_->backward_end(dq);
   const int end_mark = backend_->mark();
   read_timeline(marks, start_mark, end_mark);
 }

@@ -400,12 +400,12 @@ const Case kCases[] = {
 INSTANTIATE_TEST_SUITE_P(FlashBwd, FlashBwdTest, ::testing::ValuesIn(kCases),
                          [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
 
-// flash_bwd_accumulate: dst += src, vectorised and scalar paths, odd length, poisoned tail beyond n.
-TEST(FlashBwdAccumulate, AddsInPlace) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device visible: GPU accumulate test skipped";
+// flash_bwd_accumulate (dst += src) or flash_bwd_fold (dst += src, then src = 0) over n elements at
+// an aligned (vectorised) and an unaligned (scalar) offset; the elements around the range stay as they were.
+void check_accumulate(bool fold) {
   const int64_t n = 100003;
   std::vector<float> a(n + 8), b(n + 8);
-  std::mt19937 rng(3);
+  std::mt19937 rng(fold ? 5 : 3);
   std::uniform_real_distribution<float> u(-2.f, 2.f);
   for (auto& x : a) x = u(rng);
   for (auto& x : b) x = u(rng);
@@ -414,16 +414,31 @@ TEST(FlashBwdAccumulate, AddsInPlace) {
   for (const int offset : {0, 1}) {  // 1: not 16-byte aligned, scalar path
     CUDA_OK(cudaMemcpy(da.ptr, a.data(), (n + 8) * 4, cudaMemcpyHostToDevice));
     CUDA_OK(cudaMemcpy(db.ptr, b.data(), (n + 8) * 4, cudaMemcpyHostToDevice));
-    flash_bwd_accumulate(da.ptr + offset, db.ptr + offset, n, nullptr);
+    if (fold) {
+      flash_bwd_fold(da.ptr + offset, db.ptr + offset, n, nullptr);
+    } else {
+      flash_bwd_accumulate(da.ptr + offset, db.ptr + offset, n, nullptr);
+    }
     CUDA_OK(cudaDeviceSynchronize());
-    std::vector<float> r(n + 8);
+    std::vector<float> r(n + 8), rs(n + 8);
     CUDA_OK(cudaMemcpy(r.data(), da.ptr, (n + 8) * 4, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(rs.data(), db.ptr, (n + 8) * 4, cudaMemcpyDeviceToHost));
     for (int64_t i = 0; i < n + 8; ++i) {
       const bool inside = i >= offset && i < offset + n;
-      const float want = inside ? a[i] + b[i] : a[i];
-      ASSERT_EQ(r[i], want) << "element " << i << " offset " << offset;
+      ASSERT_EQ(r[i], inside ? a[i] + b[i] : a[i]) << "dst element " << i << " offset " << offset;
+      ASSERT_EQ(rs[i], inside && fold ? 0.f : b[i]) << "src element " << i << " offset " << offset;
     }
   }
+}
+
+TEST(FlashBwdAccumulate, AddsInPlace) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device visible: GPU accumulate test skipped";
+  check_accumulate(false);
+}
+
+TEST(FlashBwdFold, AddsAndZeroesTheSource) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device visible: GPU fold test skipped";
+  check_accumulate(true);
 }
 
 // flash_bwd_cast_sum: dst = round(a + b), bf16 and fp16, vectorised and scalar paths, odd length,

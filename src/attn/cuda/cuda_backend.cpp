@@ -279,10 +279,13 @@ class CudaBackend final : public Backend {
 
   // dst += src, both fp32 contiguous on the device (travelling dK/dV partials).
   void accumulate(const TensorView& dst, const TensorView& src) override {
-    require(dst.device == Device::kCuda && src.device == Device::kCuda && dst.dtype == DType::kF32 &&
-                src.dtype == DType::kF32 && dst.is_contiguous() && src.is_contiguous() && dst.numel() == src.numel(),
-            "accumulate " + src.describe() + " into " + dst.describe(), "fp32, contiguous, same size, on the device");
+    require_accumulator_pair(dst, src, "accumulate");
     cuda::flash_bwd_accumulate(dst.as<float>(), src.as<float>(), dst.numel(), stream_);
+  }
+
+  void fold_on(const TensorView& dst, const TensorView& src, void* stream) override {
+    require_accumulator_pair(dst, src, "fold");
+    cuda::flash_bwd_fold(dst.as<float>(), src.as<float>(), dst.numel(), stream_or_compute(stream));
   }
 
   void cast_accumulator(const TensorView& acc, const TensorView& dst) override {
@@ -294,24 +297,25 @@ class CudaBackend final : public Backend {
   }
 
   void cast_accumulator_sum(const TensorView& acc, const TensorView& addend, const TensorView& dst) override {
+    if (dst.dtype == DType::kF32) {  // no rounding: the sum is the result (add, then copy)
+      Backend::cast_accumulator_sum(acc, addend, dst);
+      return;
+    }
     require(acc.device == Device::kCuda && addend.device == Device::kCuda && dst.device == Device::kCuda &&
                 acc.dtype == DType::kF32 && addend.dtype == DType::kF32 && acc.is_contiguous() &&
                 addend.is_contiguous() && dst.is_contiguous() && acc.numel() == dst.numel() &&
                 addend.numel() == dst.numel(),
             "cast_accumulator_sum of " + acc.describe() + " and " + addend.describe() + " to " + dst.describe(),
             "all contiguous on the device, fp32 sources, same number of elements");
-    if (dst.dtype == DType::kF32) {  // no rounding: the sum is the result
-      accumulate(acc, addend);
-      cast_accumulator(acc, dst);
-      return;
-    }
     cuda::flash_bwd_cast_sum(acc.as<float>(), addend.as<float>(), dst.data, dst.dtype, dst.numel(), stream_);
   }
 
-  void zero(const TensorView& acc) override {
+  void zero(const TensorView& acc) override { zero_on(acc, nullptr); }
+
+  void zero_on(const TensorView& acc, void* stream) override {
     require(acc.device == Device::kCuda && acc.is_contiguous(), "zero of " + acc.describe(),
             "the accumulator must be contiguous on the device");
-    RINGATTN_CUDA_CHECK(cudaMemsetAsync(acc.data, 0, acc.nbytes(), stream_));
+    RINGATTN_CUDA_CHECK(cudaMemsetAsync(acc.data, 0, acc.nbytes(), stream_or_compute(stream)));
   }
 
   void* allocate(std::size_t bytes) override {
@@ -353,6 +357,18 @@ class CudaBackend final : public Backend {
   void require_prepared() const {
     RINGATTN_CHECK(acc_ != nullptr || spec_.batch * spec_.heads * q_rows_ == 0, ErrorKind::kInternal,
                    "CUDA backend used before prepare()", "call prepare(spec, q_rows, k_rows) first");
+  }
+
+  cudaStream_t stream_or_compute(void* stream) const {
+    return stream != nullptr ? static_cast<cudaStream_t>(stream) : stream_;
+  }
+
+  // Two fp32 accumulator views of the same size, contiguous on the device.
+  static void require_accumulator_pair(const TensorView& dst, const TensorView& src, const char* what) {
+    require(dst.device == Device::kCuda && src.device == Device::kCuda && dst.dtype == DType::kF32 &&
+                src.dtype == DType::kF32 && dst.is_contiguous() && src.is_contiguous() && dst.numel() == src.numel(),
+            std::string(what) + " " + src.describe() + " into " + dst.describe(),
+            "fp32, contiguous, same size, on the device");
   }
 
   void release_state() {

@@ -16,6 +16,8 @@ namespace ringattn::cuda {
 namespace {
 
 constexpr int kRowsPerBlock = 8;  // preprocess: one warp per row
+constexpr int kElementwiseThreads = 256;       // accumulate / fold / cast_sum blocks
+constexpr int64_t kMaxElementwiseBlocks = 65535;  // grid-stride beyond
 
 // delta[b, h, i] = sum_d dout * out (fp32); lse_log2 = lse * log2(e), +inf where lse = -inf and on padding rows.
 template <typename Elem, int D>
@@ -115,10 +117,13 @@ void check_cuda(cudaError_t status, const char* what) {
        "check that a CUDA device is visible and that the driver matches the toolkit");
 }
 
-// dst += src, four floats per thread per iteration when both are 16-byte aligned, grid-stride.
-__global__ void accumulate_kernel(float* __restrict__ dst, const float* __restrict__ src, int64_t n, bool vec4) {
+// dst += src (and, kZeroSrc, src = 0 behind it: a fold), four floats per thread per iteration when
+// both are 16-byte aligned, grid-stride.
+template <bool kZeroSrc>
+__global__ void accumulate_kernel(float* __restrict__ dst, float* __restrict__ src, int64_t n, bool vec4) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t done = 0;
   if (vec4) {
     for (int64_t i = first; i < n / 4; i += stride) {
       float4 a = reinterpret_cast<float4*>(dst)[i];
@@ -128,10 +133,13 @@ __global__ void accumulate_kernel(float* __restrict__ dst, const float* __restri
       a.z += b.z;
       a.w += b.w;
       reinterpret_cast<float4*>(dst)[i] = a;
+      if (kZeroSrc) reinterpret_cast<float4*>(src)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
-    for (int64_t i = n / 4 * 4 + first; i < n; i += stride) dst[i] += src[i];
-  } else {
-    for (int64_t i = first; i < n; i += stride) dst[i] += src[i];
+    done = n / 4 * 4;
+  }
+  for (int64_t i = done + first; i < n; i += stride) {
+    dst[i] += src[i];
+    if (kZeroSrc) src[i] = 0.f;
   }
 }
 
@@ -149,7 +157,7 @@ __global__ void cast_sum_kernel(const float* __restrict__ a, const float* __rest
     for (int64_t i = first; i < n / 4; i += stride) {
       const float4 x = reinterpret_cast<const float4*>(a)[i];
       const float4 y = reinterpret_cast<const float4*>(b)[i];
-      Elem out[4];
+      alignas(8) Elem out[4];
       store_rounded(&out[0], x.x + y.x);
       store_rounded(&out[1], x.y + y.y);
       store_rounded(&out[2], x.z + y.z);
@@ -193,6 +201,12 @@ void launch_preprocess(const FlashBwdParams& p, cudaStream_t stream) {
     flash_bwd_preprocess_kernel<Elem, 128><<<blocks, kRowsPerBlock * 32, 0, stream>>>(p);
   }
   check_cuda(cudaGetLastError(), "launch of flash_bwd_preprocess_kernel");
+}
+
+// Blocks of kElementwiseThreads for n elements handled vec4 (four per thread) or one per thread.
+unsigned elementwise_blocks(int64_t n, bool vec4) {
+  const int64_t want = ((vec4 ? n / 4 : n) + kElementwiseThreads - 1) / kElementwiseThreads;
+  return static_cast<unsigned>(want < 1 ? 1 : (want > kMaxElementwiseBlocks ? kMaxElementwiseBlocks : want));
 }
 
 }  // namespace
@@ -275,11 +289,18 @@ void flash_bwd_accumulate(float* dst, const float* src, int64_t n, cudaStream_t 
   if (n <= 0) return;
   require(dst != nullptr && src != nullptr, "accumulate of a null buffer");
   const bool vec4 = aligned16(dst) && aligned16(src);
-  const int threads = 256;
-  const int64_t want = ((vec4 ? n / 4 : n) + threads - 1) / threads;
-  const unsigned blocks = static_cast<unsigned>(want < 1 ? 1 : (want > 65535 ? 65535 : want));
-  accumulate_kernel<<<blocks, threads, 0, stream>>>(dst, src, n, vec4);
+  // kZeroSrc = false: src is only read.
+  accumulate_kernel<false><<<elementwise_blocks(n, vec4), kElementwiseThreads, 0, stream>>>(
+      dst, const_cast<float*>(src), n, vec4);
   check_cuda(cudaGetLastError(), "launch of accumulate_kernel");
+}
+
+void flash_bwd_fold(float* dst, float* src, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  require(dst != nullptr && src != nullptr, "fold of a null buffer");
+  const bool vec4 = aligned16(dst) && aligned16(src);
+  accumulate_kernel<true><<<elementwise_blocks(n, vec4), kElementwiseThreads, 0, stream>>>(dst, src, n, vec4);
+  check_cuda(cudaGetLastError(), "launch of the fold kernel");
 }
 
 void flash_bwd_cast_sum(const float* a, const float* b, void* dst, DType dtype, int64_t n, cudaStream_t stream) {
@@ -287,9 +308,8 @@ void flash_bwd_cast_sum(const float* a, const float* b, void* dst, DType dtype, 
   require(a != nullptr && b != nullptr && dst != nullptr, "cast_sum of a null buffer");
   require(dtype == DType::kBF16 || dtype == DType::kF16, "cast_sum rounds to bf16 or fp16");
   const bool vec4 = aligned16(a) && aligned16(b) && reinterpret_cast<std::uintptr_t>(dst) % 8 == 0;
-  const int threads = 256;
-  const int64_t want = ((vec4 ? n / 4 : n) + threads - 1) / threads;
-  const unsigned blocks = static_cast<unsigned>(want < 1 ? 1 : (want > 65535 ? 65535 : want));
+  const unsigned blocks = elementwise_blocks(n, vec4);
+  constexpr int threads = kElementwiseThreads;
   if (dtype == DType::kBF16) {
     cast_sum_kernel<<<blocks, threads, 0, stream>>>(a, b, static_cast<__nv_bfloat16*>(dst), n, vec4);
   } else {

@@ -43,28 +43,28 @@ class MpiTransport final : public Transport {
   int world() const override { return world_; }
   void set_timeout_ms(double ms) override { timeout_ms_ = ms; }
 
-  void start_exchange_parts(const SendPart* parts, int num_parts, void* recv, int hop) override {
+  void start_exchange_pieces(const ExchangePart* parts, int num_parts, int hop,
+                             const ExchangePrologue& before) override {
     RINGATTN_CHECK(requests_.empty(), ErrorKind::kInternal,
                    "exchange of hop " + std::to_string(hop) + " posted while hop " + std::to_string(hop_) +
                        " is still in flight",
                    "");
     hop_ = hop;
+    if (before) before(nullptr);  // host memory: the prologue runs here, before the transfer is posted
     const int next = (rank_ + 1) % world_, prev = (rank_ + world_ - 1) % world_;
     const int tag = hop % kTagModulus;
-    // Pieces of the same (peer, tag) match in posting order, so part i lands at its offset.
-    std::size_t base = 0;
+    // Messages of the same (peer, tag) match in posting order, so piece i lands in its recv.
     for (int part = 0; part < num_parts; ++part) {
       const std::size_t bytes = parts[part].bytes;
       for (std::size_t off = 0; off < bytes; off += kMaxMessageBytes) {
         const int n = static_cast<int>(std::min(kMaxMessageBytes, bytes - off));
         MPI_Request r;
-        check(MPI_Irecv(static_cast<char*>(recv) + base + off, n, MPI_BYTE, prev, tag, comm_, &r), "MPI_Irecv");
+        check(MPI_Irecv(static_cast<char*>(parts[part].recv) + off, n, MPI_BYTE, prev, tag, comm_, &r), "MPI_Irecv");
         requests_.push_back(r);
-        check(MPI_Isend(static_cast<const char*>(parts[part].data) + off, n, MPI_BYTE, next, tag, comm_, &r),
+        check(MPI_Isend(static_cast<const char*>(parts[part].send) + off, n, MPI_BYTE, next, tag, comm_, &r),
               "MPI_Isend");
         requests_.push_back(r);
       }
-      base += bytes;
     }
   }
 

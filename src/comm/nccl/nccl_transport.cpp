@@ -256,7 +256,8 @@ void NcclTransport::settle_locked(const char* what, int hop) {
   throw Error(ErrorKind::kComm, failure_);
 }
 
-void NcclTransport::start_exchange_parts(const SendPart* parts, int num_parts, void* recv, int hop) {
+void NcclTransport::start_exchange_pieces(const ExchangePart* parts, int num_parts, int hop,
+                                          const ExchangePrologue& before) {
   std::unique_lock<std::mutex> lock(mu_);
   if (failed_.load()) throw Error(ErrorKind::kComm, failure_);
   RINGATTN_CHECK(hop >= 0, ErrorKind::kInternal, "negative hop " + std::to_string(hop), "");
@@ -286,19 +287,20 @@ void NcclTransport::start_exchange_parts(const SendPart* parts, int num_parts, v
     check_cuda(cudaEventRecord(ready_, compute_stream_), "cudaEventRecord (compute -> comm)");
     check_cuda(cudaStreamWaitEvent(comm_stream_, ready_, 0), "cudaStreamWaitEvent (comm waits for compute)");
   }
+  // The prologue's work runs on the comm stream ahead of the transfer, beside the compute enqueued
+  // after the fence (it only enqueues, so calling it under the lock is cheap).
+  if (before) before(comm_stream_);
   // Byte counts with ncclInt8: counts are elements of the datatype, here bytes.
-  // Several sends to one peer inside a group are matched in order, so part i lands at its offset.
+  // Several sends to one peer inside a group are matched in order, so piece i lands in its recv.
   ncclResult_t r = ncclGroupStart();
-  std::size_t offset = 0;
   for (int part = 0; part < num_parts; ++part) {
     const std::size_t bytes = parts[part].bytes;
     if (r == ncclSuccess || r == ncclInProgress) {
-      r = ncclSend(parts[part].data, bytes, ncclInt8, next_, comm_, comm_stream_);
+      r = ncclSend(parts[part].send, bytes, ncclInt8, next_, comm_, comm_stream_);
     }
     if (r == ncclSuccess || r == ncclInProgress) {
-      r = ncclRecv(static_cast<char*>(recv) + offset, bytes, ncclInt8, prev_, comm_, comm_stream_);
+      r = ncclRecv(parts[part].recv, bytes, ncclInt8, prev_, comm_, comm_stream_);
     }
-    offset += bytes;
   }
   const ncclResult_t end = ncclGroupEnd();
   if (r == ncclSuccess || r == ncclInProgress) r = end;

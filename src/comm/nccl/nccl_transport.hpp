@@ -45,7 +45,8 @@ class NcclTransport final : public Transport {
   const char* name() const override { return "nccl"; }
   int rank() const override { return rank_; }
   int world() const override { return world_; }
-  void start_exchange_parts(const SendPart* parts, int num_parts, void* recv, int hop) override;
+  void start_exchange_pieces(const ExchangePart* parts, int num_parts, int hop,
+                             const ExchangePrologue& before) override;
   void fence(int hop) override;
   // hop >= 0: the compute stream waits (on the device) for that hop's exchange.
   // hop < 0: the host waits, with the timeout, until every posted exchange has completed.
