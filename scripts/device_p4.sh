@@ -98,11 +98,11 @@ fi
 
 # ---- MPI + GPU tests at p = NP (ring vs one-GPU kernel, layouts, check, hang safety, embedding) ----
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout 150 "${MPIRUN[@]}" "$BUILD/bin/ringattn_mpi_gpu_tests" >"$OUT/tests.log" 2>&1
+  timeout 240 "${MPIRUN[@]}" "$BUILD/bin/ringattn_mpi_gpu_tests" >"$OUT/tests.log" 2>&1
   note "# mpi_gpu tests np=$NP: exit $? ($(grep -c '\[       OK \]' "$OUT/tests.log") OK lines, $(grep -c '\[  FAILED  \]' "$OUT/tests.log") FAILED lines, $(grep -c '\[  SKIPPED \]' "$OUT/tests.log") SKIPPED lines) at $(elapsed) s"
   grep -E "^\[  FAILED  \]|Failure" "$OUT/tests.log" | sort -u | head -10 | tee -a "$SUMMARY"
   grep -E -A3 "Failure" "$OUT/tests.log" | head -24 | tee -a "$SUMMARY"
-  grep -E "^\[ hang" "$OUT/tests.log" | tee -a "$SUMMARY"
+  grep -E "^\[ hang|^\[ ring bwd" "$OUT/tests.log" | tee -a "$SUMMARY"
 fi
 
 note "# ---- ours p=$NP causal zigzag: tokens | per GPU | ms | TFLOP/s/GPU | 1-GPU | eff | exposed | mem | model | err | check"
