@@ -86,6 +86,7 @@ class RingAttention {
   HopCallback hop_cb_ = nullptr;
   void* hop_user_ = nullptr;
   bool post_early_ = false;  // RINGATTN_RING_POST=early: post exchanges before compute (timing only)
+  bool fold_beside_ = true;  // RINGATTN_RING_FOLD=compute: folds on the compute stream (timing only)
 };
 
 }  // namespace ringattn

@@ -18,6 +18,15 @@ bool post_early_from_env() {
   return v != nullptr && std::strcmp(v, "early") == 0;
 }
 
+// RINGATTN_RING_FOLD=compute folds each dK/dV share into the partial on the compute stream, between
+// two steps (for timing comparisons); unset or "beside": on the exchange stream, beside the next step.
+constexpr const char* kRingFoldEnv = "RINGATTN_RING_FOLD";
+
+bool fold_beside_from_env() {
+  const char* v = std::getenv(kRingFoldEnv);
+  return v == nullptr || std::strcmp(v, "compute") != 0;
+}
+
 // Source rank of the chunk visiting `rank` at step `step`: after k hops rank r holds chunk (r-k) mod p.
 int source_of(int rank, int step, int world) { return ((rank - step) % world + world) % world; }
 
@@ -56,6 +65,7 @@ RingAttention::RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend>
   kv_bytes_ = 2 * kv_elems * dtype_size(spec_.dtype);
   grad_bytes_ = 2 * kv_elems * dtype_size(accumulator_dtype(spec_.dtype));
   post_early_ = post_early_from_env();
+  fold_beside_ = fold_beside_from_env();
 }
 
 RingAttention::~RingAttention() = default;
@@ -213,9 +223,13 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
       };
     } else if (s >= 2 && shared) {
       void* prev_share = local_grad_[(s - 1) % 2];
-      before = [&, prev_share](void* stream) {
-        backend_->fold_on(gview(cur, kv_bytes_), gview(prev_share, 0), stream);
-      };
+      if (fold_beside_) {
+        before = [&, prev_share](void* stream) {
+          backend_->fold_on(gview(cur, kv_bytes_), gview(prev_share, 0), stream);
+        };
+      } else {
+        backend_->fold_on(gview(cur, kv_bytes_), gview(prev_share, 0), nullptr);
+      }
     }
     auto post = [&] {
       if (s == 0) {  // hop 0: the caller's K and V, sent in place

@@ -401,9 +401,9 @@ INSTANTIATE_TEST_SUITE_P(FlashBwd, FlashBwdTest, ::testing::ValuesIn(kCases),
                          [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
 
 // flash_bwd_accumulate (dst += src) or flash_bwd_fold (dst += src, then src = 0) over n elements at
-// an aligned (vectorised) and an unaligned (scalar) offset; the elements around the range stay as they were.
-void check_accumulate(bool fold) {
-  const int64_t n = 100003;
+// an aligned (vectorised when n allows) and an unaligned (scalar) offset; the elements around the
+// range stay as they were.
+void check_accumulate(bool fold, int64_t n) {
   std::vector<float> a(n + 8), b(n + 8);
   std::mt19937 rng(fold ? 5 : 3);
   std::uniform_real_distribution<float> u(-2.f, 2.f);
@@ -433,12 +433,16 @@ void check_accumulate(bool fold) {
 
 TEST(FlashBwdAccumulate, AddsInPlace) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device visible: GPU accumulate test skipped";
-  check_accumulate(false);
+  check_accumulate(false, 100003);
 }
 
 TEST(FlashBwdFold, AddsAndZeroesTheSource) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device visible: GPU fold test skipped";
-  check_accumulate(true);
+  check_accumulate(true, 100003);  // scalar path
+  check_accumulate(true, 100000);  // float4 path (aligned offset), unrolled grid-stride
+  setenv("RINGATTN_FOLD_BLOCKS", "3", 1);  // a capped grid: many strides per thread
+  check_accumulate(true, 100000);
+  unsetenv("RINGATTN_FOLD_BLOCKS");
 }
 
 // flash_bwd_cast_sum: dst = round(a + b), bf16 and fp16, vectorised and scalar paths, odd length,

@@ -18,6 +18,8 @@ namespace {
 constexpr int kRowsPerBlock = 8;  // preprocess: one warp per row
 constexpr int kElementwiseThreads = 256;       // accumulate / fold / cast_sum blocks
 constexpr int64_t kMaxElementwiseBlocks = 65535;  // grid-stride beyond
+constexpr int kFoldThreads = 1024;  // fold_vec4_kernel
+constexpr int kFoldUnroll = 4;
 
 // delta[b, h, i] = sum_d dout * out (fp32); lse_log2 = lse * log2(e), +inf where lse = -inf and on padding rows.
 template <typename Elem, int D>
@@ -140,6 +142,34 @@ __global__ void accumulate_kernel(float* __restrict__ dst, float* __restrict__ s
   for (int64_t i = done + first; i < n; i += stride) {
     dst[i] += src[i];
     if (kZeroSrc) src[i] = 0.f;
+  }
+}
+
+// The fold of 16-byte aligned buffers: kFoldUnroll float4 pairs in flight per thread, so that a
+// grid capped to a few SMs (beside the attention kernel) still keeps their memory pipes busy.
+template <int kUnroll>
+__global__ void __launch_bounds__(kFoldThreads) fold_vec4_kernel(float4* __restrict__ dst, float4* __restrict__ src,
+                                                                 int64_t n4) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t base = first; base < n4; base += stride * kUnroll) {
+    float4 a[kUnroll], b[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * stride;
+      if (i < n4) {
+        a[u] = dst[i];
+        b[u] = src[i];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * stride;
+      if (i < n4) {
+        dst[i] = make_float4(a[u].x + b[u].x, a[u].y + b[u].y, a[u].z + b[u].z, a[u].w + b[u].w);
+        src[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
   }
 }
 
@@ -298,9 +328,22 @@ void flash_bwd_accumulate(float* dst, const float* src, int64_t n, cudaStream_t 
 void flash_bwd_fold(float* dst, float* src, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
   require(dst != nullptr && src != nullptr, "fold of a null buffer");
-  const bool vec4 = aligned16(dst) && aligned16(src);
-  accumulate_kernel<true><<<elementwise_blocks(n, vec4), kElementwiseThreads, 0, stream>>>(dst, src, n, vec4);
-  check_cuda(cudaGetLastError(), "launch of the fold kernel");
+  if (!aligned16(dst) || !aligned16(src) || n % 4 != 0) {
+    accumulate_kernel<true><<<elementwise_blocks(n, false), kElementwiseThreads, 0, stream>>>(dst, src, n, false);
+    check_cuda(cudaGetLastError(), "launch of the fold kernel");
+    return;
+  }
+  const int64_t n4 = n / 4;
+  const int64_t want = (n4 + int64_t{kFoldThreads} * kFoldUnroll - 1) / (int64_t{kFoldThreads} * kFoldUnroll);
+  unsigned blocks = static_cast<unsigned>(want < 1 ? 1 : (want > kMaxElementwiseBlocks ? kMaxElementwiseBlocks : want));
+  // RINGATTN_FOLD_BLOCKS caps the grid (a fold beside the attention kernel takes an SM per block).
+  if (const char* cap = std::getenv("RINGATTN_FOLD_BLOCKS")) {
+    const int v = std::atoi(cap);
+    if (v > 0 && static_cast<unsigned>(v) < blocks) blocks = static_cast<unsigned>(v);
+  }
+  fold_vec4_kernel<kFoldUnroll><<<blocks, kFoldThreads, 0, stream>>>(reinterpret_cast<float4*>(dst),
+                                                                     reinterpret_cast<float4*>(src), n4);
+  check_cuda(cudaGetLastError(), "launch of fold_vec4_kernel");
 }
 
 void flash_bwd_cast_sum(const float* a, const float* b, void* dst, DType dtype, int64_t n, cudaStream_t stream) {
