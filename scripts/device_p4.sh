@@ -4,7 +4,7 @@
 # Usage (device machine, repository root): scripts/device_p4.sh [all|variants]
 #   variants: time the forward (with VARIANT_FLAGS=--backward: forward+backward) at VARIANT_SIZES
 #   (default 8k tokens per GPU) under each entry of
-#   VARIANTS ("name:ENV=V ..." words), then forward and forward+backward at 8k and 32k tokens per GPU
+#   VARIANTS ("name:ENV=V,ENV2=W ..." words), then forward and forward+backward at 8k and 32k tokens per GPU
 #   with the best, then `run --backward --check` at 1M tokens (the rest of the budget).
 # Env: OUT (logs; the device tool sets it), NP (4), BUDGET_S (wall seconds, default 560),
 #      RINGATTN_COMMIT (the commit the copied tree is; the device copy has no .git),
@@ -60,7 +60,7 @@ if [ "$MODE" = variants ]; then
   best=""; best_eff=0
   for v in ${VARIANTS:-default: default2: postearly:RINGATTN_RING_POST=early ctas8:RINGATTN_NCCL_MAX_CTAS=8 ctas16:RINGATTN_NCCL_MAX_CTAS=16 chunk2m:NCCL_P2P_NVL_CHUNKSIZE=2097152 p2pnccl:NCCL_MIN_P2P_NCHANNELS=1}; do
     left 200 || break
-    name=${v%%:*}; envs=${v#*:}
+    name=${v%%:*}; envs=${v#*:}; envs=${envs//,/ }  # "name:A=1,B=2"
     dbg=(); [ "$name" = default ] && dbg=(NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P)
     rm -f "/tmp/ra_v.json"
     echo "==== variant $name ($envs)" >>"$OUT/bench.log"

@@ -402,8 +402,8 @@ INSTANTIATE_TEST_SUITE_P(FlashBwd, FlashBwdTest, ::testing::ValuesIn(kCases),
 
 // flash_bwd_accumulate (dst += src) or flash_bwd_fold (dst += src, then src = 0) over n elements at
 // an aligned (vectorised when n allows) and an unaligned (scalar) offset; the elements around the
-// range stay as they were.
-void check_accumulate(bool fold, int64_t n) {
+// range stay as they were. fold_blocks caps the fold's grid (0: none).
+void check_accumulate(bool fold, int64_t n, unsigned fold_blocks = 0) {
   std::vector<float> a(n + 8), b(n + 8);
   std::mt19937 rng(fold ? 5 : 3);
   std::uniform_real_distribution<float> u(-2.f, 2.f);
@@ -415,7 +415,7 @@ void check_accumulate(bool fold, int64_t n) {
     CUDA_OK(cudaMemcpy(da.ptr, a.data(), (n + 8) * 4, cudaMemcpyHostToDevice));
     CUDA_OK(cudaMemcpy(db.ptr, b.data(), (n + 8) * 4, cudaMemcpyHostToDevice));
     if (fold) {
-      flash_bwd_fold(da.ptr + offset, db.ptr + offset, n, nullptr);
+      flash_bwd_fold(da.ptr + offset, db.ptr + offset, n, fold_blocks, nullptr);
     } else {
       flash_bwd_accumulate(da.ptr + offset, db.ptr + offset, n, nullptr);
     }
@@ -440,9 +440,7 @@ TEST(FlashBwdFold, AddsAndZeroesTheSource) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device visible: GPU fold test skipped";
   check_accumulate(true, 100003);  // scalar path
   check_accumulate(true, 100000);  // float4 path (aligned offset), unrolled grid-stride
-  setenv("RINGATTN_FOLD_BLOCKS", "3", 1);  // a capped grid: many strides per thread
-  check_accumulate(true, 100000);
-  unsetenv("RINGATTN_FOLD_BLOCKS");
+  check_accumulate(true, 100000, 3);  // a capped grid: many strides per thread
 }
 
 // flash_bwd_cast_sum: dst = round(a + b), bf16 and fp16, vectorised and scalar paths, odd length,

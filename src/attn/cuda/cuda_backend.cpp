@@ -19,6 +19,7 @@ constexpr int kMaxMarks = 4096;           // timeline events per pass, created o
 constexpr int64_t kVectorElems = 8;       // the kernels move 16-byte vectors of 2-byte elements
 constexpr std::size_t kVectorBytes = 16;
 constexpr double kLog2e = 1.4426950408889634;
+constexpr unsigned kFoldBesideBlocks = 16;  // fold_on on a side stream: blocks (SMs) it may take
 
 void require(bool cond, const std::string& what, const std::string& hint) {
   RINGATTN_CHECK(cond, ErrorKind::kInvalidArgument, what, hint);
@@ -285,7 +286,11 @@ class CudaBackend final : public Backend {
 
   void fold_on(const TensorView& dst, const TensorView& src, void* stream) override {
     require_accumulator_pair(dst, src, "fold");
-    cuda::flash_bwd_fold(dst.as<float>(), src.as<float>(), dst.numel(), stream_or_compute(stream));
+    // Beside the attention kernel (another stream) the fold runs on a few SMs: on 4x H200 at 8k
+    // tokens per GPU a full grid slowed the step by more than a fold between steps costs, 16
+    // blocks made the pass 1.5% faster than either (docs/BENCHMARKS.md, 2026-11-28 04:25).
+    const unsigned max_blocks = stream != nullptr && stream != stream_ ? kFoldBesideBlocks : 0;
+    cuda::flash_bwd_fold(dst.as<float>(), src.as<float>(), dst.numel(), max_blocks, stream_or_compute(stream));
   }
 
   void cast_accumulator(const TensorView& acc, const TensorView& dst) override {

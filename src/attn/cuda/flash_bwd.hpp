@@ -86,8 +86,9 @@ void flash_bwd_finalize(const FlashBwdParams& params, cudaStream_t stream);
 // dst[i] += src[i] for n contiguous fp32 elements (Backend::accumulate of travelling dK/dV partials).
 void flash_bwd_accumulate(float* dst, const float* src, int64_t n, cudaStream_t stream);
 // dst[i] += src[i], then src[i] = 0, in one pass (Backend::fold_on: a share folded into the partial
-// that travels on, its buffer left zeroed for a later step).
-void flash_bwd_fold(float* dst, float* src, int64_t n, cudaStream_t stream);
+// that travels on, its buffer left zeroed for a later step). max_blocks > 0 caps the grid: beside
+// the attention kernel every block of the fold takes a whole SM from it.
+void flash_bwd_fold(float* dst, float* src, int64_t n, unsigned max_blocks, cudaStream_t stream);
 // dst = round(a + b) into bf16/fp16, n elements: the last partial plus this rank's share, rounded once.
 void flash_bwd_cast_sum(const float* a, const float* b, void* dst, DType dtype, int64_t n, cudaStream_t stream);
 

@@ -325,7 +325,7 @@ void flash_bwd_accumulate(float* dst, const float* src, int64_t n, cudaStream_t 
   check_cuda(cudaGetLastError(), "launch of accumulate_kernel");
 }
 
-void flash_bwd_fold(float* dst, float* src, int64_t n, cudaStream_t stream) {
+void flash_bwd_fold(float* dst, float* src, int64_t n, unsigned max_blocks, cudaStream_t stream) {
   if (n <= 0) return;
   require(dst != nullptr && src != nullptr, "fold of a null buffer");
   if (!aligned16(dst) || !aligned16(src) || n % 4 != 0) {
@@ -336,11 +336,7 @@ void flash_bwd_fold(float* dst, float* src, int64_t n, cudaStream_t stream) {
   const int64_t n4 = n / 4;
   const int64_t want = (n4 + int64_t{kFoldThreads} * kFoldUnroll - 1) / (int64_t{kFoldThreads} * kFoldUnroll);
   unsigned blocks = static_cast<unsigned>(want < 1 ? 1 : (want > kMaxElementwiseBlocks ? kMaxElementwiseBlocks : want));
-  // RINGATTN_FOLD_BLOCKS caps the grid (a fold beside the attention kernel takes an SM per block).
-  if (const char* cap = std::getenv("RINGATTN_FOLD_BLOCKS")) {
-    const int v = std::atoi(cap);
-    if (v > 0 && static_cast<unsigned>(v) < blocks) blocks = static_cast<unsigned>(v);
-  }
+  if (max_blocks > 0 && max_blocks < blocks) blocks = max_blocks;
   fold_vec4_kernel<kFoldUnroll><<<blocks, kFoldThreads, 0, stream>>>(reinterpret_cast<float4*>(dst),
                                                                      reinterpret_cast<float4*>(src), n4);
   check_cuda(cudaGetLastError(), "launch of fold_vec4_kernel");
