@@ -100,6 +100,9 @@ NcclTransport::NcclTransport(MPI_Comm comm, int device, cudaStream_t compute_str
     }
     settle_locked("ncclCommInitRankConfig", -1);
   }
+  if (CopyEngineRing::wanted(comm, world_)) {
+    ce_ = std::make_unique<CopyEngineRing>(comm, rank_, world_, compute_stream_, static_cast<int>(slots_.size()));
+  }
   watchdog_ = std::thread([this] { watchdog_loop(); });
 }
 
@@ -290,6 +293,17 @@ void NcclTransport::start_exchange_pieces(const ExchangePart* parts, int num_par
   // The prologue's work runs on the comm stream ahead of the transfer, beside the compute enqueued
   // after the fence (it only enqueues, so calling it under the lock is cheap).
   if (before) before(comm_stream_);
+  if (ce_) {
+    ce_->post(seq_, parts, num_parts, comm_stream_, ce_poll(lock, Clock::now() + timeout(), hop));
+    check_cuda(cudaEventRecord(slot.done, comm_stream_), "cudaEventRecord (exchange done)");
+    slot.hop = hop;
+    slot.seq = seq_++;
+    slot.pending = true;
+    slot.posted = Clock::now();
+    lock.unlock();
+    cv_.notify_all();
+    return;
+  }
   // Byte counts with ncclInt8: counts are elements of the datatype, here bytes.
   // Several sends to one peer inside a group are matched in order, so piece i lands in its recv.
   ncclResult_t r = ncclGroupStart();
@@ -328,6 +342,7 @@ void NcclTransport::fence(int hop) {
   // captured the event when it was posted.
   check_cuda(cudaEventRecord(slot.fence, compute_stream_), "cudaEventRecord (fence)");
   slot.fence_hop = hop;
+  if (ce_) ce_->mark_free(seq_);  // this hop's exchange will be number seq_
 }
 
 void NcclTransport::wait(int hop) {
@@ -337,6 +352,7 @@ void NcclTransport::wait(int hop) {
     Slot& slot = slot_for(hop);
     RINGATTN_CHECK(slot.hop == hop, ErrorKind::kInternal,
                    "wait for hop " + std::to_string(hop) + " that was never started", "");
+    if (ce_) ce_->wait(slot.seq, ce_poll(lock, Clock::now() + timeout(), hop));  // rank-1's data landed
     check_cuda(cudaStreamWaitEvent(compute_stream_, slot.done, 0), "cudaStreamWaitEvent (compute waits for comm)");
     return;
   }
@@ -361,6 +377,23 @@ void NcclTransport::wait(int hop) {
     lock.lock();
     if (failed_.load()) throw Error(ErrorKind::kComm, failure_);
   }
+}
+
+CopyEngineRing::Poll NcclTransport::ce_poll(std::unique_lock<std::mutex>& lock, Clock::time_point deadline, int hop) {
+  return [this, &lock, deadline, hop](const std::string& waiting_for) {
+    lock.unlock();
+    std::this_thread::sleep_for(kSettlePoll);
+    lock.lock();
+    if (failed_.load()) throw Error(ErrorKind::kComm, failure_);
+    if (Clock::now() > deadline) {
+      fail_locked("hop " + std::to_string(hop) + ": copy-engine exchange timed out after " +
+                  seconds_text(timeout_ms_.load()) + " waiting for " + waiting_for + " (send to " + peer_text(next_) +
+                  ", receive from " + peer_text(prev_) + "); a peer is stalled or dead "
+                  "(hint: raise -T if one step legitimately takes longer)");
+      ce_->cancel();
+      throw Error(ErrorKind::kComm, failure_);
+    }
+  };
 }
 
 void NcclTransport::abort(const std::string& why) {

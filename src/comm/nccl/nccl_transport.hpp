@@ -8,11 +8,13 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "comm/nccl/copy_engine_ring.hpp"
 #include "ringattn/transport.hpp"
 
 namespace ringattn {
@@ -67,6 +69,7 @@ class NcclTransport final : public Transport {
     cudaEvent_t fence = nullptr;  // recorded on the compute stream by fence(hop)
     int fence_hop = -1;           // the hop whose fence is recorded, -1 when none
     int hop = -1;
+    long seq = -1;                // the exchange's number (copy-engine path)
     bool pending = false;
     Clock::time_point posted;
   };
@@ -81,6 +84,9 @@ class NcclTransport final : public Transport {
   // The comm stream (highest priority), its ordering event and the per-hop event slots.
   void create_streams_and_events();
   std::chrono::milliseconds timeout() const;
+  // The copy-engine path's host wait: unlocks `lock` while it sleeps; fails the transport (and
+  // throws) once `deadline` is past.
+  CopyEngineRing::Poll ce_poll(std::unique_lock<std::mutex>& lock, Clock::time_point deadline, int hop);
 
   int rank_ = 0;
   int world_ = 1;
@@ -94,6 +100,9 @@ class NcclTransport final : public Transport {
   cudaStream_t comm_stream_ = nullptr;
   cudaEvent_t ready_ = nullptr;
   std::vector<Slot> slots_;
+  // RINGATTN_COPY_ENGINE=1 on one host: the data moves by copy engines instead of NCCL kernels.
+  std::unique_ptr<CopyEngineRing> ce_;
+  long seq_ = 0;  // exchanges started so far (the same count on every rank)
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
