@@ -11,7 +11,8 @@
 #      SKIP_TESTS=1, SKIP_FWD=1, SKIP_PEER=1, SKIP_1M=1 (leave out a part), SIZES (the ring sweep's
 #      total tokens, "-b 32K -e 128K -f 2": 8k to 32k tokens per GPU at NP=4), BASE_TREE (the source
 #      tree of an earlier commit, carried: built beside ours, its forward+backward timed right after
-#      ours at the same sizes), GPU_TESTS (a gtest filter of the one-GPU suite to run first).
+#      ours at the same sizes), GPU_TESTS (a gtest filter of the one-GPU suite to run first),
+#      NCCL_TESTS (a gtest filter of the MPI+GPU suite to run again with RINGATTN_COPY_ENGINE=0).
 # Steps run in order of importance, each under its own timeout, and are skipped once the budget is
 # nearly spent. The summary ($OUT/summary.txt) is printed last.
 set -u
@@ -103,6 +104,12 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   grep -E "^\[  FAILED  \]|Failure" "$OUT/tests.log" | sort -u | head -10 | tee -a "$SUMMARY"
   grep -E -A3 "Failure" "$OUT/tests.log" | head -24 | tee -a "$SUMMARY"
   grep -E "^\[ hang|^\[ ring bwd" "$OUT/tests.log" | tee -a "$SUMMARY"
+  if [ -n "${NCCL_TESTS:-}" ]; then  # the same suite over NCCL's kernels (the copy-engine exchange off)
+    RINGATTN_COPY_ENGINE=0 timeout 200 "${MPIRUN[@]}" -x RINGATTN_COPY_ENGINE "$BUILD/bin/ringattn_mpi_gpu_tests" \
+      --gtest_filter="$NCCL_TESTS" >"$OUT/tests_nccl.log" 2>&1
+    note "# mpi_gpu tests np=$NP over NCCL ('$NCCL_TESTS'): exit $? ($(grep -c '\[       OK \]' "$OUT/tests_nccl.log") OK, $(grep -c '\[  FAILED  \]' "$OUT/tests_nccl.log") FAILED lines)"
+    grep -E "^\[ hang|^\[  FAILED" "$OUT/tests_nccl.log" | tee -a "$SUMMARY"
+  fi
 fi
 
 note "# ---- ours p=$NP causal zigzag: tokens | per GPU | ms | TFLOP/s/GPU | 1-GPU | eff | exposed | mem | model | err | check"

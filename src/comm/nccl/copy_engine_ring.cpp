@@ -51,7 +51,7 @@ GetAddressRangeFn address_range_fn() {
 
 bool CopyEngineRing::wanted(MPI_Comm comm, int world) {
   const char* env = std::getenv(kCopyEngineEnv);
-  int mine = env != nullptr && std::strcmp(env, "1") == 0 && world > 1 ? 1 : 0;
+  int mine = (env == nullptr || std::strcmp(env, "0") != 0) && world > 1 ? 1 : 0;
   char name[MPI_MAX_PROCESSOR_NAME] = {0};
   int len = 0;
   check_mpi(MPI_Get_processor_name(name, &len), "MPI_Get_processor_name");
@@ -64,51 +64,90 @@ bool CopyEngineRing::wanted(MPI_Comm comm, int world) {
   return all == 1 && lo == hi;
 }
 
+void CopyEngineRing::agree(bool ok, const std::string& what) {
+  int mine = ok ? 1 : 0, all = 0;
+  check_mpi(MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MIN, comm_), "MPI_Allreduce");
+  if (all == 1) return;
+  release();
+  fail(ErrorKind::kCuda, ok ? "another rank could not set up the copy-engine exchange" : what,
+       "unset RINGATTN_COPY_ENGINE or set it to 0 to exchange over NCCL");
+}
+
 CopyEngineRing::CopyEngineRing(MPI_Comm comm, int rank, int world, cudaStream_t compute_stream, int slots)
     : rank_(rank), world_(world), compute_stream_(compute_stream) {
   next_ = (rank_ + 1) % world_;
   prev_ = (rank_ + world_ - 1) % world_;
   check_mpi(MPI_Comm_dup(comm, &comm_), "MPI_Comm_dup");
   const std::size_t k = static_cast<std::size_t>(slots);
-  free_.resize(k);
-  sent_.resize(k);
-  next_free_.resize(k);
-  prev_sent_.resize(k);
+  free_.assign(k, nullptr);
+  sent_.assign(k, nullptr);
+  next_free_.assign(k, nullptr);
+  prev_sent_.assign(k, nullptr);
   free_marked_.assign(k, -1);
   free_out_.resize(k);
   sent_out_.assign(k, -1);
+  // Local set-up first, agreed on by every rank before any rank waits for a peer.
   std::vector<cudaIpcEventHandle_t> my_free(k), my_sent(k), their_free(k), their_sent(k);
-  for (std::size_t i = 0; i < k; ++i) {
-    check_cuda(cudaEventCreateWithFlags(&free_[i], kEventFlags), "cudaEventCreateWithFlags (interprocess)");
-    check_cuda(cudaEventCreateWithFlags(&sent_[i], kEventFlags), "cudaEventCreateWithFlags (interprocess)");
-    check_cuda(cudaIpcGetEventHandle(&my_free[i], free_[i]), "cudaIpcGetEventHandle");
-    check_cuda(cudaIpcGetEventHandle(&my_sent[i], sent_[i]), "cudaIpcGetEventHandle");
+  cudaIpcMemHandle_t my_probe{}, their_probe{};
+  std::string why;
+  auto local = [&](cudaError_t e, const char* call) {
+    if (e != cudaSuccess && why.empty()) why = std::string(call) + " failed: " + cudaGetErrorString(e);
+    return e == cudaSuccess;
+  };
+  for (std::size_t i = 0; i < k && why.empty(); ++i) {
+    local(cudaEventCreateWithFlags(&free_[i], kEventFlags), "cudaEventCreateWithFlags (interprocess)") &&
+        local(cudaEventCreateWithFlags(&sent_[i], kEventFlags), "cudaEventCreateWithFlags (interprocess)") &&
+        local(cudaIpcGetEventHandle(&my_free[i], free_[i]), "cudaIpcGetEventHandle") &&
+        local(cudaIpcGetEventHandle(&my_sent[i], sent_[i]), "cudaIpcGetEventHandle");
   }
+  if (why.empty() && local(cudaMalloc(&probe_, kProbeBytes), "cudaMalloc (probe)")) {
+    local(cudaIpcGetMemHandle(&my_probe, probe_), "cudaIpcGetMemHandle");
+  }
+  agree(why.empty(), why);
   const int bytes = static_cast<int>(k * sizeof(cudaIpcEventHandle_t));
-  // rank-1 waits on our free events, rank+1 on our sent events.
+  // rank-1 waits on our free events and writes into our memory, rank+1 waits on our sent events.
   check_mpi(MPI_Sendrecv(my_free.data(), bytes, MPI_BYTE, prev_, kTagFree, their_free.data(), bytes, MPI_BYTE, next_,
                          kTagFree, comm_, MPI_STATUS_IGNORE),
             "MPI_Sendrecv of event handles");
   check_mpi(MPI_Sendrecv(my_sent.data(), bytes, MPI_BYTE, next_, kTagSent, their_sent.data(), bytes, MPI_BYTE, prev_,
                          kTagSent, comm_, MPI_STATUS_IGNORE),
             "MPI_Sendrecv of event handles");
-  for (std::size_t i = 0; i < k; ++i) {
-    check_cuda(cudaIpcOpenEventHandle(&next_free_[i], their_free[i]), "cudaIpcOpenEventHandle (rank+1's free event)");
-    check_cuda(cudaIpcOpenEventHandle(&prev_sent_[i], their_sent[i]), "cudaIpcOpenEventHandle (rank-1's sent event)");
+  check_mpi(MPI_Sendrecv(&my_probe, sizeof(my_probe), MPI_BYTE, prev_, kTagFree, &their_probe, sizeof(their_probe),
+                         MPI_BYTE, next_, kTagFree, comm_, MPI_STATUS_IGNORE),
+            "MPI_Sendrecv of the probe handle");
+  for (std::size_t i = 0; i < k && why.empty(); ++i) {
+    local(cudaIpcOpenEventHandle(&next_free_[i], their_free[i]), "cudaIpcOpenEventHandle (rank+1's free event)") &&
+        local(cudaIpcOpenEventHandle(&prev_sent_[i], their_sent[i]), "cudaIpcOpenEventHandle (rank-1's sent event)");
   }
+  // Mapping rank+1's probe proves that its memory is reachable (peer access) before any exchange.
+  void* mapped = nullptr;
+  if (why.empty() && local(cudaIpcOpenMemHandle(&mapped, their_probe, cudaIpcMemLazyEnablePeerAccess),
+                           "cudaIpcOpenMemHandle (rank+1's probe)")) {
+    opened_.emplace(std::string(reinterpret_cast<const char*>(&their_probe), sizeof(their_probe)),
+                    static_cast<char*>(mapped));
+  }
+  agree(why.empty(), why);
 }
 
-CopyEngineRing::~CopyEngineRing() {
+CopyEngineRing::~CopyEngineRing() { release(); }
+
+void CopyEngineRing::release() {
   cancel();
   for (auto& [key, base] : opened_) cudaIpcCloseMemHandle(base);
+  opened_.clear();
   for (auto* v : {&free_, &sent_, &next_free_, &prev_sent_}) {
-    for (cudaEvent_t e : *v) {
+    for (cudaEvent_t& e : *v) {
       if (e) cudaEventDestroy(e);
+      e = nullptr;
     }
   }
+  if (probe_) cudaFree(probe_);
+  probe_ = nullptr;
+  cudaGetLastError();  // a failed set-up leaves nothing behind for the caller's next CUDA call
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (!finalized && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+  comm_ = MPI_COMM_NULL;
 }
 
 void CopyEngineRing::cancel() {

@@ -29,14 +29,15 @@ namespace ringattn {
 // wait on its previous record was enqueued (the host messages order them).
 class CopyEngineRing {
  public:
-  // Collective over `comm` (duplicated inside). Throws when the events cannot be shared.
+  // Collective over `comm` (duplicated inside). Throws on every rank alike when any rank cannot
+  // share its events or map rank+1's memory (a probe allocation proves peer access).
   CopyEngineRing(MPI_Comm comm, int rank, int world, cudaStream_t compute_stream, int slots);
   ~CopyEngineRing();
   CopyEngineRing(const CopyEngineRing&) = delete;
   CopyEngineRing& operator=(const CopyEngineRing&) = delete;
 
-  // Whether every rank of `comm` may use copy engines: RINGATTN_COPY_ENGINE=1 on this rank, all
-  // ranks on one host, more than one rank (collective: the answer is the same on every rank).
+  // Whether every rank of `comm` should try copy engines: more than one rank, all on one host, and
+  // no rank with RINGATTN_COPY_ENGINE=0 (collective: the answer is the same on every rank).
   static bool wanted(MPI_Comm comm, int world);
 
   // Called until it returns true or throws; `poll` sleeps a little, unlocks the caller's lock while
@@ -55,6 +56,7 @@ class CopyEngineRing {
 
  private:
   static constexpr int kMaxParts = 4;
+  static constexpr std::size_t kProbeBytes = 256;
   struct PieceInfo {
     cudaIpcMemHandle_t handle;
     unsigned long long offset;
@@ -71,6 +73,9 @@ class CopyEngineRing {
   // This process's mapping of a peer allocation (cached per handle).
   char* open_handle(const cudaIpcMemHandle_t& handle);
   void wait_request(MPI_Request* req, const Poll& poll, const std::string& what);
+  // Collective: returns when every rank's `ok` is true, else releases everything and throws.
+  void agree(bool ok, const std::string& what);
+  void release();
   void complete_sends(const Poll& poll);
 
   MPI_Comm comm_ = MPI_COMM_NULL;
@@ -84,6 +89,7 @@ class CopyEngineRing {
   std::vector<MPI_Request> sends_;                      // outstanding host messages we sent
   std::vector<FreeMessage> free_out_;                   // their buffers (slot-indexed)
   std::vector<long> sent_out_;
+  void* probe_ = nullptr;  // a small allocation rank-1 maps at set-up
 };
 
 }  // namespace ringattn

@@ -100,8 +100,17 @@ NcclTransport::NcclTransport(MPI_Comm comm, int device, cudaStream_t compute_str
     }
     settle_locked("ncclCommInitRankConfig", -1);
   }
+  // Ranks of one host move the data by copy engines (no SM taken from the attention kernels) unless
+  // RINGATTN_COPY_ENGINE=0; a set-up that fails on any rank leaves every rank on NCCL's kernels.
   if (CopyEngineRing::wanted(comm, world_)) {
-    ce_ = std::make_unique<CopyEngineRing>(comm, rank_, world_, compute_stream_, static_cast<int>(slots_.size()));
+    try {
+      ce_ = std::make_unique<CopyEngineRing>(comm, rank_, world_, compute_stream_, static_cast<int>(slots_.size()));
+    } catch (const Error& e) {
+      if (rank_ == 0) {
+        std::fprintf(stderr, "ringattn: %s copy-engine exchange unavailable (%s); NCCL kernels move the data\n",
+                     context_prefix().c_str(), e.what());
+      }
+    }
   }
   watchdog_ = std::thread([this] { watchdog_loop(); });
 }
