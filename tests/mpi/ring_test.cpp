@@ -207,6 +207,39 @@ TEST(RingTransport, AfterKHopsRankHoldsChunkOfRankMinusK) {
   }
 }
 
+// An exchange of pieces: each piece lands in its own receive buffer; a host transport runs the
+// prologue (the backward's fold) while posting, and rank+1 receives what it wrote.
+TEST(RingTransport, PiecesLandInTheirBuffersAfterThePrologue) {
+  const int world = mpi_world(), rank = mpi_rank();
+  if (world == 1) GTEST_SKIP() << "needs at least 2 ranks to exchange";
+  MPI_Comm host_comm = MPI_COMM_WORLD;
+  auto transport = make_mpi_transport_borrowed(&host_comm);
+  const std::size_t sizes[3] = {17, 0, 4099};  // odd sizes, and an empty piece
+  std::vector<unsigned char> send[3], recv[3];
+  for (int i = 0; i < 3; ++i) {
+    send[i].assign(sizes[i], static_cast<unsigned char>(rank * 10 + i));
+    recv[i].assign(sizes[i], 0xEE);
+  }
+  const ExchangePart parts[3] = {{send[0].data(), recv[0].data(), sizes[0]},
+                                 {send[1].data(), recv[1].data(), sizes[1]},
+                                 {send[2].data(), recv[2].data(), sizes[2]}};
+  bool ran = false;
+  transport->start_exchange_pieces(parts, 3, 0, [&](void* stream) {
+    EXPECT_EQ(stream, nullptr) << "a host transport runs the prologue itself";
+    for (auto& x : send[2]) x = static_cast<unsigned char>(x + 100);
+    ran = true;
+  });
+  EXPECT_TRUE(ran) << "the prologue had not run when the exchange was posted";
+  transport->wait(0);
+  const int prev = (rank + world - 1) % world;
+  for (int i = 0; i < 3; ++i) {
+    const unsigned char want = static_cast<unsigned char>(prev * 10 + i + (i == 2 ? 100 : 0));
+    for (std::size_t j = 0; j < sizes[i]; ++j) {
+      ASSERT_EQ(recv[i][j], want) << "piece " << i << " byte " << j << " on rank " << rank;
+    }
+  }
+}
+
 // Backward through the ring equals the naive fp64 reference gradients.
 void backward_case(const Case& c, int64_t batch, int64_t seq, int head_dim) {
   const int world = mpi_world(), rank = mpi_rank();
