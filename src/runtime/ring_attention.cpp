@@ -267,8 +267,10 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   // Home hop: the chunk processed last belongs to rank r+1; send it its finished gradients. They
   // are final here, so they are rounded to the input dtype before they travel (into the free K/V
   // part of the buffer): the owner gets the bits it would have rounded itself, and for 16-bit
-  // inputs this transfer, which no step hides, carries half the bytes of the fp32 sums. They land
-  // in the caller's dk and dv; dQ's finalize runs beside the transfer.
+  // inputs this transfer, which no step hides, carries half the bytes of the fp32 sums. dQ's
+  // finalize runs beside the transfer. They land in a buffer of the ring and are copied to the
+  // caller's dk and dv: a transport may need buffers it can share with the peer (the copy-engine
+  // exchange maps the receiver's memory by CUDA IPC, which a caller's pool or VMM memory refuses).
   if (p > 1) {
     void* cur = grad_buffers_[p % 2];  // the arrived partial; its K/V part is stale
     void* last_share = local_grad_[(p - 1) % 2];
@@ -280,14 +282,15 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
       backend_->cast_accumulator(dk_of(cur, kv_bytes_), kview(cur));
       backend_->cast_accumulator(dv_of(cur, kv_bytes_), vview(cur));
     }
-    const ExchangePart home[2] = {{cur, dk.data, kv_bytes_ / 2},
-                                  {static_cast<char*>(cur) + kv_bytes_ / 2, dv.data, kv_bytes_ / 2}};
-    transport_->start_exchange_pieces(home, 2, p);
+    void* home = grad_buffers_[(p + 1) % 2];  // receives [dK | dV] of this rank's own chunk
+    transport_->start_exchange(cur, home, kv_bytes_, p);
     backend_->backward_end(dq);
     marks[p].computed = backend_->mark();
     transport_->wait(p);
     marks[p].arrived = backend_->mark();
     stats_.hops[p] = HopStats{p, source_of(r, p - 1, p), false, 0.0, 0.0};
+    backend_->copy(dk.data, home, kv_bytes_ / 2);
+    backend_->copy(dv.data, static_cast<char*>(home) + kv_bytes_ / 2, kv_bytes_ / 2);
   } else {
     backend_->cast_accumulator(dk_of(local_grad_[0], 0), dk);
     backend_->cast_accumulator(dv_of(local_grad_[0], 0), dv);

@@ -329,7 +329,9 @@ void flash_bwd_fold(float* dst, float* src, int64_t n, unsigned max_blocks, cuda
   if (n <= 0) return;
   require(dst != nullptr && src != nullptr, "fold of a null buffer");
   if (!aligned16(dst) || !aligned16(src) || n % 4 != 0) {
-    accumulate_kernel<true><<<elementwise_blocks(n, false), kElementwiseThreads, 0, stream>>>(dst, src, n, false);
+    unsigned blocks = elementwise_blocks(n, false);
+    if (max_blocks > 0 && max_blocks < blocks) blocks = max_blocks;
+    accumulate_kernel<true><<<blocks, kElementwiseThreads, 0, stream>>>(dst, src, n, false);
     check_cuda(cudaGetLastError(), "launch of the fold kernel");
     return;
   }

@@ -151,6 +151,12 @@ void CopyEngineRing::release() {
 }
 
 void CopyEngineRing::cancel() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (finalized) {
+    sends_.clear();
+    return;
+  }
   for (MPI_Request& r : sends_) {
     if (r == MPI_REQUEST_NULL) continue;
     int done = 0;
@@ -171,8 +177,10 @@ void CopyEngineRing::wait_request(MPI_Request* req, const Poll& poll, const std:
     try {
       poll(what);
     } catch (...) {
+      // Cancelled, or matched meanwhile: either way the request completes and its buffer (a
+      // member) is no longer written once MPI_Wait returns.
       MPI_Cancel(req);
-      MPI_Request_free(req);
+      MPI_Wait(req, MPI_STATUS_IGNORE);
       throw;
     }
   }
@@ -236,7 +244,7 @@ void CopyEngineRing::post(long seq, const ExchangePart* parts, int num_parts, cu
   sends_.push_back(req);
 
   // Sender: rank+1's buffers for this exchange.
-  FreeMessage in;
+  FreeMessage& in = free_in_;
   req = MPI_REQUEST_NULL;
   check_mpi(MPI_Irecv(&in, sizeof(in), MPI_BYTE, next_, kTagFree, comm_, &req), "MPI_Irecv (free)");
   wait_request(&req, poll, "rank " + std::to_string(next_) + "'s receive buffers");
@@ -265,7 +273,8 @@ void CopyEngineRing::post(long seq, const ExchangePart* parts, int num_parts, cu
 }
 
 void CopyEngineRing::wait(long seq, const Poll& poll) {
-  long got = -1;
+  long& got = sent_in_;
+  got = -1;
   MPI_Request req = MPI_REQUEST_NULL;
   check_mpi(MPI_Irecv(&got, 1, MPI_LONG, prev_, kTagSent, comm_, &req), "MPI_Irecv (sent)");
   wait_request(&req, poll, "rank " + std::to_string(prev_) + "'s data");

@@ -84,11 +84,12 @@ class CopyEngineRing {
   std::vector<cudaEvent_t> free_, sent_;                // ours: recorded here, waited on by a peer
   std::vector<cudaEvent_t> next_free_, prev_sent_;      // the peers', opened through their handles
   std::vector<long> free_marked_;                       // seq whose free event mark_free recorded
-  std::map<void*, std::pair<cudaIpcMemHandle_t, unsigned long long>> exported_;  // base -> handle, size
   std::map<std::string, char*> opened_;                 // handle bytes -> mapped base
   std::vector<MPI_Request> sends_;                      // outstanding host messages we sent
   std::vector<FreeMessage> free_out_;                   // their buffers (slot-indexed)
   std::vector<long> sent_out_;
+  FreeMessage free_in_{};  // receive buffers of the host messages (members: a cancelled receive
+  long sent_in_ = -1;      // may still be written until MPI_Wait returns)
   void* probe_ = nullptr;  // a small allocation rank-1 maps at set-up
 };
 

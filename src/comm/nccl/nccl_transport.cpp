@@ -201,6 +201,7 @@ NcclTransport::~NcclTransport() {
     }
     comm_ = nullptr;
   }
+  ce_.reset();  // after the drains above; before the streams and events its work was queued on
   for (Slot& s : slots_) {
     if (s.done) cudaEventDestroy(s.done);
     if (s.fence) cudaEventDestroy(s.fence);
@@ -303,7 +304,13 @@ void NcclTransport::start_exchange_pieces(const ExchangePart* parts, int num_par
   // after the fence (it only enqueues, so calling it under the lock is cheap).
   if (before) before(comm_stream_);
   if (ce_) {
-    ce_->post(seq_, parts, num_parts, comm_stream_, ce_poll(lock, Clock::now() + timeout(), hop));
+    try {
+      ce_->post(seq_, parts, num_parts, comm_stream_, ce_poll(lock, Clock::now() + timeout(), hop));
+    } catch (const Error& e) {  // the ranks are out of step now: every later call fails
+      fail_locked("hop " + std::to_string(hop) + ": " + e.what());
+      ce_->cancel();
+      throw Error(ErrorKind::kComm, failure_);
+    }
     check_cuda(cudaEventRecord(slot.done, comm_stream_), "cudaEventRecord (exchange done)");
     slot.hop = hop;
     slot.seq = seq_++;
@@ -361,7 +368,15 @@ void NcclTransport::wait(int hop) {
     Slot& slot = slot_for(hop);
     RINGATTN_CHECK(slot.hop == hop, ErrorKind::kInternal,
                    "wait for hop " + std::to_string(hop) + " that was never started", "");
-    if (ce_) ce_->wait(slot.seq, ce_poll(lock, Clock::now() + timeout(), hop));  // rank-1's data landed
+    if (ce_) {  // rank-1's data landed
+      try {
+        ce_->wait(slot.seq, ce_poll(lock, Clock::now() + timeout(), hop));
+      } catch (const Error& e) {
+        fail_locked("hop " + std::to_string(hop) + ": " + e.what());
+        ce_->cancel();
+        throw Error(ErrorKind::kComm, failure_);
+      }
+    }
     check_cuda(cudaStreamWaitEvent(compute_stream_, slot.done, 0), "cudaStreamWaitEvent (compute waits for comm)");
     return;
   }
