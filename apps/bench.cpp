@@ -209,6 +209,7 @@ struct SizeResult {
   int64_t tokens = 0;
   int64_t tokens_per_gpu = 0;
   double flops = 0.0;
+  std::string exchange;        // the ring's transport as built ("nccl+copy-engine", "nccl", "mpi", ...)
   double ring_ms = 0.0;        // max over ranks of the median wall time
   double ring_min_ms = 0.0;    // max over ranks of the fastest pass
   double baseline_ms = 0.0;    // the same backend calls without the ring (max over ranks of median)
@@ -475,6 +476,7 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
   std::unique_ptr<RingAttention> ring = session.make_ring(spec);
   ring->transport().set_timeout_ms(f.problem.timeout_s * 1000.0);
   coll.set_transport(&ring->transport());
+  res.exchange = ring->transport().name();
   Backend& be = ring->backend();
   const int64_t B = spec.batch, c = ring->local_seq(), H = spec.heads, Hkv = spec.effective_kv_heads();
   const int64_t D = spec.head_dim;
@@ -671,6 +673,7 @@ std::string results_json(const BenchFlags& f, const AttentionSpec& base, Session
   for (const SizeResult& r : results) {
     j.begin_object()
         .field("tokens", r.tokens)
+        .field("exchange", r.exchange)
         .field("tokens_per_gpu", r.tokens_per_gpu)
         .field("flops", r.flops)
         .field("time_ms", r.ring_ms)
@@ -789,6 +792,7 @@ int run_bench(const BenchFlags& f) {
   const int exit_code = ok ? 0 : kExitFailed;
   if (root) {
     std::printf("#\n");
+    if (!results.empty()) std::printf("# exchange: %s\n", results.front().exchange.c_str());
     for (const SizeResult& r : results) {
       std::printf("# per-hop at %lld tokens (max over ranks, last pass): ", static_cast<long long>(r.tokens));
       for (std::size_t h = 0; h < r.hops.size(); ++h) {

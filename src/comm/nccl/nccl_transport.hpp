@@ -44,7 +44,8 @@ class NcclTransport final : public Transport {
   NcclTransport(const NcclTransport&) = delete;
   NcclTransport& operator=(const NcclTransport&) = delete;
 
-  const char* name() const override { return "nccl"; }
+  // "nccl+copy-engine" when the data moves by copy engines, "nccl" when by NCCL's kernels.
+  const char* name() const override { return ce_ ? "nccl+copy-engine" : "nccl"; }
   int rank() const override { return rank_; }
   int world() const override { return world_; }
   void start_exchange_pieces(const ExchangePart* parts, int num_parts, int hop,
