@@ -13,48 +13,25 @@
 #include "gpu/gpu_test_util.hpp"
 #include "mpi_gpu/grad_compare.hpp"
 #include "mpi_gpu/mpi_gpu_env.hpp"
+#include "mpi_gpu/ring_case.hpp"
 #include "ringattn/ringattn.hpp"
 #include "runtime/cuda/device_tensors.hpp"
 
 namespace ringattn::test {
 namespace {
 
-struct BwdCase {
-  Layout layout;
-  bool causal;
-  int heads;
-  int kv_heads;
-  int head_dim;
-  DType dtype;
-  int64_t seq_len;
-};
-
-std::string bwd_case_name(const BwdCase& c) {
-  return std::string(layout_name(c.layout)) + (c.causal ? "_causal" : "_full") + "_h" + std::to_string(c.heads) +
-         "kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" + dtype_name(c.dtype) + "_s" +
-         std::to_string(c.seq_len);
-}
-
-class RingBackwardGpu : public ::testing::TestWithParam<BwdCase> {};
+class RingBackwardGpu : public ::testing::TestWithParam<Case> {};
 
 // Two backward passes on one ring with different dO: the second must equal the reference of its
 // own dO (a share or partial left over from the first, or a share buffer the exchange stream had
 // not zeroed, would show). Contiguous causal rings skip steps (no share, the partial passes on).
 TEST_P(RingBackwardGpu, MatchesFp64ReferenceTwiceOnOneRing) {
   RINGATTN_SKIP_WITHOUT_GPU_PER_RANK();
-  const BwdCase c = GetParam();
-  AttentionSpec spec;
-  spec.batch = 1;
-  spec.seq_len = c.seq_len;
-  spec.heads = c.heads;
-  spec.kv_heads = c.kv_heads;
-  spec.head_dim = c.head_dim;
-  spec.causal = c.causal;
-  spec.layout = c.layout;
-  spec.dtype = c.dtype;
+  const Case c = GetParam();
+  const AttentionSpec spec = spec_of(c);
   Session& s = session();
   const int rank = s.rank(), world = s.world();
-  const int64_t B = 1, S = c.seq_len, H = c.heads, Hkv = c.kv_heads, D = c.head_dim, L = S / world;
+  const int64_t B = c.batch, S = c.seq_len, H = c.heads, Hkv = c.kv_heads, D = c.head_dim, L = S / world;
 
   std::mt19937 rng(4321);
   HostTensor q(c.dtype, {B, S, H, D}), k(c.dtype, {B, S, Hkv, D}), v(c.dtype, {B, S, Hkv, D});
@@ -94,7 +71,7 @@ TEST_P(RingBackwardGpu, MatchesFp64ReferenceTwiceOnOneRing) {
     const double ek = rel_error(hk, rk, pos, B, L, S, Hkv * D);
     const double ev = rel_error(hv, rv, pos, B, L, S, Hkv * D);
     if (rank == 0) {
-      std::printf("[ ring bwd p=%d ] %-36s pass %d  dq %.2e  dk %.2e  dv %.2e\n", world, bwd_case_name(c).c_str(),
+      std::printf("[ ring bwd p=%d ] %-36s pass %d  dq %.2e  dk %.2e  dv %.2e\n", world, case_name(c).c_str(),
                   pass, eq, ek, ev);
     }
     EXPECT_LT(eq, kGradTolerance) << "dq, pass " << pass;
@@ -103,18 +80,18 @@ TEST_P(RingBackwardGpu, MatchesFp64ReferenceTwiceOnOneRing) {
   }
 }
 
-std::vector<BwdCase> bwd_cases() {
-  std::vector<BwdCase> out;
+std::vector<Case> bwd_cases() {
+  std::vector<Case> out;
   for (Layout l : {Layout::kContiguous, Layout::kZigzag, Layout::kStriped}) {
-    out.push_back({l, true, 4, 2, 128, DType::kBF16, 512});  // GQA 2:1, causal (contiguous skips steps)
+    out.push_back({l, true, 4, 2, 128, DType::kBF16, 1, 512});  // GQA 2:1, causal (contiguous skips steps)
   }
-  out.push_back({Layout::kContiguous, false, 4, 4, 128, DType::kBF16, 512});  // every step full
-  out.push_back({Layout::kZigzag, true, 4, 1, 64, DType::kF16, 488});          // ragged chunks, MQA, hd 64
+  out.push_back({Layout::kContiguous, false, 4, 4, 128, DType::kBF16, 2, 512});  // every step full, batch 2
+  out.push_back({Layout::kZigzag, true, 4, 1, 64, DType::kF16, 1, 488});          // ragged chunks, MQA, hd 64
   return out;
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, RingBackwardGpu, ::testing::ValuesIn(bwd_cases()),
-                         [](const ::testing::TestParamInfo<BwdCase>& info) { return bwd_case_name(info.param); });
+                         [](const ::testing::TestParamInfo<Case>& info) { return case_name(info.param); });
 
 }  // namespace
 }  // namespace ringattn::test

@@ -18,6 +18,7 @@
 #include "comm/nccl/nccl_transport.hpp"
 #include "gpu/gpu_test_util.hpp"
 #include "mpi_gpu/mpi_gpu_env.hpp"
+#include "mpi_gpu/ring_case.hpp"
 #include "ringattn/ringattn.hpp"
 #include "runtime/check.hpp"
 #include "runtime/cuda/device_tensors.hpp"
@@ -56,36 +57,6 @@ double max_over_ranks(double v) {
   double out = v;
   MPI_Allreduce(&v, &out, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   return out;
-}
-
-struct Case {
-  Layout layout;
-  bool causal;
-  int heads;
-  int kv_heads;
-  int head_dim;
-  DType dtype;
-  int64_t batch;
-  int64_t seq_len;
-};
-
-std::string case_name(const Case& c) {
-  return std::string(layout_name(c.layout)) + (c.causal ? "_causal" : "_full") + "_h" + std::to_string(c.heads) +
-         "kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" + dtype_name(c.dtype) + "_b" +
-         std::to_string(c.batch) + "_s" + std::to_string(c.seq_len);
-}
-
-AttentionSpec spec_of(const Case& c) {
-  AttentionSpec s;
-  s.batch = c.batch;
-  s.seq_len = c.seq_len;
-  s.heads = c.heads;
-  s.kv_heads = c.kv_heads;
-  s.head_dim = c.head_dim;
-  s.causal = c.causal;
-  s.layout = c.layout;
-  s.dtype = c.dtype;
-  return s;
 }
 
 // max |a - b| over rows of two (B, rows, H, D) host tensors, any dtype, with a fp64 reference scale.
