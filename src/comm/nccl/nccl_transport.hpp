@@ -101,7 +101,7 @@ class NcclTransport final : public Transport {
   cudaStream_t comm_stream_ = nullptr;
   cudaEvent_t ready_ = nullptr;
   std::vector<Slot> slots_;
-  // RINGATTN_COPY_ENGINE=1 on one host: the data moves by copy engines instead of NCCL kernels.
+  // Ranks of one host (unless RINGATTN_COPY_ENGINE=0): the data moves by copy engines, not NCCL kernels.
   std::unique_ptr<CopyEngineRing> ce_;
   long seq_ = 0;  // exchanges started so far (the same count on every rank)
 
