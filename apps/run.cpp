@@ -354,7 +354,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   const double tflops_per_rank = wall_max > 0.0 ? flops / world / (wall_max * 1e-3) / 1e12 : 0.0;
   if (rank == 0) {
     std::printf("# ringattn run: %d ranks, backend %s, transport %s\n", world, session.backend_name().c_str(),
-                session.transport_name().c_str());
+                ring->transport().name());
     std::printf("# problem: %s\n", spec.describe().c_str());
     std::printf("# passes: %d warm-up, %d timed (times are the mean of the timed passes; compute and exposed\n"
                 "#   communication are the last pass's, max over ranks)\n", warmup, f.iters);
@@ -406,7 +406,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       if (rank != 0) return;
       JsonWriter j;
       j.begin_object().field("command", "run").field("version", "0.1.0");
-      j.field("ranks", world).field("backend", session.backend_name()).field("transport", session.transport_name());
+      j.field("ranks", world).field("backend", session.backend_name()).field("transport", ring->transport().name());
       j.begin_object("problem").field("batch", spec.batch).field("seq_len", spec.seq_len).field("heads", spec.heads);
       j.field("kv_heads", spec.effective_kv_heads()).field("head_dim", spec.head_dim).field("causal", spec.causal);
       j.field("scale", spec.scale()).field("layout", layout_name(spec.layout)).field("dtype", dtype_name(spec.dtype));
