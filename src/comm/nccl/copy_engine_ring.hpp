@@ -72,7 +72,9 @@ class CopyEngineRing {
   void export_pointer(void* ptr, cudaIpcMemHandle_t* handle, unsigned long long* offset);
   // This process's mapping of a peer allocation (cached per handle).
   char* open_handle(const cudaIpcMemHandle_t& handle);
-  void wait_request(MPI_Request* req, const Poll& poll, const std::string& what);
+  // Tests `req` until it completes, polling in between; on the poll's failure cancels it (a receive
+  // is then waited for, a send freed) and rethrows.
+  void wait_request(MPI_Request* req, bool receive, const Poll& poll, const std::string& what);
   // Collective: returns when every rank's `ok` is true, else releases everything and throws.
   void agree(bool ok, const std::string& what);
   void release();
