@@ -5,8 +5,8 @@
 # racecheck on the Hopper kernels, the official fwd+bwd bench (ringattn bench --backward, 16K and 64K,
 # causal and not) per kernel, and PyTorch SDPA (flash, cuDNN) in the same call. Short table last.
 # Every step has its own timeout and the whole script stops starting new steps near $BUDGET seconds.
-# Env: MMA=0 (skip the mma.sync kernel's bench), AB_ENV=NAME=VALUE (bench the Hopper kernel again under
-# that environment variable, label wgmma-ab), BASE_TREE=DIR (a source tree of an earlier commit, e.g. from
+# Env: MMA=0 (skip the mma.sync kernel's bench), AB_ENV=NAME=VALUE (run the head_dim 128 tests and bench
+# the Hopper kernel again under that environment variable, label wgmma-ab; e.g. RINGATTN_BWD_SPLIT_SOFTMAX=1), BASE_TREE=DIR (a source tree of an earlier commit, e.g. from
 # `git archive <sha> | tar -x -C .base`, carried: built and benched too, label base), NCU=1 (Nsight Compute on one 16K launch of the Hopper
 # kernel: speed of light, warp states).
 set -u -o pipefail
@@ -40,6 +40,12 @@ grep -E "d128.*\(wgmma\)" "$OUT/tests_wgmma.log" | head -3
 echo "## GPU backward tests, Hopper fallback without TMA (RINGATTN_BWD_SM90_NO_TMA=1), head_dim 128"
 RINGATTN_BWD_SM90_NO_TMA=1 timeout "$(tmo 45 180)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*d128*' 2>&1 |
   tee "$OUT/tests_notma.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -12
+
+if [ -n "${AB_ENV:-}" ]; then
+  echo "## GPU backward tests under $AB_ENV, head_dim 128 (the variant the wgmma-ab bench times)"
+  env "$AB_ENV" timeout "$(tmo 45 175)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*d128*' 2>&1 |
+    tee "$OUT/tests_ab.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -12
+fi
 
 echo "## compute-sanitizer memcheck and racecheck (Hopper kernels)"
 timeout "$(tmo 60 180)" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" --gtest_filter="$NEW" \

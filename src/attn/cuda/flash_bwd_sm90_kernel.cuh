@@ -180,6 +180,16 @@ __device__ __forceinline__ void softmax_p(float (&s)[32], const float* lse, floa
   }
 }
 
+// softmax_p of a tile no mask reaches: the same values, without the per-element mask test that a
+// runtime `partial` flag leaves in the code (a branch and a select per element).
+__device__ __forceinline__ void softmax_p_full(float (&s)[32], const float* lse, float scale_log2, int t) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[4 * j + e] = ex2(fmaf(s[4 * j + e], scale_log2, -lse[j * 8 + 2 * t + (e & 1)]));
+  }
+}
+
 // An m64 x k64 accumulator tile as the four k16 A fragments of an RS wgmma, rounded to Elem.
 template <typename Elem>
 __device__ __forceinline__ void pack_a(const float (&x)[32], uint32_t (&a)[4][4]) {

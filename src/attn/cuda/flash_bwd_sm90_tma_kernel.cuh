@@ -111,7 +111,9 @@ __device__ __forceinline__ void bulk_load(uint32_t smem_dst, const void* src, ui
       : "memory");
 }
 
-template <typename Elem, int kHeadDim>
+// kSplitSoftmax: full tiles take softmax_p_full (no per-element mask test), partial tiles the masked
+// softmax_p (experiment, RINGATTN_BWD_SPLIT_SOFTMAX=1; the default instantiation is false).
+template <typename Elem, int kHeadDim, bool kSplitSoftmax = false>
 __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     flash_bwd_sm90_tma_kernel(const __grid_constant__ TmaBwdArgs args, const ChunkPositions q_pos,
                               const ChunkPositions k_pos) {
@@ -265,7 +267,15 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     const bool partial = k_tail || cur.kind == 1;
     const int64_t kpos0 = partial ? key_mask_pos(p, k_pos, k0, wrow + g) : 0;
     const int64_t kpos1 = partial ? key_mask_pos(p, k_pos, k0, wrow + g + 8) : 0;
-    softmax_p(s, lse, scale_log2, partial, kpos0, kpos1, q_pos, q0, t);
+    if constexpr (kSplitSoftmax) {
+      if (partial) {
+        softmax_p(s, lse, scale_log2, true, kpos0, kpos1, q_pos, q0, t);
+      } else {
+        softmax_p_full(s, lse, scale_log2, t);
+      }
+    } else {
+      softmax_p(s, lse, scale_log2, partial, kpos0, kpos1, q_pos, q0, t);
+    }
     uint32_t pa[4][4];
     pack_a<Elem>(s, pa);
     wgmma_wait<0>();
