@@ -230,6 +230,23 @@ __device__ __forceinline__ void store_ds_t(uint32_t sDs, const uint32_t (&dsa)[4
   }
 }
 
+// store_ds_t by stmatrix: per k16 block one m8n8.x4 store of the four 8x8 matrices the A fragments
+// hold (dsa[kk][i]: rows g + 8 (i & 1), 16-byte chunk 2kk + (i >> 1)); lane l gives the address of
+// row (l & 7) + 8 ((l >> 3) & 1), chunk 2kk + (l >> 4) (wrow is a multiple of 16, so the swizzle's
+// row & 7 is l & 7). Four instructions instead of sixteen 32-bit stores.
+template <typename Tr>
+__device__ __forceinline__ void store_ds_t_stmatrix(uint32_t sDs, const uint32_t (&dsa)[4][4], int wrow, int lane) {
+  const int x = lane & 7;
+  const uint32_t row_addr = sDs + (wrow + x + 8 * ((lane >> 3) & 1)) * Tr::kRowBytes;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint32_t addr = row_addr + (((2 * kk + (lane >> 4)) ^ x) << 4);
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(dsa[kk][0]),
+                 "r"(dsa[kk][1]), "r"(dsa[kk][2]), "r"(dsa[kk][3])
+                 : "memory");
+  }
+}
+
 // dQ[:, 64 wg .. 64 wg + 64) = dS K[:, 64 wg ..] (m64n64k16, A = dS as the MN-major view of the dS^T
 // buffer ds, B = K MN-major), committed as one group. Warp (wg, wwarp) gets query rows 16 wwarp + g
 // (+8), columns 64 wg + 8j + 2t (+1) in dq[4j .. 4j + 3].

@@ -33,11 +33,12 @@ bool launch_flash_bwd_sm90_tma(const FlashBwdParams& params, const ChunkPosition
       !encode_tile_map(&args.v, kBf16, params.v, kHeadDim, params.seq_k, params.kv_heads, params.batch,
                        params.v_row_stride, params.v_head_stride, params.v_batch_stride, Traits::kBlockN))
     return false;
-  // RINGATTN_BWD_SPLIT_SOFTMAX=1: the variant whose full tiles skip the mask test (an experiment).
-  const char* split = std::getenv("RINGATTN_BWD_SPLIT_SOFTMAX");
-  auto* kernel = split != nullptr && std::strcmp(split, "1") == 0
-                     ? &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim, true>
-                     : &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim, false>;
+  // RINGATTN_BWD_VARIANT=1|2: an experimental variant of the kernel (flash_bwd_sm90_tma_kernel.cuh).
+  const char* variant = std::getenv("RINGATTN_BWD_VARIANT");
+  const int v = variant != nullptr ? std::atoi(variant) : 0;
+  auto* kernel = v == 2   ? &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim, 2>
+                 : v == 1 ? &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim, 1>
+                          : &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim, 0>;
   bwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
             "cudaFuncSetAttribute(flash_bwd_sm90_tma_kernel)");
   const dim3 grid((params.seq_k + Traits::kBlockN - 1) / Traits::kBlockN, params.batch * params.kv_heads);

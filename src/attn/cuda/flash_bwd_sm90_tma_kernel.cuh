@@ -111,9 +111,9 @@ __device__ __forceinline__ void bulk_load(uint32_t smem_dst, const void* src, ui
       : "memory");
 }
 
-// kSplitSoftmax: full tiles take softmax_p_full (no per-element mask test), partial tiles the masked
-// softmax_p (experiment, RINGATTN_BWD_SPLIT_SOFTMAX=1; the default instantiation is false).
-template <typename Elem, int kHeadDim, bool kSplitSoftmax = false>
+// kVariant (experiments, RINGATTN_BWD_VARIANT; 0 is the default): 1 = full tiles take softmax_p_full
+// (no per-element mask test), partial tiles the masked softmax_p; 2 = 1 and dS^T stored by stmatrix.
+template <typename Elem, int kHeadDim, int kVariant = 0>
 __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     flash_bwd_sm90_tma_kernel(const __grid_constant__ TmaBwdArgs args, const ChunkPositions q_pos,
                               const ChunkPositions k_pos) {
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     const bool partial = k_tail || cur.kind == 1;
     const int64_t kpos0 = partial ? key_mask_pos(p, k_pos, k0, wrow + g) : 0;
     const int64_t kpos1 = partial ? key_mask_pos(p, k_pos, k0, wrow + g + 8) : 0;
-    if constexpr (kSplitSoftmax) {
+    if constexpr (kVariant >= 1) {
       if (partial) {
         softmax_p(s, lse, scale_log2, true, kpos0, kpos1, q_pos, q0, t);
       } else {
@@ -290,7 +290,11 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     }
     uint32_t dsa[4][4];
     pack_a<Elem>(dp, dsa);
-    store_ds_t<Tr>(sDs, dsa, wrow, g, t);
+    if constexpr (kVariant >= 2) {
+      store_ds_t_stmatrix<Tr>(sDs, dsa, wrow, lane);
+    } else {
+      store_ds_t<Tr>(sDs, dsa, wrow, g, t);
+    }
 
     // dV += P^T dO.
     issue_rs<Elem, Tr>(dv, pa, sDo);
