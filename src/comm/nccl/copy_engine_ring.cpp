@@ -169,7 +169,7 @@ void CopyEngineRing::cancel() {
   sends_.clear();
 }
 
-void CopyEngineRing::wait_request(MPI_Request* req, bool receive, const Poll& poll, const std::string& what) {
+void CopyEngineRing::wait_request(MPI_Request* req, const Poll& poll, const std::string& what) {
   while (true) {
     int done = 0;
     check_mpi(MPI_Test(req, &done, MPI_STATUS_IGNORE), "MPI_Test");
@@ -177,21 +177,17 @@ void CopyEngineRing::wait_request(MPI_Request* req, bool receive, const Poll& po
     try {
       poll(what);
     } catch (...) {
+      // Never waited for: a silent peer may never match it, and an MPI without cancellation would
+      // hang here. A receive's buffer is a member, so a late match writes where it may.
       MPI_Cancel(req);
-      if (receive) {
-        // Cancelled, or matched meanwhile: either way the receive completes, and its buffer (a
-        // member) is no longer written once MPI_Wait returns.
-        MPI_Wait(req, MPI_STATUS_IGNORE);
-      } else {
-        MPI_Request_free(req);  // a send to a silent peer may never complete: do not wait for it
-      }
+      MPI_Request_free(req);
       throw;
     }
   }
 }
 
 void CopyEngineRing::complete_sends(const Poll& poll) {
-  for (MPI_Request& r : sends_) wait_request(&r, false, poll, "the delivery of a copy-engine host message");
+  for (MPI_Request& r : sends_) wait_request(&r, poll, "the delivery of a copy-engine host message");
   sends_.clear();
 }
 
@@ -251,7 +247,7 @@ void CopyEngineRing::post(long seq, const ExchangePart* parts, int num_parts, cu
   FreeMessage& in = free_in_;
   req = MPI_REQUEST_NULL;
   check_mpi(MPI_Irecv(&in, sizeof(in), MPI_BYTE, next_, kTagFree, comm_, &req), "MPI_Irecv (free)");
-  wait_request(&req, true, poll, "rank " + std::to_string(next_) + "'s receive buffers");
+  wait_request(&req, poll, "rank " + std::to_string(next_) + "'s receive buffers");
   RINGATTN_CHECK(in.seq == seq && in.num_parts == num_parts, ErrorKind::kComm,
                  "copy-engine exchange " + std::to_string(seq) + ": rank " + std::to_string(next_) +
                      " posted exchange " + std::to_string(in.seq) + " with " + std::to_string(in.num_parts) +
@@ -281,7 +277,7 @@ void CopyEngineRing::wait(long seq, const Poll& poll) {
   got = -1;
   MPI_Request req = MPI_REQUEST_NULL;
   check_mpi(MPI_Irecv(&got, 1, MPI_LONG, prev_, kTagSent, comm_, &req), "MPI_Irecv (sent)");
-  wait_request(&req, true, poll, "rank " + std::to_string(prev_) + "'s data");
+  wait_request(&req, poll, "rank " + std::to_string(prev_) + "'s data");
   RINGATTN_CHECK(got == seq, ErrorKind::kComm,
                  "copy-engine exchange " + std::to_string(seq) + ": rank " + std::to_string(prev_) + " sent exchange " +
                      std::to_string(got),

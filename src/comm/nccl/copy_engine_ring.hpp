@@ -72,9 +72,9 @@ class CopyEngineRing {
   void export_pointer(void* ptr, cudaIpcMemHandle_t* handle, unsigned long long* offset);
   // This process's mapping of a peer allocation (cached per handle).
   char* open_handle(const cudaIpcMemHandle_t& handle);
-  // Tests `req` until it completes, polling in between; on the poll's failure cancels it (a receive
-  // is then waited for, a send freed) and rethrows.
-  void wait_request(MPI_Request* req, bool receive, const Poll& poll, const std::string& what);
+  // Tests `req` until it completes, polling in between; on the poll's failure cancels and frees it
+  // (never waits: a silent peer may never match it) and rethrows.
+  void wait_request(MPI_Request* req, const Poll& poll, const std::string& what);
   // Collective: returns when every rank's `ok` is true, else releases everything and throws.
   void agree(bool ok, const std::string& what);
   void release();
@@ -90,8 +90,8 @@ class CopyEngineRing {
   std::vector<MPI_Request> sends_;                      // outstanding host messages we sent
   std::vector<FreeMessage> free_out_;                   // their buffers (slot-indexed)
   std::vector<long> sent_out_;
-  FreeMessage free_in_{};  // receive buffers of the host messages (members: a cancelled receive
-  long sent_in_ = -1;      // may still be written until MPI_Wait returns)
+  FreeMessage free_in_{};  // receive buffers of the host messages (members: a cancelled and freed
+  long sent_in_ = -1;      // receive that matches late writes here, not into a dead stack frame)
   void* probe_ = nullptr;  // a small allocation rank-1 maps at set-up
 };
 
