@@ -12,7 +12,9 @@
 #      total tokens, "-b 32K -e 128K -f 2": 8k to 32k tokens per GPU at NP=4), BASE_TREE (the source
 #      tree of an earlier commit, carried: built beside ours, its forward+backward timed right after
 #      ours at the same sizes), GPU_TESTS (a gtest filter of the one-GPU suite to run first),
-#      NCCL_TESTS (a gtest filter of the MPI+GPU suite to run again with RINGATTN_COPY_ENGINE=0).
+#      NCCL_TESTS (a gtest filter of the MPI+GPU suite to run again with RINGATTN_COPY_ENGINE=0),
+#      KERNEL_AB ("name:ENV=V ..." words: one-GPU fwd+bwd at 16K and 64K under each, torch SDPA beside;
+#      the best becomes RUN_ENV of the ring benches), RUN_ENV (environment of every bench).
 # Steps run in order of importance, each under its own timeout, and are skipped once the budget is
 # nearly spent. The summary ($OUT/summary.txt) is printed last.
 set -u
@@ -93,8 +95,41 @@ if [ "$MODE" = variants ]; then
 fi
 
 if [ -n "${GPU_TESTS:-}" ]; then
-  timeout 120 "$BUILD/bin/ringattn_gpu_tests" --gtest_filter="$GPU_TESTS" >"$OUT/gpu_tests.log" 2>&1
+  timeout 150 "$BUILD/bin/ringattn_gpu_tests" --gtest_filter="$GPU_TESTS" >"$OUT/gpu_tests.log" 2>&1
   note "# one-GPU tests '$GPU_TESTS': exit $? ($(grep -c '\[       OK \]' "$OUT/gpu_tests.log") OK, $(grep -c '\[  FAILED  \]' "$OUT/gpu_tests.log") FAILED lines)"
+fi
+
+# ---- one GPU: the backward kernel's variants A/B (fwd+bwd, 16K and 64K, causal and not) beside torch SDPA ----
+if [ -n "${KERNEL_AB:-}" ]; then
+  note "# ---- one GPU fwd+bwd TFLOP/s (bf16, 32 heads, d 128): variant | 16K | 64K | 16K causal | 64K causal | geomean"
+  best_k=""; best_g=0
+  for v in $KERNEL_AB; do  # "name:A=1,B=2" words
+    name=${v%%:*}; envs=${v#*:}; envs=${envs//,/ }
+    row=()
+    for c in "" --causal; do
+      rm -f /tmp/ra_k.json
+      env $envs timeout 60 mpirun --allow-run-as-root -np 1 "$BIN" bench -b 16K -e 64K -f 4 --layout contiguous -c 0 \
+        --dtype bf16 --heads 32 --head-dim 128 -n 3 -w 1 --backward $c -J /tmp/ra_k.json >>"$OUT/kernel_ab.log" 2>&1
+      row+=($(python3 -c "import json; print(' '.join('%.1f' % x['tflops_per_gpu'] for x in json.load(open('/tmp/ra_k.json'))['results']))" 2>/dev/null || echo "- -"))
+    done
+    g=$(python3 -c "import math,sys; v=[float(x) for x in sys.argv[1:] if x != '-']; print('%.1f' % (math.exp(sum(map(math.log, v))/len(v)) if len(v) == 4 else 0))" "${row[@]}")
+    note "# kernel $name ($envs) | ${row[*]} | $g"
+    if python3 -c "import sys; sys.exit(0 if float('$g') > float('$best_g') else 1)"; then best_k=$envs; best_g=$g; fi
+  done
+  note "# best kernel variant: '${best_k}' ($best_g); the ring benches below run under it"
+  RUN_ENV=${RUN_ENV:-$best_k}
+  PEER_SEQS=16384,65536 timeout 90 python3 tests/bench/peers/torch_sdpa.py 2>&1 | grep -v efficient >"$OUT/torch_sdpa.txt"
+  python3 - "$OUT/torch_sdpa.txt" <<'PY' | tee -a "$SUMMARY"
+import json, sys
+rows = {}
+for line in open(sys.argv[1], errors="replace"):
+    try: r = json.loads(line)
+    except Exception: continue
+    if "fwdbwd_tflops" in r and "gqa" not in r:
+        rows.setdefault(r["backend"], {})[(r["S"], r["causal"])] = r["fwdbwd_tflops"]
+for b, d in rows.items():
+    print(f"# torch {b} | " + " ".join(f"{d.get((S, c), 0):.1f}" for c in (False, True) for S in (16384, 65536)))
+PY
 fi
 
 # ---- MPI + GPU tests at p = NP (ring vs one-GPU kernel, layouts, check, hang safety, embedding) ----
@@ -104,12 +139,12 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   grep -E "^\[  FAILED  \]|Failure" "$OUT/tests.log" | sort -u | head -10 | tee -a "$SUMMARY"
   grep -E -A3 "Failure" "$OUT/tests.log" | head -24 | tee -a "$SUMMARY"
   grep -E "^\[ hang|^\[ ring bwd" "$OUT/tests.log" | tee -a "$SUMMARY"
-  if [ -n "${NCCL_TESTS:-}" ]; then  # the same suite over NCCL's kernels (the copy-engine exchange off)
-    RINGATTN_COPY_ENGINE=0 timeout 200 "${MPIRUN[@]}" -x RINGATTN_COPY_ENGINE "$BUILD/bin/ringattn_mpi_gpu_tests" \
-      --gtest_filter="$NCCL_TESTS" >"$OUT/tests_nccl.log" 2>&1
-    note "# mpi_gpu tests np=$NP over NCCL ('$NCCL_TESTS'): exit $? ($(grep -c '\[       OK \]' "$OUT/tests_nccl.log") OK, $(grep -c '\[  FAILED  \]' "$OUT/tests_nccl.log") FAILED lines)"
-    grep -E "^\[ hang|^\[  FAILED" "$OUT/tests_nccl.log" | tee -a "$SUMMARY"
-  fi
+fi
+if [ -n "${NCCL_TESTS:-}" ]; then  # the same suite over NCCL's kernels (the copy-engine exchange off)
+  RINGATTN_COPY_ENGINE=0 timeout 200 "${MPIRUN[@]}" -x RINGATTN_COPY_ENGINE "$BUILD/bin/ringattn_mpi_gpu_tests" \
+    --gtest_filter="$NCCL_TESTS" >"$OUT/tests_nccl.log" 2>&1
+  note "# mpi_gpu tests np=$NP over NCCL ('$NCCL_TESTS'): exit $? ($(grep -c '\[       OK \]' "$OUT/tests_nccl.log") OK, $(grep -c '\[  FAILED  \]' "$OUT/tests_nccl.log") FAILED lines)"
+  grep -E "^\[ hang|^\[  FAILED" "$OUT/tests_nccl.log" | tee -a "$SUMMARY"
 fi
 
 note "# ---- ours p=$NP causal zigzag: tokens | per GPU | ms | TFLOP/s/GPU | 1-GPU | eff | exposed | mem | model | err | check"
