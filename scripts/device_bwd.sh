@@ -6,7 +6,7 @@
 # causal and not) per kernel, and PyTorch SDPA (flash, cuDNN) in the same call. Short table last.
 # Every step has its own timeout and the whole script stops starting new steps near $BUDGET seconds.
 # Env: MMA=0 (skip the mma.sync kernel's bench), AB_ENV=NAME=VALUE (run the head_dim 128 tests and bench
-# the Hopper kernel again under that environment variable, label wgmma-ab; e.g. RINGATTN_BWD_VARIANT=1), BASE_TREE=DIR (a source tree of an earlier commit, e.g. from
+# the Hopper kernel again under that environment variable, label wgmma-ab; e.g. RINGATTN_BWD_SM90_NO_TMA=1), BASE_TREE=DIR (a source tree of an earlier commit, e.g. from
 # `git archive <sha> | tar -x -C .base`, carried: built and benched too, label base), NCU=1 (Nsight Compute on one 16K launch of the Hopper
 # kernel: speed of light, warp states).
 set -u -o pipefail

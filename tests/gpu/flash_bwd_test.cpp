@@ -93,20 +93,6 @@ TEST_P(FlashBwdTest, MatchesReference) {
   check_case(GetParam());
 }
 
-// The experimental variants of the Hopper kernel (RINGATTN_BWD_VARIANT, flash_bwd_sm90_tma_kernel.cuh)
-// against the same reference and tolerance, on the head_dim 128 cases the Hopper kernel runs.
-TEST_P(FlashBwdTest, HopperVariantsMatchReference) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device visible: GPU backward test skipped";
-  const Case c = GetParam();
-  if (!flash_bwd_uses_wgmma(c.head_dim)) GTEST_SKIP() << "the Hopper kernel does not run this case here";
-  for (const char* v : {"1", "2"}) {
-    setenv("RINGATTN_BWD_VARIANT", v, 1);
-    SCOPED_TRACE(std::string("RINGATTN_BWD_VARIANT=") + v);
-    check_case(c);
-  }
-  unsetenv("RINGATTN_BWD_VARIANT");
-}
-
 void check_case(const Case& c) {
   const int B = c.batch, H = c.heads, Hkv = c.kv_heads, D = c.head_dim;
   const int64_t S = c.seq;

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "attn/cuda/flash_bwd.hpp"
@@ -37,7 +38,11 @@ inline void bwd_check(cudaError_t status, const char* what) {
 inline int bwd_variant() {
   static const int variant = [] {
     const char* v = std::getenv("RINGATTN_BWD_VARIANT");
-    return v && std::atoi(v) == 1 ? 1 : 0;
+    if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return 0;
+    RINGATTN_CHECK(std::strcmp(v, "1") == 0, ErrorKind::kInvalidArgument,
+                   std::string("RINGATTN_BWD_VARIANT=") + v + " is not a tile shape of the mma.sync backward kernel",
+                   "unset it, or set 0 (the default shape) or 1 (the alternative, docs/BACKWARD_NOTES.md)");
+    return 1;
   }();
   return variant;
 }

@@ -165,28 +165,23 @@ __device__ __forceinline__ void issue_s_dp(float (&s)[32], float (&dp)[32], uint
 }
 
 // P^T in place of S^T (element 4j + e: key row g + 8 (e >> 1) of the warp, query column
-// 8j + 2t + (e & 1)); in partial tiles keys after the query are masked.
-__device__ __forceinline__ void softmax_p(float (&s)[32], const float* lse, float scale_log2, bool partial,
-                                          int64_t kpos0, int64_t kpos1, const ChunkPositions& q_pos, int q0, int t) {
+// 8j + 2t + (e & 1)). kMasked (partial tiles): keys after the query are zeroed; a full tile takes
+// kMasked = false and pays no per-element mask test (a branch and a select per element, issued while
+// the tensor cores wait for these exponentials; docs/BACKWARD_NOTES.md v7).
+template <bool kMasked>
+__device__ __forceinline__ void softmax_p(float (&s)[32], const float* lse, float scale_log2, int64_t kpos0,
+                                          int64_t kpos1, const ChunkPositions& q_pos, int q0, int t) {
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int col = j * 8 + 2 * t + (e & 1);
       float pv = ex2(fmaf(s[4 * j + e], scale_log2, -lse[col]));
-      if (partial && ((e >> 1) ? kpos1 : kpos0) > pos_at(q_pos, q0 + col)) pv = 0.f;
+      if constexpr (kMasked) {
+        if (((e >> 1) ? kpos1 : kpos0) > pos_at(q_pos, q0 + col)) pv = 0.f;
+      }
       s[4 * j + e] = pv;
     }
-  }
-}
-
-// softmax_p of a tile no mask reaches: the same values, without the per-element mask test that a
-// runtime `partial` flag leaves in the code (a branch and a select per element).
-__device__ __forceinline__ void softmax_p_full(float (&s)[32], const float* lse, float scale_log2, int t) {
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[4 * j + e] = ex2(fmaf(s[4 * j + e], scale_log2, -lse[j * 8 + 2 * t + (e & 1)]));
   }
 }
 
@@ -215,27 +210,13 @@ __device__ __forceinline__ void issue_rs(float (&acc)[Tr::kHeadDim / 2], uint32_
   wgmma_commit();
 }
 
-// dS^T (A fragments) to shared memory: row = key, the 64 query columns one swizzled 128-byte row;
-// dsa[kk][i] is n8 tile 2kk + (i >> 1), row g + 8 (i & 1) of the warp's 16 rows from wrow.
-template <typename Tr>
-__device__ __forceinline__ void store_ds_t(uint32_t sDs, const uint32_t (&dsa)[4][4], int wrow, int g, int t) {
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = wrow + g + 8 * (i & 1);
-      const int chunk = 2 * kk + (i >> 1);
-      st_shared_u32(sDs + row * Tr::kRowBytes + ((chunk ^ (row & 7)) << 4) + 4 * t, dsa[kk][i]);
-    }
-  }
-}
-
-// store_ds_t by stmatrix: per k16 block one m8n8.x4 store of the four 8x8 matrices the A fragments
-// hold (dsa[kk][i]: rows g + 8 (i & 1), 16-byte chunk 2kk + (i >> 1)); lane l gives the address of
-// row (l & 7) + 8 ((l >> 3) & 1), chunk 2kk + (l >> 4) (wrow is a multiple of 16, so the swizzle's
+// dS^T (A fragments) to shared memory: row = key, the 64 query columns one swizzled 128-byte row.
+// dsa[kk][i] holds rows g + 8 (i & 1), 16-byte chunk 2kk + (i >> 1) of the warp's 16 rows from wrow:
+// per k16 block one stmatrix.m8n8.x4 of those four 8x8 matrices, lane l giving the address of row
+// (l & 7) + 8 ((l >> 3) & 1), chunk 2kk + (l >> 4) (wrow is a multiple of 16, so the swizzle's
 // row & 7 is l & 7). Four instructions instead of sixteen 32-bit stores.
 template <typename Tr>
-__device__ __forceinline__ void store_ds_t_stmatrix(uint32_t sDs, const uint32_t (&dsa)[4][4], int wrow, int lane) {
+__device__ __forceinline__ void store_ds_t(uint32_t sDs, const uint32_t (&dsa)[4][4], int wrow, int lane) {
   const int x = lane & 7;
   const uint32_t row_addr = sDs + (wrow + x + 8 * ((lane >> 3) & 1)) * Tr::kRowBytes;
 #pragma unroll
@@ -421,7 +402,11 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     fence_regs(s);
 
     // P^T in place of S^T (element 4j + e: key row wrow + g + 8 (e >> 1), query column 8j + 2t + (e & 1)).
-    softmax_p(s, lse, scale_log2, k_tail || cur.kind == 1, kpos0, kpos1, q_pos, q0, t);
+    if (k_tail || cur.kind == 1) {
+      softmax_p<true>(s, lse, scale_log2, kpos0, kpos1, q_pos, q0, t);
+    } else {
+      softmax_p<false>(s, lse, scale_log2, kpos0, kpos1, q_pos, q0, t);
+    }
     uint32_t pa[4][4];
     pack_a<Elem>(s, pa);
     wgmma_wait<0>();
@@ -440,7 +425,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     pack_a<Elem>(s, dsa);
     // dK += dS^T Q.
     issue_rs<Elem, Tr>(dk, dsa, sQ);
-    store_ds_t<Tr>(sDs, dsa, wrow, g, t);
+    store_ds_t<Tr>(sDs, dsa, wrow, lane);
     fence_proxy_async();
     wgmma_wait<0>();
     fence_regs(dv);

@@ -33,18 +33,7 @@ bool launch_flash_bwd_sm90_tma(const FlashBwdParams& params, const ChunkPosition
       !encode_tile_map(&args.v, kBf16, params.v, kHeadDim, params.seq_k, params.kv_heads, params.batch,
                        params.v_row_stride, params.v_head_stride, params.v_batch_stride, Traits::kBlockN))
     return false;
-  // RINGATTN_BWD_VARIANT=1|2: an experimental variant of the kernel (flash_bwd_sm90_tma_kernel.cuh).
-  const char* variant = std::getenv("RINGATTN_BWD_VARIANT");
-  int v = 0;
-  if (variant != nullptr && *variant != '\0') {
-    RINGATTN_CHECK(std::strcmp(variant, "0") == 0 || std::strcmp(variant, "1") == 0 || std::strcmp(variant, "2") == 0,
-                   ErrorKind::kInvalidArgument, std::string("RINGATTN_BWD_VARIANT=") + variant + " is not a kernel variant",
-                   "unset it, or set 0 (the default kernel), 1 or 2 (docs/BACKWARD_NOTES.md)");
-    v = variant[0] - '0';
-  }
-  auto* kernel = v == 2   ? &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim, 2>
-                 : v == 1 ? &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim, 1>
-                          : &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim, 0>;
+  auto* kernel = &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim>;
   bwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
             "cudaFuncSetAttribute(flash_bwd_sm90_tma_kernel)");
   const dim3 grid((params.seq_k + Traits::kBlockN - 1) / Traits::kBlockN, params.batch * params.kv_heads);

@@ -111,9 +111,7 @@ __device__ __forceinline__ void bulk_load(uint32_t smem_dst, const void* src, ui
       : "memory");
 }
 
-// kVariant (experiments, RINGATTN_BWD_VARIANT; 0 is the default): 1 = full tiles take softmax_p_full
-// (no per-element mask test), partial tiles the masked softmax_p; 2 = 1 and dS^T stored by stmatrix.
-template <typename Elem, int kHeadDim, int kVariant = 0>
+template <typename Elem, int kHeadDim>
 __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     flash_bwd_sm90_tma_kernel(const __grid_constant__ TmaBwdArgs args, const ChunkPositions q_pos,
                               const ChunkPositions k_pos) {
@@ -267,14 +265,10 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     const bool partial = k_tail || cur.kind == 1;
     const int64_t kpos0 = partial ? key_mask_pos(p, k_pos, k0, wrow + g) : 0;
     const int64_t kpos1 = partial ? key_mask_pos(p, k_pos, k0, wrow + g + 8) : 0;
-    if constexpr (kVariant >= 1) {
-      if (partial) {
-        softmax_p(s, lse, scale_log2, true, kpos0, kpos1, q_pos, q0, t);
-      } else {
-        softmax_p_full(s, lse, scale_log2, t);
-      }
+    if (partial) {
+      softmax_p<true>(s, lse, scale_log2, kpos0, kpos1, q_pos, q0, t);
     } else {
-      softmax_p(s, lse, scale_log2, partial, kpos0, kpos1, q_pos, q0, t);
+      softmax_p<false>(s, lse, scale_log2, kpos0, kpos1, q_pos, q0, t);
     }
     uint32_t pa[4][4];
     pack_a<Elem>(s, pa);
@@ -290,11 +284,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     }
     uint32_t dsa[4][4];
     pack_a<Elem>(dp, dsa);
-    if constexpr (kVariant >= 2) {
-      store_ds_t_stmatrix<Tr>(sDs, dsa, wrow, lane);
-    } else {
-      store_ds_t<Tr>(sDs, dsa, wrow, g, t);
-    }
+    store_ds_t<Tr>(sDs, dsa, wrow, lane);
 
     // dV += P^T dO.
     issue_rs<Elem, Tr>(dv, pa, sDo);
