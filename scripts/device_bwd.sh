@@ -5,8 +5,9 @@
 # racecheck on the Hopper kernels, the official fwd+bwd bench (ringattn bench --backward, 16K and 64K,
 # causal and not) per kernel, and PyTorch SDPA (flash, cuDNN) in the same call. Short table last.
 # Every step has its own timeout and the whole script stops starting new steps near $BUDGET seconds.
-# Env: MMA=0 (skip the mma.sync kernel's bench), AB_ENV=NAME=VALUE (run the head_dim 128 tests and bench
-# the Hopper kernel again under that environment variable, label wgmma-ab; e.g. RINGATTN_BWD_SM90_NO_TMA=1), BASE_TREE=DIR (a source tree of an earlier commit, e.g. from
+# Env: MMA=0 (skip the mma.sync kernel's bench), SAN=0 (skip compute-sanitizer), AB_ENV="NAME=VALUE ..." (per word:
+# run the head_dim 128 tests and bench the Hopper kernel again under that environment variable, label
+# wgmma-ab<i>; e.g. RINGATTN_BWD_ORDER=4), BASE_TREE=DIR (a source tree of an earlier commit, e.g. from
 # `git archive <sha> | tar -x -C .base`, carried: built and benched too, label base), NCU=1 (Nsight Compute on one 16K launch of the Hopper
 # kernel: speed of light, warp states).
 set -u -o pipefail
@@ -41,12 +42,15 @@ echo "## GPU backward tests, Hopper fallback without TMA (RINGATTN_BWD_SM90_NO_T
 RINGATTN_BWD_SM90_NO_TMA=1 timeout "$(tmo 45 180)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*d128*' 2>&1 |
   tee "$OUT/tests_notma.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -12
 
-if [ -n "${AB_ENV:-}" ]; then
-  echo "## GPU backward tests under $AB_ENV, head_dim 128 (the variant the wgmma-ab bench times)"
-  env "$AB_ENV" timeout "$(tmo 45 175)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*d128*' 2>&1 |
-    tee "$OUT/tests_ab.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -12
-fi
+i=0
+for ab in ${AB_ENV:-}; do
+  i=$((i + 1))
+  echo "## GPU backward tests under $ab, head_dim 128 (the variant the wgmma-ab$i bench times)"
+  env "$ab" timeout "$(tmo 45 175)" "$BIN/ringattn_gpu_tests" --gtest_filter='FlashBwd/*d128*' 2>&1 |
+    tee "$OUT/tests_ab$i.log" | grep -E "^\[  (FAILED|PASSED) |tests? ran|Failure" | head -12
+done
 
+if [ "${SAN:-1}" = 1 ]; then
 echo "## compute-sanitizer memcheck and racecheck (Hopper kernels)"
 timeout "$(tmo 60 180)" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/ringattn_gpu_tests" --gtest_filter="$NEW" \
   >"$OUT/sanitizer.log" 2>&1
@@ -58,6 +62,7 @@ timeout "$(tmo 90 150)" compute-sanitizer --tool racecheck --error-exitcode 9 "$
   --gtest_filter="${NEW##*:}" >"$OUT/racecheck.log" 2>&1
 echo "racecheck rc=$? $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck.log")" | tee -a "$OUT/sanitizer.log"
 grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" "$OUT/sanitizer.log" | head -8
+fi
 
 if [ -n "${BASE_TREE:-}" ]; then
   echo "## build of the baseline tree $BASE_TREE"
@@ -80,10 +85,12 @@ if [ -n "${BASE_TREE:-}" ]; then
   bench base wgmma "" "" build-base/bin
   bench base wgmma --causal "" build-base/bin
 fi
-if [ -n "${AB_ENV:-}" ]; then  # an A/B experiment: the same kernel under NAME=VALUE
-  bench wgmma-ab wgmma "" "$AB_ENV"
-  bench wgmma-ab wgmma --causal "$AB_ENV"
-fi
+i=0
+for ab in ${AB_ENV:-}; do  # A/B experiments: the same kernel under NAME=VALUE
+  i=$((i + 1))
+  bench "wgmma-ab$i" wgmma "" "$ab"
+  bench "wgmma-ab$i" wgmma --causal "$ab"
+done
 if [ "${MMA:-1}" = 1 ]; then
   bench mma mma ""
   bench mma mma --causal
@@ -110,7 +117,7 @@ timeout "$(tmo 40 3)" "$BIN/ringattn_gpu_tests" --gtest_filter='RingGpuBackward*
   grep -E "^\[  (FAILED|PASSED|SKIPPED) |tests? ran|Failure" | head -10
 
 echo "## summary ($(( $(date +%s) - T0 )) s)"
-for f in tests_wgmma tests_notma tests_mma ring; do echo "$f: $(grep -hE "^\[  (PASSED|FAILED) " "$OUT/$f.log" 2>/dev/null | tr '\n' ' ')"; done
+for f in tests_wgmma tests_notma tests_mma ring $(cd "$OUT" && ls tests_ab*.log 2>/dev/null | sed "s/.log$//"); do echo "$f: $(grep -hE "^\[  (PASSED|FAILED) " "$OUT/$f.log" 2>/dev/null | tr '\n' ' ')"; done
 grep -h "rc=" "$OUT/sanitizer.log"
 python3 - "$OUT/bench.log" "$OUT/torch.txt" <<'PY'
 import sys, json, re

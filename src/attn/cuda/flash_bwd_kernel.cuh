@@ -114,23 +114,42 @@ __device__ __forceinline__ void pos_range(const ChunkPositions& p, int64_t lo, i
   }
 }
 
-// Where a backward block works: key tile blockIdx.x (kBlockN rows) of kv head hkv of batch entry b,
-// against the query tiles (kBlockM rows) of the group of query heads sharing that kv head.
+// Where a backward block works: key tile `tile` (kBlockN rows; blockIdx.x by default) of slice
+// `slice` = b * kv_heads + hkv (blockIdx.y), against the query tiles (kBlockM rows) of the group of
+// query heads sharing that kv head.
 template <int kBlockM, int kBlockN>
 struct BwdBlock {
   int b, hkv, group;  // batch entry, kv head, query heads per kv head
   int k0, k_end;      // the key tile's chunk rows [k0, k_end)
   int num_q_tiles;
   int64_t pad_rows;   // rows of each (b, h) slice of lse_log2 / delta / dq_accum
-  __device__ __forceinline__ explicit BwdBlock(const FlashBwdParams& p)
-      : b(blockIdx.y / p.kv_heads),
-        hkv(blockIdx.y % p.kv_heads),
+  __device__ __forceinline__ explicit BwdBlock(const FlashBwdParams& p) : BwdBlock(p, blockIdx.x, blockIdx.y) {}
+  __device__ __forceinline__ BwdBlock(const FlashBwdParams& p, int tile, int slice)
+      : b(slice / p.kv_heads),
+        hkv(slice % p.kv_heads),
         group(p.heads / p.kv_heads),
-        k0(blockIdx.x * kBlockN),
+        k0(tile * kBlockN),
         k_end(min(k0 + kBlockN, p.seq_k)),
         num_q_tiles((p.seq_q + kBlockM - 1) / kBlockM),
         pad_rows(flash_bwd_padded_rows(p.seq_q)) {}
 };
+
+// Launch order of a backward grid (tiles x slices) in groups of `group_slices` slices: the blocks
+// go out key tile by key tile across a group's slices, so the first (in causal steps the longest)
+// tiles of every slice start first and the short ones fill the end, while the blocks running at a
+// time share the Q/dO of only `group_slices` slices in L2. 0: blockIdx as is (slice by slice).
+__device__ __forceinline__ void bwd_block_order(int group_slices, int& tile, int& slice) {
+  tile = blockIdx.x;
+  slice = blockIdx.y;
+  if (group_slices <= 0) return;
+  const int tiles = gridDim.x, slices = gridDim.y;
+  const int linear = blockIdx.x + blockIdx.y * tiles;
+  const int first = linear / (group_slices * tiles) * group_slices;
+  const int width = min(group_slices, slices - first);
+  const int r = linear - first * tiles;
+  tile = r / width;
+  slice = first + r % width;
+}
 
 // Computes the walk's bounds for this block into shared memory; call from every thread, then
 // __syncthreads() before walking.
