@@ -47,15 +47,13 @@ inline int bwd_variant() {
   return variant;
 }
 
-// Slices per group of the Hopper TMA kernel's launch order (bwd_block_order). Causal steps: 2, the
-// longest key tiles of every pair of heads first (one GPU, 16K tokens causal: +4%; H200, 2026-11-28);
-// without a mask every block does the same work and slice-by-slice order keeps a slice's Q/dO in L2
-// (grouping cost 5% at 64K). RINGATTN_BWD_ORDER=G (timing) sets G for every step; 0 is slice by slice.
-constexpr int kCausalOrderSlices = 2;
-inline int bwd_order_slices(bool causal) {
-  static const int forced = [] {
+// RINGATTN_BWD_ORDER=G (timing experiment, the Hopper TMA kernel): launch its blocks key tile by key
+// tile across groups of G slices (bwd_block_order); unset or 0: slice by slice, the default. No G won
+// reliably on an H200 (docs/BACKWARD_NOTES.md v8): causal 16K within noise, 64K without a mask -5% to -26%.
+inline int bwd_order_slices() {
+  static const int slices = [] {
     const char* v = std::getenv("RINGATTN_BWD_ORDER");
-    if (v == nullptr || *v == '\0') return -1;
+    if (v == nullptr || *v == '\0') return 0;
     char* end = nullptr;
     const long g = std::strtol(v, &end, 10);
     RINGATTN_CHECK(*end == '\0' && g >= 0 && g <= 1024, ErrorKind::kInvalidArgument,
@@ -63,8 +61,7 @@ inline int bwd_order_slices(bool causal) {
                    "unset it, or set a number of slices from 0 (launch order as is) to 1024");
     return static_cast<int>(g);
   }();
-  if (forced >= 0) return forced;
-  return causal ? kCausalOrderSlices : 0;
+  return slices;
 }
 
 template <typename Elem, int kHeadDim, int kVariant>
