@@ -61,6 +61,11 @@ class Transport {
   // transports make the compute stream wait for it. Throws ringattn::Error naming the hop and
   // peer on timeout or communicator failure.
   virtual void wait(int hop) = 0;
+  // Ends a pass (a forward or a backward), after its last wait: `meanwhile` (the caller's own
+  // synchronisation) runs while the transport confirms that every rank finished the pass, and an
+  // Error(kComm) names the problem when one did not. A transport whose completed exchange proves
+  // that its peers finished theirs need not check; the default runs `meanwhile` only.
+  virtual void end_pass(const std::function<void()>& meanwhile) { meanwhile(); }
   // Tears the communicator down after a failure so that no rank hangs.
   virtual void abort(const std::string& why) = 0;
   // Milliseconds a wait may take before the job is aborted.

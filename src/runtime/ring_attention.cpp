@@ -156,7 +156,7 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
   }
   backend_->forward_end(out, lse);
   const int end_mark = backend_->mark();
-  read_timeline(marks, start_mark, end_mark);
+  transport_->end_pass([&] { read_timeline(marks, start_mark, end_mark); });
 }
 
 void RingAttention::backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
@@ -297,7 +297,7 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     backend_->backward_end(dq);
   }
   const int end_mark = backend_->mark();
-  read_timeline(marks, start_mark, end_mark);
+  transport_->end_pass([&] { read_timeline(marks, start_mark, end_mark); });
 }
 
 }  // namespace ringattn

@@ -151,6 +151,11 @@ void NcclTransport::create_streams_and_events() {
     check_cuda(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "cudaEventCreate");
     check_cuda(cudaEventCreateWithFlags(&s.fence, cudaEventDisableTiming), "cudaEventCreate");
   }
+  const int agree_init[2] = {1, 0};
+  check_cuda(cudaMalloc(&agree_dev_, sizeof(agree_init)), "cudaMalloc (end-of-pass agreement)");
+  check_cuda(cudaMemcpy(agree_dev_, agree_init, sizeof(agree_init), cudaMemcpyHostToDevice), "cudaMemcpy");
+  check_cuda(cudaMallocHost(&agree_host_, sizeof(int)), "cudaMallocHost (end-of-pass agreement)");
+  check_cuda(cudaEventCreateWithFlags(&agree_done_, cudaEventDisableTiming), "cudaEventCreate");
 }
 
 NcclTransport::~NcclTransport() {
@@ -170,6 +175,9 @@ NcclTransport::~NcclTransport() {
         std::this_thread::sleep_for(kSettlePoll);
       }
     }
+    while (agree_done_ && cudaEventQuery(agree_done_) == cudaErrorNotReady && Clock::now() < deadline) {
+      std::this_thread::sleep_for(kSettlePoll);
+    }
     comm_ = nullptr;
   }
   if (comm_ != nullptr && !aborted_.load()) {
@@ -182,6 +190,10 @@ NcclTransport::~NcclTransport() {
         std::this_thread::sleep_for(kSettlePoll);
       }
       if (!clean) break;
+    }
+    while (clean && agree_done_ && cudaEventQuery(agree_done_) == cudaErrorNotReady) {
+      if (Clock::now() > deadline) clean = false;
+      std::this_thread::sleep_for(kSettlePoll);
     }
     if (clean) {
       ncclResult_t r = ncclCommFinalize(comm_);
@@ -207,6 +219,9 @@ NcclTransport::~NcclTransport() {
     if (s.fence) cudaEventDestroy(s.fence);
   }
   if (ready_) cudaEventDestroy(ready_);
+  if (agree_done_) cudaEventDestroy(agree_done_);
+  if (agree_dev_) cudaFree(agree_dev_);
+  if (agree_host_) cudaFreeHost(agree_host_);
   if (comm_stream_) cudaStreamDestroy(comm_stream_);
 }
 
@@ -418,6 +433,57 @@ CopyEngineRing::Poll NcclTransport::ce_poll(std::unique_lock<std::mutex>& lock, 
       throw Error(ErrorKind::kComm, failure_);
     }
   };
+}
+
+void NcclTransport::end_pass(const std::function<void()>& meanwhile) {
+  if (ce_ || world_ < 2) {  // copy engines: each arrival is a message from the peer that sent it
+    meanwhile();
+    return;
+  }
+  std::unique_lock<std::mutex> lock(mu_);
+  if (failed_.load()) throw Error(ErrorKind::kComm, failure_);
+  const std::string ring = " (send to " + peer_text(next_) + ", receive from " + peer_text(prev_) + ")";
+  check_cuda(cudaMemsetAsync(agree_dev_ + 1, 0, sizeof(int), comm_stream_), "cudaMemsetAsync (agreement)");
+  const ncclResult_t r = ncclAllReduce(agree_dev_, agree_dev_ + 1, 1, ncclInt32, ncclSum, comm_, comm_stream_);
+  if (r != ncclSuccess && r != ncclInProgress) {
+    fail_locked("after the last hop: posting the end-of-pass agreement failed: " + std::string(ncclGetErrorString(r)) +
+                ring);
+    throw Error(ErrorKind::kComm, failure_);
+  }
+  settle_locked("the end-of-pass agreement after the last hop", -1);
+  check_cuda(cudaMemcpyAsync(agree_host_, agree_dev_ + 1, sizeof(int), cudaMemcpyDeviceToHost, comm_stream_),
+             "cudaMemcpyAsync (agreement)");
+  check_cuda(cudaEventRecord(agree_done_, comm_stream_), "cudaEventRecord (agreement)");
+  lock.unlock();
+  meanwhile();
+  lock.lock();
+  // The deadline counts from the caller's own synchronisation: the ring's ranks finish their last
+  // step within one step of each other, and a step may take up to the timeout.
+  const auto deadline = Clock::now() + timeout();
+  while (true) {
+    if (failed_.load()) throw Error(ErrorKind::kComm, failure_);
+    const cudaError_t e = cudaEventQuery(agree_done_);
+    if (e == cudaSuccess) break;
+    if (e != cudaErrorNotReady) {
+      fail_locked("after the last hop: the end-of-pass agreement failed: " + std::string(cudaGetErrorString(e)) + ring);
+      throw Error(ErrorKind::kComm, failure_);
+    }
+    if (Clock::now() > deadline) {
+      fail_locked("after the last hop: the end-of-pass agreement did not complete within " +
+                  seconds_text(timeout_ms_.load()) + ring +
+                  "; a peer failed or stalled during the pass, so this rank's result is not trusted; communicator "
+                  "aborted (hint: raise -T if one step legitimately takes longer)");
+      throw Error(ErrorKind::kComm, failure_);
+    }
+    lock.unlock();
+    std::this_thread::sleep_for(kSettlePoll);
+    lock.lock();
+  }
+  if (*agree_host_ != world_) {
+    fail_locked("after the last hop: " + std::to_string(*agree_host_) + " of " + std::to_string(world_) +
+                " ranks confirmed the pass" + ring + "; a peer failed during the pass; communicator aborted");
+    throw Error(ErrorKind::kComm, failure_);
+  }
 }
 
 void NcclTransport::abort(const std::string& why) {

@@ -54,6 +54,11 @@ class NcclTransport final : public Transport {
   // hop >= 0: the compute stream waits (on the device) for that hop's exchange.
   // hop < 0: the host waits, with the timeout, until every posted exchange has completed.
   void wait(int hop) override;
+  // NCCL's kernels (not the copy-engine path): all ranks add 1 in a one-integer allreduce queued
+  // behind the last exchange, and the host waits (with the timeout) for the sum to equal the ring
+  // size. A completed NCCL receive alone does not prove that the ring is intact: with a peer
+  // silent, a rank was seen to finish its forward while its neighbours timed out.
+  void end_pass(const std::function<void()>& meanwhile) override;
   void abort(const std::string& why) override;
   void set_timeout_ms(double ms) override;
 
@@ -101,6 +106,9 @@ class NcclTransport final : public Transport {
   cudaStream_t comm_stream_ = nullptr;
   cudaEvent_t ready_ = nullptr;
   std::vector<Slot> slots_;
+  int* agree_dev_ = nullptr;   // [this rank's 1, the allreduce's sum] (end_pass)
+  int* agree_host_ = nullptr;  // pinned copy of the sum
+  cudaEvent_t agree_done_ = nullptr;
   // Ranks of one host (unless RINGATTN_COPY_ENGINE=0): the data moves by copy engines, not NCCL kernels.
   std::unique_ptr<CopyEngineRing> ce_;
   long seq_ = 0;  // exchanges started so far (the same count on every rank)
