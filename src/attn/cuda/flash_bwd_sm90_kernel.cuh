@@ -258,17 +258,9 @@ __device__ __forceinline__ void add_dk_dv(const FlashBwdParams& p, const float (
                    hkv * p.dk_head_stride + 2 * t;
       float* dvp = p.dv_accum + b * p.dv_batch_stride + static_cast<int64_t>(r) * p.dv_row_stride +
                    hkv * p.dv_head_stride + 2 * t;
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j) {
-        float2 a = *reinterpret_cast<float2*>(dkp + j * 8);
-        a.x += dk[4 * j + 2 * half] * p.scale;
-        a.y += dk[4 * j + 2 * half + 1] * p.scale;
-        *reinterpret_cast<float2*>(dkp + j * 8) = a;
-        float2 c = *reinterpret_cast<float2*>(dvp + j * 8);
-        c.x += dv[4 * j + 2 * half];
-        c.y += dv[4 * j + 2 * half + 1];
-        *reinterpret_cast<float2*>(dvp + j * 8) = c;
-      }
+      bwd::add_row_to_accumulators<kHeadDim / 8>(
+          dkp, dvp, p.scale, [&](int j, int e) { return dk[4 * j + 2 * half + e]; },
+          [&](int j, int e) { return dv[4 * j + 2 * half + e]; });
     }
   }
 }
