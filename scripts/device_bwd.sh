@@ -7,7 +7,7 @@
 # Every step has its own timeout and the whole script stops starting new steps near $BUDGET seconds.
 # Env: MMA=0 (skip the mma.sync kernel's bench), SAN=0 (skip compute-sanitizer), AB_ENV="NAME=VALUE ..." (per word:
 # run the head_dim 128 tests and bench the Hopper kernel again under that environment variable, label
-# wgmma-ab<i>; e.g. RINGATTN_BWD_ORDER=4), BASE_TREE=DIR (a source tree of an earlier commit, e.g. from
+# wgmma-ab<i>; e.g. RINGATTN_BWD_SM90_NO_TMA=1), BASE_TREE=DIR (a source tree of an earlier commit, e.g. from
 # `git archive <sha> | tar -x -C .base`, carried: built and benched too, label base), NCU=1 (Nsight Compute on one 16K launch of the Hopper
 # kernel: speed of light, warp states).
 set -u -o pipefail

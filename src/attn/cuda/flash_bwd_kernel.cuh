@@ -114,14 +114,19 @@ __device__ __forceinline__ void pos_range(const ChunkPositions& p, int64_t lo, i
   }
 }
 
-// Adds one thread's part of a key row into the travelling fp32 accumulators: dk(j, e) * scale into
-// dkp[8 j + e] and dv(j, e) into dvp[8 j + e], j < kPairs, e < 2; every load first, then every
-// store. dk_accum and dv_accum may alias as far as the compiler knows, so a load-add-store per pair
-// serialises: each load waits for the store before it, one memory round trip per pair (64 in a row
-// per thread at head_dim 128, some 30 us per block, the SASS showed; the causal 16K case paid it
-// on blocks half as long).
+// Adds one thread's part of key row r (kv head hkv, batch entry b) into the travelling fp32
+// accumulators: dk(j, e) * scale at column 8 j + 2 t + e of dk_accum, dv(j, e) of dv_accum, j < kPairs,
+// e < 2; every load first, then every store. dk_accum and dv_accum may alias as far as the
+// compiler knows, so a load-add-store per pair serialises: each load waits for the store before it,
+// one memory round trip per pair (64 in a row per thread at head_dim 128, some 30 us per block, the
+// SASS showed; the causal 16K case paid it on blocks half as long).
 template <int kPairs, typename DkAt, typename DvAt>
-__device__ __forceinline__ void add_row_to_accumulators(float* dkp, float* dvp, float scale, DkAt dk, DvAt dv) {
+__device__ __forceinline__ void add_row_to_accumulators(const FlashBwdParams& p, int b, int hkv, int r, int t, DkAt dk,
+                                                        DvAt dv) {
+  float* dkp = p.dk_accum + b * p.dk_batch_stride + static_cast<int64_t>(r) * p.dk_row_stride + hkv * p.dk_head_stride +
+               2 * t;
+  float* dvp = p.dv_accum + b * p.dv_batch_stride + static_cast<int64_t>(r) * p.dv_row_stride + hkv * p.dv_head_stride +
+               2 * t;
   float2 a[kPairs], c[kPairs];
 #pragma unroll
   for (int j = 0; j < kPairs; ++j) {
@@ -130,8 +135,8 @@ __device__ __forceinline__ void add_row_to_accumulators(float* dkp, float* dvp, 
   }
 #pragma unroll
   for (int j = 0; j < kPairs; ++j) {
-    a[j].x += dk(j, 0) * scale;
-    a[j].y += dk(j, 1) * scale;
+    a[j].x += dk(j, 0) * p.scale;
+    a[j].y += dk(j, 1) * p.scale;
     c[j].x += dv(j, 0);
     c[j].y += dv(j, 1);
     *reinterpret_cast<float2*>(dkp + j * 8) = a[j];
@@ -139,42 +144,23 @@ __device__ __forceinline__ void add_row_to_accumulators(float* dkp, float* dvp, 
   }
 }
 
-// Where a backward block works: key tile `tile` (kBlockN rows; blockIdx.x by default) of slice
-// `slice` = b * kv_heads + hkv (blockIdx.y), against the query tiles (kBlockM rows) of the group of
-// query heads sharing that kv head.
+// Where a backward block works: key tile blockIdx.x (kBlockN rows) of kv head hkv of batch entry b,
+// against the query tiles (kBlockM rows) of the group of query heads sharing that kv head.
 template <int kBlockM, int kBlockN>
 struct BwdBlock {
   int b, hkv, group;  // batch entry, kv head, query heads per kv head
   int k0, k_end;      // the key tile's chunk rows [k0, k_end)
   int num_q_tiles;
   int64_t pad_rows;   // rows of each (b, h) slice of lse_log2 / delta / dq_accum
-  __device__ __forceinline__ explicit BwdBlock(const FlashBwdParams& p) : BwdBlock(p, blockIdx.x, blockIdx.y) {}
-  __device__ __forceinline__ BwdBlock(const FlashBwdParams& p, int tile, int slice)
-      : b(slice / p.kv_heads),
-        hkv(slice % p.kv_heads),
+  __device__ __forceinline__ explicit BwdBlock(const FlashBwdParams& p)
+      : b(blockIdx.y / p.kv_heads),
+        hkv(blockIdx.y % p.kv_heads),
         group(p.heads / p.kv_heads),
-        k0(tile * kBlockN),
+        k0(blockIdx.x * kBlockN),
         k_end(min(k0 + kBlockN, p.seq_k)),
         num_q_tiles((p.seq_q + kBlockM - 1) / kBlockM),
         pad_rows(flash_bwd_padded_rows(p.seq_q)) {}
 };
-
-// Launch order of a backward grid (tiles x slices) in groups of `group_slices` slices: the blocks
-// go out key tile by key tile across a group's slices, so the first (in causal steps the longest)
-// tiles of every slice start first and the short ones fill the end, while the blocks running at a
-// time share the Q/dO of only `group_slices` slices in L2. 0: blockIdx as is (slice by slice).
-__device__ __forceinline__ void bwd_block_order(int group_slices, int& tile, int& slice) {
-  tile = blockIdx.x;
-  slice = blockIdx.y;
-  if (group_slices <= 0) return;
-  const int tiles = gridDim.x, slices = gridDim.y;
-  const int linear = blockIdx.x + blockIdx.y * tiles;
-  const int first = linear / (group_slices * tiles) * group_slices;
-  const int width = min(group_slices, slices - first);
-  const int r = linear - first * tiles;
-  tile = r / width;
-  slice = first + r % width;
-}
 
 // Computes the walk's bounds for this block into shared memory; call from every thread, then
 // __syncthreads() before walking.
@@ -480,12 +466,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   for (int half = 0; half < 2; ++half) {
     const int r = k0 + wrow + g + half * 8;
     if (r < p.seq_k) {
-      float* dkp = p.dk_accum + b * p.dk_batch_stride + static_cast<int64_t>(r) * p.dk_row_stride +
-                   hkv * p.dk_head_stride + 2 * t;
-      float* dvp = p.dv_accum + b * p.dv_batch_stride + static_cast<int64_t>(r) * p.dv_row_stride +
-                   hkv * p.dv_head_stride + 2 * t;
       add_row_to_accumulators<Tr::kDT>(
-          dkp, dvp, p.scale, [&](int j, int e) { return dk[j][2 * half + e]; },
+          p, b, hkv, r, t, [&](int j, int e) { return dk[j][2 * half + e]; },
           [&](int j, int e) { return dv[j][2 * half + e]; });
     }
   }

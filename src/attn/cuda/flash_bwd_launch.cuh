@@ -47,23 +47,6 @@ inline int bwd_variant() {
   return variant;
 }
 
-// RINGATTN_BWD_ORDER=G (timing experiment, the Hopper TMA kernel): launch its blocks key tile by key
-// tile across groups of G slices (bwd_block_order); unset or 0: slice by slice, the default. No G won
-// reliably on an H200 (docs/BACKWARD_NOTES.md v8): causal 16K within noise, 64K without a mask -5% to -26%.
-inline int bwd_order_slices() {
-  static const int slices = [] {
-    const char* v = std::getenv("RINGATTN_BWD_ORDER");
-    if (v == nullptr || *v == '\0') return 0;
-    char* end = nullptr;
-    const long g = std::strtol(v, &end, 10);
-    RINGATTN_CHECK(*end == '\0' && g >= 0 && g <= 1024, ErrorKind::kInvalidArgument,
-                   std::string("RINGATTN_BWD_ORDER=") + v + " is not a group size",
-                   "unset it, or set a number of slices from 0 (launch order as is) to 1024");
-    return static_cast<int>(g);
-  }();
-  return slices;
-}
-
 template <typename Elem, int kHeadDim, int kVariant>
 void launch_flash_bwd_variant(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
                               cudaStream_t stream) {

@@ -254,12 +254,8 @@ __device__ __forceinline__ void add_dk_dv(const FlashBwdParams& p, const float (
   for (int half = 0; half < 2; ++half) {
     const int r = r0 + g + half * 8;
     if (r < p.seq_k) {
-      float* dkp = p.dk_accum + b * p.dk_batch_stride + static_cast<int64_t>(r) * p.dk_row_stride +
-                   hkv * p.dk_head_stride + 2 * t;
-      float* dvp = p.dv_accum + b * p.dv_batch_stride + static_cast<int64_t>(r) * p.dv_row_stride +
-                   hkv * p.dv_head_stride + 2 * t;
       bwd::add_row_to_accumulators<kHeadDim / 8>(
-          dkp, dvp, p.scale, [&](int j, int e) { return dk[4 * j + 2 * half + e]; },
+          p, b, hkv, r, t, [&](int j, int e) { return dk[4 * j + 2 * half + e]; },
           [&](int j, int e) { return dv[4 * j + 2 * half + e]; });
     }
   }

@@ -33,7 +33,6 @@ bool launch_flash_bwd_sm90_tma(const FlashBwdParams& params, const ChunkPosition
       !encode_tile_map(&args.v, kBf16, params.v, kHeadDim, params.seq_k, params.kv_heads, params.batch,
                        params.v_row_stride, params.v_head_stride, params.v_batch_stride, Traits::kBlockN))
     return false;
-  args.order_slices = bwd_order_slices();
   auto* kernel = &bwd90::flash_bwd_sm90_tma_kernel<Elem, kHeadDim>;
   bwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
             "cudaFuncSetAttribute(flash_bwd_sm90_tma_kernel)");

@@ -39,7 +39,6 @@ struct TmaBwdArgs {
   CUtensorMap k;     // (D, Sk, Hkv, B), box 64 x kBlockN
   CUtensorMap v;     // (D, Sk, Hkv, B), box 64 x kBlockN
   FlashBwdParams p;
-  int order_slices;  // bwd_block_order's group (0: blockIdx as is)
 };
 
 __device__ __forceinline__ void st_shared_v4(uint32_t addr, float a, float b, float c, float d) {
@@ -136,9 +135,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   auto bar_dq_empty = [&](int cwg) -> uint32_t { return bar_kv + 8 * (3 + 2 * Tr::kStages + cwg); };
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  int block_tile, block_slice;
-  bwd::bwd_block_order(args.order_slices, block_tile, block_slice);
-  const BwdBlock<M, N> blk(p, block_tile, block_slice);
+  const BwdBlock<M, N> blk(p);
   const int b = blk.b, hkv = blk.hkv, group = blk.group, k0 = blk.k0, k_end = blk.k_end;
   const int num_q_tiles = blk.num_q_tiles;
   const int64_t pad_rows = blk.pad_rows;
