@@ -240,15 +240,16 @@ double model_memory(const AttentionSpec& spec, int world, bool backward) {
   const double qo = 2.0 * B * c * H * D * e;        // q, out
   const double kv = 2.0 * B * c * Hkv * D * e;      // k, v
   const double lse = B * H * c * acc;               // lse
-  const double buffers = 2.0 * kv;                  // the two travelling K/V buffers
+  const double buffers = (world > 2 ? 2.0 : world - 1.0) * kv;  // the travelling K/V buffers (none on one rank)
   const double state = B * c * H * D * acc + 2.0 * B * H * c * acc;  // acc, running max, running sum
   const double forward = qo + kv + lse + buffers + state;
   if (!backward) return forward;
   const double grads = qo + kv;                          // dO, dQ; dK, dV
   const double kv_acc = 2.0 * B * c * Hkv * D * acc;     // fp32 dK + dV of one chunk
+  const double dq_acc = B * c * H * D * acc + 2.0 * B * H * c * acc;  // fp32 dQ, lse_log2, delta
+  if (world == 1) return forward + grads + dq_acc;  // one rank: the step writes dK, dV directly
   const double messages = 2.0 * (kv + kv_acc);           // two [K | V | dK | dV] messages
   const double local_grad = (world > 2 ? 2.0 : 1.0) * kv_acc;  // this rank's shares (one written, one folded)
-  const double dq_acc = B * c * H * D * acc + 2.0 * B * H * c * acc;  // fp32 dQ, lse_log2, delta
   return forward + grads + messages + local_grad + dq_acc;
 }
 
@@ -357,18 +358,30 @@ double baseline_backward_pass(const RingAttention& ring, Backend& backend, const
   backend.reset_marks();
   backend.mark();
   backend.backward_begin(q, out, g.dout, lse, ring.positions());
-  // One GPU keeps one dK/dV accumulator for all its steps (the ring zeroes only step 0's share on
-  // the compute stream; later shares are zeroed beside the compute).
-  backend.zero(g.dk_acc);
-  backend.zero(g.dv_acc);
-  for (int s = 0; s < p; ++s) {
-    const int src = ((r - s) % p + p) % p;
-    const ChunkPositions k_pos = chunk_positions(spec.layout, spec.seq_len, src, p);
-    if (classify_chunks(ring.positions(), k_pos, spec.causal) == Visibility::kEmpty) continue;
-    backend.backward_step(k, v, k_pos, g.dk_acc, g.dv_acc);
+  if (p == 1) {  // as the ring on one rank: the step rounds dK/dV into the gradients
+    backend.backward_step_into(k, v, ring.positions(), g.dk, g.dv);
+  } else {
+    // One GPU keeps one dK/dV accumulator for all its steps: the first visible step stores into it
+    // (as each of the ring's steps stores into its share), the later ones add.
+    bool stored = false;
+    for (int s = 0; s < p; ++s) {
+      const int src = ((r - s) % p + p) % p;
+      const ChunkPositions k_pos = chunk_positions(spec.layout, spec.seq_len, src, p);
+      if (classify_chunks(ring.positions(), k_pos, spec.causal) == Visibility::kEmpty) continue;
+      if (stored) {
+        backend.backward_step(k, v, k_pos, g.dk_acc, g.dv_acc);
+      } else {
+        backend.backward_step_into(k, v, k_pos, g.dk_acc, g.dv_acc);
+        stored = true;
+      }
+    }
+    if (!stored) {
+      backend.zero(g.dk_acc);
+      backend.zero(g.dv_acc);
+    }
+    backend.cast_accumulator(g.dk_acc, g.dk);
+    backend.cast_accumulator(g.dv_acc, g.dv);
   }
-  backend.cast_accumulator(g.dk_acc, g.dk);
-  backend.cast_accumulator(g.dv_acc, g.dv);
   backend.backward_end(g.dq);
   backend.mark();
   backend.synchronize_and_read_marks();
@@ -497,7 +510,7 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
     g.dq = allocate_on_backend(be, spec.dtype, {B, c, H, D});
     g.dk = allocate_on_backend(be, spec.dtype, {B, c, Hkv, D});
     g.dv = allocate_on_backend(be, spec.dtype, {B, c, Hkv, D});
-    if (f.baseline) {  // the one-GPU baseline's own accumulators (the ring keeps its own)
+    if (f.baseline && world > 1) {  // the one-GPU baseline's own accumulators (the ring keeps its own)
       g.dk_acc = allocate_on_backend(be, acc, {B, c, Hkv, D});
       g.dv_acc = allocate_on_backend(be, acc, {B, c, Hkv, D});
     }

@@ -42,6 +42,13 @@ class Backend {
   // runs), accumulated in place: the accumulators that travel with the chunk.
   virtual void backward_step(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos,
                              const TensorView& dk_acc, const TensorView& dv_acc);
+  // As backward_step, but the chunk's dK/dV are written over dk_out, dv_out instead of added into
+  // them: fp32 (fp64) accumulators that no earlier step of the pass wrote (no zeroing pass, no read),
+  // or spec.dtype tensors when this step is the chunk's only one (rounded once, no accumulator at
+  // all). Every element is written, zeros where no query sees the key. The default zeroes fp32/fp64
+  // outputs and calls backward_step; it refuses 16-bit outputs.
+  virtual void backward_step_into(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos,
+                                  const TensorView& dk_out, const TensorView& dv_out);
   // dq: (B, q_rows, H, D) spec.dtype.
   virtual void backward_end(const TensorView& dq);
   // Rounds an fp32/fp64 accumulator into a spec.dtype tensor of the same shape.
@@ -54,8 +61,8 @@ class Backend {
   virtual void accumulate(const TensorView& dst, const TensorView& src);
   // The same two on `stream`, beside the compute (the ring passes a transport's exchange stream,
   // see ExchangePrologue): device backends take a stream of their device (nullptr = the compute
-  // stream); host backends get nullptr and run them now. fold_on: dst += src, then src = 0 (a share
-  // folded into the partial that travels on, its buffer zeroed for a later step), in one pass.
+  // stream); host backends get nullptr and run them now. fold_on: dst += src (a share folded into
+  // the partial that travels on; src keeps its values, the next step that uses it stores over it).
   // The defaults call zero / accumulate and refuse a stream.
   virtual void zero_on(const TensorView& acc, void* stream);
   virtual void fold_on(const TensorView& dst, const TensorView& src, void* stream);

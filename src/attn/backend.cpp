@@ -21,6 +21,14 @@ void Backend::backward_step(const TensorView&, const TensorView&, const ChunkPos
                             const TensorView&) {
   missing(*this, "backward pass");
 }
+void Backend::backward_step_into(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos,
+                                 const TensorView& dk_out, const TensorView& dv_out) {
+  const bool wide = dk_out.dtype == DType::kF32 || dk_out.dtype == DType::kF64;
+  if (!wide || dv_out.dtype != dk_out.dtype) missing(*this, "backward step into rounded dK/dV");
+  zero(dk_out);
+  zero(dv_out);
+  backward_step(k, v, k_pos, dk_out, dv_out);
+}
 void Backend::backward_end(const TensorView&) { missing(*this, "backward pass"); }
 void Backend::cast_accumulator(const TensorView&, const TensorView&) { missing(*this, "accumulator cast"); }
 void Backend::cast_accumulator_sum(const TensorView& acc, const TensorView& addend, const TensorView& dst) {
@@ -36,7 +44,6 @@ void Backend::zero_on(const TensorView& acc, void* stream) {
 void Backend::fold_on(const TensorView& dst, const TensorView& src, void* stream) {
   if (stream != nullptr) missing(*this, "fold on a side stream");
   accumulate(dst, src);
-  zero(src);
 }
 
 }  // namespace ringattn

@@ -176,10 +176,11 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   const DType acc_dtype = accumulator_dtype(spec_.dtype);
   // Message layout per hop: [K | V | dK partial | dV partial]; the gradient part belongs to the
   // chunk this rank processed one step earlier, so it travels one hop behind its K/V.
+  // One rank needs none of these: its only step writes the rounded gradients straight into dk, dv.
   const std::size_t msg_bytes = kv_bytes_ + grad_bytes_;
-  if (!grad_buffers_[0]) {
+  if (!grad_buffers_[0] && p > 1) {
     grad_buffers_[0] = backend_->allocate(msg_bytes);
-    grad_buffers_[1] = p > 1 ? backend_->allocate(msg_bytes) : nullptr;
+    grad_buffers_[1] = backend_->allocate(msg_bytes);
     local_grad_[1] = backend_->allocate(grad_bytes_);
     local_grad_[0] = p > 2 ? backend_->allocate(grad_bytes_) : local_grad_[1];
   }
@@ -204,24 +205,20 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   std::vector<HopMarks> marks(p + (p > 1 ? 1 : 0));
   stats_ = PassStats{};
   stats_.hops.resize(marks.size());
-  // This rank's dK/dV share of step s's chunk goes, at step 0 (the own chunk, whose partial starts
-  // here and leaves at hop 1), straight into the gradient part of hop 1's message; at a later step
-  // s into local_grad_[s % 2]. Hop s+1's prologue folds it into the partial that arrived one hop
-  // behind its K/V (and zeroes it for step s+2) on the exchange stream, beside step s+1's compute,
-  // so no pass over the partials sits between two steps. After a skipped step there is no share
-  // (`shared` false): the partial passes on as it arrived, and the share's buffer stays zero.
+  // This rank's dK/dV share of step s's chunk is stored (not added: no zeroing pass) at step 0 (the
+  // own chunk, whose partial starts here and leaves at hop 1) straight into the gradient part of hop
+  // 1's message; at a later step s into local_grad_[s % 2]. Hop s+1's prologue folds it into the
+  // partial that arrived one hop behind its K/V on the exchange stream, beside step s+1's compute, so
+  // no pass over the partials sits between two steps. After a skipped step there is no share
+  // (`shared` false): the partial passes on as it arrived. One rank (p = 1) has no partial at all:
+  // its step rounds dK, dV into the caller's tensors.
   bool shared = false;
   for (int s = 0; s < p; ++s) {
-    void* cur = grad_buffers_[s % 2];
+    void* cur = p > 1 ? grad_buffers_[s % 2] : nullptr;
     void* nxt = p > 1 ? grad_buffers_[(s + 1) % 2] : nullptr;
     const bool send_kv = s + 1 < p, send_grad = s >= 1, exchange = send_kv || send_grad;
     ExchangePrologue before;
-    if (s == 0 && p > 1) {  // the shares of steps 1 and 2 start from zero
-      before = [&](void* stream) {
-        backend_->zero_on(gview(local_grad_[1], 0), stream);
-        if (local_grad_[0] != local_grad_[1]) backend_->zero_on(gview(local_grad_[0], 0), stream);
-      };
-    } else if (s >= 2 && shared) {
+    if (s >= 2 && shared) {
       void* prev_share = local_grad_[(s - 1) % 2];
       if (fold_beside_) {
         before = [&, prev_share](void* stream) {
@@ -250,12 +247,22 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     const ChunkPositions k_pos = chunk_positions(spec_.layout, spec_.seq_len, src, p);
     const bool skip = classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty;
     marks[s].begin = backend_->mark();
-    void* share = s == 0 && p > 1 ? static_cast<char*>(grad_buffers_[1]) + kv_bytes_ : local_grad_[s % 2];
     shared = !skip;
-    if (s == 0) backend_->zero(gview(share, 0));  // hop 1 sends the own chunk's share in any case
-    if (!skip) {
-      backend_->backward_step(s == 0 ? k : kview(cur), s == 0 ? v : vview(cur), k_pos, dk_of(share, 0),
-                              dv_of(share, 0));
+    if (p == 1) {
+      if (skip) {
+        backend_->zero(dk);
+        backend_->zero(dv);
+      } else {
+        backend_->backward_step_into(k, v, k_pos, dk, dv);
+      }
+    } else {
+      void* share = s == 0 ? static_cast<char*>(grad_buffers_[1]) + kv_bytes_ : local_grad_[s % 2];
+      if (!skip) {
+        backend_->backward_step_into(s == 0 ? k : kview(cur), s == 0 ? v : vview(cur), k_pos, dk_of(share, 0),
+                                     dv_of(share, 0));
+      } else if (s == 0) {
+        backend_->zero(gview(share, 0));  // hop 1 sends the own chunk's share in any case
+      }
     }
     marks[s].computed = backend_->mark();
     if (exchange && post_after_launch) post();
@@ -292,8 +299,6 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     backend_->copy(dk.data, home, kv_bytes_ / 2);
     backend_->copy(dv.data, static_cast<char*>(home) + kv_bytes_ / 2, kv_bytes_ / 2);
   } else {
-    backend_->cast_accumulator(dk_of(local_grad_[0], 0), dk);
-    backend_->cast_accumulator(dv_of(local_grad_[0], 0), dv);
     backend_->backward_end(dq);
   }
   const int end_mark = backend_->mark();

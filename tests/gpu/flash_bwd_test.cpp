@@ -57,6 +57,7 @@ struct Case {
   int rank;           // whose query chunk is tested
   bool packed = false;  // q, k, v as slices of one (B, S, 3, H, D) buffer (row stride 3*H*D)
   bool hide = false;    // lse = -inf on every 7th query row (rows that see no key contribute nothing)
+  DkvWrite write = DkvWrite::kAdd;  // how the steps write dK/dV (kStore, kFinal: over poisoned buffers)
 };
 
 std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.name; }
@@ -327,21 +328,29 @@ void check_case(const Case& c) {
       CUDA_OK(upload_bits(kc, k_d.ptr));
       CUDA_OK(upload_bits(vc, v_d.ptr));
     }
+    // kAdd: the accumulators start from random values (the step adds); kStore: from NaN, kFinal: the
+    // 16-bit outputs from NaN (a step that read them or left a row unwritten shows NaN).
     std::vector<float> dk0(kc.size()), dv0(kc.size());
-    for (auto& x : dk0) x = init(rng);
-    for (auto& x : dv0) x = init(rng);
+    for (auto& x : dk0) x = c.write == DkvWrite::kAdd ? init(rng) : std::numeric_limits<float>::quiet_NaN();
+    for (auto& x : dv0) x = c.write == DkvWrite::kAdd ? init(rng) : std::numeric_limits<float>::quiet_NaN();
     DeviceBuf<float> dk_d(kc.size()), dv_d(kc.size());
-    ASSERT_TRUE(dk_d.ptr && dv_d.ptr);
+    DeviceBuf<uint16_t> dk16_d(kc.size()), dv16_d(kc.size());
+    ASSERT_TRUE(dk_d.ptr && dv_d.ptr && dk16_d.ptr && dv16_d.ptr);
     CUDA_OK(cudaMemcpy(dk_d.ptr, dk0.data(), dk0.size() * 4, cudaMemcpyHostToDevice));
     CUDA_OK(cudaMemcpy(dv_d.ptr, dv0.data(), dv0.size() * 4, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemset(dk16_d.ptr, 0xff, kc.size() * 2));
+    CUDA_OK(cudaMemset(dv16_d.ptr, 0xff, kc.size() * 2));
     p.seq_k = static_cast<int>(Sk);
     p.k = k_d.ptr;
     p.v = v_d.ptr;
     p.k_batch_stride = p.v_batch_stride = Sk * k_row;
     p.k_row_stride = p.v_row_stride = k_row;
     p.k_head_stride = p.v_head_stride = D;
+    p.dkv_write = c.write;
     p.dk_accum = dk_d.ptr;
     p.dv_accum = dv_d.ptr;
+    p.dk_out = dk16_d.ptr;
+    p.dv_out = dv16_d.ptr;
     p.dk_batch_stride = p.dv_batch_stride = Sk * Hkv * D;
     p.dk_row_stride = p.dv_row_stride = Hkv * D;
     p.dk_head_stride = p.dv_head_stride = D;
@@ -349,14 +358,25 @@ void check_case(const Case& c) {
     CUDA_OK(cudaStreamSynchronize(stream));
     CUDA_OK(cudaGetLastError());
     std::vector<float> dkh(kc.size()), dvh(kc.size());
-    CUDA_OK(cudaMemcpy(dkh.data(), dk_d.ptr, dkh.size() * 4, cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(dvh.data(), dv_d.ptr, dvh.size() * 4, cudaMemcpyDeviceToHost));
+    if (c.write == DkvWrite::kFinal) {
+      std::vector<uint16_t> kb(kc.size()), vb(kc.size());
+      CUDA_OK(cudaMemcpy(kb.data(), dk16_d.ptr, kb.size() * 2, cudaMemcpyDeviceToHost));
+      CUDA_OK(cudaMemcpy(vb.data(), dv16_d.ptr, vb.size() * 2, cudaMemcpyDeviceToHost));
+      for (std::size_t i = 0; i < kb.size(); ++i) {
+        dkh[i] = static_cast<float>(from_bits(c.dtype, kb[i]));
+        dvh[i] = static_cast<float>(from_bits(c.dtype, vb[i]));
+      }
+    } else {
+      CUDA_OK(cudaMemcpy(dkh.data(), dk_d.ptr, dkh.size() * 4, cudaMemcpyDeviceToHost));
+      CUDA_OK(cudaMemcpy(dvh.data(), dv_d.ptr, dvh.size() * 4, cudaMemcpyDeviceToHost));
+    }
+    const bool add = c.write == DkvWrite::kAdd;
     for (int b = 0; b < B; ++b)
       for (int64_t j = 0; j < Sk; ++j)
         for (int e = 0; e < Hkv * D; ++e) {
           const std::size_t l = ((b * Sk + j) * Hkv) * D + e, g = ((b * S + kp.at(j)) * Hkv) * D + e;
-          gpu_dk[g] = static_cast<double>(dkh[l]) - dk0[l];
-          gpu_dv[g] = static_cast<double>(dvh[l]) - dv0[l];
+          gpu_dk[g] = static_cast<double>(dkh[l]) - (add ? dk0[l] : 0.0);
+          gpu_dv[g] = static_cast<double>(dvh[l]) - (add ? dv0[l] : 0.0);
         }
   }
   flash_bwd_finalize(p, stream);
@@ -401,12 +421,28 @@ const Case kCases[] = {
     {"Bwd_whole_fp16_d128_full_gqa_b2", DType::kF16, 2, 4, 2, 128, 333, false, Layout::kContiguous, 1, 0},
     {"Bwd_zigzag2_bf16_d128_hidden_rows", DType::kBF16, 1, 2, 2, 128, 264, true, Layout::kZigzag, 2, 1, false, true},
     {"Bwd_contig2_fp16_d128_full_packed", DType::kF16, 1, 2, 1, 128, 300, false, Layout::kContiguous, 2, 0, true},
+    // Steps that store (kStore: the ring's shares) or round into the gradients (kFinal: one rank),
+    // over NaN: chunks no query sees (contig3 rank 0: chunks 1, 2), partly visible tiles, hidden rows.
+    {"Bwd_contig3_bf16_d128_causal_store", DType::kBF16, 1, 2, 1, 128, 390, true, Layout::kContiguous, 3, 0, false,
+     false, DkvWrite::kStore},
+    {"Bwd_zigzag4_bf16_d128_causal_store", DType::kBF16, 1, 4, 2, 128, 320, true, Layout::kZigzag, 4, 1, false, false,
+     DkvWrite::kStore},
+    {"Bwd_zigzag2_fp16_d64_hidden_store", DType::kF16, 2, 2, 1, 64, 264, true, Layout::kZigzag, 2, 1, false, true,
+     DkvWrite::kStore},
+    {"Bwd_whole_bf16_d128_causal_final", DType::kBF16, 1, 2, 1, 128, 1000, true, Layout::kContiguous, 1, 0, false,
+     false, DkvWrite::kFinal},
+    {"Bwd_whole_fp16_d128_full_gqa_final", DType::kF16, 2, 4, 2, 128, 333, false, Layout::kContiguous, 1, 0, false,
+     false, DkvWrite::kFinal},
+    {"Bwd_whole_bf16_d64_causal_final", DType::kBF16, 2, 4, 2, 64, 200, true, Layout::kContiguous, 1, 0, false, false,
+     DkvWrite::kFinal},
+    {"Bwd_contig3_bf16_d64_causal_final", DType::kBF16, 1, 2, 2, 64, 390, true, Layout::kContiguous, 3, 0, false, false,
+     DkvWrite::kFinal},
 };
 
 INSTANTIATE_TEST_SUITE_P(FlashBwd, FlashBwdTest, ::testing::ValuesIn(kCases),
                          [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
 
-// flash_bwd_accumulate (dst += src) or flash_bwd_fold (dst += src, then src = 0) over n elements at
+// flash_bwd_accumulate or flash_bwd_fold (both dst += src, src untouched) over n elements at
 // an aligned (vectorised when n allows) and an unaligned (scalar) offset; the elements around the
 // range stay as they were. fold_blocks caps the fold's grid (0: none).
 void check_accumulate(bool fold, int64_t n, unsigned fold_blocks = 0) {
@@ -432,7 +468,7 @@ void check_accumulate(bool fold, int64_t n, unsigned fold_blocks = 0) {
     for (int64_t i = 0; i < n + 8; ++i) {
       const bool inside = i >= offset && i < offset + n;
       ASSERT_EQ(r[i], inside ? a[i] + b[i] : a[i]) << "dst element " << i << " offset " << offset;
-      ASSERT_EQ(rs[i], inside && fold ? 0.f : b[i]) << "src element " << i << " offset " << offset;
+      ASSERT_EQ(rs[i], b[i]) << "src element " << i << " offset " << offset;
     }
   }
 }
@@ -442,7 +478,7 @@ TEST(FlashBwdAccumulate, AddsInPlace) {
   check_accumulate(false, 100003);
 }
 
-TEST(FlashBwdFold, AddsAndZeroesTheSource) {
+TEST(FlashBwdFold, AddsAndLeavesTheSource) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device visible: GPU fold test skipped";
   check_accumulate(true, 100003);  // scalar path
   check_accumulate(true, 100000);  // float4 path (aligned offset), unrolled grid-stride

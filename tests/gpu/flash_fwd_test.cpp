@@ -484,5 +484,39 @@ TEST(CudaBackend, MarksAndHelpers) {
   }
 }
 
+// cast_accumulator at a 16-byte aligned start (eight per thread, then a tail) and at an odd one
+// (one by one): every element rounded to nearest even, the 16-bit words around the range untouched.
+TEST(CudaBackend, CastRoundsEveryElementOnce) {
+  RINGATTN_SKIP_WITHOUT_GPU();
+  auto backend = make_cuda_backend();
+  AttentionSpec spec;
+  spec.heads = 1;
+  spec.head_dim = 64;
+  spec.seq_len = 16;
+  spec.dtype = DType::kBF16;
+  backend->prepare(spec, 16, 16);
+  constexpr int64_t kCap = 4099;
+  float* acc = static_cast<float*>(backend->allocate(kCap * sizeof(float)));
+  auto* dst = static_cast<uint16_t*>(backend->allocate(kCap * 2));
+  std::vector<float> host(kCap);
+  std::mt19937 rng(9);
+  std::uniform_real_distribution<float> u(-40.f, 40.f);
+  for (auto& x : host) x = u(rng);
+  RINGATTN_EXPECT_CUDA(cudaMemcpy(acc, host.data(), kCap * sizeof(float), cudaMemcpyHostToDevice));
+  for (const int64_t offset : {0, 1, 8}) {
+    const int64_t n = kCap - 8;
+    RINGATTN_EXPECT_CUDA(cudaMemset(dst, 0xff, kCap * 2));
+    backend->cast_accumulator(make_view(acc + offset, DType::kF32, Device::kCuda, {n}),
+                              make_view(dst + offset, DType::kBF16, Device::kCuda, {n}));
+    backend->synchronize_and_read_marks();
+    std::vector<uint16_t> bits(kCap);
+    RINGATTN_EXPECT_CUDA(cudaMemcpy(bits.data(), dst, kCap * 2, cudaMemcpyDeviceToHost));
+    for (int64_t i = 0; i < kCap; ++i) {
+      const bool inside = i >= offset && i < offset + n;
+      ASSERT_EQ(bits[i], inside ? float_to_bf16(host[i]) : uint16_t{0xffff}) << "element " << i << " offset " << offset;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace ringattn::test

@@ -182,5 +182,70 @@ TEST(CpuBackend, BackwardMatchesReferenceAndFiniteDifferences) {
   }
 }
 
+// backward_step_into stores over whatever the outputs held: fp64 accumulators (poisoned with NaN:
+// a step that read them would return NaN), then bf16 gradients, which must equal the fp32 step's
+// sums rounded once. A later backward_step adds on top of what backward_step_into stored.
+TEST(CpuBackend, BackwardStepIntoStoresOverTheOutputs) {
+  std::mt19937_64 rng(11);
+  const int64_t B = 2, S = 10, H = 4, Hkv = 2, D = 5;
+  AttentionSpec spec = spec_for(B, H, Hkv, D, true);
+  spec.seq_len = S;
+  Buf q = random_buf({B, S, H, D}, rng), k = random_buf({B, S, Hkv, D}, rng), v = random_buf({B, S, Hkv, D}, rng);
+  Buf dout = random_buf({B, S, H, D}, rng);
+  const ChunkPositions pos = identity_positions(S);
+  auto be = make_cpu_backend();
+  be->prepare(spec, S, S);
+  be->forward_begin(q.view, pos);
+  be->forward_step(k.view, v.view, pos);
+  Buf o = poisoned({B, S, H, D}), l = poisoned({B, H, S});
+  be->forward_end(o.view, l.view);
+  be->backward_begin(q.view, o.view, dout.view, l.view, pos);
+  Buf dk = poisoned({B, S, Hkv, D}), dv = poisoned({B, S, Hkv, D});
+  be->backward_step_into(k.view, v.view, pos, dk.view, dv.view);
+  Buf once_k = dk, once_v = dv;
+  be->backward_step(k.view, v.view, pos, dk.view, dv.view);  // adds the same chunk again: twice
+  Buf dq = poisoned({B, S, H, D});
+  be->backward_end(dq.view);
+  Buf rq = poisoned({B, S, H, D}), rk = poisoned({B, S, Hkv, D}), rv = poisoned({B, S, Hkv, D});
+  reference_attention_backward(spec, q.view, k.view, v.view, dout.view, rq.view, rk.view, rv.view);
+  EXPECT_LT(max_abs_diff(once_k, rk), 1e-12);
+  EXPECT_LT(max_abs_diff(once_v, rv), 1e-12);
+  for (Buf* r : {&rk, &rv})
+    for (double& x : r->data) x *= 2.0;
+  EXPECT_LT(max_abs_diff(dk, rk), 1e-12);
+  EXPECT_LT(max_abs_diff(dv, rv), 1e-12);
+
+  // bf16 inputs: the rounded outputs against fp32 accumulators of the same step, rounded here.
+  AttentionSpec s16 = spec;
+  s16.dtype = DType::kBF16;
+  auto to_bf16 = [](const Buf& b) {
+    std::vector<uint16_t> bits(b.data.size());
+    for (std::size_t i = 0; i < bits.size(); ++i) bits[i] = float_to_bf16(static_cast<float>(b.data[i]));
+    return bits;
+  };
+  std::vector<uint16_t> q16 = to_bf16(q), k16 = to_bf16(k), v16 = to_bf16(v), do16 = to_bf16(dout);
+  std::vector<uint16_t> o16(q16.size()), dq16(q16.size()), dk16(k16.size(), 0x7fc0), dv16(k16.size(), 0x7fc0);
+  std::vector<float> l32(static_cast<std::size_t>(B * H * S)), dk32(k16.size(), 0.f), dv32(k16.size(), 0.f);
+  auto v16_of = [&](std::vector<uint16_t>& x, int64_t h) {
+    return make_view(x.data(), DType::kBF16, Device::kHost, {B, S, h, D});
+  };
+  const TensorView lse32 = make_view(l32.data(), DType::kF32, Device::kHost, {B, H, S});
+  auto be16 = make_cpu_backend();
+  be16->prepare(s16, S, S);
+  be16->forward_begin(v16_of(q16, H), pos);
+  be16->forward_step(v16_of(k16, Hkv), v16_of(v16, Hkv), pos);
+  be16->forward_end(v16_of(o16, H), lse32);
+  be16->backward_begin(v16_of(q16, H), v16_of(o16, H), v16_of(do16, H), lse32, pos);
+  be16->backward_step_into(v16_of(k16, Hkv), v16_of(v16, Hkv), pos, v16_of(dk16, Hkv), v16_of(dv16, Hkv));
+  be16->backward_step(v16_of(k16, Hkv), v16_of(v16, Hkv), pos,
+                      make_view(dk32.data(), DType::kF32, Device::kHost, {B, S, Hkv, D}),
+                      make_view(dv32.data(), DType::kF32, Device::kHost, {B, S, Hkv, D}));
+  be16->backward_end(v16_of(dq16, H));
+  for (std::size_t i = 0; i < dk16.size(); ++i) {
+    ASSERT_EQ(dk16[i], float_to_bf16(dk32[i])) << "dk element " << i;
+    ASSERT_EQ(dv16[i], float_to_bf16(dv32[i])) << "dv element " << i;
+  }
+}
+
 }  // namespace
 }  // namespace ringattn

@@ -264,6 +264,24 @@ class CpuBackend final : public Backend {
     RINGATTN_CHECK(dk.dtype == acc && dv.dtype == acc, ErrorKind::kInternal, "dK/dV accumulators of wrong dtype", "");
     wide_ ? f64_.backward_step(k, v, k_pos, dk, dv) : f32_.backward_step(k, v, k_pos, dk, dv);
   }
+  // 16-bit outputs: the step adds into zeroed fp32 scratch, rounded into dk_out/dv_out once.
+  void backward_step_into(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos,
+                          const TensorView& dk_out, const TensorView& dv_out) override {
+    const DType acc = wide_ ? DType::kF64 : DType::kF32;
+    if (dk_out.dtype == acc && dv_out.dtype == acc) {
+      Backend::backward_step_into(k, v, k_pos, dk_out, dv_out);
+      return;
+    }
+    RINGATTN_CHECK(dk_out.rank == 4 && dv_out.rank == 4 && dk_out.numel() == dv_out.numel(), ErrorKind::kInternal,
+                   "dK/dV outputs " + dk_out.describe() + ", " + dv_out.describe() + " must be (B, Sk, Hkv, D)", "");
+    std::vector<float> dk32(static_cast<std::size_t>(dk_out.numel()), 0.f), dv32(dk32.size(), 0.f);
+    const auto& sh = dk_out.shape;
+    const TensorView dk_acc = make_view(dk32.data(), DType::kF32, Device::kHost, {sh[0], sh[1], sh[2], sh[3]});
+    const TensorView dv_acc = make_view(dv32.data(), DType::kF32, Device::kHost, {sh[0], sh[1], sh[2], sh[3]});
+    backward_step(k, v, k_pos, dk_acc, dv_acc);
+    cast_accumulator(dk_acc, dk_out);
+    cast_accumulator(dv_acc, dv_out);
+  }
   void backward_end(const TensorView& dq) override { wide_ ? f64_.backward_end(dq) : f32_.backward_end(dq); }
 
   void cast_accumulator(const TensorView& acc, const TensorView& dst) override {

@@ -234,15 +234,30 @@ class CudaBackend final : public Backend {
   // k, v: (B, Sk, Hkv, D) spec.dtype; dk_acc, dv_acc: (B, Sk, Hkv, D) fp32, accumulated in place.
   void backward_step(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos, const TensorView& dk_acc,
                      const TensorView& dv_acc) override {
+    run_backward_step(k, v, k_pos, dk_acc, dv_acc, cuda::DkvWrite::kAdd);
+  }
+
+  // dk_out, dv_out: fp32 accumulators (stored over) or spec.dtype gradients (rounded in the kernel).
+  void backward_step_into(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos,
+                          const TensorView& dk_out, const TensorView& dv_out) override {
+    const bool final_out = dk_out.dtype == spec_.dtype && spec_.dtype != DType::kF32;
+    run_backward_step(k, v, k_pos, dk_out, dv_out, final_out ? cuda::DkvWrite::kFinal : cuda::DkvWrite::kStore);
+  }
+
+  void run_backward_step(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos,
+                         const TensorView& dk_acc, const TensorView& dv_acc, cuda::DkvWrite mode) {
     require(bwd_started_, "backward_step before backward_begin", "call backward_begin first");
     const int64_t sk = k.rank == 4 ? k.shape[1] : -1;
     const int hkv = spec_.effective_kv_heads();
     check_attention_view(k, "k", spec_.dtype, spec_.batch, sk, hkv, spec_.head_dim);
     check_attention_view(v, "v", spec_.dtype, spec_.batch, sk, hkv, spec_.head_dim);
+    const DType out_dtype = mode == cuda::DkvWrite::kFinal ? spec_.dtype : DType::kF32;
     for (const TensorView* a : {&dk_acc, &dv_acc}) {
-      require(a->device == Device::kCuda && a->dtype == DType::kF32 && a->rank == 4 && a->shape[0] == spec_.batch &&
+      require(a->device == Device::kCuda && a->dtype == out_dtype && a->rank == 4 && a->shape[0] == spec_.batch &&
                   a->shape[1] == sk && a->shape[2] == hkv && a->shape[3] == spec_.head_dim && a->stride[3] == 1,
-              "dK/dV accumulator " + a->describe() + " must be fp32 (B, Sk, Hkv, D) on the device", "");
+              "dK/dV " + std::string(mode == cuda::DkvWrite::kFinal ? "output " : "accumulator ") + a->describe() +
+                  " must be " + dtype_name(out_dtype) + " (B, Sk, Hkv, D) on the device",
+              "");
     }
     require(k_pos.size() == sk, "key positions cover " + std::to_string(k_pos.size()) + " rows, k has " +
                                     std::to_string(sk), "");
@@ -255,11 +270,15 @@ class CudaBackend final : public Backend {
     bwd_.v_batch_stride = v.stride[0];
     bwd_.v_row_stride = v.stride[1];
     bwd_.v_head_stride = v.stride[2];
-    bwd_.dk_accum = dk_acc.as<float>();
+    bwd_.dkv_write = mode;
+    const bool final_out = mode == cuda::DkvWrite::kFinal;
+    bwd_.dk_accum = final_out ? nullptr : dk_acc.as<float>();
+    bwd_.dv_accum = final_out ? nullptr : dv_acc.as<float>();
+    bwd_.dk_out = final_out ? dk_acc.data : nullptr;
+    bwd_.dv_out = final_out ? dv_acc.data : nullptr;
     bwd_.dk_batch_stride = dk_acc.stride[0];
     bwd_.dk_row_stride = dk_acc.stride[1];
     bwd_.dk_head_stride = dk_acc.stride[2];
-    bwd_.dv_accum = dv_acc.as<float>();
     bwd_.dv_batch_stride = dv_acc.stride[0];
     bwd_.dv_row_stride = dv_acc.stride[1];
     bwd_.dv_head_stride = dv_acc.stride[2];

@@ -15,6 +15,11 @@ namespace ringattn::cuda {
 inline constexpr int kBwdRowPad = 128;
 constexpr int64_t flash_bwd_padded_rows(int64_t seq_q) { return (seq_q + kBwdRowPad - 1) / kBwdRowPad * kBwdRowPad; }
 
+// How a step's dK/dV reach memory: added into fp32 accumulators, stored over them (a buffer no
+// earlier step of the pass wrote: no zeroing pass, no read), or rounded and stored into the
+// gradients themselves (the pass's only step).
+enum class DkvWrite : int { kAdd, kStore, kFinal };
+
 // Everything the three backward passes read and write. Strides count elements; the last dimension of
 // every tensor is contiguous. Row strides of bf16/fp16 tensors must be multiples of 8 elements and
 // their pointers 16-byte aligned (16-byte copies); dk/dv accumulator strides must be even.
@@ -48,11 +53,17 @@ struct FlashBwdParams {
   int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
   const void* v = nullptr;
   int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
-  // dk_accum, dv_accum: (B, Sk, Hkv, D) fp32, accumulated in place (+=) by each step.
+  // dk_accum, dv_accum: (B, Sk, Hkv, D) fp32: the step adds into them (kAdd) or stores over them
+  // (kStore); with kFinal the step rounds its dK/dV to `dtype` and stores them into dk_out, dv_out
+  // ((B, Sk, Hkv, D) with the same strides; the accumulators are not touched). Every row of the
+  // chunk is written in the store modes, zeros where no query sees the key.
+  DkvWrite dkv_write = DkvWrite::kAdd;
   float* dk_accum = nullptr;
   int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
   float* dv_accum = nullptr;
   int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
+  void* dk_out = nullptr;
+  void* dv_out = nullptr;
 
   // Workspace owned by the caller, all fp32 and contiguous:
   // dq_accum: (B, Sq, H, D), or with flash_bwd_dq_tiled() (B, H, padded rows / 64, 2, 64 x 64) in the
@@ -85,10 +96,9 @@ void flash_bwd_finalize(const FlashBwdParams& params, cudaStream_t stream);
 
 // dst[i] += src[i] for n contiguous fp32 elements (Backend::accumulate of travelling dK/dV partials).
 void flash_bwd_accumulate(float* dst, const float* src, int64_t n, cudaStream_t stream);
-// dst[i] += src[i], then src[i] = 0, in one pass (Backend::fold_on: a share folded into the partial
-// that travels on, its buffer left zeroed for a later step). max_blocks > 0 caps the grid: beside
-// the attention kernel every block of the fold takes a whole SM from it.
-void flash_bwd_fold(float* dst, float* src, int64_t n, unsigned max_blocks, cudaStream_t stream);
+// dst[i] += src[i] (Backend::fold_on: a share folded into the partial that travels on) on a grid that
+// max_blocks > 0 caps: beside the attention kernel every block of the fold takes a whole SM from it.
+void flash_bwd_fold(float* dst, const float* src, int64_t n, unsigned max_blocks, cudaStream_t stream);
 // dst = round(a + b) into bf16/fp16, n elements: the last partial plus this rank's share, rounded once.
 void flash_bwd_cast_sum(const float* a, const float* b, void* dst, DType dtype, int64_t n, cudaStream_t stream);
 

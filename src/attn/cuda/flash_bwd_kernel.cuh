@@ -114,24 +114,35 @@ __device__ __forceinline__ void pos_range(const ChunkPositions& p, int64_t lo, i
   }
 }
 
-// Adds one thread's part of key row r (kv head hkv, batch entry b) into the travelling fp32
-// accumulators: dk(j, e) * scale at column 8 j + 2 t + e of dk_accum, dv(j, e) of dv_accum, j < kPairs,
-// e < 2; every load first, then every store. dk_accum and dv_accum may alias as far as the
-// compiler knows, so a load-add-store per pair serialises: each load waits for the store before it,
-// one memory round trip per pair (64 in a row per thread at head_dim 128, some 30 us per block, the
-// SASS showed; the causal 16K case paid it on blocks half as long).
-template <int kPairs, typename DkAt, typename DvAt>
+// Writes one thread's part of key row r (kv head hkv, batch entry b): dk(j, e) * scale at column
+// 8 j + 2 t + e of dK, dv(j, e) of dV, j < kPairs, e < 2, as p.dkv_write says: added into or stored
+// over the fp32 accumulators, or rounded to Elem and stored into dk_out/dv_out. When adding, every
+// load comes first, then every store: dk_accum and dv_accum may alias as far as the compiler knows,
+// so a load-add-store per pair serialises, one memory round trip per pair (64 in a row per thread at
+// head_dim 128, some 30 us per block, the SASS showed).
+template <typename Elem, int kPairs, typename DkAt, typename DvAt>
 __device__ __forceinline__ void add_row_to_accumulators(const FlashBwdParams& p, int b, int hkv, int r, int t, DkAt dk,
                                                         DvAt dv) {
-  float* dkp = p.dk_accum + b * p.dk_batch_stride + static_cast<int64_t>(r) * p.dk_row_stride + hkv * p.dk_head_stride +
-               2 * t;
-  float* dvp = p.dv_accum + b * p.dv_batch_stride + static_cast<int64_t>(r) * p.dv_row_stride + hkv * p.dv_head_stride +
-               2 * t;
+  const int64_t ko = b * p.dk_batch_stride + static_cast<int64_t>(r) * p.dk_row_stride + hkv * p.dk_head_stride + 2 * t;
+  const int64_t vo = b * p.dv_batch_stride + static_cast<int64_t>(r) * p.dv_row_stride + hkv * p.dv_head_stride + 2 * t;
+  if (p.dkv_write == DkvWrite::kFinal) {
+    Elem* dkp = static_cast<Elem*>(p.dk_out) + ko;
+    Elem* dvp = static_cast<Elem*>(p.dv_out) + vo;
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+      *reinterpret_cast<uint32_t*>(dkp + j * 8) = pack2<Elem>(dk(j, 0) * p.scale, dk(j, 1) * p.scale);
+      *reinterpret_cast<uint32_t*>(dvp + j * 8) = pack2<Elem>(dv(j, 0), dv(j, 1));
+    }
+    return;
+  }
+  float* dkp = p.dk_accum + ko;
+  float* dvp = p.dv_accum + vo;
   float2 a[kPairs], c[kPairs];
+  const bool add = p.dkv_write == DkvWrite::kAdd;
 #pragma unroll
   for (int j = 0; j < kPairs; ++j) {
-    a[j] = *reinterpret_cast<const float2*>(dkp + j * 8);
-    c[j] = *reinterpret_cast<const float2*>(dvp + j * 8);
+    a[j] = add ? *reinterpret_cast<const float2*>(dkp + j * 8) : make_float2(0.f, 0.f);
+    c[j] = add ? *reinterpret_cast<const float2*>(dvp + j * 8) : make_float2(0.f, 0.f);
   }
 #pragma unroll
   for (int j = 0; j < kPairs; ++j) {
@@ -141,6 +152,28 @@ __device__ __forceinline__ void add_row_to_accumulators(const FlashBwdParams& p,
     c[j].y += dv(j, 1);
     *reinterpret_cast<float2*>(dkp + j * 8) = a[j];
     *reinterpret_cast<float2*>(dvp + j * 8) = c[j];
+  }
+}
+
+// A key tile no query sees (rows [k0, k_end) of kv head hkv, batch entry b): nothing to add, but in
+// the store modes its dK/dV rows are written as zeros (the buffer holds no earlier values to keep).
+// Called by every thread of the block.
+template <typename Elem, int kHeadDim>
+__device__ __forceinline__ void write_invisible_rows(const FlashBwdParams& p, int b, int hkv, int k0, int k_end) {
+  if (p.dkv_write == DkvWrite::kAdd) return;
+  constexpr int kPairsPerRow = kHeadDim / 2;
+  const int pairs = (k_end - k0) * kPairsPerRow;
+  for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
+    const int64_t r = k0 + i / kPairsPerRow, col = 2 * (i % kPairsPerRow);
+    const int64_t ko = b * p.dk_batch_stride + r * p.dk_row_stride + hkv * p.dk_head_stride + col;
+    const int64_t vo = b * p.dv_batch_stride + r * p.dv_row_stride + hkv * p.dv_head_stride + col;
+    if (p.dkv_write == DkvWrite::kFinal) {
+      *reinterpret_cast<uint32_t*>(static_cast<Elem*>(p.dk_out) + ko) = 0u;
+      *reinterpret_cast<uint32_t*>(static_cast<Elem*>(p.dv_out) + vo) = 0u;
+    } else {
+      *reinterpret_cast<float2*>(p.dk_accum + ko) = make_float2(0.f, 0.f);
+      *reinterpret_cast<float2*>(p.dv_accum + vo) = make_float2(0.f, 0.f);
+    }
   }
 }
 
@@ -317,7 +350,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   __syncthreads();
   const QTileWalk walk{bounds, num_q_tiles, group};
   QTile cur = walk.first();
-  if (walk.done(cur)) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
+  if (walk.done(cur)) {  // this K/V tile is invisible to every query: its dK/dV get nothing
+    write_invisible_rows<Elem, D>(p, b, hkv, k0, k_end);
+    return;
+  }
 
   const Elem* kg = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
   const Elem* vg = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hkv * p.v_head_stride;
@@ -466,7 +502,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   for (int half = 0; half < 2; ++half) {
     const int r = k0 + wrow + g + half * 8;
     if (r < p.seq_k) {
-      add_row_to_accumulators<Tr::kDT>(
+      add_row_to_accumulators<Elem, Tr::kDT>(
           p, b, hkv, r, t, [&](int j, int e) { return dk[j][2 * half + e]; },
           [&](int j, int e) { return dv[j][2 * half + e]; });
     }

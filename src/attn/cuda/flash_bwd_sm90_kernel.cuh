@@ -247,14 +247,14 @@ __device__ __forceinline__ void issue_dq(float (&dq)[32], uint32_t ds, uint32_t 
 
 // dK (scaled) and dV of the warp's key rows r0 + g (+8) added into the travelling fp32 accumulators;
 // the block alone owns these rows.
-template <int kHeadDim>
+template <typename Elem, int kHeadDim>
 __device__ __forceinline__ void add_dk_dv(const FlashBwdParams& p, const float (&dk)[kHeadDim / 2],
                                           const float (&dv)[kHeadDim / 2], int b, int hkv, int r0, int g, int t) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = r0 + g + half * 8;
     if (r < p.seq_k) {
-      bwd::add_row_to_accumulators<kHeadDim / 8>(
+      bwd::add_row_to_accumulators<Elem, kHeadDim / 8>(
           p, b, hkv, r, t, [&](int j, int e) { return dk[4 * j + 2 * half + e]; },
           [&](int j, int e) { return dv[4 * j + 2 * half + e]; });
     }
@@ -313,7 +313,10 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
   __syncthreads();
   const QTileWalk walk{bounds, num_q_tiles, group};
   QTile cur = walk.first();
-  if (walk.done(cur)) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
+  if (walk.done(cur)) {  // this K/V tile is invisible to every query: its dK/dV get nothing
+    bwd::write_invisible_rows<Elem, D>(p, b, hkv, k0, k_end);
+    return;
+  }
 
   const Elem* kg = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
   const Elem* vg = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hkv * p.v_head_stride;
@@ -440,7 +443,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     buf ^= 1;
   }
 
-  add_dk_dv<kHeadDim>(p, dk, dv, b, hkv, k0 + wrow, g, t);
+  add_dk_dv<Elem, kHeadDim>(p, dk, dv, b, hkv, k0 + wrow, g, t);
 #endif  // RINGATTN_SM90A_ENABLED
 }
 

@@ -157,7 +157,10 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   __syncthreads();
   const QTileWalk walk{bounds, num_q_tiles, group};
   const QTile first = walk.first();
-  if (walk.done(first)) return;  // this K/V tile is invisible to every query: its dK/dV get nothing
+  if (walk.done(first)) {  // this K/V tile is invisible to every query: its dK/dV get nothing
+    bwd::write_invisible_rows<Elem, D>(p, b, hkv, k0, k_end);
+    return;
+  }
   // Row offset of a tile's lse_log2/delta slice and of its dq_accum rows.
   auto tile_rows = [&](const QTile& tile) {
     return (static_cast<int64_t>(b) * p.heads + hkv * group + tile.hg) * pad_rows + tile.qt * M;
@@ -324,7 +327,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   }
   wgmma_wait<0>();
   fence_regs(dk);
-  add_dk_dv<kHeadDim>(p, dk, dv, b, hkv, k0 + wrow, g, t);
+  add_dk_dv<Elem, kHeadDim>(p, dk, dv, b, hkv, k0 + wrow, g, t);
 #endif  // RINGATTN_SM90A_ENABLED
 }
 
