@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: per-kernel GPU time of one fwd+bwd pass (ours under ncu, torch cuDNN under torch.profiler), one GPU.
-# Env: S (tokens, default 16384), CAUSAL (1 default), OUT. Prints a per-kernel table for each, sums last.
+# Env: S (tokens, default 16384), CAUSAL (1 default), SKIP_BUILD=1 (use build/bin/ringattn as built), OUT. Prints a per-kernel table for each, sums last.
 set -u -o pipefail
 OUT=${OUT:-/tmp/ringattn_out}
 mkdir -p "$OUT"
@@ -9,8 +9,10 @@ S=${S:-16384}
 CAUSAL=${CAUSAL:-1}
 flag=$([ "$CAUSAL" = 1 ] && echo --causal)
 echo "## device"; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DRINGATTN_BUILD_TESTS=OFF >"$OUT/build.log" 2>&1 &&
-  cmake --build build -j16 --target ringattn_cli >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+if [ "${SKIP_BUILD:-0}" != 1 ] || [ ! -x build/bin/ringattn ]; then  # SKIP_BUILD=1: the CLI another script built
+  cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1 &&
+    cmake --build build -j16 --target ringattn_cli >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+fi
 echo "## ours: ncu, one pass after one warm-up, S=$S causal=$CAUSAL"
 timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
   build/bin/ringattn bench -b "$S" -e "$S" -n 1 -w 1 -c 0 --no-baseline --dtype bf16 --heads 32 --head-dim 128 \
