@@ -397,13 +397,17 @@ double baseline_pass(const RingAttention& ring, Backend& backend, const Attentio
   backend.reset_marks();
   backend.mark();
   backend.forward_begin(q, ring.positions());
-  for (int s = 0; s < p; ++s) {
-    const int src = ((r - s) % p + p) % p;
-    const ChunkPositions k_pos = chunk_positions(spec.layout, spec.seq_len, src, p);
-    if (classify_chunks(ring.positions(), k_pos, spec.causal) == Visibility::kEmpty) continue;
-    backend.forward_step(k, v, k_pos);
+  if (p == 1) {  // as the ring on one rank: the only step writes out and lse
+    backend.forward_step_into(k, v, ring.positions(), out, lse);
+  } else {
+    for (int s = 0; s < p; ++s) {
+      const int src = ((r - s) % p + p) % p;
+      const ChunkPositions k_pos = chunk_positions(spec.layout, spec.seq_len, src, p);
+      if (classify_chunks(ring.positions(), k_pos, spec.causal) == Visibility::kEmpty) continue;
+      backend.forward_step(k, v, k_pos);
+    }
+    backend.forward_end(out, lse);
   }
-  backend.forward_end(out, lse);
   backend.mark();
   backend.synchronize_and_read_marks();
   return ms_since(t0);

@@ -32,6 +32,11 @@ class Backend {
   // out: (B, q_rows, H, D) in spec.dtype; lse: (B, H, q_rows) fp32 (fp64 when spec.dtype is fp64),
   // natural log; rows that see no key get lse = -inf and out = 0.
   virtual void forward_end(const TensorView& out, const TensorView& lse) = 0;
+  // The pass's only step (one rank): forward_step then forward_end in one call. A device backend
+  // writes out and lse from its kernel, without a running state or a finalize pass. The default
+  // calls the two.
+  virtual void forward_step_into(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos,
+                                 const TensorView& out, const TensorView& lse);
 
   // ---- backward (training) ----
   // q, out, dout: (B, q_rows, H, D); lse: (B, H, q_rows) as written by forward_end.

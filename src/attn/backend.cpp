@@ -13,6 +13,11 @@ namespace {
 
 }  // namespace
 
+void Backend::forward_step_into(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos,
+                                const TensorView& out, const TensorView& lse) {
+  forward_step(k, v, k_pos);
+  forward_end(out, lse);
+}
 void Backend::backward_begin(const TensorView&, const TensorView&, const TensorView&, const TensorView&,
                              const ChunkPositions&) {
   missing(*this, "backward pass");

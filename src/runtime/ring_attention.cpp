@@ -122,6 +122,7 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
   // after it, so the host's posting latency overlaps GPU work; a synchronous backend posts first.
   const bool post_after_launch = backend_->stream() != nullptr && !post_early_;
   const SendPart own_kv[2] = {{k.data, kv_bytes_ / 2}, {v.data, kv_bytes_ / 2}};
+  bool finished = false;  // forward_step_into ended the pass
   for (int s = 0; s < p; ++s) {
     void* cur = buffers_[s % 2];
     const bool exchange = s + 1 < p;
@@ -141,7 +142,10 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
     const ChunkPositions k_pos = chunk_positions(spec_.layout, spec_.seq_len, src, p);
     const bool skip = classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty;
     marks[s].begin = backend_->mark();
-    if (!skip) {
+    if (!skip && p == 1) {  // one rank: the only step writes out and lse itself
+      backend_->forward_step_into(k, v, k_pos, out, lse);
+      finished = true;
+    } else if (!skip) {
       backend_->forward_step(s == 0 ? k : chunk_view(cur, 0, spec_.dtype, dev, B, S, Hkv, D),
                              s == 0 ? v : chunk_view(cur, kv_bytes_ / 2, spec_.dtype, dev, B, S, Hkv, D), k_pos);
     }
@@ -154,7 +158,7 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
     stats_.hops[s].skipped = skip;
     if (hop_cb_) hop_cb_(s, p, hop_user_);
   }
-  backend_->forward_end(out, lse);
+  if (!finished) backend_->forward_end(out, lse);
   const int end_mark = backend_->mark();
   transport_->end_pass([&] { read_timeline(marks, start_mark, end_mark); });
 }

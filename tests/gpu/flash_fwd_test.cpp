@@ -381,6 +381,74 @@ TEST(FlashFwd, RowsThatSeeNothing) {
   }
 }
 
+// forward_step_into (one rank's only step: the kernel writes out and lse) against forward_step then
+// forward_end, bit for bit, for the Hopper kernel and the mma.sync kernels (step + finalize inside
+// the dispatch), head_dim 64 and 128, causal with every row visible and with rows that see no key.
+TEST(FlashFwd, SingleStepWritesWhatFinalizeWrites) {
+  RINGATTN_SKIP_WITHOUT_GPU();
+  constexpr int64_t kRows = 300;
+  constexpr int kHeads = 4, kKvHeads = 2;
+  std::mt19937 rng(53);
+  for (const char* kernel : {"wgmma", "mma"}) {
+    ASSERT_EQ(setenv("RINGATTN_FWD_KERNEL", kernel, 1), 0);
+    for (const int64_t dim : {64, 128}) {
+      for (const int64_t key_start : {0, 120}) {  // 120: keys at 120..419, rows 0..119 see none
+        AttentionSpec spec;
+        spec.heads = kHeads;
+        spec.kv_heads = kKvHeads;
+        spec.head_dim = static_cast<int>(dim);
+        spec.causal = true;
+        spec.seq_len = kRows + key_start;
+        spec.dtype = DType::kBF16;
+        HostTensor q(spec.dtype, {1, kRows, kHeads, dim}), k(spec.dtype, {1, kRows, kKvHeads, dim}),
+            v(spec.dtype, {1, kRows, kKvHeads, dim});
+        fill_normal(q, rng);
+        fill_normal(k, rng);
+        fill_normal(v, rng);
+        DeviceTensor dq(spec.dtype, {1, kRows, kHeads, dim}), dk(spec.dtype, {1, kRows, kKvHeads, dim}),
+            dv(spec.dtype, {1, kRows, kKvHeads, dim});
+        dq.upload(q);
+        dk.upload(k);
+        dv.upload(v);
+        const ChunkPositions qpos = identity_positions(kRows);
+        ChunkPositions kpos;
+        kpos.num_segments = 1;
+        kpos.seg[0] = {key_start, 1, kRows};
+        auto backend = make_cuda_backend();
+        backend->prepare(spec, kRows, kRows);
+        std::vector<HostTensor> outs, lses;
+        for (int path = 0; path < 2; ++path) {
+          DeviceTensor dout(spec.dtype, {1, kRows, kHeads, dim}), dlse(DType::kF32, {1, kHeads, kRows});
+          dout.poison();
+          dlse.poison();
+          backend->forward_begin(dq.view, qpos);
+          if (path == 0) {
+            backend->forward_step(dk.view, dv.view, kpos);
+            backend->forward_end(dout.view, dlse.view);
+          } else {
+            backend->forward_step_into(dk.view, dv.view, kpos, dout.view, dlse.view);
+          }
+          RINGATTN_EXPECT_CUDA(cudaStreamSynchronize(static_cast<cudaStream_t>(backend->stream())));
+          outs.emplace_back(spec.dtype, std::initializer_list<int64_t>{1, kRows, kHeads, dim});
+          lses.emplace_back(DType::kF32, std::initializer_list<int64_t>{1, kHeads, kRows});
+          dout.download(outs.back());
+          dlse.download(lses.back());
+        }
+        const std::string what = std::string(kernel) + " d" + std::to_string(dim) + " keys from " +
+                                 std::to_string(key_start);
+        ASSERT_EQ(outs[0].bytes, outs[1].bytes) << "out, " << what;
+        ASSERT_EQ(lses[0].bytes, lses[1].bytes) << "lse, " << what;
+        HostTensor ref_out(DType::kF64, {1, kRows, kHeads, dim}), ref_lse(DType::kF64, {1, kHeads, kRows});
+        reference_attention(spec, q.view, qpos, k.view, v.view, kpos, ref_out.view, ref_lse.view);
+        Case c;
+        c.dtype = spec.dtype;
+        expect_close(c, outs[1], lses[1], ref_out, ref_lse);
+      }
+    }
+  }
+  unsetenv("RINGATTN_FWD_KERNEL");
+}
+
 // q and k as views with a row stride larger than heads * head_dim (e.g. a packed QKV buffer).
 TEST(FlashFwd, StridedViews) {
   RINGATTN_SKIP_WITHOUT_GPU();

@@ -113,6 +113,32 @@ class CudaBackend final : public Backend {
 
   // k, v: (B, Sk, Hkv, D) spec.dtype on the device, Sk <= k_rows.
   void forward_step(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos) override {
+    run_forward_step(k, v, k_pos, nullptr, nullptr);
+  }
+
+  // The pass's only step: the kernel writes out and lse (no state, no finalize pass). After an
+  // earlier step, or for a chunk nobody sees, the step and forward_end as usual.
+  void forward_step_into(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos, const TensorView& out,
+                         const TensorView& lse) override {
+    if (!first_step_ || q_.data == nullptr || classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty) {
+      Backend::forward_step_into(k, v, k_pos, out, lse);
+      return;
+    }
+    check_outputs(out, lse);
+    run_forward_step(k, v, k_pos, &out, &lse);
+    q_ = TensorView{};
+  }
+
+  void check_outputs(const TensorView& out, const TensorView& lse) const {
+    check_attention_view(out, "out", spec_.dtype, spec_.batch, q_rows_, spec_.heads, spec_.head_dim);
+    require(lse.device == Device::kCuda && lse.dtype == DType::kF32 && lse.rank == 3 && lse.shape[0] == spec_.batch &&
+                lse.shape[1] == spec_.heads && lse.shape[2] == q_rows_,
+            "lse " + lse.describe() + " must be fp32 (B, H, q_rows) on the device", "allocate lse as (B, H, S) fp32");
+  }
+
+  // out, lse: set for the pass's only step (forward_step_into), else nullptr.
+  void run_forward_step(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos, const TensorView* out,
+                        const TensorView* lse) {
     require(q_.data != nullptr, "forward_step before forward_begin", "call forward_begin first");
     const int64_t sk = k.rank == 4 ? k.shape[1] : -1;
     check_attention_view(k, "k", spec_.dtype, spec_.batch, sk, spec_.effective_kv_heads(), spec_.head_dim);
@@ -147,6 +173,16 @@ class CudaBackend final : public Backend {
     p.first_step = first_step_;
     p.q_pos = q_pos_;
     p.k_pos = k_pos;
+    if (out != nullptr) {
+      p.out = out->data;
+      p.out_batch_stride = out->stride[0];
+      p.out_row_stride = out->stride[1];
+      p.out_head_stride = out->stride[2];
+      p.lse = lse->as<float>();
+      p.lse_batch_stride = lse->stride[0];
+      p.lse_head_stride = lse->stride[1];
+      p.lse_row_stride = lse->stride[2];
+    }
     cuda::flash_fwd_step(p, spec_.dtype, spec_.head_dim, stream_);
     first_step_ = false;
   }
@@ -154,10 +190,7 @@ class CudaBackend final : public Backend {
   // out: (B, q_rows, H, D) spec.dtype; lse: (B, H, q_rows) fp32, natural log.
   void forward_end(const TensorView& out, const TensorView& lse) override {
     require(q_.data != nullptr, "forward_end before forward_begin", "call forward_begin first");
-    check_attention_view(out, "out", spec_.dtype, spec_.batch, q_rows_, spec_.heads, spec_.head_dim);
-    require(lse.device == Device::kCuda && lse.dtype == DType::kF32 && lse.rank == 3 && lse.shape[0] == spec_.batch &&
-                lse.shape[1] == spec_.heads && lse.shape[2] == q_rows_,
-            "lse " + lse.describe() + " must be fp32 (B, H, q_rows) on the device", "allocate lse as (B, H, S) fp32");
+    check_outputs(out, lse);
     cuda::FlashFinalizeParams p;
     p.acc = acc_;
     p.row_max = row_max_;

@@ -139,6 +139,30 @@ unsigned grid_for(int64_t work, int threads) {
 
 void flash_fwd_step(const FlashFwdParams& params, DType dtype, int head_dim, cudaStream_t stream) {
   if (try_sm90(params, dtype, head_dim, stream)) return;
+  if (params.out != nullptr) {  // the mma.sync kernels write the state: step, then the finalize pass
+    FlashFwdParams step = params;
+    step.out = nullptr;
+    step.lse = nullptr;
+    flash_fwd_step(step, dtype, head_dim, stream);
+    FlashFinalizeParams f;
+    f.acc = params.acc;
+    f.row_max = params.row_max;
+    f.row_sum = params.row_sum;
+    f.out = params.out;
+    f.out_batch_stride = params.out_batch_stride;
+    f.out_row_stride = params.out_row_stride;
+    f.out_head_stride = params.out_head_stride;
+    f.lse = params.lse;
+    f.lse_batch_stride = params.lse_batch_stride;
+    f.lse_head_stride = params.lse_head_stride;
+    f.lse_row_stride = params.lse_row_stride;
+    f.batch = params.batch;
+    f.heads = params.heads;
+    f.seq_q = params.seq_q;
+    f.head_dim = head_dim;
+    flash_fwd_finalize(f, dtype, stream);
+    return;
+  }
   const int variant = dtype == DType::kBF16 ? fwd_variant() : 0;
   if (dtype == DType::kBF16 && head_dim == 64) return launch_variant<__nv_bfloat16, 64>(params, stream, variant);
   if (dtype == DType::kBF16 && head_dim == 128) return launch_variant<__nv_bfloat16, 128>(params, stream, variant);

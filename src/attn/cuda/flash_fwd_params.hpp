@@ -33,6 +33,14 @@ struct FlashFwdParams {
   bool causal = false;
   bool first_step = false;  // initialise the state instead of loading it
 
+  // The pass's only step (Backend::forward_step_into, with first_step): `out` set, the kernel writes
+  // the normalised output (input dtype, (B, Sq, H, D) strided) and lse ((B, H, Sq) fp32 strided,
+  // natural log, -inf where no key is visible) instead of the running state, as the finalize pass would.
+  void* out = nullptr;
+  int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
+  float* lse = nullptr;
+  int64_t lse_batch_stride = 0, lse_head_stride = 0, lse_row_stride = 0;
+
   ChunkPositions q_pos;  // global positions of the Sq query rows
   ChunkPositions k_pos;  // global positions of the Sk key rows
 

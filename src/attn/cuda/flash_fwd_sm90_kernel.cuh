@@ -346,6 +346,26 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim, kBlockN, kStages>::kThread
     }
 
     softmax.reduce_sums();
+    if (p.out != nullptr) {  // the pass's only step: out = acc / sum and lse, as flash_finalize_kernel
+      constexpr float kLn2 = 0.6931471805599453f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int row = row0 + 8 * r;
+        if (row >= p.seq_q) continue;
+        const float sum = softmax.row_sum[0][r];
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        Elem* o = static_cast<Elem*>(p.out) + b * p.out_batch_stride + static_cast<int64_t>(row) * p.out_row_stride +
+                  h * p.out_head_stride + 2 * quad_col;
+#pragma unroll
+        for (int nt = 0; nt < kNTilesO; ++nt)
+          *reinterpret_cast<uint32_t*>(o + nt * 8) = pack2<Elem>(acc[0][nt][2 * r] * inv, acc[0][nt][2 * r + 1] * inv);
+        if (quad_col == 0) {
+          p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + static_cast<int64_t>(row) * p.lse_row_stride] =
+              sum > 0.f ? (softmax.row_max[0][r] + log2f(sum)) * kLn2 : -INFINITY;
+        }
+      }
+      return;
+    }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int row = row0 + 8 * r;
