@@ -10,7 +10,9 @@
 # Each (size, causal) pair runs ours and cuDNN alternately, the order swapped every round. FLOPs are
 # 3.5 x 4 S^2 H D (halved for causal), as both benches count them. Prints JSON lines and a table.
 # Usage (device, repository root, after building build/bin/ringattn): python3 scripts/onegpu_vs_cudnn.py
-# Env: RINGATTN_BIN (default build/bin/ringattn), SEQS (default 16384,65536), ROUNDS (default 2).
+# Env: RINGATTN_BIN (default build/bin/ringattn), SEQS (default 16384,65536), ROUNDS (default 2), SMI_GPU
+# (nvidia-smi index of the GPU, default 0), OUT (where smi_fair.csv goes).
+import datetime
 import json
 import os
 import re
@@ -91,6 +93,26 @@ class Cudnn:
         return statistics.median(ts)
 
 
+# SM clock of the GPU every 10 ms (nvidia-smi), so each run reports the clock it ran at.
+SMI_LOG = os.path.join(os.environ.get("OUT", "/tmp"), "smi_fair.csv")
+smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,utilization.gpu,power.draw",
+                        "--format=csv,noheader,nounits", "-lms", "10", "-i", os.environ.get("SMI_GPU", "0")],
+                       stdout=open(SMI_LOG, "w"), stderr=subprocess.DEVNULL)
+
+
+def mean_busy_clock(t0, t1):
+    clocks = []
+    for line in open(SMI_LOG, errors="replace"):
+        f = [x.strip() for x in line.split(",")]
+        try:
+            t = datetime.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            if t0 <= t <= t1 and float(f[2]) >= 50:
+                clocks.append(float(f[1]))
+        except (ValueError, IndexError):
+            continue
+    return round(sum(clocks) / len(clocks)) if clocks else None
+
+
 rows = []
 for S in SEQS:
     peer = Cudnn(S)
@@ -99,21 +121,24 @@ for S in SEQS:
             for rnd in range(ROUNDS):
                 order = ("ours", "cudnn") if rnd % 2 == 0 else ("cudnn", "ours")
                 for who in order:
+                    t0 = time.time()
                     ms = peer.run(causal, protocol) if who == "cudnn" else ours(S, causal, protocol, 15.0 * (S / 16384) ** 2)
+                    time.sleep(0.05)
                     r = dict(who=who, S=S, causal=causal, protocol=protocol, round=rnd, ms=ms,
-                             tflops=flops(S, causal) / ms / 1e9)
+                             tflops=flops(S, causal) / ms / 1e9, sm_mhz=mean_busy_clock(t0, time.time()))
                     rows.append(r)
                     print(json.dumps(r), flush=True)
     del peer
     torch.cuda.empty_cache()
 
 print(f"\nfwd+bwd TFLOP/s (bf16, {H} heads, d {D}; median per run, best of {ROUNDS} runs) on {torch.cuda.get_device_name()}")
-print("| S | causal | protocol | ours | cuDNN | ours / cuDNN |")
+print("| S | causal | protocol | ours | cuDNN | ours / cuDNN | SM MHz ours / cuDNN (busy samples) |")
 for S in SEQS:
     for causal in (False, True):
         for protocol in ("burst", "sustained"):
-            best = {w: max(r["tflops"] for r in rows if r["who"] == w and r["S"] == S and r["causal"] == causal
-                           and r["protocol"] == protocol) for w in ("ours", "cudnn")}
-            print(f"| {S} | {int(causal)} | {protocol} | {best['ours']:.1f} | {best['cudnn']:.1f} | "
-                  f"{best['ours'] / best['cudnn']:.3f} |")
+            best = {w: max((r for r in rows if r["who"] == w and r["S"] == S and r["causal"] == causal
+                            and r["protocol"] == protocol), key=lambda r: r["tflops"]) for w in ("ours", "cudnn")}
+            print(f"| {S} | {int(causal)} | {protocol} | {best['ours']['tflops']:.1f} | {best['cudnn']['tflops']:.1f} | "
+                  f"{best['ours']['tflops'] / best['cudnn']['tflops']:.3f} | {best['ours']['sm_mhz']} / {best['cudnn']['sm_mhz']} |")
+smi.terminate()
 sys.stdout.flush()
