@@ -1,7 +1,7 @@
 # One-GPU forward+backward, ours (ringattn bench) against torch SDPA's cuDNN backend under two equal protocols.
 #
 # Why: an H200 holds its boost clock (1980 MHz) for a short burst of work and settles near 1755 MHz
-# under sustained load (scripts/device_clocks.sh, 2026-11-28: ours and cuDNN both at 1725-1785 MHz after
+# under sustained load (scripts/device_profile.sh clocks, 2026-11-28: ours and cuDNN both at 1725-1785 MHz after
 # a second of load, 14.46 vs 14.56 ms at 16K causal). A 13 ms problem timed in a burst after an idle
 # gap therefore reads up to 12% faster than the same problem timed on a warm GPU, whichever
 # implementation it is. This script gives both the same conditions:

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <tuple>
@@ -516,8 +517,8 @@ TEST(CudaBackend, RejectsUnsupportedShapes) {
   EXPECT_THROW(backend->prepare(spec, 64, 64), Error);
 }
 
-TEST(CudaBackend, MarksAndHelpers) {
-  RINGATTN_SKIP_WITHOUT_GPU();
+// A CUDA backend prepared for a tiny bf16 problem: enough to call its buffer helpers.
+std::unique_ptr<Backend> helper_backend() {
   auto backend = make_cuda_backend();
   AttentionSpec spec;
   spec.heads = 1;
@@ -525,6 +526,12 @@ TEST(CudaBackend, MarksAndHelpers) {
   spec.seq_len = 16;
   spec.dtype = DType::kBF16;
   backend->prepare(spec, 16, 16);
+  return backend;
+}
+
+TEST(CudaBackend, MarksAndHelpers) {
+  RINGATTN_SKIP_WITHOUT_GPU();
+  auto backend = helper_backend();
   constexpr int64_t kN = 1000;
   float* acc = static_cast<float*>(backend->allocate(kN * sizeof(float)));
   float* acc2 = static_cast<float*>(backend->allocate(kN * sizeof(float)));
@@ -556,13 +563,7 @@ TEST(CudaBackend, MarksAndHelpers) {
 // (one by one): every element rounded to nearest even, the 16-bit words around the range untouched.
 TEST(CudaBackend, CastRoundsEveryElementOnce) {
   RINGATTN_SKIP_WITHOUT_GPU();
-  auto backend = make_cuda_backend();
-  AttentionSpec spec;
-  spec.heads = 1;
-  spec.head_dim = 64;
-  spec.seq_len = 16;
-  spec.dtype = DType::kBF16;
-  backend->prepare(spec, 16, 16);
+  auto backend = helper_backend();
   constexpr int64_t kCap = 4099;
   float* acc = static_cast<float*>(backend->allocate(kCap * sizeof(float)));
   auto* dst = static_cast<uint16_t*>(backend->allocate(kCap * 2));

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -139,21 +140,38 @@ double loss(const AttentionSpec& spec, const Buf& q, const Buf& k, const Buf& v,
   return s;
 }
 
+// One causal chunk (B, S, H/Hkv, D) in fp64: random inputs and a CPU backend after its forward and
+// backward_begin (the output and lse it reads live here too).
+struct BackwardProblem {
+  int64_t B, S, H, Hkv, D;
+  AttentionSpec spec;
+  Buf q, k, v, dout, o, l;
+  ChunkPositions pos;
+  std::unique_ptr<Backend> be;
+
+  BackwardProblem(int64_t b, int64_t s, int64_t h, int64_t hkv, int64_t d, std::mt19937_64& rng)
+      : B(b), S(s), H(h), Hkv(hkv), D(d), spec(spec_for(b, static_cast<int>(h), static_cast<int>(hkv),
+                                                        static_cast<int>(d), true)),
+        q(random_buf({b, s, h, d}, rng)), k(random_buf({b, s, hkv, d}, rng)), v(random_buf({b, s, hkv, d}, rng)),
+        dout(random_buf({b, s, h, d}, rng)), o(poisoned({b, s, h, d})), l(poisoned({b, h, s})),
+        pos(identity_positions(s)), be(make_cpu_backend()) {
+    spec.seq_len = s;
+    be->prepare(spec, s, s);
+    be->forward_begin(q.view, pos);
+    be->forward_step(k.view, v.view, pos);
+    be->forward_end(o.view, l.view);
+    be->backward_begin(q.view, o.view, dout.view, l.view, pos);
+  }
+};
+
 TEST(CpuBackend, BackwardMatchesReferenceAndFiniteDifferences) {
   std::mt19937_64 rng(3);
-  const int64_t B = 1, S = 12, H = 4, Hkv = 2, D = 3;
-  AttentionSpec spec = spec_for(B, H, Hkv, D, true);
-  spec.seq_len = S;
-  Buf q = random_buf({B, S, H, D}, rng), k = random_buf({B, S, Hkv, D}, rng), v = random_buf({B, S, Hkv, D}, rng);
-  Buf dout = random_buf({B, S, H, D}, rng);
-  const ChunkPositions pos = identity_positions(S);
-  auto be = make_cpu_backend();
-  be->prepare(spec, S, S);
-  be->forward_begin(q.view, pos);
-  be->forward_step(k.view, v.view, pos);
-  Buf o = poisoned({B, S, H, D}), l = poisoned({B, H, S});
-  be->forward_end(o.view, l.view);
-  be->backward_begin(q.view, o.view, dout.view, l.view, pos);
+  BackwardProblem pb(1, 12, 4, 2, 3, rng);
+  const int64_t B = pb.B, S = pb.S, H = pb.H, Hkv = pb.Hkv, D = pb.D;
+  const AttentionSpec& spec = pb.spec;
+  Buf &q = pb.q, &k = pb.k, &v = pb.v, &dout = pb.dout;
+  const ChunkPositions& pos = pb.pos;
+  Backend* be = pb.be.get();
   Buf dk = random_buf({B, S, Hkv, D}, rng), dv = random_buf({B, S, Hkv, D}, rng);
   be->zero(dk.view);
   be->zero(dv.view);
@@ -187,19 +205,12 @@ TEST(CpuBackend, BackwardMatchesReferenceAndFiniteDifferences) {
 // sums rounded once. A later backward_step adds on top of what backward_step_into stored.
 TEST(CpuBackend, BackwardStepIntoStoresOverTheOutputs) {
   std::mt19937_64 rng(11);
-  const int64_t B = 2, S = 10, H = 4, Hkv = 2, D = 5;
-  AttentionSpec spec = spec_for(B, H, Hkv, D, true);
-  spec.seq_len = S;
-  Buf q = random_buf({B, S, H, D}, rng), k = random_buf({B, S, Hkv, D}, rng), v = random_buf({B, S, Hkv, D}, rng);
-  Buf dout = random_buf({B, S, H, D}, rng);
-  const ChunkPositions pos = identity_positions(S);
-  auto be = make_cpu_backend();
-  be->prepare(spec, S, S);
-  be->forward_begin(q.view, pos);
-  be->forward_step(k.view, v.view, pos);
-  Buf o = poisoned({B, S, H, D}), l = poisoned({B, H, S});
-  be->forward_end(o.view, l.view);
-  be->backward_begin(q.view, o.view, dout.view, l.view, pos);
+  BackwardProblem pb(2, 10, 4, 2, 5, rng);
+  const int64_t B = pb.B, S = pb.S, H = pb.H, Hkv = pb.Hkv, D = pb.D;
+  const AttentionSpec& spec = pb.spec;
+  const Buf &q = pb.q, &k = pb.k, &v = pb.v, &dout = pb.dout;
+  const ChunkPositions& pos = pb.pos;
+  Backend* be = pb.be.get();
   Buf dk = poisoned({B, S, Hkv, D}), dv = poisoned({B, S, Hkv, D});
   be->backward_step_into(k.view, v.view, pos, dk.view, dv.view);
   Buf once_k = dk, once_v = dv;
