@@ -10,6 +10,9 @@
 # wgmma-ab<i>; e.g. RINGATTN_BWD_SM90_NO_TMA=1), BASE_TREE=DIR (a source tree of an earlier commit, e.g. from
 # `git archive <sha> | tar -x -C .base`, carried: built and benched too, label base), NCU=1 (Nsight Compute on one 16K launch of the Hopper
 # kernel: speed of light, warp states).
+# The SDPA numbers here come from the peer script's protocol (a short burst right after its idle start,
+# at boost clock) while our bench runs on a GPU the earlier sizes warmed: to compare with cuDNN under
+# equal conditions use scripts/onegpu_vs_cudnn.py (scripts/device_onegpu.sh; docs/BACKWARD_NOTES.md v10).
 set -u -o pipefail
 OUT=${OUT:-/tmp/ringattn_out}
 mkdir -p "$OUT"
