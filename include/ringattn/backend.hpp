@@ -64,12 +64,11 @@ class Backend {
   virtual void zero(const TensorView& acc);
   // dst += src for two accumulator views of the same shape and dtype (travelling dK/dV partials).
   virtual void accumulate(const TensorView& dst, const TensorView& src);
-  // The same two on `stream`, beside the compute (the ring passes a transport's exchange stream,
-  // see ExchangePrologue): device backends take a stream of their device (nullptr = the compute
-  // stream); host backends get nullptr and run them now. fold_on: dst += src (a share folded into
-  // the partial that travels on; src keeps its values, the next step that uses it stores over it).
-  // The defaults call zero / accumulate and refuse a stream.
-  virtual void zero_on(const TensorView& acc, void* stream);
+  // accumulate on `stream`, beside the compute (the ring passes a transport's exchange stream, see
+  // ExchangePrologue): dst += src, a share folded into the partial that travels on (src keeps its
+  // values: the next step that uses it stores over it). Device backends take a stream of their
+  // device (nullptr = the compute stream); host backends get nullptr and run it now. The default
+  // calls accumulate and refuses a stream.
   virtual void fold_on(const TensorView& dst, const TensorView& src, void* stream);
 
   // ---- memory and timing helpers used by the scheduler ----

@@ -42,10 +42,6 @@ void Backend::cast_accumulator_sum(const TensorView& acc, const TensorView& adde
 }
 void Backend::zero(const TensorView&) { missing(*this, "zero fill"); }
 void Backend::accumulate(const TensorView&, const TensorView&) { missing(*this, "accumulate"); }
-void Backend::zero_on(const TensorView& acc, void* stream) {
-  if (stream != nullptr) missing(*this, "zero fill on a side stream");
-  zero(acc);
-}
 void Backend::fold_on(const TensorView& dst, const TensorView& src, void* stream) {
   if (stream != nullptr) missing(*this, "fold on a side stream");
   accumulate(dst, src);

@@ -273,7 +273,7 @@ class CudaBackend final : public Backend {
   // dk_out, dv_out: fp32 accumulators (stored over) or spec.dtype gradients (rounded in the kernel).
   void backward_step_into(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos,
                           const TensorView& dk_out, const TensorView& dv_out) override {
-    const bool final_out = dk_out.dtype == spec_.dtype && spec_.dtype != DType::kF32;
+    const bool final_out = dk_out.dtype == spec_.dtype;  // bf16/fp16: prepare() refuses other dtypes
     run_backward_step(k, v, k_pos, dk_out, dv_out, final_out ? cuda::DkvWrite::kFinal : cuda::DkvWrite::kStore);
   }
 
@@ -367,12 +367,10 @@ class CudaBackend final : public Backend {
     cuda::flash_bwd_cast_sum(acc.as<float>(), addend.as<float>(), dst.data, dst.dtype, dst.numel(), stream_);
   }
 
-  void zero(const TensorView& acc) override { zero_on(acc, nullptr); }
-
-  void zero_on(const TensorView& acc, void* stream) override {
+  void zero(const TensorView& acc) override {
     require(acc.device == Device::kCuda && acc.is_contiguous(), "zero of " + acc.describe(),
             "the accumulator must be contiguous on the device");
-    RINGATTN_CUDA_CHECK(cudaMemsetAsync(acc.data, 0, acc.nbytes(), stream_or_compute(stream)));
+    RINGATTN_CUDA_CHECK(cudaMemsetAsync(acc.data, 0, acc.nbytes(), stream_));
   }
 
   void* allocate(std::size_t bytes) override {
