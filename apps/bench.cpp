@@ -366,8 +366,8 @@ double baseline_backward_pass(const RingAttention& ring, Backend& backend, const
     bool stored = false;
     for (int s = 0; s < p; ++s) {
       const int src = ((r - s) % p + p) % p;
-      const ChunkPositions k_pos = chunk_positions(spec.layout, spec.seq_len, src, p);
-      if (classify_chunks(ring.positions(), k_pos, spec.causal) == Visibility::kEmpty) continue;
+      const ChunkPositions k_pos = chunk_positions(spec.resolved_layout(p), spec.seq_len, src, p);
+      if (classify_chunks(spec.mask.view(), spec.heads, ring.positions(), k_pos) == Visibility::kEmpty) continue;
       if (stored) {
         backend.backward_step(k, v, k_pos, g.dk_acc, g.dv_acc);
       } else {
@@ -402,8 +402,8 @@ double baseline_pass(const RingAttention& ring, Backend& backend, const Attentio
   } else {
     for (int s = 0; s < p; ++s) {
       const int src = ((r - s) % p + p) % p;
-      const ChunkPositions k_pos = chunk_positions(spec.layout, spec.seq_len, src, p);
-      if (classify_chunks(ring.positions(), k_pos, spec.causal) == Visibility::kEmpty) continue;
+      const ChunkPositions k_pos = chunk_positions(spec.resolved_layout(p), spec.seq_len, src, p);
+      if (classify_chunks(spec.mask.view(), spec.heads, ring.positions(), k_pos) == Visibility::kEmpty) continue;
       backend.forward_step(k, v, k_pos);
     }
     backend.forward_end(out, lse);
@@ -668,7 +668,7 @@ std::string results_json(const BenchFlags& f, const AttentionSpec& base, Session
       .field("heads", base.heads)
       .field("kv_heads", base.effective_kv_heads())
       .field("head_dim", base.head_dim)
-      .field("causal", base.causal)
+      .field("causal", base.mask.causal)
       .field("layout", layout_name(base.layout))
       .field("dtype", dtype_name(base.dtype))
       .field("scale", base.scale())
@@ -761,14 +761,14 @@ int run_bench(const BenchFlags& f) {
                 session->transport_name().c_str(), world, world == 1 ? "" : "s", now_utc().c_str());
     std::printf("# problem: batch %lld, heads %d, kv-heads %d, head-dim %d, %s, layout %s, dtype %s, scale %.6g\n",
                 static_cast<long long>(base.batch), base.heads, base.effective_kv_heads(), base.head_dim,
-                base.causal ? "causal" : "non-causal", layout_name(base.layout), dtype_name(base.dtype), base.scale());
+                base.mask.causal ? "causal" : "non-causal", layout_name(base.layout), dtype_name(base.dtype), base.scale());
     std::printf("# sweep: -b %lld -e %lld -f %g, -n %d -w %d -c %d (%lld sampled rows), -T %g s, seed %llu\n",
                 static_cast<long long>(sizes.front()), static_cast<long long>(sizes.back()), f.factor, f.iters,
                 f.warmup, f.check, static_cast<long long>(f.check_rows), f.problem.timeout_s,
                 static_cast<unsigned long long>(f.problem.seed));
     std::printf("# ring efficiency = one-GPU time of the same backend calls (no ring) / ring time; "
                 "TFLOP/s counts 4*B*S^2*H*d%s\n",
-                base.causal ? " / 2 (causal)" : "");
+                base.mask.causal ? " / 2 (causal)" : "");
     for (const std::string& r : ranks) std::printf("#  %s\n", r.c_str());
     print_header(session->on_gpu());
     std::fflush(stdout);

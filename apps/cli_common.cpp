@@ -76,7 +76,7 @@ AttentionSpec spec_from_flags(const ProblemFlags& f) {
   spec.heads = f.heads;
   spec.kv_heads = f.kv_heads;
   spec.head_dim = f.head_dim;
-  spec.causal = f.causal;
+  spec.mask.causal = f.causal;
   spec.softmax_scale = f.softmax_scale;
   spec.layout = parse_layout(f.layout);
   spec.dtype = parse_dtype(f.dtype);
@@ -291,7 +291,7 @@ std::vector<int64_t> choose_check_rows(const AttentionSpec& spec, int world, int
                                        int64_t requested, bool* sampled) {
   const int64_t local = spec.local_seq(world);
   const double per_row = static_cast<double>(spec.batch) * spec.heads * static_cast<double>(spec.seq_len) *
-                         spec.head_dim * (spec.causal ? 0.5 : 1.0);
+                         spec.head_dim * (spec.mask.causal ? 0.5 : 1.0);
   int64_t n = local;
   if (requested > 0) {
     n = std::min(requested, local);
@@ -343,7 +343,7 @@ CheckResult check_against_reference(const AttentionSpec& spec, const TensorView&
     q_row_pos.push_back(p);
     last_needed = std::max(last_needed, q_pos.at(i));
   }
-  if (!spec.causal) last_needed = S - 1;
+  if (!spec.mask.causal) last_needed = S - 1;
 
   // Running fp64 merge of the block results: acc_o (row, b, h, d), acc_lse (row, b, h).
   std::vector<double> acc_o(static_cast<std::size_t>(n_rows * B * H * D), 0.0);
@@ -363,7 +363,7 @@ CheckResult check_against_reference(const AttentionSpec& spec, const TensorView&
     k_pos.num_segments = 1;
     k_pos.seg[0] = {j0, 1, n};
     for (int64_t r = 0; r < n_rows; ++r) {
-      if (spec.causal && j0 > q_row_pos[r].seg[0].start) continue;  // the whole block is in the future
+      if (spec.mask.causal && j0 > q_row_pos[r].seg[0].start) continue;  // the whole block is in the future
       reference_attention(spec, q_rows[r].view, q_row_pos[r], k_blk.view, v_blk.view, k_pos, o_tmp.view, l_tmp.view);
       const auto* o = o_tmp.view.as<double>();
       const auto* l = l_tmp.view.as<double>();
@@ -458,7 +458,7 @@ HostTensor gather_to_root(Session& session, const AttentionSpec& spec, const Ten
     }
     global.storage.resize((global.view.nbytes() + sizeof(double) - 1) / sizeof(double));
     global.view.data = global.storage.data();
-    unshard_rows(local, global.view, chunk_positions(spec.layout, spec.seq_len, 0, world), seq_dim);
+    unshard_rows(local, global.view, chunk_positions(spec.resolved_layout(world), spec.seq_len, 0, world), seq_dim);
   }
   if (world == 1) return global;
 #ifdef RINGATTN_HAVE_MPI
@@ -484,7 +484,7 @@ HostTensor gather_to_root(Session& session, const AttentionSpec& spec, const Ten
     tmp.view.data = tmp.storage.data();
     for (int r = 1; r < world; ++r) {
       transfer(static_cast<char*>(tmp.view.data), r, false);
-      unshard_rows(tmp.view, global.view, chunk_positions(spec.layout, spec.seq_len, r, world), seq_dim);
+      unshard_rows(tmp.view, global.view, chunk_positions(spec.resolved_layout(world), spec.seq_len, r, world), seq_dim);
     }
   } else {
     transfer(static_cast<char*>(local.data), 0, true);

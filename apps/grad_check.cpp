@@ -132,7 +132,7 @@ GradCheckResult check_gradients(Session& session, const AttentionSpec& spec, con
     }
   };
   auto visible = [&](int64_t u, int64_t key_pos) {
-    return !spec.causal || static_cast<double>(key_pos) <= q_pos_all[u / (B * H)];
+    return !spec.mask.causal || static_cast<double>(key_pos) <= q_pos_all[u / (B * H)];
   };
   auto score = [&](int64_t u, int64_t n, int64_t j) {
     const int64_t b = (u / H) % B, h = u % H;
@@ -250,7 +250,7 @@ GradCheckResult check_gradients(Session& session, const AttentionSpec& spec, con
     double* dk_out = &dkv_ref[u * 2 * D];
     double* dv_out = dk_out + D;
     for (int64_t i = 0; i < Sl; ++i) {
-      if (spec.causal && kp > static_cast<double>(pos.at(i))) continue;
+      if (spec.mask.causal && kp > static_cast<double>(pos.at(i))) continue;
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const double row_lse = load_as_double(lse, (b * H + h) * Sl + i);
         if (row_lse == -kInf) continue;

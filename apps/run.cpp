@@ -408,7 +408,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       j.begin_object().field("command", "run").field("version", "0.1.0");
       j.field("ranks", world).field("backend", session.backend_name()).field("transport", ring->transport().name());
       j.begin_object("problem").field("batch", spec.batch).field("seq_len", spec.seq_len).field("heads", spec.heads);
-      j.field("kv_heads", spec.effective_kv_heads()).field("head_dim", spec.head_dim).field("causal", spec.causal);
+      j.field("kv_heads", spec.effective_kv_heads()).field("head_dim", spec.head_dim).field("causal", spec.mask.causal);
       j.field("scale", spec.scale()).field("layout", layout_name(spec.layout)).field("dtype", dtype_name(spec.dtype));
       j.end_object();
       j.begin_object("inputs");

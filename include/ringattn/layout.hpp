@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
+#include "ringattn/mask.hpp"
 #include "ringattn/spec.hpp"
 #include "ringattn/tensor.hpp"
 
@@ -19,41 +21,54 @@ struct Segment {
 inline constexpr int kMaxSegments = 2;
 
 // How the local rows of one chunk map to global positions: row i of the chunk lives in
-// segment 0 while i < seg[0].count, then in segment 1. Plain data so it can be passed to kernels.
+// segment 0 while i < seg[0].count, then in segment 1, ... Plain data so it can be passed to
+// kernels by value. Up to kMaxSegments segments live inline (`seg`); a longer list (the balanced
+// layout's token blocks, a halo gathered from several runs) is `list`, owned by whoever built it
+// (the ring plan), and host-only: device code reads `seg` and the CUDA backend refuses a list.
 struct ChunkPositions {
   Segment seg[kMaxSegments];
   int num_segments = 0;
+  const Segment* list = nullptr;  // when set, the segments are list[0 .. num_segments)
 
+  const Segment& segment(int s) const { return list ? list[s] : seg[s]; }
   int64_t size() const {
     int64_t n = 0;
-    for (int s = 0; s < num_segments; ++s) n += seg[s].count;
+    for (int s = 0; s < num_segments; ++s) n += segment(s).count;
     return n;
   }
   // Global position of local row i (0 <= i < size()).
   int64_t at(int64_t i) const {
     for (int s = 0; s < num_segments - 1; ++s) {
-      if (i < seg[s].count) return seg[s].start + seg[s].stride * i;
-      i -= seg[s].count;
+      const Segment& g = segment(s);
+      if (i < g.count) return g.start + g.stride * i;
+      i -= g.count;
     }
-    return seg[num_segments - 1].start + seg[num_segments - 1].stride * i;
+    const Segment& g = segment(num_segments - 1);
+    return g.start + g.stride * i;
   }
   // Smallest and largest global position among local rows [lo, hi); hi > lo.
   int64_t min_in(int64_t lo, int64_t hi) const;
   int64_t max_in(int64_t lo, int64_t hi) const;
 };
 
-// Rows per rank must be a multiple of this many for the layout on `world` ranks.
+// The sequence length must be a multiple of this many for the layout on `world` ranks.
 int64_t layout_divisor(Layout layout, int world);
-// Positions of rank `rank`'s chunk of a `seq_len`-token sequence; seq_len % layout_divisor == 0.
+// Positions of rank `rank`'s chunk of a `seq_len`-token sequence under a fixed layout
+// (contiguous, zigzag, striped); seq_len % layout_divisor == 0. Auto and balanced layouts depend
+// on the mask: the ring plan (src/plan/) resolves them.
 ChunkPositions chunk_positions(Layout layout, int64_t seq_len, int rank, int world);
+// Positions from a segment list: inline when it fits, else a view of `segments` (kept alive by the caller).
+ChunkPositions positions_from(const std::vector<Segment>& segments);
+// Local rows [lo, hi) of `p` as a segment list (for a slice of a chunk).
+std::vector<Segment> slice_segments(const ChunkPositions& p, int64_t lo, int64_t hi);
 
-enum class Visibility { kEmpty, kPartial, kFull };
-
-// Visibility of query rows [q_lo, q_hi) against key rows [k_lo, k_hi) under the causal rule
-// (key visible when key position <= query position). Non-causal tiles are always full.
-Visibility classify_tile(const ChunkPositions& q, int64_t q_lo, int64_t q_hi,
-                         const ChunkPositions& k, int64_t k_lo, int64_t k_hi, bool causal);
-// Visibility of whole chunks, used to skip a ring step's compute.
+// Visibility of query rows [q_lo, q_hi) against key rows [k_lo, k_hi) for one head kind
+// (`patterned`: a head the mask's patterns apply to), from the rows' position bounds.
+Visibility classify_tile(const Mask& mask, bool patterned, const ChunkPositions& q, int64_t q_lo, int64_t q_hi,
+                         const ChunkPositions& k, int64_t k_lo, int64_t k_hi);
+// Visibility of whole chunks for any of `heads` query heads, used to skip a step's compute.
+Visibility classify_chunks(const Mask& mask, int heads, const ChunkPositions& q, const ChunkPositions& k);
+// The causal-only form, for the CUDA kernels that know no other mask yet (masked-kernels issue).
 Visibility classify_chunks(const ChunkPositions& q, const ChunkPositions& k, bool causal);
 
 // Copies rank `rank`'s rows of a global host tensor (seq along dimension `seq_dim`) into `local`.

@@ -71,6 +71,8 @@ class RingAttention {
   void read_timeline(const std::vector<HopMarks>& marks, int start_mark, int end_mark);
 
   AttentionSpec spec_;
+  Mask mask_;       // view of spec_.mask
+  Layout layout_;   // spec_.layout resolved for this ring
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Transport> transport_;
   int64_t local_seq_ = 0;

@@ -1,12 +1,46 @@
-// Naive fp64 softmax attention with position-based causal masking (the independent reference).
+// Naive fp64 softmax attention with the mask semantics written out from their text (the independent reference).
 #include "attn/reference.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
 #include "ringattn/error.hpp"
 
 namespace ringattn {
+
+// The semantics of the masks issue, implemented here from their wording and not through
+// mask.hpp, so that a bug in the runtime's visibility module cannot hide from the tests.
+bool reference_visible(const MaskSpec& m, int64_t i, int64_t j, int head) {
+  const std::vector<int64_t>& cu = m.doc_offsets;
+  int64_t doc_i = 0, doc_j = 0, first_of_doc = 0;
+  if (!cu.empty()) {  // document index: how many offsets after the first are <= the position
+    doc_i = std::upper_bound(cu.begin() + 1, cu.end(), i) - (cu.begin() + 1);
+    doc_j = std::upper_bound(cu.begin() + 1, cu.end(), j) - (cu.begin() + 1);
+    first_of_doc = cu[static_cast<std::size_t>(doc_i)];
+  }
+  if (doc_i != doc_j) return false;
+  if (m.causal && !(j <= i)) return false;
+  const bool any_pattern = m.has_window || m.stride > 0 || m.global_tokens > 0;
+  if (!any_pattern) return true;
+  if (m.mask_heads > 0 && head >= m.mask_heads) return true;  // not a patterned head
+  bool window = false, stride = false, global = false;
+  if (m.has_window) {
+    const bool left_ok = m.window_left == -1 || i - m.window_left <= j;
+    const bool right_ok = m.window_right == -1 || j <= i + m.window_right;
+    window = left_ok && right_ok;
+  }
+  if (m.stride > 0) {
+    int64_t r = (i - j) % m.stride;
+    if (r < 0) r += m.stride;
+    stride = r == 0;
+  }
+  if (m.global_tokens > 0) {
+    // j's document is i's (checked above), so both count from the same first position.
+    global = (i - first_of_doc) < m.global_tokens || (j - first_of_doc) < m.global_tokens;
+  }
+  return window || stride || global;
+}
 
 ChunkPositions identity_positions(int64_t n) {
   ChunkPositions p;
@@ -41,7 +75,7 @@ void reference_attention(const AttentionSpec& spec, const TensorView& q, const C
         const int64_t qp = q_pos.at(i);
         double mx = -std::numeric_limits<double>::infinity();
         for (int64_t j = 0; j < Sk; ++j) {
-          if (spec.causal && k_pos.at(j) > qp) {
+          if (!reference_visible(spec.mask, qp, k_pos.at(j), static_cast<int>(h))) {
             scores[j] = -std::numeric_limits<double>::infinity();
             continue;
           }
@@ -100,7 +134,7 @@ void reference_attention_backward(const AttentionSpec& spec, const TensorView& q
         double mx = -std::numeric_limits<double>::infinity();
         for (int64_t j = 0; j < S; ++j) {
           double s = -std::numeric_limits<double>::infinity();
-          if (!spec.causal || j <= i) {
+          if (reference_visible(spec.mask, i, j, static_cast<int>(h))) {
             s = 0.0;
             for (int64_t d = 0; d < D; ++d) s += load_as_double(q, qi(b, i, h, d)) * load_as_double(k, ki(b, j, hk, d));
             s *= scale;
@@ -110,10 +144,10 @@ void reference_attention_backward(const AttentionSpec& spec, const TensorView& q
         }
         double sum = 0.0;
         for (int64_t j = 0; j < S; ++j) {
-          P[i * S + j] = std::exp(P[i * S + j] - mx);
+          P[i * S + j] = mx == -std::numeric_limits<double>::infinity() ? 0.0 : std::exp(P[i * S + j] - mx);
           sum += P[i * S + j];
         }
-        for (int64_t j = 0; j < S; ++j) P[i * S + j] /= sum;
+        for (int64_t j = 0; j < S; ++j) P[i * S + j] = sum > 0.0 ? P[i * S + j] / sum : 0.0;  // no key: P = 0
         for (int64_t d = 0; d < D; ++d) {
           double o = 0.0;
           for (int64_t j = 0; j < S; ++j) o += P[i * S + j] * load_as_double(v, ki(b, j, hk, d));

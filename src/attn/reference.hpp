@@ -19,6 +19,9 @@ void reference_attention(const AttentionSpec& spec, const TensorView& q, const C
                          const TensorView& out, const TensorView& lse,
                          const std::vector<int64_t>* rows = nullptr);
 
+// Whether query position i sees key position j at query head `head`, from the semantics' text.
+bool reference_visible(const MaskSpec& mask, int64_t i, int64_t j, int head);
+
 // Positions 0..n-1 (a whole sequence in global order).
 ChunkPositions identity_positions(int64_t n);
 

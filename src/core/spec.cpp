@@ -15,6 +15,8 @@ const char* layout_name(Layout layout) {
     case Layout::kContiguous: return "contiguous";
     case Layout::kZigzag: return "zigzag";
     case Layout::kStriped: return "striped";
+    case Layout::kAuto: return "auto";
+    case Layout::kBalanced: return "balanced";
   }
   return "?";
 }
@@ -23,8 +25,10 @@ Layout parse_layout(std::string_view name) {
   if (name == "contiguous") return Layout::kContiguous;
   if (name == "zigzag") return Layout::kZigzag;
   if (name == "striped") return Layout::kStriped;
+  if (name == "auto") return Layout::kAuto;
+  if (name == "balanced") return Layout::kBalanced;
   fail(ErrorKind::kInvalidArgument, "unknown layout '" + std::string(name) + "' for --layout",
-       "use one of contiguous, zigzag, striped");
+       "use one of auto, contiguous, zigzag, striped, balanced");
 }
 
 double AttentionSpec::scale() const {
@@ -48,11 +52,13 @@ void AttentionSpec::validate(int world) const {
     bad("softmax scale " + std::to_string(softmax_scale) + " must be finite and >= 0", "pass 0 for 1/sqrt(head_dim)");
   }
   if (seq_len < 1) bad("--seq-len " + std::to_string(seq_len) + " must be at least 1", "pass e.g. --seq-len 4K");
-  const int64_t divisor = layout_divisor(layout, world);
+  mask.validate(seq_len, heads, effective_kv_heads());
+  const Layout used = resolved_layout(world);
+  const int64_t divisor = layout_divisor(used, world);
   if (seq_len % divisor != 0) {
     const int64_t up = (seq_len + divisor - 1) / divisor * divisor;
     bad("--seq-len " + std::to_string(seq_len) + " is not divisible by " + std::to_string(divisor) + " as the " +
-            layout_name(layout) + " layout on " + std::to_string(world) + " ranks requires",
+            layout_name(used) + " layout on " + std::to_string(world) + " ranks requires",
         "use a multiple of " + std::to_string(divisor) + ", e.g. --seq-len " + std::to_string(up));
   }
 }
@@ -60,7 +66,7 @@ void AttentionSpec::validate(int world) const {
 std::string AttentionSpec::describe() const {
   std::ostringstream os;
   os << "batch=" << batch << " seq_len=" << seq_len << " heads=" << heads << " kv_heads=" << effective_kv_heads()
-     << " head_dim=" << head_dim << " causal=" << (causal ? 1 : 0) << " scale=" << scale()
+     << " head_dim=" << head_dim << " mask=" << mask.describe() << " scale=" << scale()
      << " layout=" << layout_name(layout) << " dtype=" << dtype_name(dtype);
   return os.str();
 }
@@ -93,7 +99,20 @@ int64_t parse_size(std::string_view text, std::string_view flag) {
 double forward_flops(const AttentionSpec& spec) {
   const double s = static_cast<double>(spec.seq_len);
   const double f = 4.0 * static_cast<double>(spec.batch) * s * s * spec.heads * spec.head_dim;
-  return spec.causal ? 0.5 * f : f;
+  return spec.mask.causal ? 0.5 * f : f;
+}
+
+double visible_forward_flops(const AttentionSpec& spec) {
+  const Mask m = spec.mask.view();
+  if (m.dense()) return forward_flops(spec);
+  return 4.0 * spec.head_dim * count_visible_pairs(m, spec.seq_len, 0, spec.seq_len, 1, spec.heads, spec.batch);
+}
+
+Layout AttentionSpec::resolved_layout(int world) const {
+  if (layout != Layout::kAuto) return layout;
+  if (mask.has_window) return Layout::kContiguous;
+  if (mask.causal && world > 0 && seq_len % (2 * static_cast<int64_t>(world)) == 0) return Layout::kZigzag;
+  return Layout::kContiguous;
 }
 
 }  // namespace ringattn

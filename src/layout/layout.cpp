@@ -11,9 +11,10 @@ int64_t ChunkPositions::min_in(int64_t lo, int64_t hi) const {
   int64_t best = INT64_MAX;
   int64_t base = 0;
   for (int s = 0; s < num_segments; ++s) {
-    const int64_t a = std::max(lo, base), b = std::min(hi, base + seg[s].count);
-    if (a < b) best = std::min(best, seg[s].start + seg[s].stride * (a - base));
-    base += seg[s].count;
+    const Segment& g = segment(s);
+    const int64_t a = std::max(lo, base), b = std::min(hi, base + g.count);
+    if (a < b) best = std::min(best, g.start + g.stride * (a - base));
+    base += g.count;
   }
   return best;
 }
@@ -22,15 +23,43 @@ int64_t ChunkPositions::max_in(int64_t lo, int64_t hi) const {
   int64_t best = INT64_MIN;
   int64_t base = 0;
   for (int s = 0; s < num_segments; ++s) {
-    const int64_t a = std::max(lo, base), b = std::min(hi, base + seg[s].count);
-    if (a < b) best = std::max(best, seg[s].start + seg[s].stride * (b - 1 - base));
-    base += seg[s].count;
+    const Segment& g = segment(s);
+    const int64_t a = std::max(lo, base), b = std::min(hi, base + g.count);
+    if (a < b) best = std::max(best, g.start + g.stride * (b - 1 - base));
+    base += g.count;
   }
   return best;
 }
 
+ChunkPositions positions_from(const std::vector<Segment>& segments) {
+  ChunkPositions p;
+  p.num_segments = static_cast<int>(segments.size());
+  if (segments.size() <= static_cast<std::size_t>(kMaxSegments)) {
+    for (std::size_t i = 0; i < segments.size(); ++i) p.seg[i] = segments[i];
+  } else {
+    p.list = segments.data();
+  }
+  return p;
+}
+
+std::vector<Segment> slice_segments(const ChunkPositions& p, int64_t lo, int64_t hi) {
+  std::vector<Segment> out;
+  int64_t base = 0;
+  for (int s = 0; s < p.num_segments; ++s) {
+    const Segment& g = p.segment(s);
+    const int64_t a = std::max(lo, base), b = std::min(hi, base + g.count);
+    if (a < b) out.push_back({g.start + g.stride * (a - base), g.stride, b - a});
+    base += g.count;
+  }
+  return out;
+}
+
 int64_t layout_divisor(Layout layout, int world) {
-  return layout == Layout::kZigzag ? 2 * static_cast<int64_t>(world) : static_cast<int64_t>(world);
+  switch (layout) {
+    case Layout::kZigzag: return 2 * static_cast<int64_t>(world);
+    case Layout::kBalanced: return kBalancedBlock * static_cast<int64_t>(world);
+    default: return static_cast<int64_t>(world);
+  }
 }
 
 ChunkPositions chunk_positions(Layout layout, int64_t seq_len, int rank, int world) {
@@ -40,9 +69,15 @@ ChunkPositions chunk_positions(Layout layout, int64_t seq_len, int rank, int wor
                  "sequence length " + std::to_string(seq_len) + " not divisible by " +
                      std::to_string(layout_divisor(layout, world)) + " for the " + layout_name(layout) + " layout",
                  "choose --seq-len as a multiple of that number");
+  RINGATTN_CHECK(layout != Layout::kAuto && layout != Layout::kBalanced, ErrorKind::kInternal,
+                 std::string("chunk_positions got the ") + layout_name(layout) + " layout, which the ring plan resolves",
+                 "");
   ChunkPositions p;
   const int64_t c = seq_len / world;
   switch (layout) {
+    case Layout::kAuto:
+    case Layout::kBalanced:
+      break;
     case Layout::kContiguous:
       p.num_segments = 1;
       p.seg[0] = {rank * c, 1, c};
@@ -62,19 +97,43 @@ ChunkPositions chunk_positions(Layout layout, int64_t seq_len, int rank, int wor
   return p;
 }
 
-Visibility classify_tile(const ChunkPositions& q, int64_t q_lo, int64_t q_hi, const ChunkPositions& k,
-                         int64_t k_lo, int64_t k_hi, bool causal) {
+Visibility classify_tile(const Mask& mask, bool patterned, const ChunkPositions& q, int64_t q_lo, int64_t q_hi,
+                         const ChunkPositions& k, int64_t k_lo, int64_t k_hi) {
   if (q_lo >= q_hi || k_lo >= k_hi) return Visibility::kEmpty;
-  if (!causal) return Visibility::kFull;
-  const int64_t q_min = q.min_in(q_lo, q_hi), q_max = q.max_in(q_lo, q_hi);
-  const int64_t k_min = k.min_in(k_lo, k_hi), k_max = k.max_in(k_lo, k_hi);
-  if (k_min > q_max) return Visibility::kEmpty;
-  if (k_max <= q_min) return Visibility::kFull;
-  return Visibility::kPartial;
+  return classify(mask, q.min_in(q_lo, q_hi), q.max_in(q_lo, q_hi), k.min_in(k_lo, k_hi), k.max_in(k_lo, k_hi),
+                  patterned);
+}
+
+Visibility classify_chunks(const Mask& mask, int heads, const ChunkPositions& q, const ChunkPositions& k) {
+  if (q.size() == 0 || k.size() == 0) return Visibility::kEmpty;
+  // Segment by segment: a zigzag chunk's two pieces are far apart, their hull would be partial.
+  Visibility all = Visibility::kEmpty;
+  bool first = true;
+  int64_t qb = 0;
+  for (int a = 0; a < q.num_segments; ++a) {
+    const int64_t qn = q.segment(a).count;
+    int64_t kb = 0;
+    for (int b = 0; b < k.num_segments; ++b) {
+      const int64_t kn = k.segment(b).count;
+      const Visibility v = classify_any_head(mask, heads, q.min_in(qb, qb + qn), q.max_in(qb, qb + qn),
+                                             k.min_in(kb, kb + kn), k.max_in(kb, kb + kn));
+      if (first) {
+        all = v;
+        first = false;
+      } else if (v != all) {
+        all = (v == Visibility::kEmpty && all == Visibility::kEmpty) ? Visibility::kEmpty : Visibility::kPartial;
+      }
+      kb += kn;
+    }
+    qb += qn;
+  }
+  return all;
 }
 
 Visibility classify_chunks(const ChunkPositions& q, const ChunkPositions& k, bool causal) {
-  return classify_tile(q, 0, q.size(), k, 0, k.size(), causal);
+  Mask m;
+  m.causal = causal;
+  return classify_chunks(m, 1, q, k);
 }
 
 namespace {

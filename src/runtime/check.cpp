@@ -159,7 +159,7 @@ std::vector<Sample> draw_samples(const AttentionSpec& spec, int world, int64_t w
   std::uniform_int_distribution<int64_t> pick_b(0, B - 1), pick_s(0, S - 1);
   while (static_cast<int64_t>(picked.size()) < want) picked.insert({pick_b(rng), pick_s(rng)});
   std::vector<ChunkPositions> chunks;
-  for (int r = 0; r < world; ++r) chunks.push_back(chunk_positions(spec.layout, S, r, world));
+  for (int r = 0; r < world; ++r) chunks.push_back(chunk_positions(spec.resolved_layout(world), S, r, world));
   std::vector<Sample> out;
   for (const auto& [b, pos] : picked) {
     Sample s{b, pos, -1, -1};
@@ -233,7 +233,7 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int r
   reduce.sum(qs.data(), n * HD);
 
   // 2. Partial attention of every sample row against this rank's own K/V chunk, in fp64.
-  const ChunkPositions k_pos = chunk_positions(spec.layout, S, rank, world);
+  const ChunkPositions k_pos = chunk_positions(spec.resolved_layout(world), S, rank, world);
   std::vector<int64_t> q_pos(n);
   for (int64_t i = 0; i < n; ++i) q_pos[i] = samples[i].position;
   std::vector<double> m(static_cast<std::size_t>(n * H), kNegInf), l(static_cast<std::size_t>(n * H), 0.0);
@@ -278,7 +278,7 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int r
             double& li = l[i * H + h];
             double* ai = acc.data() + i * HD + h * D;
             for (int64_t j = 0; j < rows; ++j) {
-              if (spec.causal && kp[j] > q_pos[i]) continue;
+              if (spec.mask.causal && kp[j] > q_pos[i]) continue;
               const auto* kr = kb + j * kv_row_elems + hk * D;
               double d0 = 0, d1 = 0, d2 = 0, d3 = 0;
               int64_t d = 0;

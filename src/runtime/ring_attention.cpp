@@ -58,7 +58,9 @@ RingAttention::RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend>
   if (spec_.kv_heads == 0) spec_.kv_heads = spec_.heads;
   spec_.validate(transport_->world());
   local_seq_ = spec_.local_seq(transport_->world());
-  q_pos_ = chunk_positions(spec_.layout, spec_.seq_len, transport_->rank(), transport_->world());
+  mask_ = spec_.mask.view();
+  layout_ = spec_.resolved_layout(transport_->world());
+  q_pos_ = chunk_positions(layout_, spec_.seq_len, transport_->rank(), transport_->world());
   backend_->prepare(spec_, local_seq_, local_seq_);
   const std::size_t kv_elems =
       static_cast<std::size_t>(spec_.batch * local_seq_ * spec_.effective_kv_heads() * spec_.head_dim);
@@ -139,8 +141,8 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
       post();
     }
     const int src = source_of(r, s, p);
-    const ChunkPositions k_pos = chunk_positions(spec_.layout, spec_.seq_len, src, p);
-    const bool skip = classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty;
+    const ChunkPositions k_pos = chunk_positions(layout_, spec_.seq_len, src, p);
+    const bool skip = classify_chunks(mask_, spec_.heads, q_pos_, k_pos) == Visibility::kEmpty;
     marks[s].begin = backend_->mark();
     if (!skip && p == 1) {  // one rank: the only step writes out and lse itself
       backend_->forward_step_into(k, v, k_pos, out, lse);
@@ -248,8 +250,8 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
       post();
     }
     const int src = source_of(r, s, p);
-    const ChunkPositions k_pos = chunk_positions(spec_.layout, spec_.seq_len, src, p);
-    const bool skip = classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty;
+    const ChunkPositions k_pos = chunk_positions(layout_, spec_.seq_len, src, p);
+    const bool skip = classify_chunks(mask_, spec_.heads, q_pos_, k_pos) == Visibility::kEmpty;
     marks[s].begin = backend_->mark();
     shared = !skip;
     if (p == 1) {

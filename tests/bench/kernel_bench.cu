@@ -133,7 +133,7 @@ int main(int argc, char** argv) {
       const ringattn::TensorView lse_view = ringattn::make_view(lse, ringattn::DType::kF32, ringattn::Device::kCuda, {1, heads, s});
       const ringattn::ChunkPositions pos = ringattn::chunk_positions(ringattn::Layout::kContiguous, s, 0, 1);
       for (bool causal : {false, true}) {
-        spec.causal = causal;
+        spec.mask.causal = causal;
         backend->prepare(spec, s, s);
         std::vector<double> times;
         for (int it = 0; it < warmup + iters; ++it) {

@@ -104,7 +104,7 @@ void check_case(const Case& c) {
   spec.heads = H;
   spec.kv_heads = Hkv;
   spec.head_dim = D;
-  spec.causal = c.causal;
+  spec.mask.causal = c.causal;
   spec.layout = c.layout;
   spec.dtype = DType::kF64;
   const double scale = spec.scale();

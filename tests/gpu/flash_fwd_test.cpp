@@ -54,7 +54,7 @@ AttentionSpec spec_of(const Case& c) {
   s.heads = c.heads;
   s.kv_heads = c.kv_heads;
   s.head_dim = c.head_dim;
-  s.causal = c.causal;
+  s.mask.causal = c.causal;
   s.layout = c.layout;
   s.dtype = c.dtype;
   return s;
@@ -329,7 +329,7 @@ TEST(FlashFwd, RowsThatSeeNothing) {
   spec.heads = kHeads;
   spec.kv_heads = kHeads;
   spec.head_dim = kDim;
-  spec.causal = true;
+  spec.mask.causal = true;
   spec.seq_len = kRows + kKeyStart;
   spec.dtype = DType::kBF16;
   HostTensor q(spec.dtype, {1, kRows, kHeads, kDim}), k(spec.dtype, {1, kRows, kHeads, kDim}),
@@ -398,7 +398,7 @@ TEST(FlashFwd, SingleStepWritesWhatFinalizeWrites) {
         spec.heads = kHeads;
         spec.kv_heads = kKvHeads;
         spec.head_dim = static_cast<int>(dim);
-        spec.causal = true;
+        spec.mask.causal = true;
         spec.seq_len = kRows + key_start;
         spec.dtype = DType::kBF16;
         HostTensor q(spec.dtype, {1, kRows, kHeads, dim}), k(spec.dtype, {1, kRows, kKvHeads, dim}),
@@ -460,7 +460,7 @@ TEST(FlashFwd, StridedViews) {
   spec.heads = kHeads;
   spec.kv_heads = kHeads;
   spec.head_dim = kDim;
-  spec.causal = true;
+  spec.mask.causal = true;
   spec.seq_len = kRows;
   spec.dtype = DType::kBF16;
   HostTensor qkv(spec.dtype, {1, kRows, kPack * kHeads, kDim});

@@ -36,7 +36,7 @@ void run_case(bool causal, int heads, int kv_heads, int head_dim, int64_t batch,
   spec.heads = heads;
   spec.kv_heads = kv_heads;
   spec.head_dim = head_dim;
-  spec.causal = causal;
+  spec.mask.causal = causal;
   spec.dtype = DType::kBF16;
   spec.layout = Layout::kZigzag;
   std::mt19937 rng(static_cast<unsigned>(seq * 31 + heads + (causal ? 7 : 0)));

@@ -104,7 +104,7 @@ double forward_error(const Case& c, DType dtype, int64_t batch, int64_t seq, int
   spec.heads = c.heads;
   spec.kv_heads = c.kv_heads;
   spec.head_dim = head_dim;
-  spec.causal = c.causal;
+  spec.mask.causal = c.causal;
   spec.layout = c.layout;
   spec.dtype = dtype;
   Global q = make_global(dtype, batch, seq, c.heads, head_dim, 11);
@@ -169,7 +169,7 @@ TEST(RingForward, CausalStepsHiddenByTheMaskAreSkipped) {
   spec.seq_len = 24;
   spec.heads = 2;
   spec.head_dim = 4;
-  spec.causal = true;
+  spec.mask.causal = true;
   spec.dtype = DType::kF64;
   RingAttention ring(spec, make_cpu_backend(), make_mpi_transport(MPI_COMM_WORLD));
   Local q = make_local(DType::kF64, {1, 24 / world, 2, 4});
@@ -249,7 +249,7 @@ void backward_case(const Case& c, int64_t batch, int64_t seq, int head_dim) {
   spec.heads = c.heads;
   spec.kv_heads = c.kv_heads;
   spec.head_dim = head_dim;
-  spec.causal = c.causal;
+  spec.mask.causal = c.causal;
   spec.layout = c.layout;
   spec.dtype = DType::kF64;
   const DType f = DType::kF64;

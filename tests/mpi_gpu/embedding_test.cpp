@@ -39,7 +39,7 @@ TEST(Embedding, HostCommunicatorStreamAndPointersDriveForwardAndBackward) {
   spec.heads = 4;
   spec.kv_heads = 2;
   spec.head_dim = 128;
-  spec.causal = true;
+  spec.mask.causal = true;
   spec.layout = Layout::kZigzag;
   spec.dtype = DType::kBF16;
   const int64_t B = spec.batch, S = spec.seq_len, H = spec.heads, Hkv = spec.kv_heads, D = spec.head_dim;

@@ -33,7 +33,7 @@ inline AttentionSpec spec_of(const Case& c) {
   s.heads = c.heads;
   s.kv_heads = c.kv_heads;
   s.head_dim = c.head_dim;
-  s.causal = c.causal;
+  s.mask.causal = c.causal;
   s.layout = c.layout;
   s.dtype = c.dtype;
   return s;

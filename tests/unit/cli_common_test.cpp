@@ -89,7 +89,7 @@ Problem make_problem(DType dt, bool causal, Layout layout, int rank, int world) 
   p.spec.heads = 4;
   p.spec.kv_heads = 2;
   p.spec.head_dim = 8;
-  p.spec.causal = causal;
+  p.spec.mask.causal = causal;
   p.spec.layout = layout;
   p.spec.dtype = dt;
   const int64_t B = 2, S = 24, H = 4, Hkv = 2, D = 8;

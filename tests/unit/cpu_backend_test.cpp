@@ -56,7 +56,7 @@ AttentionSpec spec_for(int64_t batch, int heads, int kv_heads, int head_dim, boo
   s.heads = heads;
   s.kv_heads = kv_heads;
   s.head_dim = head_dim;
-  s.causal = causal;
+  s.mask.causal = causal;
   s.dtype = DType::kF64;
   return s;
 }

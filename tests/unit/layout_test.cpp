@@ -142,7 +142,9 @@ TEST(Layout, TileClassificationAgreesWithBruteForce) {
               int64_t a = d(rng), b = d(rng), c = d(rng), e = d(rng);
               if (a > b) std::swap(a, b);
               if (c > e) std::swap(c, e);
-              ASSERT_EQ(classify_tile(q, a, b, k, c, e, causal), brute_force(q, a, b, k, c, e, causal))
+              Mask m;
+              m.causal = causal;
+              ASSERT_EQ(classify_tile(m, false, q, a, b, k, c, e), brute_force(q, a, b, k, c, e, causal))
                   << layout_name(layout) << " world " << world << " q rows [" << a << "," << b << ") k rows [" << c
                   << "," << e << ") causal " << causal;
             }

@@ -111,7 +111,7 @@ TEST(Spec, ForwardFlopsHalveWhenCausal) {
   AttentionSpec s = good_spec();
   const double full = 4.0 * 2 * 96.0 * 96.0 * 8 * 64;
   EXPECT_DOUBLE_EQ(forward_flops(s), full);
-  s.causal = true;
+  s.mask.causal = true;
   EXPECT_DOUBLE_EQ(forward_flops(s), full / 2);
 }
 

@@ -40,6 +40,7 @@ class CpuEngine {
  public:
   void prepare(const AttentionSpec& spec, int64_t q_rows, int64_t k_rows) {
     spec_ = spec;
+    mask_ = spec_.mask.view();  // points into spec_'s document offsets
     B_ = spec.batch;
     H_ = spec.heads;
     Hkv_ = spec.effective_kv_heads();
@@ -72,17 +73,18 @@ class CpuEngine {
     for (int64_t b = 0; b < B_; ++b) {
       for (int64_t h = 0; h < H_; ++h) {
         const int64_t hk = h / group;
+        const bool patterned = mask_.patterned_head(static_cast<int>(h));
         for (int64_t i0 = 0; i0 < Sq_; i0 += kTileQ) {
           const int64_t i1 = std::min(Sq_, i0 + kTileQ);
           for (int64_t j0 = 0; j0 < Sk; j0 += kTileK) {
             const int64_t j1 = std::min(Sk, j0 + kTileK);
-            const Visibility vis = classify_tile(q_pos_, i0, i1, k_pos, j0, j1, spec_.causal);
+            const Visibility vis = classify_tile(mask_, patterned, q_pos_, i0, i1, k_pos, j0, j1);
             if (vis == Visibility::kEmpty) continue;
             for (int64_t i = i0; i < i1; ++i) {
               const T* qr = &q_[((b * Sq_ + i) * H_ + h) * D_];
               T tile_max = -std::numeric_limits<T>::infinity();
               for (int64_t j = j0; j < j1; ++j) {
-                if (vis == Visibility::kPartial && k_abs[j] > q_abs_[i]) {
+                if (vis == Visibility::kPartial && !visible(mask_, q_abs_[i], k_abs[j], patterned)) {
                   s[j - j0] = -std::numeric_limits<T>::infinity();
                   continue;
                 }
@@ -171,11 +173,12 @@ class CpuEngine {
     for (int64_t b = 0; b < B_; ++b) {
       for (int64_t h = 0; h < H_; ++h) {
         const int64_t hk = h / group;
+        const bool patterned = mask_.patterned_head(static_cast<int>(h));
         for (int64_t i0 = 0; i0 < Sq_; i0 += kTileQ) {
           const int64_t i1 = std::min(Sq_, i0 + kTileQ);
           for (int64_t j0 = 0; j0 < Sk; j0 += kTileK) {
             const int64_t j1 = std::min(Sk, j0 + kTileK);
-            const Visibility vis = classify_tile(q_pos_, i0, i1, k_pos, j0, j1, spec_.causal);
+            const Visibility vis = classify_tile(mask_, patterned, q_pos_, i0, i1, k_pos, j0, j1);
             if (vis == Visibility::kEmpty) continue;
             for (int64_t i = i0; i < i1; ++i) {
               const T row_lse = lse_[(b * H_ + h) * Sq_ + i];
@@ -186,7 +189,7 @@ class CpuEngine {
               T* dqr = &acc_[qo];
               const T row_delta = delta_[(b * H_ + h) * Sq_ + i];
               for (int64_t j = j0; j < j1; ++j) {
-                if (vis == Visibility::kPartial && k_abs[j] > q_abs_[i]) continue;
+                if (vis == Visibility::kPartial && !visible(mask_, q_abs_[i], k_abs[j], patterned)) continue;
                 const int64_t ko = ((b * Sk + j) * Hkv_ + hk) * D_;
                 const T* kr = &k_[ko];
                 const T* vr = &v_[ko];
@@ -216,6 +219,7 @@ class CpuEngine {
 
  private:
   AttentionSpec spec_;
+  Mask mask_;
   // Rows of a visiting K/V chunk (or a slice of one): k is (B, Sk, Hkv, D) and k_pos covers Sk rows.
   int64_t rows_of(const TensorView& k, const ChunkPositions& k_pos, const char* what) const {
     const int64_t sk = k.rank == 4 ? k.shape[1] : -1;

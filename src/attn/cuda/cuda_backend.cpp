@@ -25,6 +25,15 @@ void require(bool cond, const std::string& what, const std::string& hint) {
   RINGATTN_CHECK(cond, ErrorKind::kInvalidArgument, what, hint);
 }
 
+// The kernels read at most kMaxSegments inline segments of a chunk's positions; a longer list (the
+// balanced layout, a halo gathered from several runs) is refused until the masked kernels land.
+void require_kernel_positions(const ChunkPositions& pos, const char* what) {
+  require(pos.list == nullptr && pos.num_segments <= kMaxSegments,
+          std::string("the CUDA kernels take ") + what + " positions of at most " + std::to_string(kMaxSegments) +
+              " runs, got " + std::to_string(pos.num_segments),
+          "use --layout contiguous, zigzag or striped on the CUDA backend, or --backend cpu");
+}
+
 // An attention tensor (B, S, heads, D) on the device with the layout the kernels need.
 void check_attention_view(const TensorView& t, const char* name, DType dtype, int64_t batch, int64_t rows,
                           int64_t heads, int64_t head_dim) {
@@ -72,6 +81,11 @@ class CudaBackend final : public Backend {
     require(spec.dtype == DType::kBF16 || spec.dtype == DType::kF16,
             std::string("the CUDA backend computes bf16 and fp16, not ") + dtype_name(spec.dtype),
             "use --dtype bf16 or fp16, or the CPU backend for fp32/fp64");
+    // The kernels apply the causal rule only (the masked-kernels issue brings the rest): any other
+    // mask is refused here rather than ignored.
+    require(!spec.mask.has_pattern() && !spec.mask.has_documents(),
+            "the CUDA backend's kernels apply the causal rule only, not the mask '" + spec.mask.describe() + "'",
+            "run --window/--stride/--global-tokens/--doc-lens masks with --backend cpu until the masked kernels land");
     require(spec.head_dim == 64 || spec.head_dim == 128,
             "the CUDA backend has kernels for head_dim 64 and 128, not " + std::to_string(spec.head_dim),
             "use --head-dim 64 or 128, or the CPU backend");
@@ -104,6 +118,7 @@ class CudaBackend final : public Backend {
   void forward_begin(const TensorView& q, const ChunkPositions& q_pos) override {
     require_prepared();
     check_attention_view(q, "q", spec_.dtype, spec_.batch, q_rows_, spec_.heads, spec_.head_dim);
+    require_kernel_positions(q_pos, "query");
     require(q_pos.size() == q_rows_, "query positions cover " + std::to_string(q_pos.size()) + " rows, q has " +
                                          std::to_string(q_rows_), "");
     q_ = q;
@@ -120,7 +135,7 @@ class CudaBackend final : public Backend {
   // earlier step, or for a chunk nobody sees, the step and forward_end as usual.
   void forward_step_into(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos, const TensorView& out,
                          const TensorView& lse) override {
-    if (!first_step_ || q_.data == nullptr || classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty) {
+    if (!first_step_ || q_.data == nullptr || classify_chunks(q_pos_, k_pos, spec_.mask.causal) == Visibility::kEmpty) {
       Backend::forward_step_into(k, v, k_pos, out, lse);
       return;
     }
@@ -140,13 +155,14 @@ class CudaBackend final : public Backend {
   void run_forward_step(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos, const TensorView* out,
                         const TensorView* lse) {
     require(q_.data != nullptr, "forward_step before forward_begin", "call forward_begin first");
+    require_kernel_positions(k_pos, "key");
     const int64_t sk = k.rank == 4 ? k.shape[1] : -1;
     check_attention_view(k, "k", spec_.dtype, spec_.batch, sk, spec_.effective_kv_heads(), spec_.head_dim);
     check_attention_view(v, "v", spec_.dtype, spec_.batch, sk, spec_.effective_kv_heads(), spec_.head_dim);
     require(k_pos.size() == sk, "key positions cover " + std::to_string(k_pos.size()) + " rows, k has " +
                                     std::to_string(sk), "");
     // A chunk nobody sees leaves the state alone (and does not count as the first step).
-    if (sk == 0 || classify_chunks(q_pos_, k_pos, spec_.causal) == Visibility::kEmpty) return;
+    if (sk == 0 || classify_chunks(q_pos_, k_pos, spec_.mask.causal) == Visibility::kEmpty) return;
     cuda::FlashFwdParams p;
     p.q = q_.data;
     p.k = k.data;
@@ -169,7 +185,7 @@ class CudaBackend final : public Backend {
     p.seq_q = static_cast<int>(q_rows_);
     p.seq_k = static_cast<int>(sk);
     p.scale_log2 = static_cast<float>(spec_.scale() * kLog2e);
-    p.causal = spec_.causal;
+    p.causal = spec_.mask.causal;
     p.first_step = first_step_;
     p.q_pos = q_pos_;
     p.k_pos = k_pos;
@@ -222,6 +238,7 @@ class CudaBackend final : public Backend {
     require(lse.device == Device::kCuda && lse.dtype == DType::kF32 && lse.rank == 3 && lse.shape[0] == spec_.batch &&
                 lse.shape[1] == spec_.heads && lse.shape[2] == q_rows_,
             "lse " + lse.describe() + " must be fp32 (B, H, q_rows) on the device", "pass the lse the forward wrote");
+    require_kernel_positions(q_pos, "query");
     require(q_pos.size() == q_rows_, "query positions cover " + std::to_string(q_pos.size()) + " rows, q has " +
                                          std::to_string(q_rows_), "");
     if (bwd_dq_accum_ == nullptr) {
@@ -239,7 +256,7 @@ class CudaBackend final : public Backend {
     bwd_.head_dim = spec_.head_dim;
     bwd_.seq_q = static_cast<int>(q_rows_);
     bwd_.scale = static_cast<float>(spec_.scale());
-    bwd_.causal = spec_.causal;
+    bwd_.causal = spec_.mask.causal;
     bwd_.q = q.data;
     bwd_.q_batch_stride = q.stride[0];
     bwd_.q_row_stride = q.stride[1];
@@ -280,6 +297,7 @@ class CudaBackend final : public Backend {
   void run_backward_step(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos,
                          const TensorView& dk_acc, const TensorView& dv_acc, cuda::DkvWrite mode) {
     require(bwd_started_, "backward_step before backward_begin", "call backward_begin first");
+    require_kernel_positions(k_pos, "key");
     const int64_t sk = k.rank == 4 ? k.shape[1] : -1;
     const int hkv = spec_.effective_kv_heads();
     check_attention_view(k, "k", spec_.dtype, spec_.batch, sk, hkv, spec_.head_dim);
