@@ -1,6 +1,7 @@
 // RingAttention: the exact ring schedule (forward and backward) over a Backend and a Transport.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -11,17 +12,30 @@
 
 namespace ringattn {
 
-// What one hop of a pass did; times in milliseconds.
+// Bytes this rank moved with one peer in one hop.
+struct PeerBytes {
+  int rank = 0;
+  uint64_t sent_bytes = 0;
+  uint64_t received_bytes = 0;
+};
+
+// What one hop of a pass did; times in milliseconds, bytes as the plan moved them.
 struct HopStats {
   int hop = 0;
-  int source_rank = 0;        // whose K/V chunk was visiting
-  bool skipped = false;       // every key of the chunk hidden by the mask: no compute
+  int source_rank = 0;        // whose K/V rows were computed on in this hop (-1: none)
+  bool skipped = false;       // nothing visible in this hop: no compute
   double compute_ms = 0.0;    // block-attention work of this hop
-  double exposed_comm_ms = 0.0;  // time compute waited for the next chunk to arrive
+  double exposed_comm_ms = 0.0;  // time compute waited for the next rows to arrive
+  uint64_t sent_bytes = 0;        // K+V bytes sent to all peers (forwarding included)
+  uint64_t received_bytes = 0;    // K+V bytes received from all peers
+  uint64_t grad_sent_bytes = 0;   // backward: dK/dV bytes sent
+  uint64_t grad_received_bytes = 0;
+  std::vector<PeerBytes> peers;   // per peer: K+V bytes (backward: K+V and dK/dV together)
 };
 
 struct PassStats {
   std::vector<HopStats> hops;
+  double visible_pairs = 0.0;  // visible (query, key) pairs of this rank's queries, all batch rows and heads
   double total_ms = 0.0;  // first mark to last mark on the compute timeline
   double compute_ms() const;
   double exposed_comm_ms() const;

@@ -5,6 +5,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace ringattn {
 
@@ -30,6 +31,33 @@ struct ExchangePart {
 // work runs beside the compute; host transports pass nullptr and call it on the posting thread.
 using ExchangePrologue = std::function<void(void* stream)>;
 
+// One piece of a peer message, in the memory of the transport's backend (host or device).
+struct PeerPiece {
+  void* data = nullptr;  // read by a send, written by a receive
+  std::size_t bytes = 0;
+};
+
+// One message of a peer exchange: to (send) or from (receive) `peer`, the concatenation of
+// `pieces`. The ring plan builds both sides, so a send's pieces and the matching receive's pieces
+// have the same sizes in the same order: a transport may move them piece by piece, unstaged.
+struct PeerMessage {
+  int peer = -1;
+  std::vector<PeerPiece> pieces;
+  std::size_t bytes() const {
+    std::size_t n = 0;
+    for (const auto& p : pieces) n += p.bytes;
+    return n;
+  }
+};
+
+// Everything one rank sends and receives in one hop of a plan: any set of peers, possibly none.
+// Messages of the same (sender, receiver) pair in one exchange match in list order.
+struct PeerExchange {
+  std::vector<PeerMessage> sends;
+  std::vector<PeerMessage> recvs;
+  bool empty() const { return sends.empty() && recvs.empty(); }
+};
+
 class Transport {
  public:
   virtual ~Transport() = default;
@@ -51,6 +79,13 @@ class Transport {
     const SendPart part{send, bytes};
     start_exchange_parts(&part, 1, recv, hop, before);
   }
+  // Whether start_peer_exchange works (the ring plan then sends rows straight to the ranks that
+  // need them); without it the plan keeps to the neighbour ring of start_exchange_pieces.
+  virtual bool supports_peer_exchange() const { return false; }
+  // Posts the exchange of hop `hop` with any set of peers, completed by wait(hop) like the ring's.
+  // An empty exchange is legal (wait then returns at once). Ordering against the compute stream,
+  // `before` and the fence are as for start_exchange_pieces. The default throws kInternal.
+  virtual void start_peer_exchange(const PeerExchange& exchange, int hop, const ExchangePrologue& before = nullptr);
   // Device transports: marks, on the compute stream, the point after which the exchange of hop
   // `hop` may start (all work enqueued so far). The caller may then enqueue compute and post the
   // exchange afterwards without the exchange waiting for that compute, so the host's posting
@@ -74,6 +109,14 @@ class Transport {
 
 // A transport for one process (world 1): exchanges never happen.
 std::unique_ptr<Transport> make_local_transport();
+
+// p ranks in one process (tests, and a p-rank ring on one GPU): transport r of the returned
+// vector is rank r; each is driven by its own thread. `compute_streams` empty: host memory
+// (memcpy); else one cudaStream_t per rank, all on the current device (copies on the device,
+// ordered against each rank's compute stream like the NCCL transport's).
+std::vector<std::unique_ptr<Transport>> make_loopback_transports(int world,
+                                                                 const std::vector<void*>& compute_streams = {},
+                                                                 double timeout_ms = kDefaultTimeoutMs);
 
 // ---- embedding in a host program (a training stack) that owns its communicators and streams ----
 // A GPU ring over the host program's NCCL communicator (`nccl_comm`, an ncclComm_t): rank and ring

@@ -1,7 +1,11 @@
-// Transport's non-virtual forms: a concatenated send expressed as exchange pieces.
+// Transport's non-virtual forms (a concatenated send as exchange pieces) and the default peer exchange.
 #include <vector>
 
 #include "ringattn/transport.hpp"
+
+#include <string>
+
+#include "ringattn/error.hpp"
 
 namespace ringattn {
 
@@ -14,6 +18,18 @@ void Transport::start_exchange_parts(const SendPart* parts, int num_parts, void*
     offset += parts[i].bytes;
   }
   start_exchange_pieces(pieces.data(), num_parts, hop, before);
+}
+
+}  // namespace ringattn
+
+namespace ringattn {
+
+void Transport::start_peer_exchange(const PeerExchange& exchange, int hop, const ExchangePrologue& before) {
+  (void)exchange;
+  (void)before;
+  fail(ErrorKind::kInternal,
+       std::string("the ") + name() + " transport has no peer exchange (hop " + std::to_string(hop) + ")",
+       "the ring plan asks supports_peer_exchange() first");
 }
 
 }  // namespace ringattn
