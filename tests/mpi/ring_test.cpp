@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <set>
 #include <vector>
 
 #include "attn/reference.hpp"
@@ -218,13 +219,22 @@ TEST(RingForward, CausalStepsHiddenByTheMaskAreSkipped) {
   Local out = make_local(DType::kF64, {1, 24 / world, 2, 4});
   Local lse = make_local(DType::kF64, {1, 2, 24 / world});
   ring.forward(q.view, q.view, q.view, out.view, lse.view);
-  // With the contiguous layout rank r sees chunks r, r-1, ..., 0 and skips the p-1-r chunks after it.
-  int skipped = 0;
+  // With the contiguous layout rank r sees chunks r, r-1, ..., 0: it computes on exactly those, and
+  // a direct plan moves no row of a later rank's chunk to it (the ring skips their compute only).
+  std::set<int> computed;
+  uint64_t received = 0;
   for (const HopStats& h : ring.last_stats().hops) {
-    skipped += h.skipped ? 1 : 0;
-    EXPECT_EQ(h.skipped, h.source_rank > rank) << "hop " << h.hop;
+    if (!h.skipped) computed.insert(h.source_rank);
+    if (!h.skipped) EXPECT_LE(h.source_rank, rank) << "hop " << h.hop;
+    received += h.received_bytes;
   }
-  EXPECT_EQ(skipped, world - 1 - rank);
+  EXPECT_EQ(static_cast<int>(computed.size()), rank + 1);
+  const uint64_t chunk_bytes = 2ull * (24 / world) * 2 * 4 * sizeof(double);  // K + V of one chunk
+  if (ring.plan().route == Route::kDirect) {
+    EXPECT_EQ(received, static_cast<uint64_t>(rank) * chunk_bytes);
+  } else {
+    EXPECT_EQ(received, static_cast<uint64_t>(world - 1) * chunk_bytes);
+  }
 }
 
 TEST(RingTransport, AfterKHopsRankHoldsChunkOfRankMinusK) {
