@@ -5,12 +5,16 @@
 #include <memory>
 #include <vector>
 
+#include "ringattn/mask.hpp"
+
 #include "ringattn/backend.hpp"
 #include "ringattn/layout.hpp"
 #include "ringattn/spec.hpp"
 #include "ringattn/transport.hpp"
 
 namespace ringattn {
+
+struct RingPlan;  // src/plan/plan.hpp
 
 // Bytes this rank moved with one peer in one hop.
 struct PeerBytes {
@@ -59,6 +63,8 @@ class RingAttention {
   int world() const;
   int64_t local_seq() const { return local_seq_; }
   const ChunkPositions& positions() const { return q_pos_; }
+  // What every hop computes and sends, identical on every rank (src/plan/plan.hpp).
+  const RingPlan& plan() const { return *plan_; }
   Backend& backend() { return *backend_; }
   Transport& transport() { return *transport_; }
 
@@ -81,10 +87,31 @@ class RingAttention {
     int begin, computed, arrived;
   };
   void check_inputs(const TensorView& t, int heads, const char* what) const;
+  // The passes of a direct plan: the owner sends each reader exactly the rows it needs.
+  void forward_direct(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                      const TensorView& lse);
+  void backward_direct(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                       const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                       const TensorView& dv);
+  // Rows of remote hop h (0-based into plan().hops) that this rank receives, with their positions.
+  struct DirectHop {
+    int hop = 0;          // distance t
+    int owner = -1;       // whose rows arrive (-1: none)
+    int reader = -1;      // who gets this rank's rows (-1: none)
+    int64_t recv_rows = 0;
+    int64_t send_rows = 0;
+    std::vector<Segment> recv_segments;  // positions of the arriving rows, in arrival order
+  };
   // Waits for the pass, then fills the per-hop compute / exposed-communication times.
   void read_timeline(const std::vector<HopMarks>& marks, int start_mark, int end_mark);
 
   AttentionSpec spec_;
+  std::unique_ptr<RingPlan> plan_;
+  std::vector<DirectHop> direct_;  // direct plans: this rank's side of every remote hop
+  void* direct_kv_[2] = {nullptr, nullptr};    // arriving K/V rows, double-buffered
+  void* direct_grad_[2] = {nullptr, nullptr};  // dK/dV of the rows computed in a hop, before they go home
+  void* direct_grad_in_ = nullptr;             // dK/dV arriving from a reader for this rank's rows
+  void* own_grad_ = nullptr;                   // fp32 dK/dV of this rank's own rows, summed over readers
   Mask mask_;       // view of spec_.mask
   Layout layout_;   // spec_.layout resolved for this ring
   std::unique_ptr<Backend> backend_;

@@ -13,6 +13,18 @@ class LocalTransport final : public Transport {
   void start_exchange_pieces(const ExchangePart*, int, int hop, const ExchangePrologue&) override {
     fail(ErrorKind::kInternal, "a ring of one rank was asked to exchange at hop " + std::to_string(hop), "");
   }
+  // Supported so that masked plans take the peer path on one rank too: their exchanges are empty.
+  // `before` prepares data for a transfer that never happens (and this transport has no stream to
+  // run device work on), so it is not called.
+  bool supports_peer_exchange() const override { return true; }
+  void start_peer_exchange(const PeerExchange& exchange, int hop, const ExchangePrologue& before) override {
+    RINGATTN_CHECK(exchange.empty(), ErrorKind::kInternal,
+                   "a ring of one rank was asked to exchange with peers at hop " + std::to_string(hop) + " (" +
+                       std::to_string(exchange.sends.size()) + " sends, " + std::to_string(exchange.recvs.size()) +
+                       " receives)",
+                   "a plan of one rank has no peers");
+    (void)before;
+  }
   void wait(int) override {}
   void abort(const std::string&) override {}
   void set_timeout_ms(double) override {}

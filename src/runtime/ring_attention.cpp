@@ -2,8 +2,10 @@
 #include "ringattn/ring_attention.hpp"
 
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 
+#include "plan/plan.hpp"
 #include "ringattn/error.hpp"
 
 namespace ringattn {
@@ -37,6 +39,44 @@ TensorView chunk_view(void* base, std::size_t offset_bytes, DType dtype, Device 
   return make_view(static_cast<char*>(base) + offset_bytes, dtype, device, {b, s, h, d});
 }
 
+// The neighbour ring's bytes of one hop: as many sent to rank+1 as received from rank-1.
+void record_ring_bytes(HopStats& h, int rank, int world, std::size_t kv, std::size_t grad) {
+  h.sent_bytes = h.received_bytes = kv;
+  h.grad_sent_bytes = h.grad_received_bytes = grad;
+  const int next = (rank + 1) % world, prev = (rank + world - 1) % world;
+  if (next == prev) {
+    h.peers.push_back({next, kv + grad, kv + grad});
+  } else {
+    h.peers.push_back({next, kv + grad, 0});
+    h.peers.push_back({prev, 0, kv + grad});
+  }
+}
+
+// Adds the pieces of rows `ranges` of a (B, S, row_elems) tensor at `base` to `out`: batch row
+// by batch row, the ranges in order (the arrival order of a direct hop's rows).
+void add_row_pieces(std::vector<PeerPiece>& out, const void* base, int64_t B, int64_t S, std::size_t row_bytes,
+                    const std::vector<RowRange>& ranges) {
+  for (int64_t b = 0; b < B; ++b) {
+    for (const RowRange& rr : ranges) {
+      out.push_back({static_cast<char*>(const_cast<void*>(base)) + (b * S + rr.lo) * row_bytes,
+                     static_cast<std::size_t>(rr.size()) * row_bytes});
+    }
+  }
+}
+
+// The matching receive side: the same piece sizes, laid out one after another from `base`.
+void add_packed_pieces(std::vector<PeerPiece>& out, void* base, int64_t B, std::size_t row_bytes,
+                       const std::vector<RowRange>& ranges) {
+  std::size_t offset = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    for (const RowRange& rr : ranges) {
+      const std::size_t n = static_cast<std::size_t>(rr.size()) * row_bytes;
+      out.push_back({static_cast<char*>(base) + offset, n});
+      offset += n;
+    }
+  }
+}
+
 }  // namespace
 
 double PassStats::compute_ms() const {
@@ -60,8 +100,40 @@ RingAttention::RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend>
   local_seq_ = spec_.local_seq(transport_->world());
   mask_ = spec_.mask.view();
   layout_ = spec_.resolved_layout(transport_->world());
-  q_pos_ = chunk_positions(layout_, spec_.seq_len, transport_->rank(), transport_->world());
+  // Device rings keep the tuned neighbour ring (copy engines, folds beside the compute) for dense and
+  // causal masks, whose ring efficiency was measured at 95-99%; direct plans there come with the
+  // masked kernels. Host rings and masked problems take the plan's choice.
+  const bool masked = spec_.mask.has_pattern() || spec_.mask.has_documents();
+  const bool peers = transport_->supports_peer_exchange() && (backend_->device() == Device::kHost || masked);
+  plan_ = std::make_unique<RingPlan>(plan_ring(spec_, transport_->world(), peers));
+  q_pos_ = plan_->ranks.positions(transport_->rank());
   backend_->prepare(spec_, local_seq_, local_seq_);
+  if (plan_->route == Route::kDirect) {
+    const int r = transport_->rank();
+    for (int t : plan_->hops) {
+      DirectHop h;
+      h.hop = t;
+      const int owner = plan_->owner_at(r, t), reader = plan_->reader_at(r, t);
+      h.recv_rows = plan_->rows(plan_->needed[r][owner]);
+      h.send_rows = plan_->rows(plan_->needed[reader][r]);
+      h.owner = h.recv_rows > 0 ? owner : -1;
+      h.reader = h.send_rows > 0 ? reader : -1;
+      const ChunkPositions owner_pos = plan_->ranks.positions(owner);
+      for (const RowRange& rr : plan_->needed[r][owner]) {
+        for (const Segment& g : slice_segments(owner_pos, rr.lo, rr.hi)) {
+          if (!h.recv_segments.empty()) {
+            Segment& last = h.recv_segments.back();
+            if (last.stride == g.stride && last.start + last.stride * last.count == g.start) {
+              last.count += g.count;  // runs that continue each other stay one segment
+              continue;
+            }
+          }
+          h.recv_segments.push_back(g);
+        }
+      }
+      direct_.push_back(std::move(h));
+    }
+  }
   const std::size_t kv_elems =
       static_cast<std::size_t>(spec_.batch * local_seq_ * spec_.effective_kv_heads() * spec_.head_dim);
   kv_bytes_ = 2 * kv_elems * dtype_size(spec_.dtype);
@@ -103,6 +175,10 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
   check_inputs(k, spec_.effective_kv_heads(), "k");
   check_inputs(v, spec_.effective_kv_heads(), "v");
   check_inputs(out, spec_.heads, "out");
+  if (plan_->route == Route::kDirect) {
+    forward_direct(q, k, v, out, lse);
+    return;
+  }
   const int p = world(), r = rank();
   const int64_t B = spec_.batch, S = local_seq_, Hkv = spec_.effective_kv_heads(), D = spec_.head_dim;
   const Device dev = backend_->device();
@@ -141,7 +217,7 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
       post();
     }
     const int src = source_of(r, s, p);
-    const ChunkPositions k_pos = chunk_positions(layout_, spec_.seq_len, src, p);
+    const ChunkPositions k_pos = plan_->ranks.positions(src);
     const bool skip = classify_chunks(mask_, spec_.heads, q_pos_, k_pos) == Visibility::kEmpty;
     marks[s].begin = backend_->mark();
     if (!skip && p == 1) {  // one rank: the only step writes out and lse itself
@@ -158,8 +234,10 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
     stats_.hops[s].hop = s;
     stats_.hops[s].source_rank = src;
     stats_.hops[s].skipped = skip;
+    if (exchange) record_ring_bytes(stats_.hops[s], r, p, kv_bytes_, 0);
     if (hop_cb_) hop_cb_(s, p, hop_user_);
   }
+  stats_.visible_pairs = plan_->visible_pairs[r];
   if (!finished) backend_->forward_end(out, lse);
   const int end_mark = backend_->mark();
   transport_->end_pass([&] { read_timeline(marks, start_mark, end_mark); });
@@ -176,6 +254,10 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   check_inputs(dq, spec_.heads, "dq");
   check_inputs(dk, spec_.effective_kv_heads(), "dk");
   check_inputs(dv, spec_.effective_kv_heads(), "dv");
+  if (plan_->route == Route::kDirect) {
+    backward_direct(q, k, v, out, lse, dout, dq, dk, dv);
+    return;
+  }
   const int p = world(), r = rank();
   const int64_t B = spec_.batch, S = local_seq_, Hkv = spec_.effective_kv_heads(), D = spec_.head_dim;
   const Device dev = backend_->device();
@@ -250,7 +332,7 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
       post();
     }
     const int src = source_of(r, s, p);
-    const ChunkPositions k_pos = chunk_positions(layout_, spec_.seq_len, src, p);
+    const ChunkPositions k_pos = plan_->ranks.positions(src);
     const bool skip = classify_chunks(mask_, spec_.heads, q_pos_, k_pos) == Visibility::kEmpty;
     marks[s].begin = backend_->mark();
     shared = !skip;
@@ -274,7 +356,11 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     if (exchange && post_after_launch) post();
     if (exchange) transport_->wait(s);
     marks[s].arrived = backend_->mark();
-    stats_.hops[s] = HopStats{s, src, skip, 0.0, 0.0};
+    stats_.hops[s] = HopStats{};
+    stats_.hops[s].hop = s;
+    stats_.hops[s].source_rank = src;
+    stats_.hops[s].skipped = skip;
+    if (exchange) record_ring_bytes(stats_.hops[s], r, p, send_kv ? kv_bytes_ : 0, send_grad ? grad_bytes_ : 0);
     if (hop_cb_) hop_cb_(s, p, hop_user_);
   }
   // Home hop: the chunk processed last belongs to rank r+1; send it its finished gradients. They
@@ -301,12 +387,255 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
     marks[p].computed = backend_->mark();
     transport_->wait(p);
     marks[p].arrived = backend_->mark();
-    stats_.hops[p] = HopStats{p, source_of(r, p - 1, p), false, 0.0, 0.0};
+    stats_.hops[p] = HopStats{};
+    stats_.hops[p].hop = p;
+    stats_.hops[p].source_rank = source_of(r, p - 1, p);
+    record_ring_bytes(stats_.hops[p], r, p, 0, kv_bytes_);  // the finished dK/dV, rounded to the input dtype
     backend_->copy(dk.data, home, kv_bytes_ / 2);
     backend_->copy(dv.data, static_cast<char*>(home) + kv_bytes_ / 2, kv_bytes_ / 2);
   } else {
     backend_->backward_end(dq);
   }
+  stats_.visible_pairs = plan_->visible_pairs[r];
+  const int end_mark = backend_->mark();
+  transport_->end_pass([&] { read_timeline(marks, start_mark, end_mark); });
+}
+
+}  // namespace ringattn
+
+namespace ringattn {
+
+// Direct plan, forward. Step j computes C[j] (j = 0: this rank's own block; j >= 1: the rows that
+// remote hop j-1 brought) while remote hop j's rows travel into the other buffer: the owner sends
+// them from its own K/V, so nothing is forwarded and a rank with nothing to move posts nothing.
+void RingAttention::forward_direct(const TensorView& q, const TensorView& k, const TensorView& v,
+                                   const TensorView& out, const TensorView& lse) {
+  const int r = rank();
+  const int H = static_cast<int>(direct_.size());
+  const int64_t B = spec_.batch, S = local_seq_, Hkv = spec_.effective_kv_heads(), D = spec_.head_dim;
+  const Device dev = backend_->device();
+  const std::size_t es = dtype_size(spec_.dtype);
+  const std::size_t row_bytes = static_cast<std::size_t>(Hkv * D) * es;  // one K (or V) row of one batch row
+  int64_t max_rows = 0;
+  for (const DirectHop& h : direct_) max_rows = std::max(max_rows, h.recv_rows);
+  if (!direct_kv_[0] && max_rows > 0) {
+    direct_kv_[0] = backend_->allocate(2 * B * max_rows * row_bytes);
+    direct_kv_[1] = H > 1 ? backend_->allocate(2 * B * max_rows * row_bytes) : direct_kv_[0];
+  }
+  backend_->reset_marks();
+  const int start_mark = backend_->mark();
+  backend_->forward_begin(q, q_pos_);
+  std::vector<HopMarks> marks(H + 1);
+  stats_ = PassStats{};
+  stats_.hops.resize(H + 1);
+  const bool post_after_launch = backend_->stream() != nullptr && !post_early_;
+  for (int j = 0; j <= H; ++j) {
+    PeerExchange ex;
+    if (j < H) {
+      const DirectHop& h = direct_[j];
+      if (h.reader >= 0) {
+        PeerMessage m{h.reader, {}};
+        add_row_pieces(m.pieces, k.data, B, S, row_bytes, plan_->needed[h.reader][r]);
+        add_row_pieces(m.pieces, v.data, B, S, row_bytes, plan_->needed[h.reader][r]);
+        ex.sends.push_back(std::move(m));
+      }
+      if (h.owner >= 0) {
+        void* buf = direct_kv_[j % 2];
+        PeerMessage m{h.owner, {}};
+        add_packed_pieces(m.pieces, buf, B, row_bytes, plan_->needed[r][h.owner]);
+        add_packed_pieces(m.pieces, static_cast<char*>(buf) + B * h.recv_rows * row_bytes, B, row_bytes,
+                          plan_->needed[r][h.owner]);
+        ex.recvs.push_back(std::move(m));
+      }
+    }
+    const bool exchange = !ex.empty();
+    if (exchange && post_after_launch) {
+      transport_->fence(j);
+    } else if (exchange) {
+      transport_->start_peer_exchange(ex, j);
+    }
+    marks[j].begin = backend_->mark();
+    HopStats& st = stats_.hops[j];
+    st.hop = j;
+    if (j == 0) {
+      st.source_rank = r;
+      st.skipped = classify_chunks(mask_, spec_.heads, q_pos_, q_pos_) == Visibility::kEmpty;
+      if (!st.skipped) backend_->forward_step(k, v, q_pos_);
+    } else {
+      const DirectHop& h = direct_[j - 1];
+      const ChunkPositions k_pos = positions_from(h.recv_segments);
+      st.source_rank = h.owner;
+      st.skipped = h.owner < 0 || classify_chunks(mask_, spec_.heads, q_pos_, k_pos) == Visibility::kEmpty;
+      if (!st.skipped) {
+        void* buf = direct_kv_[(j - 1) % 2];
+        const int64_t n = h.recv_rows;
+        backend_->forward_step(make_view(buf, spec_.dtype, dev, {B, n, Hkv, D}),
+                               make_view(static_cast<char*>(buf) + B * n * row_bytes, spec_.dtype, dev, {B, n, Hkv, D}),
+                               k_pos);
+      }
+    }
+    marks[j].computed = backend_->mark();
+    if (exchange && post_after_launch) transport_->start_peer_exchange(ex, j);
+    if (exchange) transport_->wait(j);
+    marks[j].arrived = backend_->mark();
+    for (const PeerMessage& m : ex.sends) {
+      st.sent_bytes += m.bytes();
+      st.peers.push_back({m.peer, m.bytes(), 0});
+    }
+    for (const PeerMessage& m : ex.recvs) {
+      st.received_bytes += m.bytes();
+      st.peers.push_back({m.peer, 0, m.bytes()});
+    }
+    if (hop_cb_) hop_cb_(j, H + 1, hop_user_);
+  }
+  stats_.visible_pairs = plan_->visible_pairs[r];
+  backend_->forward_end(out, lse);
+  const int end_mark = backend_->mark();
+  transport_->end_pass([&] { read_timeline(marks, start_mark, end_mark); });
+}
+
+// Direct plan, backward. As the forward, plus the way home: the dK/dV of the rows computed at
+// step j (remote hop j-1) go back to their owner with step j+1's exchange, and the owner adds
+// what its readers return into the fp32 sums of its own rows, rounded into dk, dv at the end.
+void RingAttention::backward_direct(const TensorView& q, const TensorView& k, const TensorView& v,
+                                    const TensorView& out, const TensorView& lse, const TensorView& dout,
+                                    const TensorView& dq, const TensorView& dk, const TensorView& dv) {
+  const int r = rank();
+  const int H = static_cast<int>(direct_.size());
+  const int64_t B = spec_.batch, S = local_seq_, Hkv = spec_.effective_kv_heads(), D = spec_.head_dim;
+  const Device dev = backend_->device();
+  const DType acc_dtype = accumulator_dtype(spec_.dtype);
+  const std::size_t row_bytes = static_cast<std::size_t>(Hkv * D) * dtype_size(spec_.dtype);
+  const std::size_t grad_row_bytes = static_cast<std::size_t>(Hkv * D) * dtype_size(acc_dtype);
+  int64_t max_recv = 0, max_send = 0;
+  for (const DirectHop& h : direct_) {
+    max_recv = std::max(max_recv, h.recv_rows);
+    max_send = std::max(max_send, h.send_rows);
+  }
+  if (!direct_kv_[0] && max_recv > 0) {
+    direct_kv_[0] = backend_->allocate(2 * B * max_recv * row_bytes);
+    direct_kv_[1] = H > 1 ? backend_->allocate(2 * B * max_recv * row_bytes) : direct_kv_[0];
+  }
+  if (!direct_grad_[0] && max_recv > 0) {
+    direct_grad_[0] = backend_->allocate(2 * B * max_recv * grad_row_bytes);
+    direct_grad_[1] = H > 1 ? backend_->allocate(2 * B * max_recv * grad_row_bytes) : direct_grad_[0];
+  }
+  if (!direct_grad_in_ && max_send > 0) direct_grad_in_ = backend_->allocate(2 * B * max_send * grad_row_bytes);
+  if (!own_grad_) own_grad_ = backend_->allocate(2 * B * S * grad_row_bytes);
+  const TensorView own_dk = make_view(own_grad_, acc_dtype, dev, {B, S, Hkv, D});
+  const TensorView own_dv = make_view(static_cast<char*>(own_grad_) + B * S * grad_row_bytes, acc_dtype, dev,
+                                      {B, S, Hkv, D});
+
+  backend_->reset_marks();
+  const int start_mark = backend_->mark();
+  backend_->backward_begin(q, out, dout, lse, q_pos_);
+  // Steps 0..H compute; step H+1 only brings the last dK/dV home.
+  const int steps = H + 2;
+  std::vector<HopMarks> marks(steps);
+  stats_ = PassStats{};
+  stats_.hops.resize(steps);
+  const bool post_after_launch = backend_->stream() != nullptr && !post_early_;
+  for (int j = 0; j < steps; ++j) {
+    PeerExchange ex;
+    if (j < H) {  // remote hop j's K/V, as in the forward
+      const DirectHop& h = direct_[j];
+      if (h.reader >= 0) {
+        PeerMessage m{h.reader, {}};
+        add_row_pieces(m.pieces, k.data, B, S, row_bytes, plan_->needed[h.reader][r]);
+        add_row_pieces(m.pieces, v.data, B, S, row_bytes, plan_->needed[h.reader][r]);
+        ex.sends.push_back(std::move(m));
+      }
+      if (h.owner >= 0) {
+        void* buf = direct_kv_[j % 2];
+        PeerMessage m{h.owner, {}};
+        add_packed_pieces(m.pieces, buf, B, row_bytes, plan_->needed[r][h.owner]);
+        add_packed_pieces(m.pieces, static_cast<char*>(buf) + B * h.recv_rows * row_bytes, B, row_bytes,
+                          plan_->needed[r][h.owner]);
+        ex.recvs.push_back(std::move(m));
+      }
+    }
+    const int g = j - 2;  // remote hop whose dK/dV travel home in this exchange
+    std::size_t grad_sent = 0, grad_received = 0;
+    if (g >= 0 && g < H) {
+      const DirectHop& h = direct_[g];
+      if (h.owner >= 0) {  // the dK/dV of the rows this rank computed on go to their owner
+        PeerMessage m{h.owner, {}};
+        m.pieces.push_back({direct_grad_[g % 2], static_cast<std::size_t>(2 * B * h.recv_rows) * grad_row_bytes});
+        grad_sent = m.bytes();
+        ex.sends.push_back(std::move(m));
+      }
+      if (h.reader >= 0) {  // and those of this rank's rows come back from their reader
+        PeerMessage m{h.reader, {}};
+        m.pieces.push_back({direct_grad_in_, static_cast<std::size_t>(2 * B * h.send_rows) * grad_row_bytes});
+        grad_received = m.bytes();
+        ex.recvs.push_back(std::move(m));
+      }
+    }
+    const bool exchange = !ex.empty();
+    if (exchange && post_after_launch) {
+      transport_->fence(j);
+    } else if (exchange) {
+      transport_->start_peer_exchange(ex, j);
+    }
+    marks[j].begin = backend_->mark();
+    HopStats& st = stats_.hops[j];
+    st.hop = j;
+    st.source_rank = -1;
+    st.skipped = true;
+    if (j == 0) {  // the own block stores over the sums: no zeroing pass
+      st.source_rank = r;
+      st.skipped = false;
+      backend_->backward_step_into(k, v, q_pos_, own_dk, own_dv);
+    } else if (j <= H) {
+      const DirectHop& h = direct_[j - 1];
+      st.source_rank = h.owner;
+      if (h.owner >= 0) {
+        const int64_t n = h.recv_rows;
+        void* buf = direct_kv_[(j - 1) % 2];
+        void* gb = direct_grad_[(j - 1) % 2];
+        st.skipped = false;  // the owner waits for these dK/dV: zeros where nothing is visible
+        backend_->backward_step_into(
+            make_view(buf, spec_.dtype, dev, {B, n, Hkv, D}),
+            make_view(static_cast<char*>(buf) + B * n * row_bytes, spec_.dtype, dev, {B, n, Hkv, D}),
+            positions_from(h.recv_segments), make_view(gb, acc_dtype, dev, {B, n, Hkv, D}),
+            make_view(static_cast<char*>(gb) + B * n * grad_row_bytes, acc_dtype, dev, {B, n, Hkv, D}));
+      }
+    }
+    marks[j].computed = backend_->mark();
+    if (exchange && post_after_launch) transport_->start_peer_exchange(ex, j);
+    if (exchange) transport_->wait(j);
+    if (grad_received > 0) {  // add the returned dK/dV into this rank's sums, range by range
+      const DirectHop& h = direct_[g];
+      const std::vector<RowRange>& ranges = plan_->needed[h.reader][r];
+      for (int part = 0; part < 2; ++part) {
+        char* dst = static_cast<char*>(own_grad_) + part * B * S * grad_row_bytes;
+        char* src = static_cast<char*>(direct_grad_in_) + part * B * h.send_rows * grad_row_bytes;
+        int64_t offset = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          for (const RowRange& rr : ranges) {
+            const int64_t n = rr.size();
+            backend_->accumulate(make_view(dst + (b * S + rr.lo) * grad_row_bytes, acc_dtype, dev, {1, n, Hkv, D}),
+                                 make_view(src + offset * grad_row_bytes, acc_dtype, dev, {1, n, Hkv, D}));
+            offset += n;
+          }
+        }
+      }
+    }
+    marks[j].arrived = backend_->mark();
+    for (const PeerMessage& m : ex.sends) st.peers.push_back({m.peer, m.bytes(), 0});
+    for (const PeerMessage& m : ex.recvs) st.peers.push_back({m.peer, 0, m.bytes()});
+    for (const PeerMessage& m : ex.sends) st.sent_bytes += m.bytes();
+    for (const PeerMessage& m : ex.recvs) st.received_bytes += m.bytes();
+    st.grad_sent_bytes = grad_sent;
+    st.grad_received_bytes = grad_received;
+    st.sent_bytes -= grad_sent;  // sent_bytes / received_bytes count K+V only
+    st.received_bytes -= grad_received;
+    if (hop_cb_) hop_cb_(j, steps, hop_user_);
+  }
+  backend_->cast_accumulator(own_dk, dk);
+  backend_->cast_accumulator(own_dv, dv);
+  backend_->backward_end(dq);
+  stats_.visible_pairs = plan_->visible_pairs[r];
   const int end_mark = backend_->mark();
   transport_->end_pass([&] { read_timeline(marks, start_mark, end_mark); });
 }

@@ -5,9 +5,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <set>
 #include <vector>
 
 #include "attn/reference.hpp"
+#include "plan/plan.hpp"
 #include "comm/transports.hpp"
 #include "ringattn/ringattn.hpp"
 
@@ -76,6 +78,7 @@ struct Case {
   Layout layout;
   bool causal;
   int heads, kv_heads;
+  MaskSpec mask = {};  // the patterns and documents beside `causal`
 };
 
 std::vector<Case> all_cases() {
@@ -92,7 +95,35 @@ std::vector<Case> all_cases() {
 
 std::string name_of(const Case& c) {
   return std::string(layout_name(c.layout)) + (c.causal ? " causal" : " full") + " H=" + std::to_string(c.heads) +
-         " Hkv=" + std::to_string(c.kv_heads);
+         " Hkv=" + std::to_string(c.kv_heads) + (c.mask.has_pattern() || c.mask.has_documents() ? " " + c.mask.describe() : "");
+}
+
+// Every pattern alone and combined, with documents, on every layout (the masks issue's matrix).
+std::vector<Case> mask_cases(int64_t seq) {
+  std::vector<MaskSpec> masks;
+  MaskSpec m;
+  m.has_window = true; m.window_left = 5; m.window_right = 0; masks.push_back(m);       // causal-style window
+  m.window_left = 3; m.window_right = 4; masks.push_back(m);                             // symmetric band
+  m = MaskSpec{}; m.stride = 4; masks.push_back(m);
+  m = MaskSpec{}; m.global_tokens = 3; masks.push_back(m);
+  m = MaskSpec{}; m.has_window = true; m.window_left = 2; m.window_right = 2; m.global_tokens = 2; masks.push_back(m);
+  m = MaskSpec{}; m.has_window = true; m.window_left = 6; m.window_right = 0; m.stride = 5; masks.push_back(m);
+  m = MaskSpec{}; m.has_window = true; m.window_left = 1; m.window_right = 1; m.mask_heads = 2; masks.push_back(m);
+  m = MaskSpec{}; m.doc_offsets = doc_offsets_from_lengths({seq / 3, seq / 6, seq - seq / 3 - seq / 6}, seq);
+  masks.push_back(m);
+  m.has_window = true; m.window_left = 4; m.window_right = 0; masks.push_back(m);       // documents and a window
+  m = masks.back(); m.global_tokens = 1; masks.push_back(m);
+  std::vector<Case> cases;
+  for (Layout layout : {Layout::kAuto, Layout::kContiguous, Layout::kZigzag, Layout::kStriped}) {
+    for (const MaskSpec& mask : masks) {
+      for (bool causal : {false, true}) {
+        Case c{layout, causal, 4, 2, mask};
+        c.mask.causal = causal;
+        cases.push_back(c);
+      }
+    }
+  }
+  return cases;
 }
 
 // Runs the ring forward for one case; returns max |ring - reference| over this rank's out and lse.
@@ -104,6 +135,7 @@ double forward_error(const Case& c, DType dtype, int64_t batch, int64_t seq, int
   spec.heads = c.heads;
   spec.kv_heads = c.kv_heads;
   spec.head_dim = head_dim;
+  spec.mask = c.mask;
   spec.mask.causal = c.causal;
   spec.layout = c.layout;
   spec.dtype = dtype;
@@ -118,7 +150,7 @@ double forward_error(const Case& c, DType dtype, int64_t batch, int64_t seq, int
 
   RingAttention ring(spec, make_cpu_backend(), make_mpi_transport(MPI_COMM_WORLD));
   const int64_t c_rows = ring.local_seq();
-  const ChunkPositions pos = chunk_positions(c.layout, seq, rank, world);
+  const ChunkPositions pos = ring.positions();
   Local lq = make_local(dtype, {batch, c_rows, c.heads, head_dim});
   Local lk = make_local(dtype, {batch, c_rows, c.kv_heads, head_dim});
   Local lv = make_local(dtype, {batch, c_rows, c.kv_heads, head_dim});
@@ -143,13 +175,23 @@ double forward_error(const Case& c, DType dtype, int64_t batch, int64_t seq, int
     const double d = std::fabs(load_as_double(lse.view, i) - load_as_double(want_lse.view, i));
     err = std::isnan(d) ? INFINITY : std::max(err, d);
   }
-  EXPECT_EQ(static_cast<int>(ring.last_stats().hops.size()), world);
+  // The ring's hops, or a direct plan's own block and remote hops.
+  const RingPlan& plan = ring.plan();
+  EXPECT_EQ(static_cast<int>(ring.last_stats().hops.size()),
+            plan.route == Route::kRing ? world : static_cast<int>(plan.hops.size()) + 1);
   return err;
 }
 
 TEST(RingForward, Fp64EqualsReferenceForEveryLayoutMaskAndGrouping) {
   for (const Case& c : all_cases()) {
     const double err = forward_error(c, DType::kF64, /*batch=*/2, /*seq=*/48, /*head_dim=*/7);
+    EXPECT_LT(err, kFp64Tolerance) << name_of(c) << " on " << mpi_world() << " ranks, rank " << mpi_rank();
+  }
+}
+
+TEST(RingMasks, Fp64ForwardEqualsReferenceForEveryMaskAndLayout) {
+  for (const Case& c : mask_cases(48)) {
+    const double err = forward_error(c, DType::kF64, /*batch=*/2, /*seq=*/48, /*head_dim=*/5);
     EXPECT_LT(err, kFp64Tolerance) << name_of(c) << " on " << mpi_world() << " ranks, rank " << mpi_rank();
   }
 }
@@ -177,13 +219,22 @@ TEST(RingForward, CausalStepsHiddenByTheMaskAreSkipped) {
   Local out = make_local(DType::kF64, {1, 24 / world, 2, 4});
   Local lse = make_local(DType::kF64, {1, 2, 24 / world});
   ring.forward(q.view, q.view, q.view, out.view, lse.view);
-  // With the contiguous layout rank r sees chunks r, r-1, ..., 0 and skips the p-1-r chunks after it.
-  int skipped = 0;
+  // With the contiguous layout rank r sees chunks r, r-1, ..., 0: it computes on exactly those, and
+  // a direct plan moves no row of a later rank's chunk to it (the ring skips their compute only).
+  std::set<int> computed;
+  uint64_t received = 0;
   for (const HopStats& h : ring.last_stats().hops) {
-    skipped += h.skipped ? 1 : 0;
-    EXPECT_EQ(h.skipped, h.source_rank > rank) << "hop " << h.hop;
+    if (!h.skipped) computed.insert(h.source_rank);
+    if (!h.skipped) EXPECT_LE(h.source_rank, rank) << "hop " << h.hop;
+    received += h.received_bytes;
   }
-  EXPECT_EQ(skipped, world - 1 - rank);
+  EXPECT_EQ(static_cast<int>(computed.size()), rank + 1);
+  const uint64_t chunk_bytes = 2ull * (24 / world) * 2 * 4 * sizeof(double);  // K + V of one chunk
+  if (ring.plan().route == Route::kDirect) {
+    EXPECT_EQ(received, static_cast<uint64_t>(rank) * chunk_bytes);
+  } else {
+    EXPECT_EQ(received, static_cast<uint64_t>(world - 1) * chunk_bytes);
+  }
 }
 
 TEST(RingTransport, AfterKHopsRankHoldsChunkOfRankMinusK) {
@@ -249,6 +300,7 @@ void backward_case(const Case& c, int64_t batch, int64_t seq, int head_dim) {
   spec.heads = c.heads;
   spec.kv_heads = c.kv_heads;
   spec.head_dim = head_dim;
+  spec.mask = c.mask;
   spec.mask.causal = c.causal;
   spec.layout = c.layout;
   spec.dtype = DType::kF64;
@@ -264,7 +316,7 @@ void backward_case(const Case& c, int64_t batch, int64_t seq, int head_dim) {
 
   RingAttention ring(spec, make_cpu_backend(), make_mpi_transport(MPI_COMM_WORLD));
   const int64_t n = ring.local_seq();
-  const ChunkPositions pos = chunk_positions(c.layout, seq, rank, world);
+  const ChunkPositions pos = ring.positions();
   auto shard = [&](const TensorView& g, int heads) {
     Local l = make_local(f, {batch, n, heads, head_dim});
     shard_rows(g, l.view, pos, 1);
@@ -284,8 +336,12 @@ void backward_case(const Case& c, int64_t batch, int64_t seq, int head_dim) {
   ring.backward(lq.view, lk.view, lv.view, out.view, lse.view, ldo.view, dq.view, dk.view, dv.view);
   // One entry per compute hop, plus the home hop (the finished dK/dV travelling to their owner).
   const std::vector<HopStats>& hops = ring.last_stats().hops;
-  ASSERT_EQ(static_cast<int>(hops.size()), world > 1 ? world + 1 : 1);
-  if (world > 1) {
+  if (ring.plan().route == Route::kDirect) {  // own block, remote hops, and the last dK/dV's way home
+    ASSERT_EQ(hops.size(), ring.plan().hops.size() + 2);
+  } else {
+    ASSERT_EQ(static_cast<int>(hops.size()), world > 1 ? world + 1 : 1);
+  }
+  if (world > 1 && ring.plan().route == Route::kRing) {
     EXPECT_EQ(hops.back().hop, world);
     EXPECT_EQ(hops.back().source_rank, (rank + 1) % world);  // the chunk computed last is rank+1's
   }
@@ -310,6 +366,10 @@ TEST(RingBackward, Fp64GradientsEqualReferenceForEveryLayoutMaskAndGrouping) {
 // One batch entry (the CLI's and most training stacks' case), also through the home hop's telemetry.
 TEST(RingBackward, Fp64GradientsWithOneBatchEntry) {
   for (const Case& c : all_cases()) backward_case(c, /*batch=*/1, /*seq=*/24, /*head_dim=*/5);
+}
+
+TEST(RingMasks, Fp64GradientsEqualReferenceForEveryMaskAndLayout) {
+  for (const Case& c : mask_cases(24)) backward_case(c, /*batch=*/2, /*seq=*/24, /*head_dim=*/3);
 }
 
 }  // namespace
