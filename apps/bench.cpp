@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -26,19 +27,21 @@
 #ifdef RINGATTN_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
-#include "runtime/cuda/device_tensors.hpp"
+#include "runtime/cuda/device_tensors.hpp"  // device_memory()
 #endif
 #ifdef RINGATTN_HAVE_NCCL
 #include "comm/nccl/nccl_transport.hpp"
 #endif
 
+#include "check/check.hpp"
+#include "check/grad_check.hpp"
+#include "check/inputs.hpp"
 #include "cli_common.hpp"
 #include "commands.hpp"
-#include "grad_check.hpp"
+#include "plan/plan.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/ringattn.hpp"
 #include "ringattn/session.hpp"
-#include "runtime/check.hpp"
 
 namespace ringattn::cli {
 namespace {
@@ -52,6 +55,8 @@ constexpr auto kGraceBeforeAbort = std::chrono::seconds(2);  // lets every survi
 constexpr const char* kBenchFaultEnv = "RINGATTN_BENCH_FAULT";  // tests: corrupt the output or a gradient
 constexpr uint64_t kGradQuerySalt = 29;  // seeds of the gradient check's query and key row samples
 constexpr uint64_t kGradKeySalt = 31;
+// Config keys whose TOML array (or string) is the flag's comma-separated list.
+const std::set<std::string> kListKeys = {"window", "doc-lens"};
 
 using Clock = std::chrono::steady_clock;
 
@@ -208,7 +213,11 @@ struct HopSummary {
 struct SizeResult {
   int64_t tokens = 0;
   int64_t tokens_per_gpu = 0;
-  double flops = 0.0;
+  double flops = 0.0;            // dense-equivalent (4*B*S^2*H*d, half when causal; x3.5 with --backward)
+  double visible_flops = 0.0;    // on visible pairs only (visible_forward_flops, same factor)
+  double visible_pairs = 0.0;    // all ranks, batch rows and heads
+  double visible_fraction = 0.0;  // visible_pairs / (S^2 * B * H)
+  double visible_tflops_per_gpu = 0.0;
   std::string exchange;        // the ring's transport as built ("nccl+copy-engine", "nccl", "mpi", ...)
   double ring_ms = 0.0;        // max over ranks of the median wall time
   double ring_min_ms = 0.0;    // max over ranks of the fastest pass
@@ -329,20 +338,6 @@ double used_device_bytes(const Backend& backend) {
   return 0.0;
 }
 
-void fill_inputs(Backend& backend, const TensorView& t, const ChunkPositions& pos, int64_t seq_len, uint64_t seed,
-                 TensorId id) {
-  if (t.device == Device::kHost) {
-    fill_random_rows(t, pos, seq_len, seed, id);
-    return;
-  }
-#ifdef RINGATTN_HAVE_CUDA
-  cuda::fill_random_rows_async(t, pos, seq_len, seed, static_cast<uint64_t>(id), backend.stream());
-  cuda::synchronize(backend.stream());
-#else
-  (void)backend;
-#endif
-}
-
 // Device buffers of the backward pass of one size: dO, dQ/dK/dV and the fp32 dK/dV accumulators.
 struct BackwardBuffers {
   TensorView dout, dq, dk, dv, dk_acc, dv_acc;
@@ -350,24 +345,24 @@ struct BackwardBuffers {
 
 // The backward counterpart of baseline_pass: the backend's backward calls of this rank's ring pass,
 // with the local K/V (and local fp32 accumulators) standing in for each visiting chunk.
-double baseline_backward_pass(const RingAttention& ring, Backend& backend, const AttentionSpec& spec,
-                              const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+double baseline_backward_pass(const RingAttention& ring, const RankLayout& ranks, Backend& backend,
+                              const AttentionSpec& spec, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                               const TensorView& lse, const BackwardBuffers& g) {
   const int p = ring.world(), r = ring.rank();
   const auto t0 = Clock::now();
   backend.reset_marks();
   backend.mark();
-  backend.backward_begin(q, out, g.dout, lse, ring.positions());
+  backend.backward_begin(q, out, g.dout, lse, ranks.positions(r));
   if (p == 1) {  // as the ring on one rank: the step rounds dK/dV into the gradients
-    backend.backward_step_into(k, v, ring.positions(), g.dk, g.dv);
+    backend.backward_step_into(k, v, ranks.positions(r), g.dk, g.dv);
   } else {
     // One GPU keeps one dK/dV accumulator for all its steps: the first visible step stores into it
     // (as each of the ring's steps stores into its share), the later ones add.
     bool stored = false;
     for (int s = 0; s < p; ++s) {
       const int src = ((r - s) % p + p) % p;
-      const ChunkPositions k_pos = chunk_positions(spec.resolved_layout(p), spec.seq_len, src, p);
-      if (classify_chunks(spec.mask.view(), spec.heads, ring.positions(), k_pos) == Visibility::kEmpty) continue;
+      const ChunkPositions k_pos = ranks.positions(src);
+      if (classify_chunks(spec.mask.view(), spec.heads, ranks.positions(r), k_pos) == Visibility::kEmpty) continue;
       if (stored) {
         backend.backward_step(k, v, k_pos, g.dk_acc, g.dv_acc);
       } else {
@@ -390,20 +385,20 @@ double baseline_backward_pass(const RingAttention& ring, Backend& backend, const
 
 // One pass of exactly the backend calls the ring makes on this rank, with the local K/V standing
 // in for each visiting chunk: the same kernels at the same per-GPU work, with no communication.
-double baseline_pass(const RingAttention& ring, Backend& backend, const AttentionSpec& spec, const TensorView& q,
-                     const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse) {
+double baseline_pass(const RingAttention& ring, const RankLayout& ranks, Backend& backend, const AttentionSpec& spec,
+                     const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse) {
   const int p = ring.world(), r = ring.rank();
   const auto t0 = Clock::now();
   backend.reset_marks();
   backend.mark();
-  backend.forward_begin(q, ring.positions());
+  backend.forward_begin(q, ranks.positions(r));
   if (p == 1) {  // as the ring on one rank: the only step writes out and lse
-    backend.forward_step_into(k, v, ring.positions(), out, lse);
+    backend.forward_step_into(k, v, ranks.positions(r), out, lse);
   } else {
     for (int s = 0; s < p; ++s) {
       const int src = ((r - s) % p + p) % p;
-      const ChunkPositions k_pos = chunk_positions(spec.resolved_layout(p), spec.seq_len, src, p);
-      if (classify_chunks(spec.mask.view(), spec.heads, ring.positions(), k_pos) == Visibility::kEmpty) continue;
+      const ChunkPositions k_pos = ranks.positions(src);
+      if (classify_chunks(spec.mask.view(), spec.heads, ranks.positions(r), k_pos) == Visibility::kEmpty) continue;
       backend.forward_step(k, v, k_pos);
     }
     backend.forward_end(out, lse);
@@ -456,7 +451,7 @@ bool output_fault() {
 
 
 std::string rank_json(int rank, const std::vector<double>& ring_ms, const std::vector<double>& base_ms,
-                      const PassStats& stats, double peak, double growth) {
+                      const PassStats& stats, const PassStats* bwd, double peak, double growth, double visible_pairs) {
   JsonWriter j;
   j.begin_object().field("rank", rank);
   j.begin_array("ring_ms");
@@ -467,12 +462,10 @@ std::string rank_json(int rank, const std::vector<double>& ring_ms, const std::v
   j.field("timeline_ms", stats.total_ms).field("compute_ms", stats.compute_ms());
   j.field("exposed_comm_ms", stats.exposed_comm_ms());
   j.field("device_memory_used_bytes", peak).field("ring_memory_bytes", growth);
-  j.begin_array("hops");
-  for (const HopStats& h : stats.hops) {
-    j.begin_object().field("hop", h.hop).field("source_rank", h.source_rank).field("skipped", h.skipped);
-    j.field("compute_ms", h.compute_ms).field("exposed_comm_ms", h.exposed_comm_ms).end_object();
-  }
-  j.end_array().end_object();
+  j.field("visible_pairs", visible_pairs);
+  hops_json(j, "hops", stats, false);
+  if (bwd != nullptr) hops_json(j, "backward_hops", *bwd, true);
+  j.end_object();
   return j.str();
 }
 
@@ -484,6 +477,7 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
   res.tokens = spec.seq_len;
   res.tokens_per_gpu = spec.local_seq(world);
   res.flops = forward_flops(spec);
+  res.visible_flops = visible_forward_flops(spec);
   res.model_mem_bytes = model_memory(spec, world, f.backward);
 
   double before = 0.0;
@@ -498,15 +492,18 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
   const int64_t B = spec.batch, c = ring->local_seq(), H = spec.heads, Hkv = spec.effective_kv_heads();
   const int64_t D = spec.head_dim;
   const DType lse_dtype = spec.dtype == DType::kF64 ? DType::kF64 : DType::kF32;
+  // This rank's rows under the plan's layout (auto and balanced resolved).
+  const RankLayout ranks = layout_ranks(spec, world);
+  const ChunkPositions pos = ranks.positions(ring->rank());
   const TensorView q = allocate_on_backend(be, spec.dtype, {B, c, H, D});
   const TensorView k = allocate_on_backend(be, spec.dtype, {B, c, Hkv, D});
   const TensorView v = allocate_on_backend(be, spec.dtype, {B, c, Hkv, D});
   const TensorView out = allocate_on_backend(be, spec.dtype, {B, c, H, D});
   const TensorView lse = allocate_on_backend(be, lse_dtype, {B, H, c});
   const uint64_t seed = f.problem.seed;
-  fill_inputs(be, q, ring->positions(), spec.seq_len, seed, TensorId::kQ);
-  fill_inputs(be, k, ring->positions(), spec.seq_len, seed, TensorId::kK);
-  fill_inputs(be, v, ring->positions(), spec.seq_len, seed, TensorId::kV);
+  fill_random_rows_anywhere(q, pos, spec.seq_len, seed, TensorId::kQ);
+  fill_random_rows_anywhere(k, pos, spec.seq_len, seed, TensorId::kK);
+  fill_random_rows_anywhere(v, pos, spec.seq_len, seed, TensorId::kV);
   BackwardBuffers g;
   if (f.backward) {
     const DType acc = spec.dtype == DType::kF64 ? DType::kF64 : DType::kF32;
@@ -518,8 +515,9 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
       g.dk_acc = allocate_on_backend(be, acc, {B, c, Hkv, D});
       g.dv_acc = allocate_on_backend(be, acc, {B, c, Hkv, D});
     }
-    fill_inputs(be, g.dout, ring->positions(), spec.seq_len, seed, TensorId::kDOut);
+    fill_random_rows_anywhere(g.dout, pos, spec.seq_len, seed, TensorId::kDOut);
     res.flops *= 1.0 + kBackwardFlopsFactor;
+    res.visible_flops *= 1.0 + kBackwardFlopsFactor;
   }
 
   ring->set_hop_callback(on_hop, &progress);
@@ -528,6 +526,7 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
   double peak = 0.0;
   std::vector<double> ring_ms, base_ms;
   double compute = 0.0, exposed = 0.0, timeline = 0.0;
+  PassStats fwd_last, bwd_last;
   for (int it = 0; it < f.warmup + f.iters; ++it) {
     const bool timed = it >= f.warmup;
     progress.phase = timed ? "timed" : "warm-up";
@@ -535,8 +534,8 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
     // temperature (a baseline timed after the ring, or after the host-side check left the GPUs
     // idle, read up to 12% faster at 8k tokens per GPU). It ends with the ring's own outputs.
     if (f.baseline) {
-      double ms = baseline_pass(*ring, be, spec, q, k, v, out, lse);
-      if (f.backward) ms += baseline_backward_pass(*ring, be, spec, q, k, v, out, lse, g);
+      double ms = baseline_pass(*ring, ranks, be, spec, q, k, v, out, lse);
+      if (f.backward) ms += baseline_backward_pass(*ring, ranks, be, spec, q, k, v, out, lse, g);
       ++progress.pass;
       if (timed) base_ms.push_back(ms);
     }
@@ -548,12 +547,14 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
     double ms = ms_since(t0);
     check_comm(ring->transport());
     PassStats st = ring->last_stats();
+    fwd_last = st;
     if (f.backward) {  // forward + backward: time, compute and exposed communication add up
       const auto t1 = Clock::now();
       ring->backward(q, k, v, out, lse, g.dout, g.dq, g.dk, g.dv);
       ms += ms_since(t1);
       check_comm(ring->transport());
       const PassStats& bst = ring->last_stats();
+      bwd_last = bst;
       st.total_ms += bst.total_ms;
       st.hops.insert(st.hops.end(), bst.hops.begin(), bst.hops.end());
     }
@@ -566,7 +567,10 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
     timeline += st.total_ms / f.iters;
   }
   ring->set_hop_callback(nullptr, nullptr);
-  const PassStats stats = ring->last_stats();
+  const PassStats& stats = fwd_last;
+  const double my_pairs = visible_pairs_of(spec, pos);
+  res.visible_pairs = session.sum_over_ranks(my_pairs);
+  res.visible_fraction = res.visible_pairs / dense_pairs(spec);  // the per-hop summary: the forward hops of the last pass
 
   // The last pass was the ring's: out, lse and the gradients are its results.
   if (f.check && output_fault()) scale_output(out, 1.5);  // tests: must FAIL
@@ -574,7 +578,7 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
     SampledCheckOptions opt;
     opt.samples = f.check_rows;
     opt.seed = seed + 17;
-    res.check = distributed_sampled_check(spec, ring->rank(), world, session.mpi_comm(), q, k, v, out, lse, opt);
+    res.check = distributed_sampled_check(spec, session, q, k, v, out, lse, opt);
     res.checked = true;
   }
   if (f.check && f.backward) {
@@ -591,7 +595,7 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
         choose_check_rows(spec, world, ring->rank(), seed + kGradQuerySalt, per_rank, &sampled);
     const std::vector<int64_t> k_rows =
         choose_check_rows(spec, world, ring->rank(), seed + kGradKeySalt, per_rank, &sampled);
-    res.grad = check_gradients(session, spec, ring->positions(), hq.view, hk.view, hv.view, hdo.view, hout.view,
+    res.grad = check_gradients(session, spec, pos, hq.view, hk.view, hv.view, hdo.view, hout.view,
                                hlse.view, hdq.view, hdk.view, hdv.view, q_rows, k_rows);
     res.grad_checked = true;
   }
@@ -609,6 +613,7 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
   res.peak_mem_bytes = maxes[6];
   res.ring_mem_bytes = maxes[7];
   res.tflops_per_gpu = res.flops / world / (res.ring_ms * 1e-3) / 1e12;
+  res.visible_tflops_per_gpu = res.visible_flops / world / (res.ring_ms * 1e-3) / 1e12;
   res.baseline_tflops = f.baseline ? res.flops / world / (res.baseline_ms * 1e-3) / 1e12 : 0.0;
   res.efficiency = f.baseline && res.ring_ms > 0 ? res.baseline_ms / res.ring_ms : 0.0;
   res.exposed_pct = res.timeline_ms > 0 ? 100.0 * res.exposed_ms / res.timeline_ms : 0.0;
@@ -623,7 +628,8 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
     res.hops.push_back({hop_values[2 * h], hop_values[2 * h + 1], stats.hops[h].skipped});
   }
   const std::vector<std::string> per_rank =
-      session.gather_strings(rank_json(ring->rank(), ring_ms, base_ms, stats, peak, peak - before));
+      session.gather_strings(rank_json(ring->rank(), ring_ms, base_ms, fwd_last, f.backward ? &bwd_last : nullptr,
+                                       peak, peak - before, my_pairs));
   std::string arr = "[";
   for (std::size_t i = 0; i < per_rank.size(); ++i) arr += (i ? "," : "") + per_rank[i];
   res.per_rank_json = arr + "]";
@@ -633,10 +639,10 @@ SizeResult run_size(Session& session, TimedCollectives& coll, const BenchFlags& 
 
 void print_header(bool gpu) {
   std::printf("#\n");
-  std::printf("# %10s %10s %10s %9s %9s %8s %8s %9s %9s %9s %6s\n", "tokens", "tokens", "time", "TFLOP/s", "1-GPU",
-              "ring", "exposed", gpu ? "peak mem" : "mem", "model", "max", "check");
-  std::printf("# %10s %10s %10s %9s %9s %8s %8s %9s %9s %9s %6s\n", "(total)", "(per GPU)", "(ms)", "(per GPU)",
-              "(TFLOP/s)", "eff (%)", "comm (%)", "(GiB)", "(GiB)", "rel err", "");
+  std::printf("# %10s %10s %10s %9s %9s %8s %9s %8s %8s %9s %9s %9s %6s\n", "tokens", "tokens", "time", "TFLOP/s",
+              "TFLOP/s", "visible", "1-GPU", "ring", "exposed", gpu ? "peak mem" : "mem", "model", "max", "check");
+  std::printf("# %10s %10s %10s %9s %9s %8s %9s %8s %8s %9s %9s %9s %6s\n", "(total)", "(per GPU)", "(ms)", "(per GPU)",
+              "(visible)", "fraction", "(TFLOP/s)", "eff (%)", "comm (%)", "(GiB)", "(GiB)", "rel err", "");
 }
 
 // The largest relative error a size's checks saw: the output, and with --backward dQ, dK, dV.
@@ -648,8 +654,9 @@ double worst_rel_err(const SizeResult& r) {
 
 void print_row(const SizeResult& r, bool baseline) {
   const bool gpu = r.peak_mem_bytes > 0;
-  std::printf("  %10lld %10lld %10.3f %9s %9s %8s %8.2f %9s %9.3f %9s %6s\n", static_cast<long long>(r.tokens),
-              static_cast<long long>(r.tokens_per_gpu), r.ring_ms, tflops_text(r.tflops_per_gpu).c_str(),
+  std::printf("  %10lld %10lld %10.3f %9s %9s %8.4f %9s %8s %8.2f %9s %9.3f %9s %6s\n",
+              static_cast<long long>(r.tokens), static_cast<long long>(r.tokens_per_gpu), r.ring_ms,
+              tflops_text(r.tflops_per_gpu).c_str(), tflops_text(r.visible_tflops_per_gpu).c_str(), r.visible_fraction,
               baseline ? tflops_text(r.baseline_tflops).c_str() : "N/A",
               baseline ? fmt("%.1f", 100.0 * r.efficiency).c_str() : "N/A", r.exposed_pct, gpu ? fmt("%.3f", r.peak_mem_bytes / kGiB).c_str() : "N/A",
               r.model_mem_bytes / kGiB, r.checked ? fmt("%.2e", worst_rel_err(r)).c_str() : "N/A",
@@ -669,6 +676,7 @@ std::string results_json(const BenchFlags& f, const AttentionSpec& base, Session
       .field("kv_heads", base.effective_kv_heads())
       .field("head_dim", base.head_dim)
       .field("causal", base.mask.causal)
+      .field("mask", base.mask.describe())
       .field("layout", layout_name(base.layout))
       .field("dtype", dtype_name(base.dtype))
       .field("scale", base.scale())
@@ -693,6 +701,10 @@ std::string results_json(const BenchFlags& f, const AttentionSpec& base, Session
         .field("exchange", r.exchange)
         .field("tokens_per_gpu", r.tokens_per_gpu)
         .field("flops", r.flops)
+        .field("visible_flops", r.visible_flops)
+        .field("visible_pairs", r.visible_pairs)
+        .field("visible_fraction", r.visible_fraction)
+        .field("visible_tflops_per_gpu", r.visible_tflops_per_gpu)
         .field("time_ms", r.ring_ms)
         .field("time_min_ms", r.ring_min_ms)
         .field("tflops_per_gpu", r.tflops_per_gpu)
@@ -749,6 +761,17 @@ int run_bench(const BenchFlags& f) {
   validate_flags(f);
   AttentionSpec base = spec_from_flags(f.problem);
   const std::vector<int64_t> sizes = sweep_sizes(f);
+  // Documents are one list for every size: a single sequence length (flag errors stop every rank
+  // alike, before the session exists).
+  if (!f.problem.doc_lens.empty()) {
+    RINGATTN_CHECK(sizes.size() == 1 && sizes.front() == parse_size(f.max_tokens, "-e/--max-tokens"),
+                   ErrorKind::kInvalidArgument,
+                   "--doc-lens needs a single sequence length, got the sweep -b " + f.min_tokens + " -e " + f.max_tokens,
+                   "pass -b and -e both equal to the sum of the lengths");
+    base.seq_len = sizes.front();
+    apply_doc_lens(f.problem, base);
+  }
+  base.mask.validate(sizes.front(), base.heads, base.effective_kv_heads());
   std::unique_ptr<Session> session = Session::create(nullptr, nullptr, session_options_from_flags(f.problem));
   const int rank = session->rank(), world = session->world();
   TimedCollectives coll(*session, f.problem.timeout_s * 1000.0);
@@ -759,16 +782,16 @@ int run_bench(const BenchFlags& f) {
     std::printf("%s\n", versions_line().c_str());
     std::printf("# backend %s, transport %s, %d rank%s, date %s\n", session->backend_name().c_str(),
                 session->transport_name().c_str(), world, world == 1 ? "" : "s", now_utc().c_str());
-    std::printf("# problem: batch %lld, heads %d, kv-heads %d, head-dim %d, %s, layout %s, dtype %s, scale %.6g\n",
+    std::printf("# problem: batch %lld, heads %d, kv-heads %d, head-dim %d, mask %s, layout %s, dtype %s, scale %.6g\n",
                 static_cast<long long>(base.batch), base.heads, base.effective_kv_heads(), base.head_dim,
-                base.mask.causal ? "causal" : "non-causal", layout_name(base.layout), dtype_name(base.dtype), base.scale());
+                base.mask.describe().c_str(), layout_name(base.layout), dtype_name(base.dtype), base.scale());
     std::printf("# sweep: -b %lld -e %lld -f %g, -n %d -w %d -c %d (%lld sampled rows), -T %g s, seed %llu\n",
                 static_cast<long long>(sizes.front()), static_cast<long long>(sizes.back()), f.factor, f.iters,
                 f.warmup, f.check, static_cast<long long>(f.check_rows), f.problem.timeout_s,
                 static_cast<unsigned long long>(f.problem.seed));
     std::printf("# ring efficiency = one-GPU time of the same backend calls (no ring) / ring time; "
-                "TFLOP/s counts 4*B*S^2*H*d%s\n",
-                base.mask.causal ? " / 2 (causal)" : "");
+                "TFLOP/s counts 4*B*S^2*H*d%s (dense-equivalent); visible: 4*d per visible (query, key) pair%s\n",
+                base.mask.causal ? " / 2 (causal)" : "", f.backward ? "; both x3.5 with --backward" : "");
     for (const std::string& r : ranks) std::printf("#  %s\n", r.c_str());
     print_header(session->on_gpu());
     std::fflush(stdout);
@@ -831,7 +854,7 @@ int run_bench(const BenchFlags& f) {
     if (f.check) {
       std::printf("# Check: %s, worst max rel err %.2e (tolerance %.1e, %lld sampled rows per size)\n",
                   ok ? "all sizes within tolerance" : "SOME SIZES OUT OF TOLERANCE", worst,
-                  sampled_check_tolerance(base.dtype), static_cast<long long>(f.check_rows));
+                  check_tolerance(base.dtype), static_cast<long long>(f.check_rows));
     } else {
       std::printf("# Check: not run (-c 0)\n");
     }
@@ -860,15 +883,23 @@ void apply_config(CLI::App& app, const std::string& path) {
     const bool top = item.parents.empty() || (item.parents.size() == 1 && item.parents[0] == "bench");
     RINGATTN_CHECK(top, ErrorKind::kInvalidArgument, "--config " + path + ": unknown section of key '" + item.fullname() + "'",
                    "put keys at the top level or under [bench]");
-    CLI::Option* op = app.get_option_no_throw("--" + item.name);
-    if (!op && item.name.size() == 1) op = app.get_option_no_throw("-" + item.name);
-    RINGATTN_CHECK(op != nullptr && item.name != "config", ErrorKind::kInvalidArgument,
+    // Keys may spell the flag with underscores (doc_lens = ...) as TOML users do.
+    std::string name = item.name;
+    std::replace(name.begin(), name.end(), '_', '-');
+    CLI::Option* op = app.get_option_no_throw("--" + name);
+    if (!op && name.size() == 1) op = app.get_option_no_throw("-" + name);
+    RINGATTN_CHECK(op != nullptr && name != "config", ErrorKind::kInvalidArgument,
                    "--config " + path + ": unknown key '" + item.name + "'",
                    "keys are the long flag names of `ringattn bench --help`, e.g. heads = 32, min-tokens = \"128K\"");
     if (op->count() > 0) continue;  // the command line wins
     try {
       if (op->get_expected_min() == 0) {
         op->add_result(op->get_flag_value(item.name, format.to_flag(item)));
+      } else if (kListKeys.count(name) > 0) {
+        // window = [4095, 0] and doc_lens = [512, 512] are the flags' comma lists.
+        std::string joined;
+        for (std::size_t i = 0; i < item.inputs.size(); ++i) joined += (i ? "," : "") + item.inputs[i];
+        op->add_result(joined);
       } else {
         op->add_result(item.inputs);
       }

@@ -1,5 +1,5 @@
-// Shared CLI helpers: flag parsing, counter-based random inputs, staging into backend memory,
-// the streamed fp64 reference check, gathering rows to rank 0, atomic text files and JSON.
+// Shared CLI helpers: flag parsing (mask flags included), staging into backend memory, gathering rows to rank 0,
+// agreement on errors across ranks, atomic text files and JSON.
 #include "cli_common.hpp"
 
 #include <unistd.h>
@@ -23,14 +23,13 @@
 #include <cuda_runtime.h>
 #endif
 
-#include "attn/reference.hpp"
+#include "plan/plan.hpp"
 #include "ringattn/error.hpp"
 
 namespace ringattn::cli {
 
 namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
-constexpr double kTwoPi = 6.283185307179586476925286766559;
 // Elements of one streamed K (or V) block in the check.
 constexpr int64_t kCheckBlockElems = int64_t{1} << 22;
 // Largest message of the --save gather (MPI counts are ints).
@@ -50,8 +49,19 @@ void add_problem_flags(CLI::App& app, ProblemFlags& f, bool with_seq_len) {
   f.kv_heads_opt = app.add_option("--kv-heads", f.kv_heads, "Key/value heads (GQA/MQA; 0 = --heads)")
                        ->capture_default_str();
   f.head_dim_opt = app.add_option("--head-dim", f.head_dim, "Head dimension")->capture_default_str();
-  app.add_flag("--causal", f.causal, "Causal mask (key position <= query position)");
-  app.add_option("--layout", f.layout, "Sequence layout over ranks: contiguous | zigzag | striped")
+  app.add_flag("--causal", f.causal, "Causal mask (key position <= query position; ANDed with the patterns)");
+  app.add_option("--window", f.window,
+                 "Sliding window LEFT,RIGHT: query i sees keys i-LEFT..i+RIGHT (-1 = unbounded; 4095,0 with --causal)");
+  app.add_option("--doc-lens", f.doc_lens,
+                 "Packed documents L1,L2,... (summing to the sequence length): no attention across documents");
+  app.add_option("--stride", f.stride, "Strided pattern: query i sees key j when (i - j) mod S == 0");
+  app.add_option("--global-tokens", f.global_tokens,
+                 "Global pattern: the first N positions of each document see and are seen by every position");
+  app.add_option("--mask-heads", f.mask_heads,
+                 "The patterns apply to query heads 0..K-1 only (a multiple of heads / kv-heads); others are dense");
+  app.add_option("--layout", f.layout,
+                 "Sequence layout over ranks: auto | contiguous | zigzag | striped | balanced (auto: contiguous with "
+                 "a window, zigzag for causal when the length divides by 2 x ranks, else contiguous)")
       ->capture_default_str();
   f.dtype_opt = app.add_option("--dtype", f.dtype, "Precision of q/k/v/out: fp64 | fp32 | bf16 | fp16")
                     ->capture_default_str();
@@ -77,10 +87,102 @@ AttentionSpec spec_from_flags(const ProblemFlags& f) {
   spec.kv_heads = f.kv_heads;
   spec.head_dim = f.head_dim;
   spec.mask.causal = f.causal;
+  if (!f.window.empty()) {
+    spec.mask.has_window = true;
+    parse_window(f.window, &spec.mask.window_left, &spec.mask.window_right);
+  }
+  if (!f.stride.empty()) {
+    spec.mask.stride = parse_int_flag(f.stride, "--stride", "pass --stride S with S >= 1, or omit it");
+    if (spec.mask.stride <= 0) {
+      fail(ErrorKind::kInvalidArgument, "--stride " + f.stride + " must be positive",
+           "pass --stride S with S >= 1 (key j is seen when (i - j) mod S == 0), or omit it");
+    }
+  }
+  if (!f.global_tokens.empty()) {
+    spec.mask.global_tokens =
+        parse_int_flag(f.global_tokens, "--global-tokens", "pass --global-tokens N with N >= 0, or omit it");
+  }
+  if (!f.mask_heads.empty()) {
+    const int64_t k = parse_int_flag(f.mask_heads, "--mask-heads", "pass a head count 1..--heads, or omit it");
+    // The range against the head count is MaskSpec::validate's (--load may set the heads).
+    spec.mask.mask_heads = static_cast<int>(k);
+  }
   spec.softmax_scale = f.softmax_scale;
   spec.layout = parse_layout(f.layout);
   spec.dtype = parse_dtype(f.dtype);
   return spec;
+}
+
+double visible_pairs_of(const AttentionSpec& spec, const ChunkPositions& pos) {
+  const Mask mask = spec.mask.view();
+  double pairs = 0.0;
+  for (int s = 0; s < pos.num_segments; ++s) {
+    const Segment& g = pos.segment(s);
+    if (g.count == 0) continue;
+    pairs += count_visible_pairs(mask, spec.seq_len, g.start, g.start + g.stride * (g.count - 1) + 1, g.stride,
+                                 spec.heads, spec.batch);
+  }
+  return pairs;
+}
+
+void apply_doc_lens(const ProblemFlags& f, AttentionSpec& spec) {
+  if (f.doc_lens.empty()) return;
+  spec.mask.doc_offsets = doc_offsets_from_lengths(parse_lengths(f.doc_lens, "--doc-lens"), spec.seq_len, "--doc-lens");
+}
+
+int64_t parse_int_flag(const std::string& text, const std::string& flag, const std::string& hint) {
+  std::size_t used = 0;
+  long long v = 0;
+  bool ok = !text.empty();
+  try {
+    v = std::stoll(text, &used, 10);
+  } catch (const std::exception&) {
+    ok = false;
+  }
+  if (!ok || used != text.size()) {
+    fail(ErrorKind::kInvalidArgument, flag + " '" + text + "' is not an integer", hint);
+  }
+  return static_cast<int64_t>(v);
+}
+
+void parse_window(const std::string& text, int64_t* left, int64_t* right) {
+  const std::string hint =
+      "give --window LEFT,RIGHT: two integers, each >= 0 or -1 for unbounded (e.g. --window 4095,0 with --causal)";
+  std::vector<std::string> parts;
+  std::size_t start = 0;
+  while (true) {
+    const std::size_t comma = text.find(',', start);
+    parts.push_back(text.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  if (parts.size() != 2) {
+    fail(ErrorKind::kInvalidArgument,
+         "--window '" + text + "' has " + std::to_string(parts.size()) + " part" + (parts.size() == 1 ? "" : "s") +
+             ", expected two (LEFT,RIGHT)",
+         hint);
+  }
+  *left = parse_int_flag(parts[0], "--window", hint);
+  *right = parse_int_flag(parts[1], "--window", hint);
+  if (*left < -1 || *right < -1) {
+    fail(ErrorKind::kInvalidArgument, "--window " + text + " has a side below -1", hint);
+  }
+}
+
+std::vector<int64_t> parse_lengths(const std::string& text, const std::string& flag) {
+  const std::string hint = "give " + flag + " L1,L2,... with positive integer lengths summing to the sequence length";
+  std::vector<int64_t> lengths;
+  std::size_t start = 0;
+  while (true) {
+    const std::size_t comma = text.find(',', start);
+    const std::string part = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    const int64_t n = parse_int_flag(part, flag, hint);
+    if (n < 1) fail(ErrorKind::kInvalidArgument, flag + " length " + part + " must be at least 1", hint);
+    lengths.push_back(n);
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return lengths;
 }
 
 SessionOptions session_options_from_flags(const ProblemFlags& f) {
@@ -141,74 +243,6 @@ HostTensor convert_host(const TensorView& src, DType dtype) {
   return t;
 }
 
-// ---- seeded inputs -----------------------------------------------------------------------------
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-namespace {
-
-uint64_t tensor_key(uint64_t seed, TensorId tensor) {
-  return splitmix64(seed ^ splitmix64(static_cast<uint64_t>(tensor) * 0x632be59bd9b4e019ull));
-}
-
-double normal_from_key(uint64_t key, uint64_t index) {
-  // Two uniforms in (0, 1] from 53 random bits each, then Box-Muller (cosine branch).
-  const double u1 = (static_cast<double>(splitmix64(key + 2 * index) >> 11) + 1.0) * 0x1.0p-53;
-  const double u2 = static_cast<double>(splitmix64(key + 2 * index + 1) >> 11) * 0x1.0p-53;
-  return std::sqrt(-2.0 * std::log(u1)) * std::cos(kTwoPi * u2);
-}
-
-// Threads for host-side generation: the cores of this host shared by its ranks.
-int generation_threads(int64_t work) {
-  if (work < (int64_t{1} << 20)) return 1;
-  int cores = static_cast<int>(std::thread::hardware_concurrency());
-  int local_ranks = 1;
-  if (const char* s = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE")) local_ranks = std::max(1, std::atoi(s));
-  return std::clamp(cores / local_ranks, 1, 16);
-}
-
-}  // namespace
-
-double random_normal(uint64_t seed, TensorId tensor, uint64_t global_index) {
-  return normal_from_key(tensor_key(seed, tensor), global_index);
-}
-
-void fill_random_rows(const TensorView& local, const ChunkPositions& pos, int64_t seq_len, uint64_t seed,
-                      TensorId tensor) {
-  RINGATTN_CHECK(local.device == Device::kHost && local.is_contiguous() && local.rank == 4, ErrorKind::kInternal,
-                 "fill_random_rows needs a contiguous (B, rows, heads, D) host tensor, got " + local.describe(), "");
-  RINGATTN_CHECK(local.shape[1] == pos.size(), ErrorKind::kInternal, "fill_random_rows: rows != positions", "");
-  const int64_t B = local.shape[0], rows = local.shape[1];
-  const int64_t row_elems = local.shape[2] * local.shape[3];
-  const uint64_t key = tensor_key(seed, tensor);
-  auto work = [&](int64_t lo, int64_t hi) {  // flat (b, i) row range
-    for (int64_t r = lo; r < hi; ++r) {
-      const int64_t b = r / rows, i = r % rows;
-      const uint64_t g0 = static_cast<uint64_t>((b * seq_len + pos.at(i)) * row_elems);
-      const int64_t l0 = r * row_elems;
-      for (int64_t e = 0; e < row_elems; ++e) store_from_double(local, l0 + e, normal_from_key(key, g0 + e));
-    }
-  };
-  const int64_t total_rows = B * rows;
-  const int threads = generation_threads(total_rows * row_elems);
-  if (threads <= 1) {
-    work(0, total_rows);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t per = (total_rows + threads - 1) / threads;
-  for (int t = 0; t < threads; ++t) {
-    const int64_t lo = t * per, hi = std::min(total_rows, lo + per);
-    if (lo < hi) pool.emplace_back(work, lo, hi);
-  }
-  for (auto& th : pool) th.join();
-}
-
 // ---- tensors in the backend's memory -----------------------------------------------------------
 
 TensorView allocate_on_backend(Backend& backend, DType dtype, std::initializer_list<int64_t> shape) {
@@ -249,204 +283,13 @@ void copy_to_backend(const TensorView& host, const TensorView& dst) { copy_betwe
 
 void copy_to_host(const TensorView& src, const TensorView& host) { copy_between(src, host, "copy to host"); }
 
-// ---- --check -----------------------------------------------------------------------------------
-
-KvBlockSource seeded_kv_source(uint64_t seed, int64_t seq_len) {
-  return [seed, seq_len](int64_t first, const TensorView& k, const TensorView& v) {
-    ChunkPositions p;
-    p.num_segments = 1;
-    p.seg[0] = {first, 1, k.shape[1]};
-    fill_random_rows(k, p, seq_len, seed, TensorId::kK);
-    fill_random_rows(v, p, seq_len, seed, TensorId::kV);
-  };
-}
-
-KvBlockSource global_kv_source(const TensorView& k_global, const TensorView& v_global) {
-  return [k_global, v_global](int64_t first, const TensorView& k, const TensorView& v) {
-    ChunkPositions p;
-    p.num_segments = 1;
-    p.seg[0] = {first, 1, k.shape[1]};
-    shard_rows(k_global, k, p, 1);
-    shard_rows(v_global, v, p, 1);
-  };
-}
-
-double check_tolerance(DType dtype) {
-  switch (dtype) {
-    // Ring and reference both accumulate in fp64: differences are a few ulps (~1e-15).
-    case DType::kF64: return 1e-10;
-    // fp32 accumulation over S keys: error ~ sqrt(S) * 6e-8, plus exp approximations on GPUs
-    // (2^-22 relative); 1e-4 keeps a wide margin up to million-token sums.
-    case DType::kF32: return 1e-4;
-    // Rounding the output alone costs 2^-9 (bf16) of |out|, and flash kernels round the
-    // probabilities to bf16 before the P*V product; 2e-2 is ~10x the per-element rounding.
-    case DType::kBF16: return 2e-2;
-    // Same argument with fp16's 2^-11 rounding.
-    case DType::kF16: return 1e-2;
-  }
-  return 0.0;
-}
-
-std::vector<int64_t> choose_check_rows(const AttentionSpec& spec, int world, int rank, uint64_t seed,
-                                       int64_t requested, bool* sampled) {
-  const int64_t local = spec.local_seq(world);
-  const double per_row = static_cast<double>(spec.batch) * spec.heads * static_cast<double>(spec.seq_len) *
-                         spec.head_dim * (spec.mask.causal ? 0.5 : 1.0);
-  int64_t n = local;
-  if (requested > 0) {
-    n = std::min(requested, local);
-  } else if (requested == 0 && per_row * static_cast<double>(local) > kFullCheckBudget) {
-    n = std::clamp(static_cast<int64_t>(kFullCheckBudget / per_row), kMinSampleRows, kMaxSampleRows);
-    n = std::min(n, local);
-  }
-  std::vector<int64_t> rows;
-  if (n >= local) {
-    *sampled = false;
-    rows.resize(local);
-    for (int64_t i = 0; i < local; ++i) rows[i] = i;
-    return rows;
-  }
-  *sampled = true;
-  std::set<int64_t> pick = {0, local - 1};  // chunk edges: where layouts cut the sequence
-  uint64_t counter = splitmix64(seed ^ (0x5eedull << 32) ^ static_cast<uint64_t>(rank));
-  while (static_cast<int64_t>(pick.size()) < n) {
-    counter = splitmix64(counter);
-    pick.insert(static_cast<int64_t>(counter % static_cast<uint64_t>(local)));
-  }
-  rows.assign(pick.begin(), pick.end());
-  return rows;
-}
-
-CheckResult check_against_reference(const AttentionSpec& spec, const TensorView& q, const ChunkPositions& q_pos,
-                                    const TensorView& out, const TensorView& lse, const std::vector<int64_t>& rows,
-                                    const KvBlockSource& kv, int64_t block_rows) {
-  const int64_t B = spec.batch, H = spec.heads, Hkv = spec.effective_kv_heads(), D = spec.head_dim;
-  const int64_t S = spec.seq_len, Sl = q.shape[1];
-  const int64_t n_rows = static_cast<int64_t>(rows.size());
-  RINGATTN_CHECK(q.device == Device::kHost && out.device == Device::kHost && lse.device == Device::kHost,
-                 ErrorKind::kInternal, "check needs host tensors", "");
-  RINGATTN_CHECK(out.shape[1] == Sl && lse.shape[2] == Sl, ErrorKind::kInternal, "check: shapes disagree", "");
-
-  // One (B, 1, H, D) query tensor per checked row, in the run's dtype (the values the ring used).
-  std::vector<HostTensor> q_rows;
-  std::vector<ChunkPositions> q_row_pos;
-  int64_t last_needed = 0;
-  for (int64_t i : rows) {
-    HostTensor t = make_host_tensor(q.dtype, {B, 1, H, D});
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t e = 0; e < H * D; ++e) store_from_double(t.view, b * H * D + e, load_as_double(q, (b * Sl + i) * H * D + e));
-    }
-    q_rows.push_back(std::move(t));
-    ChunkPositions p;
-    p.num_segments = 1;
-    p.seg[0] = {q_pos.at(i), 1, 1};
-    q_row_pos.push_back(p);
-    last_needed = std::max(last_needed, q_pos.at(i));
-  }
-  if (!spec.mask.causal) last_needed = S - 1;
-
-  // Running fp64 merge of the block results: acc_o (row, b, h, d), acc_lse (row, b, h).
-  std::vector<double> acc_o(static_cast<std::size_t>(n_rows * B * H * D), 0.0);
-  std::vector<double> acc_lse(static_cast<std::size_t>(n_rows * B * H), -kInf);
-  const int64_t block = std::clamp<int64_t>(block_rows > 0 ? block_rows : kCheckBlockElems / (B * Hkv * D), 1, S);
-  HostTensor o_tmp = make_host_tensor(DType::kF64, {B, 1, H, D});
-  HostTensor l_tmp = make_host_tensor(DType::kF64, {B, H, 1});
-  HostTensor k_blk, v_blk;
-  for (int64_t j0 = 0; j0 <= last_needed && j0 < S; j0 += block) {
-    const int64_t n = std::min(block, S - j0);
-    if (k_blk.view.rank == 0 || k_blk.view.shape[1] != n) {
-      k_blk = make_host_tensor(spec.dtype, {B, n, Hkv, D});
-      v_blk = make_host_tensor(spec.dtype, {B, n, Hkv, D});
-    }
-    kv(j0, k_blk.view, v_blk.view);
-    ChunkPositions k_pos;
-    k_pos.num_segments = 1;
-    k_pos.seg[0] = {j0, 1, n};
-    for (int64_t r = 0; r < n_rows; ++r) {
-      if (spec.mask.causal && j0 > q_row_pos[r].seg[0].start) continue;  // the whole block is in the future
-      reference_attention(spec, q_rows[r].view, q_row_pos[r], k_blk.view, v_blk.view, k_pos, o_tmp.view, l_tmp.view);
-      const auto* o = o_tmp.view.as<double>();
-      const auto* l = l_tmp.view.as<double>();
-      for (int64_t bh = 0; bh < B * H; ++bh) {
-        const double lb = l[bh];
-        double& la = acc_lse[r * B * H + bh];
-        double* oa = &acc_o[(r * B * H + bh) * D];
-        const double* ob = o + bh * D;
-        if (lb == -kInf) continue;
-        if (la == -kInf) {
-          la = lb;
-          std::copy(ob, ob + D, oa);
-          continue;
-        }
-        const double m = std::max(la, lb);
-        const double lnew = m + std::log(std::exp(la - m) + std::exp(lb - m));
-        const double wa = std::exp(la - lnew), wb = std::exp(lb - lnew);
-        for (int64_t d = 0; d < D; ++d) oa[d] = wa * oa[d] + wb * ob[d];
-        la = lnew;
-      }
-    }
-  }
-
-  CheckResult res;
-  res.rows = n_rows;
-  res.tolerance = check_tolerance(spec.dtype);
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const int64_t i = rows[r];
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t bh = b * H + h;
-        const double ref_l = acc_lse[r * B * H + bh];
-        const double got_l = load_as_double(lse, bh * Sl + i);
-        const double* ref_o = &acc_o[(r * B * H + bh) * D];
-        const int64_t o0 = ((b * Sl + i) * H + h) * D;
-        if (ref_l == -kInf) {  // no visible key: lse = -inf and out = 0 exactly
-          bool ok = got_l == -kInf;
-          for (int64_t d = 0; d < D; ++d) ok = ok && load_as_double(out, o0 + d) == 0.0;
-          if (!ok) ++res.mismatched;
-          continue;
-        }
-        if (!std::isfinite(got_l)) {
-          ++res.mismatched;
-        } else {
-          res.max_lse_err = std::max(res.max_lse_err, std::fabs(got_l - ref_l) / std::max(1.0, std::fabs(ref_l)));
-        }
-        for (int64_t d = 0; d < D; ++d) {
-          const double got = load_as_double(out, o0 + d);
-          res.max_ref = std::max(res.max_ref, std::fabs(ref_o[d]));
-          if (!std::isfinite(got)) {
-            ++res.mismatched;
-            continue;
-          }
-          res.max_abs_err = std::max(res.max_abs_err, std::fabs(got - ref_o[d]));
-        }
-      }
-    }
-  }
-  res.max_rel_err = res.max_ref > 0.0 ? res.max_abs_err / res.max_ref : res.max_abs_err;
-  res.pass = res.mismatched == 0 && res.max_rel_err <= res.tolerance && res.max_lse_err <= res.tolerance;
-  return res;
-}
-
-CheckResult reduce_check(Session& session, const CheckResult& local) {
-  CheckResult g = local;
-  g.max_abs_err = session.max_over_ranks(local.max_abs_err);
-  g.max_ref = session.max_over_ranks(local.max_ref);
-  g.max_lse_err = session.max_over_ranks(local.max_lse_err);
-  g.rows = static_cast<int64_t>(session.sum_over_ranks(static_cast<double>(local.rows)));
-  g.mismatched = static_cast<int64_t>(session.sum_over_ranks(static_cast<double>(local.mismatched)));
-  g.sampled = session.max_over_ranks(local.sampled ? 1.0 : 0.0) > 0.0;
-  g.max_rel_err = g.max_ref > 0.0 ? g.max_abs_err / g.max_ref : g.max_abs_err;
-  const bool all_pass = session.sum_over_ranks(local.pass ? 0.0 : 1.0) == 0.0;
-  g.pass = all_pass && g.mismatched == 0 && g.max_rel_err <= g.tolerance && g.max_lse_err <= g.tolerance;
-  return g;
-}
-
 // ---- --save ------------------------------------------------------------------------------------
 
 HostTensor gather_to_root(Session& session, const AttentionSpec& spec, const TensorView& local, int seq_dim) {
   const int world = session.world(), rank = session.rank();
   RINGATTN_CHECK(local.device == Device::kHost && local.is_contiguous() && local.rank > seq_dim,
                  ErrorKind::kInternal, "gather_to_root: unexpected tensor " + local.describe(), "");
+  const RankLayout ranks = layout_ranks(spec, world);
   HostTensor global;
   if (rank == 0) {
     global.view = local;  // same dtype and dims, seq_len rows along seq_dim, contiguous
@@ -458,7 +301,7 @@ HostTensor gather_to_root(Session& session, const AttentionSpec& spec, const Ten
     }
     global.storage.resize((global.view.nbytes() + sizeof(double) - 1) / sizeof(double));
     global.view.data = global.storage.data();
-    unshard_rows(local, global.view, chunk_positions(spec.resolved_layout(world), spec.seq_len, 0, world), seq_dim);
+    unshard_rows(local, global.view, ranks.positions(0), seq_dim);
   }
   if (world == 1) return global;
 #ifdef RINGATTN_HAVE_MPI
@@ -484,7 +327,7 @@ HostTensor gather_to_root(Session& session, const AttentionSpec& spec, const Ten
     tmp.view.data = tmp.storage.data();
     for (int r = 1; r < world; ++r) {
       transfer(static_cast<char*>(tmp.view.data), r, false);
-      unshard_rows(tmp.view, global.view, chunk_positions(spec.resolved_layout(world), spec.seq_len, r, world), seq_dim);
+      unshard_rows(tmp.view, global.view, ranks.positions(r), seq_dim);
     }
   } else {
     transfer(static_cast<char*>(local.data), 0, true);
@@ -580,6 +423,28 @@ int run_reporting_errors(Session& session, const std::function<int()>& body) {
 }
 
 // ---- JSON --------------------------------------------------------------------------------------
+
+// One pass's hops: times, K+V bytes sent and received (all peers) and per peer; backward hops also
+// carry the dK/dV bytes.
+void hops_json(JsonWriter& j, const char* key, const PassStats& st, bool backward) {
+  j.begin_array(key);
+  for (const HopStats& h : st.hops) {
+    j.begin_object().field("hop", h.hop).field("source_rank", h.source_rank).field("skipped", h.skipped);
+    j.field("compute_ms", h.compute_ms).field("exposed_comm_ms", h.exposed_comm_ms);
+    j.field("sent_bytes", static_cast<double>(h.sent_bytes)).field("received_bytes", static_cast<double>(h.received_bytes));
+    if (backward) {
+      j.field("grad_sent_bytes", static_cast<double>(h.grad_sent_bytes));
+      j.field("grad_received_bytes", static_cast<double>(h.grad_received_bytes));
+    }
+    j.begin_array("peers");
+    for (const PeerBytes& p : h.peers) {
+      j.begin_object().field("rank", p.rank).field("sent_bytes", static_cast<double>(p.sent_bytes));
+      j.field("received_bytes", static_cast<double>(p.received_bytes)).end_object();
+    }
+    j.end_array().end_object();
+  }
+  j.end_array();
+}
 
 std::string json_escape(const std::string& s) {
   std::string o;

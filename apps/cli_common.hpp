@@ -1,4 +1,4 @@
-// Shared CLI helpers for run and bench: problem flags, seeded inputs, device staging, the --check logic, JSON.
+// Shared CLI helpers for run and bench: problem and mask flags, device staging, gathering rows, errors, JSON.
 #pragma once
 
 #include <cstdint>
@@ -11,6 +11,8 @@
 
 #include <CLI/CLI.hpp>
 
+#include "check/check.hpp"
+#include "check/inputs.hpp"
 #include "ringattn/backend.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/layout.hpp"
@@ -31,7 +33,14 @@ struct ProblemFlags {
   int kv_heads = 0;  // 0: same as --heads
   int head_dim = 64;
   bool causal = false;
-  std::string layout = "contiguous";
+  std::string layout = "auto";
+  // Mask patterns as text, parsed by mask_from_flags so that every bad value gets a message naming
+  // the flag and the fix (empty: not given).
+  std::string window;         // LEFT,RIGHT
+  std::string doc_lens;       // L1,L2,... summing to the sequence length
+  std::string stride;         // S > 0
+  std::string global_tokens;  // N >= 0
+  std::string mask_heads;     // K: a multiple of heads / kv_heads, at most heads
   std::string dtype = "fp32";
   double softmax_scale = 0.0;  // 0: 1/sqrt(head_dim)
   uint64_t seed = 0;
@@ -48,7 +57,8 @@ struct ProblemFlags {
   CLI::Option* dtype_opt = nullptr;
 };
 
-// Registers --batch --heads --kv-heads --head-dim --causal --layout --dtype --scale --seed
+// Registers --batch --heads --kv-heads --head-dim --causal --window --doc-lens --stride
+// --global-tokens --mask-heads --layout --dtype --scale --seed
 // (and --seq-len when `with_seq_len`; bench sweeps sizes with its own flags).
 void add_problem_flags(CLI::App& app, ProblemFlags& flags, bool with_seq_len = true);
 // Registers --backend --log-level --timeout.
@@ -56,7 +66,26 @@ void add_session_flags(CLI::App& app, ProblemFlags& flags);
 
 // Builds the spec from the flags (parses --seq-len, --layout, --dtype); does not check divisibility
 // by the ring size (AttentionSpec::validate(world) does). Throws naming the flag and the fix.
+// The mask flags are parsed here too, except --doc-lens, which needs the final sequence length
+// (--load and bench's sweep set it): callers apply it with apply_doc_lens.
 AttentionSpec spec_from_flags(const ProblemFlags& flags);
+// Sets spec.mask.doc_offsets from --doc-lens for spec.seq_len (no-op when not given). Throws naming
+// --doc-lens when a length is not a positive integer or the lengths do not sum to the length.
+void apply_doc_lens(const ProblemFlags& flags, AttentionSpec& spec);
+// Visible (query, key) pairs of the queries at `pos` (this rank's rows), over all batch rows and
+// query heads: the exact count of mask.hpp, which the plan's RingPlan::visible_pairs matches.
+double visible_pairs_of(const AttentionSpec& spec, const ChunkPositions& pos);
+// Every (query, key) pair: S^2 * batch * heads (the denominator of the visible fraction).
+inline double dense_pairs(const AttentionSpec& spec) {
+  return static_cast<double>(spec.seq_len) * static_cast<double>(spec.seq_len) * static_cast<double>(spec.batch) *
+         spec.heads;
+}
+// Parses "LEFT,RIGHT" of --window (exactly two integers, each >= -1); throws naming --window.
+void parse_window(const std::string& text, int64_t* left, int64_t* right);
+// Parses a comma-separated list of positive integers (--doc-lens); throws naming `flag`.
+std::vector<int64_t> parse_lengths(const std::string& text, const std::string& flag);
+// Parses one integer of `flag`; throws naming the flag and `hint` when it is not one.
+int64_t parse_int_flag(const std::string& text, const std::string& flag, const std::string& hint);
 // Checks --backend and --timeout and converts them.
 SessionOptions session_options_from_flags(const ProblemFlags& flags);
 // True when the user passed `opt` on the command line.
@@ -84,19 +113,12 @@ HostTensor make_host_tensor(DType dtype, std::initializer_list<int64_t> shape);
 // Converts any host tensor into a new contiguous host tensor of `dtype` (rounding to nearest even).
 HostTensor convert_host(const TensorView& src, DType dtype);
 
-// ---- seeded inputs -----------------------------------------------------------------------------
+// ---- seeded inputs: check/inputs.hpp -------------------------------------------------------------
 
-// Which tensor a random value belongs to (part of the counter, so q, k, v differ).
-enum class TensorId : uint64_t { kQ = 1, kK = 2, kV = 3, kDOut = 4 };
-
-uint64_t splitmix64(uint64_t x);
-// A standard-normal value that depends only on (seed, tensor, global flat index): a counter-based
-// hash (splitmix64) and Box-Muller. The same seed gives the same global problem on any rank count.
-double random_normal(uint64_t seed, TensorId tensor, uint64_t global_index);
-// local: (B, rows, Hh, D) host, any dtype. Row i receives global row pos.at(i) of the seeded
-// (B, seq_len, Hh, D) tensor, rounded to local's dtype. Each rank generates only its own rows.
-void fill_random_rows(const TensorView& local, const ChunkPositions& pos, int64_t seq_len, uint64_t seed,
-                      TensorId tensor);
+using ringattn::fill_random_rows;
+using ringattn::random_normal;
+using ringattn::splitmix64;
+using ringattn::TensorId;
 
 // ---- tensors in the backend's memory -----------------------------------------------------------
 
@@ -107,50 +129,6 @@ TensorView allocate_on_backend(Backend& backend, DType dtype, std::initializer_l
 // Device copies are synchronous (cudaMemcpy after a device synchronize).
 void copy_to_backend(const TensorView& host, const TensorView& dst);
 void copy_to_host(const TensorView& src, const TensorView& host);
-
-// ---- --check: comparison with the fp64 naive reference -----------------------------------------
-
-// Fills k_block and v_block, (B, n, Hkv, D) host tensors in the run's dtype, with global key rows
-// [first_row, first_row + n). Lets the check stream K/V without holding the whole sequence.
-using KvBlockSource = std::function<void(int64_t first_row, const TensorView& k_block, const TensorView& v_block)>;
-// Seeded K/V (same values as fill_random_rows with TensorId::kK / kV).
-KvBlockSource seeded_kv_source(uint64_t seed, int64_t seq_len);
-// K/V from whole global host tensors (B, S, Hkv, D) that outlive the source.
-KvBlockSource global_kv_source(const TensorView& k_global, const TensorView& v_global);
-
-// Tolerance on max|out - ref| / max|ref| (and on |lse - ref| / max(1, |ref|)) per dtype.
-double check_tolerance(DType dtype);
-
-// Budget (multiply-adds of the naive reference per rank) under which every local row is checked.
-inline constexpr double kFullCheckBudget = 4.0e9;
-inline constexpr int64_t kMinSampleRows = 4;
-inline constexpr int64_t kMaxSampleRows = 64;
-// Local rows to check: all of them when the reference is cheap enough (or requested = -1), else
-// a seeded sample (rank-dependent, sorted). requested > 0 forces that many sampled rows.
-std::vector<int64_t> choose_check_rows(const AttentionSpec& spec, int world, int rank, uint64_t seed,
-                                       int64_t requested, bool* sampled);
-
-struct CheckResult {
-  int64_t rows = 0;           // local query rows checked (each over all batches and heads)
-  bool sampled = false;
-  double max_abs_err = 0.0;   // max |out - ref|
-  double max_ref = 0.0;       // max |ref|
-  double max_rel_err = 0.0;   // max_abs_err / max_ref
-  double max_lse_err = 0.0;   // max |lse - ref| / max(1, |ref|)
-  int64_t mismatched = 0;     // non-finite values or wrong fully-masked rows
-  double tolerance = 0.0;
-  bool pass = false;
-};
-
-// Compares the ring's output for local `rows` against reference_attention (src/attn/reference.hpp)
-// fed with the same (already rounded) inputs, streaming K/V in blocks and merging the block
-// results in fp64 with the log-sum-exp rule (block_rows keys per block; 0: about 4M elements). q, out: (B, S_local, H, D) host; lse: (B, H, S_local)
-// host fp32/fp64; q_pos: the ring's positions of this rank.
-CheckResult check_against_reference(const AttentionSpec& spec, const TensorView& q, const ChunkPositions& q_pos,
-                                    const TensorView& out, const TensorView& lse, const std::vector<int64_t>& rows,
-                                    const KvBlockSource& kv, int64_t block_rows = 0);
-// Collective: the job-wide result (max errors, summed rows and mismatches, pass on all ranks).
-CheckResult reduce_check(Session& session, const CheckResult& local);
 
 // ---- gathering rows for --save -----------------------------------------------------------------
 
@@ -207,6 +185,10 @@ class JsonWriter {
   std::vector<bool> first_;  // per open container: no element written yet
 };
 std::string json_escape(const std::string& s);
+// Writes `key`: [...] with one pass's hops: hop, source_rank, skipped, compute_ms, exposed_comm_ms,
+// sent_bytes and received_bytes (K+V, all peers, forwarding included), peers [{rank, sent_bytes,
+// received_bytes}], and for a backward pass grad_sent_bytes / grad_received_bytes (dK/dV).
+void hops_json(JsonWriter& j, const char* key, const PassStats& st, bool backward);
 std::string json_number(double v);
 
 }  // namespace ringattn::cli

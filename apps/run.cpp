@@ -8,15 +8,16 @@
 #include <string>
 #include <vector>
 
+#include "check/check.hpp"
+#include "check/grad_check.hpp"
 #include "cli_common.hpp"
 #include "commands.hpp"
-#include "grad_check.hpp"
 #include "core/logging.hpp"
 #include "core/npy.hpp"
+#include "plan/plan.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/ringattn.hpp"
 #include "ringattn/session.hpp"
-#include "runtime/check.hpp"
 
 namespace ringattn::cli {
 namespace {
@@ -45,6 +46,30 @@ struct LoadedInputs {
 };
 
 std::string join(const std::string& dir, const char* name) { return (std::filesystem::path(dir) / name).string(); }
+
+// DIR/cu_seqlens.npy when present: int32/int64 [n_docs + 1] offsets rising strictly from 0 to seq_len.
+// Returns false when the file is absent.
+bool load_cu_seqlens(const RunFlags& f, AttentionSpec& spec) {
+  const std::string cp = join(f.load_dir, "cu_seqlens.npy");
+  if (!std::filesystem::exists(cp)) return false;
+  if (!f.problem.doc_lens.empty()) {
+    fail(ErrorKind::kInvalidArgument, "--doc-lens and '" + cp + "' both give the documents",
+         "drop --doc-lens or remove cu_seqlens.npy from the --load directory");
+  }
+  const std::vector<int64_t> cu = read_npy_int_vector(cp);
+  bool ok = cu.size() >= 2 && cu.front() == 0 && cu.back() == spec.seq_len;
+  for (std::size_t i = 1; ok && i < cu.size(); ++i) ok = cu[i] > cu[i - 1];
+  if (!ok) {
+    fail(ErrorKind::kInvalidArgument,
+         "'" + cp + "' must hold n_docs + 1 offsets rising strictly from 0 to the sequence length " +
+             std::to_string(spec.seq_len) + " (got " + std::to_string(cu.size()) + " values" +
+             (cu.empty() ? std::string() : " from " + std::to_string(cu.front()) + " to " + std::to_string(cu.back())) +
+             ")",
+         "write cu_seqlens.npy as np.cumsum([0] + doc_lengths) (int32 or int64) for q.npy's sequence");
+  }
+  spec.mask.doc_offsets = cu;
+  return true;
+}
 
 void conflict(const char* flag, int64_t flag_value, const std::string& file, int64_t file_value, const char* axis) {
   fail(ErrorKind::kInvalidArgument,
@@ -89,6 +114,7 @@ LoadedInputs load_inputs(const RunFlags& f, AttentionSpec& spec) {
   spec.kv_heads = static_cast<int>(Hkv);
   spec.head_dim = static_cast<int>(D);
   if (!given(p.dtype_opt)) spec.dtype = q.dtype;
+  if (!load_cu_seqlens(f, spec)) apply_doc_lens(p, spec);
   LoadedInputs in;
   in.q = convert_host(q.view(), spec.dtype);
   in.k = convert_host(k.view(), spec.dtype);
@@ -110,16 +136,15 @@ double now_ms() {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-std::string stats_json(int rank, const std::string& who, const PassStats& st, double wall_ms) {
+std::string stats_json(int rank, const std::string& who, const PassStats& st, const PassStats* bwd, double wall_ms,
+                       double visible_pairs) {
   JsonWriter j;
   j.begin_object().field("rank", rank).field("where", who).field("wall_ms", wall_ms).field("total_ms", st.total_ms);
   j.field("compute_ms", st.compute_ms()).field("exposed_comm_ms", st.exposed_comm_ms());
-  j.begin_array("hops");
-  for (const HopStats& h : st.hops) {
-    j.begin_object().field("hop", h.hop).field("source_rank", h.source_rank).field("skipped", h.skipped);
-    j.field("compute_ms", h.compute_ms).field("exposed_comm_ms", h.exposed_comm_ms).end_object();
-  }
-  j.end_array().end_object();
+  j.field("visible_pairs", visible_pairs);
+  hops_json(j, "hops", st, false);
+  if (bwd != nullptr) hops_json(j, "backward_hops", *bwd, true);
+  j.end_object();
   return j.str();
 }
 
@@ -157,7 +182,11 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
     }
     init_logging(f.problem.log_level);
     spec = spec_from_flags(f.problem);
-    if (!f.load_dir.empty()) loaded = load_inputs(f, spec);
+    if (!f.load_dir.empty()) {
+      loaded = load_inputs(f, spec);
+    } else {
+      apply_doc_lens(f.problem, spec);
+    }
     spec.validate(world);
     if (rank == 0 && !f.save_dir.empty()) ensure_writable_dir(f.save_dir, "--save");
     if (rank == 0 && !f.json_path.empty()) {
@@ -173,7 +202,13 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   collectively(session, [&] { ring = session.make_ring(spec); });
   const int64_t B = spec.batch, Sl = ring->local_seq(), H = spec.heads, Hkv = spec.effective_kv_heads(),
                 D = spec.head_dim;
-  const ChunkPositions& pos = ring->positions();
+  // This rank's rows under the plan's layout (auto and balanced resolved): the same positions on every rank.
+  const RankLayout ranks = layout_ranks(spec, world);
+  const ChunkPositions pos = ranks.positions(rank);
+  RINGATTN_CHECK(pos.size() == Sl, ErrorKind::kInternal,
+                 "the plan gives rank " + std::to_string(rank) + " " + std::to_string(pos.size()) + " rows, the ring " +
+                     std::to_string(Sl),
+                 "");
   const DType lse_dtype = spec.dtype == DType::kF64 ? DType::kF64 : DType::kF32;
 
   // Host inputs of this rank (its rows only), then the same in the backend's memory.
@@ -267,8 +302,19 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   const double compute_max = session.max_over_ranks(stats.compute_ms());
   const double exposed_max = session.max_over_ranks(stats.exposed_comm_ms());
   const std::vector<std::string> rank_lines = session.gather_strings(session.describe_rank());
-  const std::vector<std::string> rank_stats =
-      session.gather_strings(stats_json(rank, session.describe_rank(), stats, wall_ms));
+  // Visible pairs per rank (exact counts of this rank's queries), every rank's on every rank.
+  std::vector<double> pairs(static_cast<std::size_t>(world), 0.0);
+  pairs[static_cast<std::size_t>(rank)] = visible_pairs_of(spec, pos);
+  session.reduce_over_ranks(pairs.data(), world, /*max=*/false);
+  double pairs_max = 0.0, pairs_sum = 0.0;
+  for (double p : pairs) {
+    pairs_max = std::max(pairs_max, p);
+    pairs_sum += p;
+  }
+  const double pairs_mean = pairs_sum / world;
+  const double pairs_imbalance = pairs_mean > 0.0 ? pairs_max / pairs_mean : 1.0;
+  const std::vector<std::string> rank_stats = session.gather_strings(stats_json(
+      rank, session.describe_rank(), stats, f.backward ? &bwd_stats : nullptr, wall_ms, pairs[static_cast<std::size_t>(rank)]));
   int skipped = 0;
   for (const HopStats& h : stats.hops) skipped += h.skipped ? 1 : 0;
   const double skipped_total = session.sum_over_ranks(skipped);
@@ -290,8 +336,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       options.tolerance = check_tolerance(spec.dtype);
       SampledCheckResult r;
       collectively(session, [&] {
-        r = distributed_sampled_check(spec, rank, world, session.mpi_comm(), q.view, k.view, v.view, out.view,
-                                      lse.view, options);
+        r = distributed_sampled_check(spec, session, q.view, k.view, v.view, out.view, lse.view, options);
       });
       check.rows = r.rows;
       check.sampled = true;
@@ -364,6 +409,10 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       std::printf("# inputs: seeded, --seed %llu\n", static_cast<unsigned long long>(f.problem.seed));
     }
     for (const std::string& line : rank_lines) std::printf("#   %s\n", line.c_str());
+    std::printf("# layout %s; visible (query, key) pairs per rank:", layout_name(ranks.layout));
+    for (int r = 0; r < world; ++r) std::printf(" %.0f", pairs[static_cast<std::size_t>(r)]);
+    std::printf("\n#   max/mean %.4f (max %.0f, mean %.0f); visible fraction %.4f of S^2*B*H\n", pairs_imbalance,
+                pairs_max, pairs_mean, pairs_sum / dense_pairs(spec));
     std::printf("# %12s %12s %16s %14s %13s\n", "time_ms", "compute_ms", "exposed_comm_ms", "TFLOP/s/rank",
                 "skipped_hops");
     std::printf("  %12.3f %12.3f %16.3f %14.4f %8.0f/%-4d  forward\n", wall_max, compute_max, exposed_max,
@@ -410,7 +459,10 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       j.begin_object("problem").field("batch", spec.batch).field("seq_len", spec.seq_len).field("heads", spec.heads);
       j.field("kv_heads", spec.effective_kv_heads()).field("head_dim", spec.head_dim).field("causal", spec.mask.causal);
       j.field("scale", spec.scale()).field("layout", layout_name(spec.layout)).field("dtype", dtype_name(spec.dtype));
+      j.field("resolved_layout", layout_name(ranks.layout)).field("mask", spec.mask.describe());
       j.end_object();
+      j.begin_object("visible_pairs").field("total", pairs_sum).field("max", pairs_max).field("mean", pairs_mean);
+      j.field("max_over_mean", pairs_imbalance).field("fraction", pairs_sum / dense_pairs(spec)).end_object();
       j.begin_object("inputs");
       if (loaded) {
         j.field("source", "load").field("dir", f.load_dir);

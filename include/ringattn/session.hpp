@@ -1,6 +1,7 @@
 // Session: bootstrap of one rank (MPI -> device -> transport), cross-rank agreement and collective error handling.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -44,6 +45,8 @@ class Session {
   virtual std::vector<std::string> gather_strings(const std::string& value) = 0;  // rank 0 gets all
   virtual double max_over_ranks(double value) = 0;
   virtual double sum_over_ranks(double value) = 0;
+  // Collective: elementwise max (max = true) or sum of values[0..n) over the ranks, in place.
+  virtual void reduce_over_ranks(double* values, int64_t n, bool max) = 0;
   virtual void barrier() = 0;
   // Ends the whole job at once after an unrecoverable error on this rank (never in library code
   // paths that can report instead; used by the CLI when a peer may be stuck in a collective).

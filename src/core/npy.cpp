@@ -128,7 +128,12 @@ std::string npy_header_dict(const char* descr, const std::vector<int64_t>& shape
   return std::string("{'descr': '") + descr + "', 'fortran_order': False, 'shape': " + shape_text(shape) + ", }";
 }
 
-NpyArray read_npy(const std::string& path) {
+namespace {
+
+// Reads `path`; float dtypes always, and '<i4' / '<i8' when `int_bytes` is set (then *int_bytes is
+// 4 or 8 and a.dtype only stands for the element size: fp32 or fp64), else *int_bytes = 0.
+NpyArray read_npy_any(const std::string& path, int* int_bytes) {
+  if (int_bytes != nullptr) *int_bytes = 0;
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     fail(ErrorKind::kIo, "cannot open '" + path + "': " + std::strerror(errno),
@@ -180,6 +185,9 @@ NpyArray read_npy(const std::string& path) {
     a.dtype = DType::kF32;
   } else if (kind == "f2") {
     a.dtype = DType::kF16;
+  } else if (int_bytes != nullptr && (kind == "i4" || kind == "i8")) {
+    *int_bytes = kind == "i4" ? 4 : 8;
+    a.dtype = kind == "i4" ? DType::kF32 : DType::kF64;
   } else {
     bad_file(path, "dtype '" + descr + "' is not supported (need float16, float32 or float64)");
   }
@@ -206,6 +214,32 @@ NpyArray read_npy(const std::string& path) {
     fail(ErrorKind::kIo, "reading the data of '" + path + "' failed", "check the file system");
   }
   return a;
+}
+
+}  // namespace
+
+NpyArray read_npy(const std::string& path) { return read_npy_any(path, nullptr); }
+
+std::vector<int64_t> read_npy_int_vector(const std::string& path) {
+  int int_bytes = 0;
+  NpyArray a = read_npy_any(path, &int_bytes);
+  if (int_bytes == 0) {
+    bad_file(path, "dtype is a float, expected int32 or int64", "save it with numpy.save(path, x.astype(np.int64))");
+  }
+  if (a.shape.size() != 1) {
+    bad_file(path, "shape " + a.shape_string() + " is not one-dimensional", "save a 1-D integer array");
+  }
+  std::vector<int64_t> out(static_cast<std::size_t>(a.numel()));
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    if (int_bytes == 4) {
+      int32_t v;
+      std::memcpy(&v, a.data.data() + 4 * i, 4);
+      out[i] = v;
+    } else {
+      std::memcpy(&out[i], a.data.data() + 8 * i, 8);
+    }
+  }
+  return out;
 }
 
 void write_npy(const std::string& path, const TensorView& view) {

@@ -26,6 +26,8 @@ struct NpyArray {
 // and the fix for: a missing file, bad magic, an unknown version, an unparsable header, a big-endian
 // or non-float dtype, Fortran order, and data shorter or longer than the shape says.
 NpyArray read_npy(const std::string& path);
+// Reads a 1-D '<i4' or '<i8' array (e.g. cu_seqlens.npy) as int64; throws naming the file otherwise.
+std::vector<int64_t> read_npy_int_vector(const std::string& path);
 
 // Writes a contiguous host view as C-order .npy: fp64 -> '<f8', fp32 -> '<f4', fp16 -> '<f2',
 // bf16 -> '<f4' (NumPy has no bfloat16; values are widened exactly). Writes `path`.tmp.<pid> in the

@@ -50,6 +50,7 @@ class LocalSession final : public Session {
   std::vector<std::string> gather_strings(const std::string& value) override { return {value}; }
   double max_over_ranks(double value) override { return value; }
   double sum_over_ranks(double value) override { return value; }
+  void reduce_over_ranks(double*, int64_t, bool) override {}
   void barrier() override {}
   void abort_job(int exit_code) override { std::_Exit(exit_code); }
   std::unique_ptr<Backend> make_backend() override { return gpu_ ? make_cuda_backend(nullptr) : make_cpu_backend(); }

@@ -131,6 +131,101 @@ PY
     expect_error "--dtype" --seq-len 64 --dtype fp8
     expect_error "--backend" --seq-len 64 --backend tpu
     expect_error "--seq-len" --seq-len 4Q ;;
+  mask_window)  # causal sliding window, contiguous, forward and backward
+    numpy_case --batch 2 --seq 96 --heads 4 --kv-heads 2 --head-dim 8 --with-do --window 10,0 -- \
+      --dtype fp64 --causal --window 10,0 --layout contiguous --backward --check -- --causal --backward --tol 1e-10 ;;
+  mask_window_bidir)  # two-sided window without causal, striped
+    numpy_case --batch 1 --seq 64 --heads 2 --head-dim 8 --window 3,5 -- \
+      --dtype fp64 --window 3,5 --layout striped -- --tol 1e-10 ;;
+  mask_docs_cu)  # documents from an int32 cu_seqlens.npy, zigzag, backward
+    numpy_case --batch 2 --seq 96 --heads 4 --kv-heads 2 --head-dim 8 --with-do --doc-lens 10,40,7,39 --cu-int32 -- \
+      --dtype fp64 --causal --layout zigzag --backward -- --causal --backward --tol 1e-10 ;;
+  mask_docs_flag)  # documents from --doc-lens, striped, non-causal
+    numpy_case --batch 1 --seq 64 --heads 2 --head-dim 8 --with-do --doc-lens 5,27,32 --no-cu-seqlens -- \
+      --dtype fp64 --doc-lens 5,27,32 --layout striped --backward -- --backward --tol 1e-10 ;;
+  mask_stride)  # strided pattern, causal
+    numpy_case --batch 1 --seq 96 --heads 2 --head-dim 8 --with-do --stride 7 -- \
+      --dtype fp64 --causal --stride 7 --layout striped --backward -- --causal --backward --tol 1e-10 ;;
+  mask_global)  # global tokens with documents (sinks per document), auto layout
+    numpy_case --batch 1 --seq 64 --heads 2 --head-dim 8 --with-do --global-tokens 3 --window 2,2 --doc-lens 24,40 -- \
+      --dtype fp64 --global-tokens 3 --window 2,2 --backward -- --backward --tol 1e-10 ;;
+  mask_heads)  # patterns on the first heads only (GQA: whole kv groups)
+    numpy_case --batch 2 --seq 64 --heads 6 --kv-heads 3 --head-dim 8 --with-do --window 4,0 --mask-heads 4 -- \
+      --dtype fp64 --causal --window 4,0 --mask-heads 4 --layout zigzag --backward -- --causal --backward --tol 1e-10 ;;
+  mask_combo)  # everything at once, fp32, check on
+    numpy_case --batch 1 --seq 128 --heads 4 --kv-heads 2 --head-dim 16 --dtype float32 --with-do --window 5,0 \
+      --stride 9 --global-tokens 2 --doc-lens 50,30,48 --mask-heads 2 -- \
+      --causal --window 5,0 --stride 9 --global-tokens 2 --mask-heads 2 --backward --check -- \
+      --causal --backward --tol 2e-5 ;;
+  mask_balanced)  # the balanced layout: 128-token blocks given to ranks by visible pairs
+    numpy_case --batch 1 --seq 512 --heads 2 --head-dim 8 --with-do --doc-lens 100,300,12,100 -- \
+      --dtype fp64 --causal --layout balanced --backward -- --causal --backward --tol 1e-10 ;;
+  mask_check)  # seeded masked problems through the exhaustive and the sampled --check
+    for rows in 0 4; do
+      expect_ok --seq-len 192 --heads 4 --kv-heads 2 --head-dim 8 --causal --window 20,0 --doc-lens 64,100,28 \
+        --stride 11 --global-tokens 2 --mask-heads 2 --backward --check --check-rows $rows --dtype fp32
+      grep -qx PASS "$work/stdout.txt" || die "no PASS line (--check-rows $rows)"
+    done ;;
+  mask_json)  # auto layout resolution, visible pairs and per-hop bytes in --json
+    expect_ok --seq-len 128 --heads 2 --head-dim 8 --causal --window 15,0 --backward --json "$work/w.json"
+    grep -q "max/mean" "$work/stdout.txt" || die "no visible-pairs line"
+    expect_ok --seq-len 128 --heads 2 --head-dim 8 --causal --backward --json "$work/c.json"
+    "$py" - "$work/w.json" "$work/c.json" "$np" <<'PY' || die "bad JSON"
+import json, sys
+w, c, np_ = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), int(sys.argv[3])
+assert w["problem"]["layout"] == "auto" and w["problem"]["resolved_layout"] == "contiguous", w["problem"]
+assert c["problem"]["resolved_layout"] == ("zigzag" if 128 % (2 * np_) == 0 and np_ > 0 else "contiguous"), c["problem"]
+for d in (w, c):
+    assert len(d["per_rank"]) == np_
+    total = 0
+    for r in d["per_rank"]:
+        assert r["visible_pairs"] > 0
+        total += r["visible_pairs"]
+        for key, grad in (("hops", False), ("backward_hops", True)):
+            assert len(r[key]) >= 1, r
+            for h in r[key]:
+                for f in ("sent_bytes", "received_bytes", "peers"):
+                    assert f in h, (key, h)
+                assert ("grad_sent_bytes" in h and "grad_received_bytes" in h) == grad, h
+                for p in h["peers"]:
+                    assert set(p) == {"rank", "sent_bytes", "received_bytes"}, p
+    assert abs(total - d["visible_pairs"]["total"]) < 1e-6 * total
+# causal window 15,0 over 128 tokens, 2 heads: sum over i of min(i + 1, 16)
+assert w["visible_pairs"]["total"] == 2 * sum(min(i + 1, 16) for i in range(128)), w["visible_pairs"]
+print("json ok")
+PY
+    ;;
+  mask_errors)  # every bad mask value stops every rank, naming the flag and the fix
+    base=(--seq-len 64 --heads 4 --kv-heads 2 --head-dim 8)
+    expect_error "--window -2,0 has a side below -1.*hint" "${base[@]}" --window -2,0
+    expect_error "--window 'x' is not an integer.*hint" "${base[@]}" --window x,0
+    expect_error "--window '5' has 1 part.*hint" "${base[@]}" --window 5
+    expect_error "--window '1,2,3' has 3 parts.*hint" "${base[@]}" --window 1,2,3
+    expect_error "--doc-lens lengths sum to 60.*hint" "${base[@]}" --doc-lens 30,30
+    expect_error "--doc-lens length 0 must be at least 1.*hint" "${base[@]}" --doc-lens 32,0,32
+    expect_error "--doc-lens 'a' is not an integer.*hint" "${base[@]}" --doc-lens 32,a
+    expect_error "--stride 0 must be positive.*hint" "${base[@]}" --stride 0
+    expect_error "--stride -3 must be positive.*hint" "${base[@]}" --stride -3
+    expect_error "--global-tokens -1 is negative.*hint" "${base[@]}" --global-tokens -1
+    expect_error "--mask-heads 6 exceeds the 4 query heads.*hint" "${base[@]}" --window 2,0 --mask-heads 6
+    expect_error "--mask-heads 1 is not a multiple.*hint" "${base[@]}" --window 2,0 --mask-heads 1
+    expect_error "--mask-heads 2 without a pattern.*hint" "${base[@]}" --mask-heads 2 ;;
+  bad_cu_seqlens)  # a bad cu_seqlens.npy, or one beside --doc-lens, stops every rank naming the file
+    "$py" "$helper" make "$work/in" --batch 1 --seq 64 --heads 2 --head-dim 8 || exit $?
+    "$py" "$helper" cu "$work/in" 0,30,64 >/dev/null || die "cu failed"
+    expect_error "--doc-lens and '.*cu_seqlens.npy' both give the documents.*hint" --load "$work/in" --doc-lens 30,34
+    "$py" "$helper" cu "$work/in" 0,30,60 >/dev/null
+    expect_error "cu_seqlens.npy' must hold .* from 0 to 60.*hint" --load "$work/in"
+    "$py" "$helper" cu "$work/in" 1,30,64 >/dev/null
+    expect_error "cu_seqlens.npy' must hold.*hint" --load "$work/in"
+    "$py" "$helper" cu "$work/in" 0,30,30,64 --descr '<i4' >/dev/null
+    expect_error "cu_seqlens.npy' must hold.*hint" --load "$work/in"
+    "$py" "$helper" cu "$work/in" 0 >/dev/null
+    expect_error "cu_seqlens.npy' must hold.*hint" --load "$work/in"
+    "$py" "$helper" cu "$work/in" 0,30,64 --descr '<f8' >/dev/null
+    expect_error "cu_seqlens.npy' is not a usable .npy file: dtype is a float.*hint" --load "$work/in"
+    "$py" "$helper" cu "$work/in" 0,30,64 --shape2d >/dev/null
+    expect_error "cu_seqlens.npy' is not a usable .npy file: shape .* is not one-dimensional.*hint" --load "$work/in" ;;
   *) die "unknown case $case_name" ;;
 esac
 echo "PASS: $case_name"

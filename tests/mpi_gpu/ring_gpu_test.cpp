@@ -20,7 +20,7 @@
 #include "mpi_gpu/mpi_gpu_env.hpp"
 #include "mpi_gpu/ring_case.hpp"
 #include "ringattn/ringattn.hpp"
-#include "runtime/check.hpp"
+#include "check/check.hpp"
 #include "runtime/cuda/device_tensors.hpp"
 
 namespace ringattn::test {
@@ -168,7 +168,7 @@ TEST_P(RingVsOneGpu, MatchesOneGpuKernelOnGatheredSequence) {
     std::printf("[ ring p=%d ] %-44s ring-ref %.3e  one-GPU-ref %.3e  ring-one-GPU %.3e  lse %.2e\n", world,
                 case_name(c).c_str(), e.ring_vs_ref, e.single_vs_ref, e.ring_vs_single, e.lse_ring_vs_ref);
   }
-  const double tol = sampled_check_tolerance(c.dtype);
+  const double tol = check_tolerance(c.dtype);
   EXPECT_EQ(bad, 0.0) << "non-finite values in the ring output";
   EXPECT_LE(e.ring_vs_ref, tol);
   // Exactness of the ring: fp32 state across hops, one rounding at the end, so the ring's error

@@ -2,6 +2,8 @@
 #include <mpi.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <exception>
 #include <string>
@@ -19,6 +21,7 @@ namespace ringattn {
 namespace {
 
 constexpr const char* kLocalRankEnv = "RINGATTN_LOCAL_RANK";
+constexpr int64_t kMaxReduceCount = int64_t{1} << 26;  // values per MPI_Allreduce (MPI counts are int)
 
 class MpiSession final : public Session {
  public:
@@ -149,6 +152,14 @@ class MpiSession final : public Session {
     double out = value;
     MPI_Allreduce(&value, &out, 1, MPI_DOUBLE, MPI_SUM, comm_);
     return out;
+  }
+  void reduce_over_ranks(double* values, int64_t n, bool max) override {
+    for (int64_t off = 0; off < n; off += kMaxReduceCount) {
+      const int count = static_cast<int>(std::min(kMaxReduceCount, n - off));
+      const int rc = MPI_Allreduce(MPI_IN_PLACE, values + off, count, MPI_DOUBLE, max ? MPI_MAX : MPI_SUM, comm_);
+      RINGATTN_CHECK(rc == MPI_SUCCESS, ErrorKind::kComm, "MPI_Allreduce of " + std::to_string(count) + " values failed",
+                     "check the MPI installation and that every rank is alive");
+    }
   }
   void barrier() override { MPI_Barrier(comm_); }
   void abort_job(int exit_code) override { MPI_Abort(MPI_COMM_WORLD, exit_code); }

@@ -1,5 +1,5 @@
 // Distributed sampled check: each rank folds the sampled query rows over its own K/V chunk in fp64; lse-merge across ranks.
-#include "runtime/check.hpp"
+#include "check/check.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -12,13 +12,13 @@
 #include <utility>
 #include <vector>
 
-#ifdef RINGATTN_HAVE_MPI
-#include <mpi.h>
-#endif
 #ifdef RINGATTN_HAVE_CUDA
 #include <cuda_runtime.h>
 #endif
 
+#include "attn/reference.hpp"
+#include "check/lse_merge.hpp"
+#include "plan/plan.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/layout.hpp"
 
@@ -88,48 +88,6 @@ void parallel(int threads, Fn&& fn) {
   for (auto& th : pool) th.join();
 }
 
-class Reducer {
- public:
-  Reducer(void* comm, int world) : world_(world) {
-#ifdef RINGATTN_HAVE_MPI
-    if (comm) comm_ = *static_cast<MPI_Comm*>(comm);
-#else
-    (void)comm;
-#endif
-    RINGATTN_CHECK(world_ == 1 || has_comm(), ErrorKind::kInternal,
-                   "distributed check over " + std::to_string(world_) + " ranks without an MPI communicator", "");
-  }
-  void sum(double* data, int64_t n) { reduce(data, n, true); }
-  void max(double* data, int64_t n) { reduce(data, n, false); }
-
- private:
-  bool has_comm() const {
-#ifdef RINGATTN_HAVE_MPI
-    return comm_ != MPI_COMM_NULL;
-#else
-    return false;
-#endif
-  }
-  void reduce(double* data, int64_t n, bool is_sum) {
-    if (world_ == 1 || n == 0) return;
-#ifdef RINGATTN_HAVE_MPI
-    constexpr int64_t kChunk = int64_t{1} << 26;  // MPI counts are int
-    for (int64_t off = 0; off < n; off += kChunk) {
-      const int count = static_cast<int>(std::min(kChunk, n - off));
-      const int rc = MPI_Allreduce(MPI_IN_PLACE, data + off, count, MPI_DOUBLE, is_sum ? MPI_SUM : MPI_MAX, comm_);
-      RINGATTN_CHECK(rc == MPI_SUCCESS, ErrorKind::kComm, "MPI_Allreduce in the sampled check failed", "");
-    }
-#else
-    (void)data;
-    (void)is_sum;
-#endif
-  }
-  int world_;
-#ifdef RINGATTN_HAVE_MPI
-  MPI_Comm comm_ = MPI_COMM_NULL;
-#endif
-};
-
 struct Sample {
   int64_t batch = 0;
   int64_t position = 0;  // global position
@@ -141,7 +99,7 @@ struct Sample {
 int64_t local_row_of(const ChunkPositions& cp, int64_t pos) {
   int64_t base = 0;
   for (int s = 0; s < cp.num_segments; ++s) {
-    const Segment& g = cp.seg[s];
+    const Segment& g = cp.segment(s);
     const int64_t off = pos - g.start;
     if (off >= 0 && off % g.stride == 0 && off / g.stride < g.count) return base + off / g.stride;
     base += g.count;
@@ -149,7 +107,8 @@ int64_t local_row_of(const ChunkPositions& cp, int64_t pos) {
   return -1;
 }
 
-std::vector<Sample> draw_samples(const AttentionSpec& spec, int world, int64_t want, uint64_t seed) {
+std::vector<Sample> draw_samples(const AttentionSpec& spec, const RankLayout& ranks, int64_t want, uint64_t seed) {
+  const int world = ranks.world();
   const int64_t B = spec.batch, S = spec.seq_len;
   want = std::max<int64_t>(1, std::min(want, B * S));
   std::set<std::pair<int64_t, int64_t>> picked;
@@ -159,7 +118,7 @@ std::vector<Sample> draw_samples(const AttentionSpec& spec, int world, int64_t w
   std::uniform_int_distribution<int64_t> pick_b(0, B - 1), pick_s(0, S - 1);
   while (static_cast<int64_t>(picked.size()) < want) picked.insert({pick_b(rng), pick_s(rng)});
   std::vector<ChunkPositions> chunks;
-  for (int r = 0; r < world; ++r) chunks.push_back(chunk_positions(spec.resolved_layout(world), S, r, world));
+  for (int r = 0; r < world; ++r) chunks.push_back(ranks.positions(r));
   std::vector<Sample> out;
   for (const auto& [b, pos] : picked) {
     Sample s{b, pos, -1, -1};
@@ -187,20 +146,10 @@ int default_threads(int world) {
 
 }  // namespace
 
-double sampled_check_tolerance(DType dtype) {
-  switch (dtype) {
-    case DType::kBF16: return 2e-2;
-    case DType::kF16: return 4e-3;
-    case DType::kF32: return 1e-4;
-    case DType::kF64: return 1e-10;
-  }
-  return 0.0;
-}
-
-SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int rank, int world, void* mpi_comm,
-                                             const TensorView& q, const TensorView& k, const TensorView& v,
-                                             const TensorView& out, const TensorView& lse,
-                                             const SampledCheckOptions& options) {
+SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, Session& session, const TensorView& q,
+                                             const TensorView& k, const TensorView& v, const TensorView& out,
+                                             const TensorView& lse, const SampledCheckOptions& options) {
+  const int rank = session.rank(), world = session.world();
   AttentionSpec spec = spec_in;
   if (spec.kv_heads == 0) spec.kv_heads = spec.heads;
   const int64_t B = spec.batch, S = spec.seq_len, Sl = spec.local_seq(world);
@@ -213,9 +162,11 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int r
   }
   RINGATTN_CHECK(lse.rank == 3 && lse.shape[0] == B && lse.shape[1] == H && lse.shape[2] == Sl && lse.is_contiguous(),
                  ErrorKind::kInvalidArgument, "sampled check got lse " + lse.describe(), "pass (B, H, S_local)");
-  Reducer reduce(mpi_comm, world);
+  auto sum = [&](double* data, int64_t n) { session.reduce_over_ranks(data, n, /*max=*/false); };
+  auto max = [&](double* data, int64_t n) { session.reduce_over_ranks(data, n, /*max=*/true); };
+  const RankLayout ranks = layout_ranks(spec, world);
   const int threads = options.threads > 0 ? options.threads : default_threads(world);
-  const std::vector<Sample> samples = draw_samples(spec, world, options.samples, options.seed);
+  const std::vector<Sample> samples = draw_samples(spec, ranks, options.samples, options.seed);
   const int64_t n = static_cast<int64_t>(samples.size());
   const int64_t HD = H * D;
 
@@ -230,13 +181,13 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int r
     copy_rows_to_host(raw.data(), row_bytes, src, row_bytes, row_bytes, 1, q.device);
     widen(raw.data(), q.dtype, HD, qs.data() + i * HD);
   }
-  reduce.sum(qs.data(), n * HD);
+  sum(qs.data(), n * HD);
 
   // 2. Partial attention of every sample row against this rank's own K/V chunk, in fp64.
-  const ChunkPositions k_pos = chunk_positions(spec.resolved_layout(world), S, rank, world);
+  const ChunkPositions k_pos = ranks.positions(rank);
   std::vector<int64_t> q_pos(n);
   for (int64_t i = 0; i < n; ++i) q_pos[i] = samples[i].position;
-  std::vector<double> m(static_cast<std::size_t>(n * H), kNegInf), l(static_cast<std::size_t>(n * H), 0.0);
+  std::vector<double> m(static_cast<std::size_t>(n * H), check::kEmptyMax), l(static_cast<std::size_t>(n * H), 0.0);
   std::vector<double> acc(static_cast<std::size_t>(n * HD), 0.0);
   const int64_t block = std::max<int64_t>(1, options.block_rows);
   const std::size_t kv_row_elems = static_cast<std::size_t>(Hkv * D);
@@ -278,7 +229,7 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int r
             double& li = l[i * H + h];
             double* ai = acc.data() + i * HD + h * D;
             for (int64_t j = 0; j < rows; ++j) {
-              if (spec.mask.causal && kp[j] > q_pos[i]) continue;
+              if (!reference_visible(spec.mask, q_pos[i], kp[j], static_cast<int>(h))) continue;
               const auto* kr = kb + j * kv_row_elems + hk * D;
               double d0 = 0, d1 = 0, d2 = 0, d3 = 0;
               int64_t d = 0;
@@ -289,18 +240,7 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int r
                 d3 += qr[d + 3] * kr[d + 3];
               }
               for (; d < D; ++d) d0 += qr[d] * kr[d];
-              const double sc = (d0 + d1 + d2 + d3) * scale;
-              const auto* vr = vb + j * kv_row_elems + hk * D;
-              if (sc > mi) {
-                const double f = std::exp(mi - sc);  // 0 when mi = -inf
-                li = li * f + 1.0;
-                for (int64_t e = 0; e < D; ++e) ai[e] = ai[e] * f + vr[e];
-                mi = sc;
-              } else {
-                const double p = std::exp(sc - mi);
-                li += p;
-                for (int64_t e = 0; e < D; ++e) ai[e] += p * vr[e];
-              }
+              check::fold_key(mi, li, ai, (d0 + d1 + d2 + d3) * scale, vb + j * kv_row_elems + hk * D, D);
             }
           }
         });
@@ -313,16 +253,8 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int r
     }
   }
 
-  // 3. Exact merge over ranks: global max, then sums rescaled to it.
-  std::vector<double> gm = m;
-  reduce.max(gm.data(), n * H);
-  for (int64_t u = 0; u < n * H; ++u) {
-    const double f = (m[u] == kNegInf) ? 0.0 : std::exp(m[u] - gm[u]);
-    l[u] *= f;
-    for (int64_t e = 0; e < D; ++e) acc[u * D + e] *= f;
-  }
-  reduce.sum(l.data(), n * H);
-  reduce.sum(acc.data(), n * HD);
+  // 3. Exact merge over ranks (lse_merge.hpp).
+  check::merge_over_ranks(session, m, l, acc, D);
 
   // 4. Owners compare their ring output and lse rows with the merged reference.
   double max_abs = 0.0, max_ref = 0.0, max_lse = 0.0, err2 = 0.0, ref2 = 0.0, bad = 0.0;
@@ -344,7 +276,7 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int r
     for (int64_t h = 0; h < H; ++h) {
       const int64_t u = i * H + h;
       const bool empty = l[u] == 0.0;
-      const double ref_lse = empty ? kNegInf : gm[u] + std::log(l[u]);
+      const double ref_lse = check::partial_lse(m[u], l[u]);
       if (empty) {
         if (got_lse[h] != kNegInf) bad += 1;
       } else if (!std::isfinite(got_lse[h])) {
@@ -353,9 +285,9 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int r
         max_lse = std::max(max_lse, std::abs(got_lse[h] - ref_lse) / std::max(1.0, std::abs(ref_lse)));
       }
       for (int64_t e = 0; e < D; ++e) {
-        const double ref = empty ? 0.0 : acc[u * D + e] / l[u];
+        const double ref = check::partial_out(l[u], acc[u * D + e]);
         const double o = got[h * D + e];
-        if (!std::isfinite(o)) {
+        if (!std::isfinite(o) || (empty && o != 0.0)) {
           bad += 1;
           continue;
         }
@@ -368,8 +300,8 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int r
   }
   double maxes[3] = {max_abs, max_ref, max_lse};
   double sums[3] = {err2, ref2, bad};
-  reduce.max(maxes, 3);
-  reduce.sum(sums, 3);
+  max(maxes, 3);
+  sum(sums, 3);
 
   SampledCheckResult r;
   r.rows = n;
@@ -379,7 +311,7 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, int r
   r.max_lse_err = maxes[2];
   r.rel_l2_err = sums[1] > 0 ? std::sqrt(sums[0] / sums[1]) : std::sqrt(sums[0]);
   r.bad_values = static_cast<int64_t>(sums[2]);
-  r.tolerance = options.tolerance > 0 ? options.tolerance : sampled_check_tolerance(spec.dtype);
+  r.tolerance = options.tolerance > 0 ? options.tolerance : check_tolerance(spec.dtype);
   r.pass = r.bad_values == 0 && r.max_rel_err <= r.tolerance && r.max_lse_err <= r.tolerance;
   return r;
 }

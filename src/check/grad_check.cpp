@@ -1,5 +1,5 @@
 // --check for the backward pass: streamed fp64 reference gradients on sampled rows, summed across ranks.
-#include "grad_check.hpp"
+#include "check/grad_check.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -7,11 +7,12 @@
 #include <limits>
 #include <thread>
 
-#ifdef RINGATTN_HAVE_MPI
-#include <mpi.h>
-#endif
+#include "attn/reference.hpp"
+#include "check/check.hpp"
+#include "check/lse_merge.hpp"
+#include "ringattn/error.hpp"
 
-namespace ringattn::cli {
+namespace ringattn {
 namespace {
 
 constexpr int64_t kKvBlockRows = 2048;  // key rows streamed per block for the dQ reference
@@ -31,25 +32,9 @@ void parallel_for(int64_t n, Fn fn) {
   for (auto& th : pool) th.join();
 }
 
-// Elementwise sum (or max) of `values` over the ranks, in place.
-void reduce_over_ranks_inplace(Session& session, std::vector<double>& values, bool max) {
-#ifdef RINGATTN_HAVE_MPI
-  if (session.world() > 1) {
-    MPI_Comm comm = *static_cast<MPI_Comm*>(session.mpi_comm());
-    MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE, max ? MPI_MAX : MPI_SUM,
-                  comm);
-  }
-#else
-  (void)session;
-  (void)values;
-  (void)max;
-#endif
-}
+// Elementwise sum of `values` over the ranks, in place.
 void sum_over_ranks_inplace(Session& session, std::vector<double>& values) {
-  reduce_over_ranks_inplace(session, values, false);
-}
-void max_over_ranks_inplace(Session& session, std::vector<double>& values) {
-  reduce_over_ranks_inplace(session, values, true);
+  session.reduce_over_ranks(values.data(), static_cast<int64_t>(values.size()), /*max=*/false);
 }
 
 // Max |got - ref| and max |ref| accumulated per gradient.
@@ -132,7 +117,7 @@ GradCheckResult check_gradients(Session& session, const AttentionSpec& spec, con
     }
   };
   auto visible = [&](int64_t u, int64_t key_pos) {
-    return !spec.mask.causal || static_cast<double>(key_pos) <= q_pos_all[u / (B * H)];
+    return reference_visible(spec.mask, static_cast<int64_t>(q_pos_all[u / (B * H)]), key_pos, static_cast<int>(u % H));
   };
   auto score = [&](int64_t u, int64_t n, int64_t j) {
     const int64_t b = (u / H) % B, h = u % H;
@@ -148,25 +133,11 @@ GradCheckResult check_gradients(Session& session, const AttentionSpec& spec, con
       const int64_t b = (u / H) % B, h = u % H;
       for (int64_t j = 0; j < n; ++j) {
         if (!visible(u, kp[j])) continue;
-        const double sc = score(u, n, j);
-        const double m_new = std::max(m[u], sc);
-        const double corr = std::exp(m[u] - m_new), pj = std::exp(sc - m_new);
-        l[u] = l[u] * corr + pj;
-        const double* vr = &vb[((b * n + j) * Hkv + h / group) * D];
-        for (int64_t d = 0; d < D; ++d) o[u * D + d] = o[u * D + d] * corr + pj * vr[d];
-        m[u] = m_new;
+        check::fold_key(m[u], l[u], &o[u * D], score(u, n, j), &vb[((b * n + j) * Hkv + h / group) * D], D);
       }
     });
   });
-  std::vector<double> gm = m;
-  max_over_ranks_inplace(session, gm);
-  for (int64_t u = 0; u < units; ++u) {
-    const double f = m[u] == -kInf ? 0.0 : std::exp(m[u] - gm[u]);
-    l[u] *= f;
-    for (int64_t d = 0; d < D; ++d) o[u * D + d] *= f;
-  }
-  sum_over_ranks_inplace(session, l);
-  sum_over_ranks_inplace(session, o);
+  check::merge_over_ranks(session, m, l, o, D);
   for (int64_t u = 0; u < units; ++u) {
     if (l[u] == 0.0) continue;
     double dsum = 0.0;
@@ -176,7 +147,7 @@ GradCheckResult check_gradients(Session& session, const AttentionSpec& spec, con
       dsum += dor[d] * o[u * D + d];
     }
     delta[u] = dsum;
-    m[u] = gm[u] + std::log(l[u]);  // m now holds the reference lse
+    m[u] = check::partial_lse(m[u], l[u]);  // m now holds the reference lse
   }
   // Pass 2: partial dQ = scale * sum_j P_ij (dO_i . V_j - D_i) K_j over this rank's keys, summed.
   stream_local_kv([&](int64_t n) {
@@ -250,8 +221,9 @@ GradCheckResult check_gradients(Session& session, const AttentionSpec& spec, con
     double* dk_out = &dkv_ref[u * 2 * D];
     double* dv_out = dk_out + D;
     for (int64_t i = 0; i < Sl; ++i) {
-      if (spec.mask.causal && kp > static_cast<double>(pos.at(i))) continue;
+      const int64_t qpos = pos.at(i);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        if (!reference_visible(spec.mask, qpos, static_cast<int64_t>(kp), static_cast<int>(h))) continue;
         const double row_lse = load_as_double(lse, (b * H + h) * Sl + i);
         if (row_lse == -kInf) continue;
         double s = 0.0, dp = 0.0;
@@ -302,4 +274,4 @@ GradCheckResult check_gradients(Session& session, const AttentionSpec& spec, con
   return res;
 }
 
-}  // namespace ringattn::cli
+}  // namespace ringattn

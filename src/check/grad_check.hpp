@@ -4,9 +4,12 @@
 #include <cstdint>
 #include <vector>
 
-#include "cli_common.hpp"
+#include "ringattn/layout.hpp"
+#include "ringattn/session.hpp"
+#include "ringattn/spec.hpp"
+#include "ringattn/tensor.hpp"
 
-namespace ringattn::cli {
+namespace ringattn {
 
 struct GradCheckResult {
   int64_t dq_rows = 0;    // local query rows whose dQ was checked (summed over ranks after the reduce)
@@ -29,10 +32,13 @@ struct GradCheckResult {
 //    contributions of its own queries, P_ij = exp(scale q_i.k_j - lse_i) with D_i = dO_i.O_i
 //    from the forward's lse and O (checked separately by the forward --check), and the partial
 //    sums are added over ranks; the owner compares.
+// Visibility comes from reference_visible (the reference's own implementation of the mask
+// semantics); a row that sees no key has dQ = 0 and adds nothing to dK/dV. Tolerance:
+// check_tolerance (check.hpp).
 GradCheckResult check_gradients(Session& session, const AttentionSpec& spec, const ChunkPositions& pos,
                                 const TensorView& q, const TensorView& k, const TensorView& v,
                                 const TensorView& dout, const TensorView& out, const TensorView& lse,
                                 const TensorView& dq, const TensorView& dk, const TensorView& dv,
                                 const std::vector<int64_t>& q_rows, const std::vector<int64_t>& k_rows);
 
-}  // namespace ringattn::cli
+}  // namespace ringattn
