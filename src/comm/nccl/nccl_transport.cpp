@@ -245,6 +245,10 @@ std::string NcclTransport::ring_route() const {
   return " (send to " + peer_text(next_) + ", receive from " + peer_text(prev_) + ")";
 }
 
+std::string NcclTransport::route_of(const Slot& slot) const {
+  return slot.route.empty() ? ring_route() : slot.route;
+}
+
 std::string NcclTransport::peer_route(const PeerExchange& exchange) const {
   auto list = [this](const std::vector<PeerMessage>& messages) {
     std::vector<bool> named(static_cast<std::size_t>(world_), false);
@@ -311,7 +315,7 @@ NcclTransport::Slot& NcclTransport::acquire_slot_locked(std::unique_lock<std::mu
     while (cudaEventQuery(slot.done) == cudaErrorNotReady) {
       if (Clock::now() > deadline) {
         fail_locked("hop " + std::to_string(slot.hop) + ": exchange still pending when hop " + std::to_string(hop) +
-                    " needs its slot" + slot.route);
+                    " needs its slot" + route_of(slot));
         throw Error(ErrorKind::kComm, failure_);
       }
       lock.unlock();
@@ -357,7 +361,7 @@ void NcclTransport::start_exchange_pieces(const ExchangePart* parts, int num_par
     slot.seq = seq_++;
     slot.pending = true;
     slot.posted = Clock::now();
-    slot.route = ring_route();
+    slot.route.clear();  // the ring's: named on failure only
     lock.unlock();
     cv_.notify_all();
     return;
@@ -388,7 +392,7 @@ void NcclTransport::start_exchange_pieces(const ExchangePart* parts, int num_par
   slot.hop = hop;
   slot.pending = true;
   slot.posted = Clock::now();
-  slot.route = ring_route();
+  slot.route.clear();  // the ring's: named on failure only
   lock.unlock();
   cv_.notify_all();
 }
@@ -607,12 +611,12 @@ void NcclTransport::watchdog_loop() {
     if (state != ncclSuccess && state != ncclInProgress) {
       const int hop = oldest ? oldest->hop : -1;
       fail_locked("hop " + std::to_string(hop) + ": NCCL reported " + ncclGetErrorString(state) +
-                  (oldest ? oldest->route : ring_route()) + "; communicator aborted");
+                  (oldest ? route_of(*oldest) : ring_route()) + "; communicator aborted");
     } else if (oldest) {
       const auto start = std::max(oldest->posted, last_progress);
       if (Clock::now() - start > timeout()) {
         fail_locked("hop " + std::to_string(oldest->hop) + ": NCCL exchange timed out after " +
-                    seconds_text(timeout_ms_.load()) + oldest->route +
+                    seconds_text(timeout_ms_.load()) + route_of(*oldest) +
                     ", never completed; a peer is stalled or dead; communicator aborted "
                     "(hint: raise -T if one step legitimately takes longer)");
       }

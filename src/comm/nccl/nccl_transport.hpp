@@ -83,7 +83,7 @@ class NcclTransport final : public Transport {
     long seq = -1;                // the exchange's number (copy-engine path)
     bool pending = false;
     Clock::time_point posted;
-    std::string route;            // " (send to ..., receive from ...)" of the exchange, for messages
+    std::string route;            // a peer exchange's " (send to ...; receive from ...)"; empty: the ring's
   };
 
   Slot& slot_for(int hop) { return slots_[static_cast<std::size_t>(hop) % slots_.size()]; }
@@ -91,6 +91,7 @@ class NcclTransport final : public Transport {
   // " (send to rank 1 (host pid), receive from rank 3 (...))": the ring's peers, or an exchange's.
   std::string ring_route() const;
   std::string peer_route(const PeerExchange& exchange) const;
+  std::string route_of(const Slot& slot) const;
   // The slot of `hop`, once an older hop that used it has completed (with the deadline); mu_ held.
   Slot& acquire_slot_locked(std::unique_lock<std::mutex>& lock, int hop);
   // The comm stream waits for the compute stream up to the hop's fence, or up to now; mu_ held.
