@@ -1,4 +1,5 @@
 # bench/lib.sh: the shared prelude of every bench suite (sourced by bench/run.sh, not run alone).
+# shellcheck shell=bash
 #
 # What a suite gets:
 #   ra_init NAME       START, OUT (logs; default /tmp/ringattn_out), SUMMARY, COMMIT, the NVLink

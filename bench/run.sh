@@ -14,7 +14,7 @@ set -u -o pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$HERE/.." || exit 1
 
-suite_header() { sed -n '1,/^[^#]/p' "$1" | grep '^#' | sed -E 's/^# ?//'; }
+suite_header() { sed -n '1,/^[^#]/p' "$1" | grep '^#' | grep -v 'shellcheck shell' | sed -E 's/^# ?//'; }
 list_suites() {
   local f
   for f in "$HERE"/suites/*.sh; do

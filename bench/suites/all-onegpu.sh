@@ -1,4 +1,5 @@
 # One GPU, one call (~7-9 min): build, every GPU test, memcheck, the kernel bench and ours vs cuDNN (the last one-GPU table).
+# shellcheck shell=bash
 #
 # Usage: bench/run.sh all-onegpu     (new: build + all GPU tests + the one-GPU benches in one command)
 # Expected durations on an H200 (fresh build directory; an incremental build is far shorter):

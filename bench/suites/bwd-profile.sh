@@ -1,4 +1,5 @@
 # One GPU (~4-8 min): per-instruction stall attribution (Nsight Compute source view, SASS) of the Hopper backward step kernel.
+# shellcheck shell=bash
 #
 # Usage: bench/run.sh bwd-profile     (was scripts/device_bwd_profile.sh)
 # Env: KERNELS (RINGATTN_BWD_SM90_NO_TMA values: 0 the TMA kernel, 1 its cp.async fallback; "0"),

@@ -1,4 +1,5 @@
 # One GPU (~6 min): the backward kernels' tests (Hopper, its fallback, mma.sync), sanitizers, fwd+bwd bench beside SDPA, ncu.
+# shellcheck shell=bash
 #
 # Usage: bench/run.sh bwd     (was scripts/device_bwd.sh)
 # Build, GPU backward tests on the Hopper kernel (RINGATTN_BWD_KERNEL=wgmma, the default: TMA kernel),

@@ -1,4 +1,5 @@
 # 2 GPUs (or 1) (~4-8 min): GPU + MPI/GPU tests, run --backward --check over NCCL, bench at p = 1 and 2 beside SDPA and context_parallel.
+# shellcheck shell=bash
 #
 # Usage: bench/run.sh final [all|ring]     (was scripts/device_final.sh; env: BUDGET_S, default 480)
 #   all (default): build, GPU + MPI/GPU tests, run --backward --check over NCCL, bench forward and

@@ -1,4 +1,5 @@
 # Forward-kernel work, one GPU (~4 min): tests on both kernels and each wgmma variant, sanitizer, kernel bench, SDPA peers.
+# shellcheck shell=bash
 #
 # Usage: bench/run.sh kernel     (was scripts/device_kernel.sh)
 # Build, forward GPU tests on both kernels (default: the Hopper wgmma kernel where it runs;

@@ -1,4 +1,5 @@
 # One GPU (~6-8 min): the one-GPU tests, then `ringattn bench` on a causal window and packed documents beside FlexAttention.
+# shellcheck shell=bash
 #
 # Usage: bench/run.sh masks [fwd|bwd|both]     (new: the masks and masked-kernels issues measure with it)
 # Build, the whole one-GPU test binary (GPU_FILTER narrows it), then at S (32768) tokens, bf16, 32

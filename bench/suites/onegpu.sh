@@ -1,4 +1,5 @@
 # One GPU (~8 min): the one-GPU test suite, memcheck on the one-rank paths, ours vs cuDNN under equal protocols.
+# shellcheck shell=bash
 #
 # Usage: bench/run.sh onegpu     (was scripts/device_onegpu.sh)
 # Build, the one-GPU tests (forward, backward, backend, scheduler), compute-sanitizer memcheck on the

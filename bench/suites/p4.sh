@@ -1,4 +1,5 @@
 # 4 GPUs of one host (~5-9 min): MPI+GPU tests, fwd and fwd+bwd ring efficiency, context_parallel at 128k, 1M tokens with --check.
+# shellcheck shell=bash
 #
 # Usage: bench/run.sh p4 [all|variants]     (was scripts/device_p4.sh)
 #   variants: time the forward (with VARIANT_FLAGS=--backward: forward+backward) at VARIANT_SIZES

@@ -1,4 +1,5 @@
 # One GPU (~2-4 min): fwd+bwd per-kernel time of ours (ncu) and cuDNN (torch.profiler), or the SM clock and power while each runs.
+# shellcheck shell=bash
 #
 # Usage: bench/run.sh profile [kernels|clocks]     (was scripts/device_profile.sh)
 #   kernels (default): per-kernel GPU time of one fwd+bwd pass, ours under ncu, cuDNN under torch.profiler.

@@ -1,4 +1,5 @@
 # 4 GPUs of one host (~7 min): MPI+GPU tests (p = 4, 2), bench vs PyTorch context_parallel, 1M run, kill-a-rank tests.
+# shellcheck shell=bash
 #
 # Usage: bench/run.sh ring [all|nccl-variants]     (was scripts/device_ring.sh)
 #   all (default): the steps below.
@@ -48,6 +49,7 @@ PY
   note "# best variant: '${best:-default}' (min ring efficiency $best_score%)"
   [ "${VARIANTS_ONLY:-0}" = 1 ] && return 0
   if left 120; then
+    # shellcheck disable=SC2163,SC2086  # best holds NAME=VALUE words
     ( [ -n "$best" ] && export $best; NP=$NP BENCH_TIMEOUT=90 PEER_TIMEOUT=150 SEQS=32768,131072 ra_vs_peers ) \
       2>&1 | tee "$OUT/vs_peers.txt" | tail -8
     tail -6 "$OUT/vs_peers.txt" >>"$SUMMARY"

@@ -1,4 +1,5 @@
 # Our `ringattn bench` and PyTorch context_parallel on the same GPUs (NP, default 4), side by side (~4 min).
+# shellcheck shell=bash
 #
 # Usage: bench/run.sh vs-peers     (was scripts/bench_vs_peers.sh BUILD_DIR; BUILD=dir now, default build/release)
 # Env: NP (4), SEQS (32768,131072: total tokens), BENCH_ARGS (extra bench flags), BENCH_TIMEOUT,
