@@ -27,6 +27,7 @@ ra_init() {  # NAME
   mkdir -p "$OUT"
   export OUT
   SUMMARY="$OUT/summary.txt"
+  : >"$SUMMARY"
   RA_RESULTS="$OUT/.results.tsv"
   : >"$RA_RESULTS"
   RA_BUDGET_SET=${BUDGET_S:-${BUDGET:-}}
