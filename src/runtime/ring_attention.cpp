@@ -104,7 +104,9 @@ RingAttention::RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend>
   // causal masks, whose ring efficiency was measured at 95-99%; direct plans there come with the
   // masked kernels. Host rings and masked problems take the plan's choice.
   const bool masked = spec_.mask.has_pattern() || spec_.mask.has_documents();
-  const bool peers = transport_->supports_peer_exchange() && (backend_->device() == Device::kHost || masked);
+  const bool forced = std::getenv("RINGATTN_PLAN_ROUTE") != nullptr;  // timing and tests: the plan's override
+  const bool peers =
+      transport_->supports_peer_exchange() && (backend_->device() == Device::kHost || masked || forced);
   plan_ = std::make_unique<RingPlan>(plan_ring(spec_, transport_->world(), peers));
   q_pos_ = plan_->ranks.positions(transport_->rank());
   backend_->prepare(spec_, local_seq_, local_seq_);
