@@ -234,7 +234,7 @@ struct SizeResult {
   double model_mem_bytes = 0.0;  // model_memory(): what the formula says one rank needs
   bool checked = false;
   SampledCheckResult check;
-  bool grad_checked = false;  // -c 1 with --backward: dQ/dK/dV on sampled rows (apps/grad_check.hpp)
+  bool grad_checked = false;  // -c 1 with --backward: dQ/dK/dV on sampled rows (src/check/grad_check.hpp)
   GradCheckResult grad;
   std::vector<HopSummary> hops;
   std::string per_rank_json;  // rank 0: array of per-rank details
