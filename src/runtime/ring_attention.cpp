@@ -7,6 +7,7 @@
 
 #include "plan/plan.hpp"
 #include "ringattn/error.hpp"
+#include "runtime/pass_guard.hpp"
 
 namespace ringattn {
 namespace {
@@ -93,8 +94,13 @@ double PassStats::exposed_comm_ms() const {
 
 RingAttention::RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend> backend,
                              std::unique_ptr<Transport> transport)
+    : RingAttention(spec, std::move(backend), std::move(transport), RingOptions{}) {}
+
+RingAttention::RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend> backend,
+                             std::unique_ptr<Transport> transport, const RingOptions& options)
     : spec_(spec), backend_(std::move(backend)), transport_(std::move(transport)) {
   RINGATTN_CHECK(backend_ && transport_, ErrorKind::kInternal, "RingAttention needs a backend and a transport", "");
+  if (options.embedded) enable_embedded();
   if (spec_.kv_heads == 0) spec_.kv_heads = spec_.heads;
   spec_.validate(transport_->world());
   local_seq_ = spec_.local_seq(transport_->world());
@@ -133,7 +139,10 @@ RingAttention::RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend>
   fold_beside_ = fold_beside_from_env();
 }
 
-RingAttention::~RingAttention() = default;
+RingAttention::~RingAttention() {
+  // The transport's watchdog may outlive the guard whose failure word it sets.
+  if (transport_ && guard_) transport_->set_failure_flag(nullptr);
+}
 
 void RingAttention::read_timeline(const std::vector<HopMarks>& marks, int start_mark, int end_mark) {
   const std::vector<double> t = backend_->synchronize_and_read_marks();
@@ -231,7 +240,7 @@ void RingAttention::forward(const TensorView& q, const TensorView& k, const Tens
   stats_.visible_pairs = plan_->visible_pairs[r];
   if (!finished) backend_->forward_end(out, lse);
   const int end_mark = backend_->mark();
-  transport_->end_pass([&] { read_timeline(marks, start_mark, end_mark); });
+  finish_pass(marks, start_mark, end_mark);
 }
 
 void RingAttention::backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
@@ -389,7 +398,7 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
   }
   stats_.visible_pairs = plan_->visible_pairs[r];
   const int end_mark = backend_->mark();
-  transport_->end_pass([&] { read_timeline(marks, start_mark, end_mark); });
+  finish_pass(marks, start_mark, end_mark);
 }
 
 }  // namespace ringattn
@@ -482,7 +491,7 @@ void RingAttention::forward_direct(const TensorView& q, const TensorView& k, con
   stats_.visible_pairs = plan_->visible_pairs[r];
   backend_->forward_end(out, lse);
   const int end_mark = backend_->mark();
-  transport_->end_pass([&] { read_timeline(marks, start_mark, end_mark); });
+  finish_pass(marks, start_mark, end_mark);
 }
 
 // Direct plan, backward. As the forward, plus the way home: the dK/dV of the rows computed at
@@ -628,7 +637,7 @@ void RingAttention::backward_direct(const TensorView& q, const TensorView& k, co
   backend_->backward_end(dq);
   stats_.visible_pairs = plan_->visible_pairs[r];
   const int end_mark = backend_->mark();
-  transport_->end_pass([&] { read_timeline(marks, start_mark, end_mark); });
+  finish_pass(marks, start_mark, end_mark);
 }
 
 }  // namespace ringattn

@@ -63,14 +63,17 @@ class CudaBackend final : public Backend {
       RINGATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
       owns_stream_ = true;
     }
+    own_stream_ = stream_;
   }
 
   ~CudaBackend() override {
     // Destructors must not throw: errors here are ignored, the process is usually ending.
-    cudaStreamSynchronize(stream_);
+    // (An embedded caller's stream may be gone by now: only the construction stream is waited for;
+    // cudaFree waits for the device anyway.)
+    cudaStreamSynchronize(own_stream_);
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
     for (void* p : allocations_) cudaFree(p);
-    if (owns_stream_) cudaStreamDestroy(stream_);
+    if (owns_stream_) cudaStreamDestroy(own_stream_);
   }
 
   const char* name() const override { return "cuda"; }
@@ -102,7 +105,7 @@ class CudaBackend final : public Backend {
     spec_ = spec;
     q_rows_ = q_rows;
     k_rows_ = k_rows;
-    if (!same_shape) {
+    if (!same_shape && !embedded_) {  // embedded: bind_scratch() points them into the caller's workspace
       release_state();
       acc_ = static_cast<float*>(allocate(static_cast<std::size_t>(rows * spec.head_dim) * sizeof(float)));
       row_max_ = static_cast<float*>(allocate(static_cast<std::size_t>(rows) * sizeof(float)));
@@ -394,6 +397,9 @@ class CudaBackend final : public Backend {
   void* allocate(std::size_t bytes) override {
     void* p = nullptr;
     if (bytes == 0) return nullptr;
+    RINGATTN_CHECK(!embedded_, ErrorKind::kInternal,
+                   "an embedded ring asked the CUDA backend for " + std::to_string(bytes) + " bytes",
+                   "every buffer of an embedded pass comes from its workspace (RingAttention::lay_out_workspace)");
     RINGATTN_CUDA_CHECK(cudaMalloc(&p, bytes));
     allocations_.push_back(p);
     return p;
@@ -409,7 +415,7 @@ class CudaBackend final : public Backend {
     RINGATTN_CHECK(marks_ < static_cast<int>(events_.size()), ErrorKind::kInternal,
                    "more than " + std::to_string(events_.size()) + " timeline marks in one pass",
                    "call reset_marks() at the start of each pass");
-    RINGATTN_CUDA_CHECK(cudaEventRecord(events_[marks_], stream_));
+    if (timeline_) RINGATTN_CUDA_CHECK(cudaEventRecord(events_[marks_], stream_));
     return marks_++;
   }
 
@@ -426,9 +432,45 @@ class CudaBackend final : public Backend {
 
   void reset_marks() override { marks_ = 0; }
 
+  // ---- embedded mode ----
+  void set_embedded(bool on) override { embedded_ = on; }
+  void set_stream(void* stream) override { stream_ = static_cast<cudaStream_t>(stream); }
+  void set_timeline(bool on) override { timeline_ = on; }
+
+  // Forward: acc (B, H, q_rows, D) fp32, row max and row sum (B, H, q_rows) fp32. Backward: the dQ
+  // accumulator, lse * log2(e) and D = rowsum(dout * out), as backward_begin would allocate them.
+  std::size_t scratch_bytes(bool backward) const override {
+    const int b = static_cast<int>(spec_.batch);
+    if (backward) {
+      return align(cuda::flash_bwd_dq_accum_bytes(b, spec_.heads, spec_.head_dim, q_rows_)) +
+             2 * align(cuda::flash_bwd_row_vector_bytes(b, spec_.heads, q_rows_));
+    }
+    const std::size_t rows = static_cast<std::size_t>(spec_.batch * spec_.heads * q_rows_);
+    return align(rows * spec_.head_dim * sizeof(float)) + 2 * align(rows * sizeof(float));
+  }
+
+  void bind_scratch(void* base, bool backward) override {
+    require(embedded_, "bind_scratch on a CUDA backend that is not embedded", "call set_embedded(true) first");
+    char* p = static_cast<char*>(base);
+    const int b = static_cast<int>(spec_.batch);
+    if (backward) {
+      const std::size_t dq = align(cuda::flash_bwd_dq_accum_bytes(b, spec_.heads, spec_.head_dim, q_rows_));
+      const std::size_t vec = align(cuda::flash_bwd_row_vector_bytes(b, spec_.heads, q_rows_));
+      bwd_dq_accum_ = reinterpret_cast<float*>(p);
+      bwd_lse_log2_ = reinterpret_cast<float*>(p + dq);
+      bwd_delta_ = reinterpret_cast<float*>(p + dq + vec);
+      return;
+    }
+    const std::size_t rows = static_cast<std::size_t>(spec_.batch * spec_.heads * q_rows_);
+    const std::size_t acc = align(rows * spec_.head_dim * sizeof(float)), vec = align(rows * sizeof(float));
+    acc_ = reinterpret_cast<float*>(p);
+    row_max_ = reinterpret_cast<float*>(p + acc);
+    row_sum_ = reinterpret_cast<float*>(p + acc + vec);
+  }
+
  private:
   void require_prepared() const {
-    RINGATTN_CHECK(acc_ != nullptr || spec_.batch * spec_.heads * q_rows_ == 0, ErrorKind::kInternal,
+    RINGATTN_CHECK(acc_ != nullptr || embedded_ || spec_.batch * spec_.heads * q_rows_ == 0, ErrorKind::kInternal,
                    "CUDA backend used before prepare()", "call prepare(spec, q_rows, k_rows) first");
   }
 
@@ -460,8 +502,13 @@ class CudaBackend final : public Backend {
     bwd_dq_accum_ = bwd_lse_log2_ = bwd_delta_ = nullptr;
   }
 
-  cudaStream_t stream_ = nullptr;
+  static std::size_t align(std::size_t n) { return (n + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment; }
+
+  cudaStream_t stream_ = nullptr;      // the compute stream of the calls in progress
+  cudaStream_t own_stream_ = nullptr;  // the one given (or created) at construction
   bool owns_stream_ = false;
+  bool embedded_ = false;  // no allocation: scratch from bind_scratch(); stream per call (set_stream)
+  bool timeline_ = true;   // mark() records its event
   std::vector<void*> allocations_;
   std::vector<cudaEvent_t> events_;
   int marks_ = 0;
