@@ -66,13 +66,19 @@ void add_row_pieces(std::vector<PeerPiece>& out, const void* base, int64_t B, in
 
 // A direct hop's bytes: per peer everything, sent/received_bytes K+V only (the dK/dV apart).
 void record_peer_bytes(HopStats& st, const PeerExchange& ex, std::size_t grad_sent, std::size_t grad_received) {
+  auto entry = [&](int peer) -> PeerBytes& {  // one entry per peer
+    for (PeerBytes& p : st.peers) {
+      if (p.rank == peer) return p;
+    }
+    return st.peers.emplace_back(PeerBytes{peer, 0, 0});
+  };
   for (const PeerMessage& m : ex.sends) {
     st.sent_bytes += m.bytes();
-    st.peers.push_back({m.peer, m.bytes(), 0});
+    entry(m.peer).sent_bytes += m.bytes();
   }
   for (const PeerMessage& m : ex.recvs) {
     st.received_bytes += m.bytes();
-    st.peers.push_back({m.peer, 0, m.bytes()});
+    entry(m.peer).received_bytes += m.bytes();
   }
   st.grad_sent_bytes = grad_sent;
   st.grad_received_bytes = grad_received;
