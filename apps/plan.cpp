@@ -121,13 +121,14 @@ int run_plan(const PlanFlags& f) {
               f.backward ? "TFLOP/s count 3.5x the forward FLOPs" : "TFLOP/s dense-equivalent as bench counts them");
   std::printf("# time = sum over steps of max(compute, latency + bytes / bandwidth of the slowest link crossed);"
               " efficiency = compute alone / time\n");
-  std::printf("%10s %6s %5s %10s %9s %6s %10s %10s %9s %7s %9s %9s %9s\n", "tokens", "ranks", "hosts", "tokens/GPU",
-              "strategy", "route", "time ms", "TFLOP/s", "ring eff", "exposed", "mem GiB", "hides at", "model s");
+  std::printf("%10s %6s %5s %10s %9s %6s %10s %10s %8s %9s %7s %9s %9s %9s\n", "tokens", "ranks", "hosts", "tokens/GPU",
+              "strategy", "route", "time ms", "TFLOP/s", "visible", "ring eff", "exposed", "mem GiB", "hides at", "model s");
   for (const Row& r : rows) {
     const model::Prediction& p = r.pred;
-    std::printf("%10lld %6d %5d %10lld %9s %6s %10.3f %10.1f %8.1f%% %6.2f%% %9.2f %9s %9.3f\n",
+    std::printf("%10lld %6d %5d %10lld %9s %6s %10.3f %10.1f %8.1f %8.1f%% %6.2f%% %9.2f %9s %9.3f\n",
                 static_cast<long long>(r.spec.seq_len), p.world, p.hosts, static_cast<long long>(p.tokens_per_gpu),
-                model::strategy_name(p.strategy), route_name(p.route), p.total_ms, p.tflops_per_gpu, 100.0 * p.efficiency,
+                model::strategy_name(p.strategy), route_name(p.route), p.total_ms, p.tflops_per_gpu,
+                p.visible_tflops_per_gpu, 100.0 * p.efficiency,
                 p.total_ms > 0 ? 100.0 * p.exposed_ms / p.total_ms : 0.0, p.memory_bytes / kGiB, tokens_text(r.hide).c_str(),
                 r.seconds);
   }
@@ -165,6 +166,7 @@ int run_plan(const PlanFlags& f) {
           .field("exposed_ms", p.exposed_ms)
           .field("ring_efficiency", p.efficiency)
           .field("tflops_per_gpu", p.tflops_per_gpu)
+          .field("visible_tflops_per_gpu", p.visible_tflops_per_gpu)
           .field("memory_bytes", p.memory_bytes)
           .field("hides_at_tokens_per_gpu", r.hide)
           .field("model_seconds", r.seconds);

@@ -19,6 +19,9 @@ constexpr int64_t kLeafRows = 64;
 // Queries sampled from a strided run that stays partially visible at every split (striped layout).
 constexpr int64_t kStridedSamples = 64;
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+// The hide search evaluates this many ranks per step, and masked problems on this many ranks.
+constexpr int kHideSampleRanks = 32;
+constexpr int kHideMaskedRanks = 16;
 
 // Keys j = res (mod mod) in [a, b].
 int64_t count_residue(int64_t a, int64_t b, int64_t res, int64_t mod) {
@@ -76,6 +79,53 @@ double keys_seen(const Mask& m, int64_t q, int64_t k0, int64_t k1, int64_t ks, b
   return seen;
 }
 
+// Pairs of queries [q0, q1] against keys [k0, k1] (contiguous) when the keys a query sees form at
+// most two intervals bounded by constants and q plus constants (causal, window, documents, global):
+// the count is linear in q between the points where two bounds cross, summed piece by piece (a
+// piece that is not linear after all, checked at its middle, is counted query by query).
+double linear_pieces(const Mask& m, int64_t q0, int64_t q1, int64_t k0, int64_t k1, bool patterned) {
+  std::vector<int64_t> cuts = {q0, q1 + 1};
+  std::vector<int64_t> consts = {k0, k1};
+  if (m.doc_offsets != nullptr) {
+    const int d0 = doc_index(m, std::min(q0, k0)), d1 = doc_index(m, std::max(q1, k1));
+    for (int d = d0; d <= d1 + 1 && d <= m.num_docs; ++d) {
+      consts.push_back(m.doc_offsets[d]);
+      if (patterned && m.global_tokens > 0) consts.push_back(m.doc_offsets[d] + m.global_tokens);
+    }
+  } else if (patterned && m.global_tokens > 0) {
+    consts.push_back(m.global_tokens);
+  }
+  std::vector<int64_t> offsets = {0};
+  if (patterned && m.has_window) {
+    if (m.window_left >= 0) offsets.push_back(m.window_left);
+    if (m.window_right >= 0) offsets.push_back(-m.window_right);
+  }
+  for (int64_t c : consts) {
+    for (int64_t o : offsets) {
+      for (int64_t e = -1; e <= 1; ++e) {
+        const int64_t x = c + o + e;
+        if (x > q0 && x <= q1) cuts.push_back(x);
+      }
+    }
+  }
+  std::sort(cuts.begin(), cuts.end());
+  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+  double n = 0.0;
+  for (std::size_t i = 0; i + 1 < cuts.size(); ++i) {
+    const int64_t a = cuts[i], b = cuts[i + 1] - 1;
+    const double fa = keys_seen(m, a, k0, k1, 1, patterned), fb = keys_seen(m, b, k0, k1, 1, patterned);
+    const int64_t mid = a + (b - a) / 2;
+    const double fm = keys_seen(m, mid, k0, k1, 1, patterned);
+    const double lerp = b > a ? fa + (fb - fa) * static_cast<double>(mid - a) / static_cast<double>(b - a) : fa;
+    if (std::abs(fm - lerp) < 0.5) {
+      n += (fa + fb) * static_cast<double>(b - a + 1) / 2.0;
+    } else {
+      for (int64_t qq = a; qq <= b; ++qq) n += keys_seen(m, qq, k0, k1, 1, patterned);
+    }
+  }
+  return n;
+}
+
 // Pairs of the query run q (one head kind) against the key run k.
 double box_pairs(const Mask& m, const Segment& q, const Segment& k, bool patterned) {
   if (q.count <= 0 || k.count <= 0) return 0.0;
@@ -83,6 +133,9 @@ double box_pairs(const Mask& m, const Segment& q, const Segment& k, bool pattern
   const Visibility v = classify(m, q.start, q_last, k.start, k_last, patterned);
   if (v == Visibility::kEmpty) return 0.0;
   if (v == Visibility::kFull) return static_cast<double>(q.count) * static_cast<double>(k.count);
+  if (q.stride == 1 && k.stride == 1 && !(patterned && m.stride > 0) && q.count > kLeafRows) {
+    return linear_pieces(m, q.start, q_last, k.start, k_last, patterned);
+  }
   if (q.count <= kLeafRows) {
     double n = 0.0;
     for (int64_t i = 0; i < q.count; ++i) n += keys_seen(m, q.start + q.stride * i, k.start, k_last, k.stride, patterned);
@@ -329,20 +382,19 @@ PassPrediction direct_pass(const Context& ctx, const RingPlan& plan, bool backwa
         add(r, owner, grad_row_bytes * static_cast<double>(plan.rows(plan.needed[r][owner])));
         add(reader, r, grad_row_bytes * static_cast<double>(plan.rows(plan.needed[reader][r])));
       }
-      const double e = std::max(start[i] + c[i], start[i] + t);
+      // The wait for this rank's own exchange is exposed communication.
+      const double waited = std::max(0.0, t - c[i]);
       sp.compute_ms = std::max(sp.compute_ms, c[i]);
       if (t > sp.transfer_ms) sp.transfer_ms = t, sp.link = link;
-      busy[i] += c[i];
-      end[i] = e;
-    }
-    // Each exchange pairs a rank with two peers at distance t: the step ends together (lockstep).
-    const double step_end = *std::max_element(end.begin(), end.end());
-    for (std::size_t i = 0; i < n; ++i) {
-      const double waited = step_end - (start[i] + c[i]);
-      exposed[i] += waited;
       sp.exposed_ms = std::max(sp.exposed_ms, waited);
-      start[i] = step_end;
+      exposed[i] += waited;
+      busy[i] += c[i];
+      end[i] = start[i] + c[i] + waited;
     }
+    // Each exchange pairs a rank with peers that wait for it in turn: the step ends together
+    // (lockstep); a rank that finished early idles, which the time counts and the waits do not.
+    const double step_end = *std::max_element(end.begin(), end.end());
+    for (std::size_t i = 0; i < n; ++i) start[i] = step_end;
     steps.push_back(sp);
   }
   return finish(start, exposed, busy, std::move(steps));
@@ -538,6 +590,8 @@ Prediction predict(const AttentionSpec& spec_in, int world, const Machine& machi
                                    : "two-level needs the neighbour-ring route and whole hosts: evaluated flat");
     s = Strategy::kFlat;
   }
+  const double visible_flops =
+      visible_forward_flops(spec) * (options.backward ? kForwardBackwardFactor : 1.0);
   auto evaluate = [&](Strategy st) {
     const int inner = st == Strategy::kTwoLevel ? g : 0;
     Prediction p = out;
@@ -555,6 +609,7 @@ Prediction predict(const AttentionSpec& spec_in, int world, const Machine& machi
     p.efficiency = p.total_ms > 0.0 ? p.baseline_ms / p.total_ms : 1.0;
     const double flops = forward_flops(spec) * (options.backward ? kForwardBackwardFactor : 1.0);
     p.tflops_per_gpu = p.total_ms > 0.0 ? flops / world / (p.total_ms * 1e-3) / 1e12 : 0.0;
+    p.visible_tflops_per_gpu = p.total_ms > 0.0 ? visible_flops / world / (p.total_ms * 1e-3) / 1e12 : 0.0;
     p.memory_bytes = memory_per_rank(spec, world, options.backward, plan.route, st, &plan);
     if (machine.memory_gib > 0.0 && p.memory_bytes > machine.memory_gib * kGiB) {
       p.notes.push_back("needs " + std::to_string(p.memory_bytes / kGiB) + " GiB per rank, more than the " +
@@ -575,12 +630,16 @@ int64_t hiding_tokens_per_gpu(const AttentionSpec& spec_in, int world, const Mac
   if (spec_in.mask.has_documents()) return -1;
   AttentionSpec spec = spec_in;
   const int64_t unit = std::max<int64_t>(1, layout_divisor(spec.resolved_layout(world), world) / world) *
-                       (spec.layout == Layout::kBalanced ? kBalancedBlock : 1);
+                       (spec.resolved_layout(world) == Layout::kBalanced ? kBalancedBlock : 1);
   Options o = options;
-  if (o.sample_ranks <= 0) o.sample_ranks = 32;
+  if (o.sample_ranks <= 0) o.sample_ranks = kHideSampleRanks;
+  // A masked problem's plan counts every query's keys (O(tokens)): its search runs on fewer ranks,
+  // two hosts' worth, where the pattern of needs repeats (a window's halo, the documents' spans).
+  const int g = std::max(1, machine.gpus_per_host);
+  const int eval_world = ring_only(spec.mask) ? world : std::min(world, std::max(kHideMaskedRanks, 2 * g));
   auto hides = [&](int64_t c) {
-    spec.seq_len = c * world;
-    const Prediction p = predict(spec, world, machine, o);
+    spec.seq_len = c * eval_world;
+    const Prediction p = predict(spec, eval_world, machine, o);
     double waits = p.forward.exposed_ms;
     double total = p.total_ms;
     if (o.backward) {  // the home hop hides behind nothing at any size

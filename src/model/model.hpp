@@ -95,6 +95,7 @@ struct Prediction {
   double efficiency = 0.0;       // baseline_ms / total_ms
   double exposed_ms = 0.0;
   double tflops_per_gpu = 0.0;   // dense-equivalent FLOPs as bench counts them
+  double visible_tflops_per_gpu = 0.0;  // on visible pairs only (bench's visible TFLOP/s)
   double memory_bytes = 0.0;     // per rank
   double rows_sent = 0.0;        // K+V rows moved by one forward pass, all ranks
   std::vector<std::string> notes;  // assumptions the numbers rest on (a missing rate table, ...)
