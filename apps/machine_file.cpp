@@ -98,7 +98,7 @@ model::Machine read_machine_file(const std::string& path) {
       else if (k == "source") m.source = joined(item);
       else if (k == "gpus_per_host") m.gpus_per_host = static_cast<int>(one_number(path, item));
       else if (k == "max_hosts") m.max_hosts = static_cast<int>(one_number(path, item));
-      else if (k == "compute_slots") m.compute_slots = static_cast<int>(one_number(path, item));
+      else if (k == "compute_slots") m.compute_slots = one_number(path, item);
       else if (k == "memory_gib") m.memory_gib = one_number(path, item);
       else if (k == "step_overhead_us") m.step_overhead_us = one_number(path, item);
       else fail(ErrorKind::kInvalidArgument, path + ": unknown key '" + k + "'", kMachineHint);
@@ -126,8 +126,8 @@ model::Machine read_machine_file(const std::string& path) {
       fail(ErrorKind::kInvalidArgument, path + ": unknown section of key '" + item.fullname() + "'", kMachineHint);
     }
   }
-  RINGATTN_CHECK(m.gpus_per_host >= 1 && m.compute_slots >= 1, ErrorKind::kInvalidArgument,
-                 path + ": gpus_per_host and compute_slots must be at least 1", kMachineHint);
+  RINGATTN_CHECK(m.gpus_per_host >= 1 && m.compute_slots > 0.0, ErrorKind::kInvalidArgument,
+                 path + ": gpus_per_host must be at least 1 and compute_slots positive", kMachineHint);
   check_link(path, m.intra, "intra");
   if (m.max_hosts != 1) check_link(path, m.inter, "inter");
   RINGATTN_CHECK(!m.rates.empty(), ErrorKind::kInvalidArgument, path + ": no [rates...] tables",
@@ -152,7 +152,7 @@ std::string machine_toml(const model::Machine& m) {
   o << "name = " << quoted(m.name) << "\n";
   if (!m.description.empty()) o << "description = " << quoted(m.description) << "\n";
   if (!m.source.empty()) o << "source = " << quoted(m.source) << "\n";
-  o << "gpus_per_host = " << m.gpus_per_host << "\nmax_hosts = " << m.max_hosts << "\ncompute_slots = " << m.compute_slots
+  o << "gpus_per_host = " << m.gpus_per_host << "\nmax_hosts = " << m.max_hosts << "\ncompute_slots = " << num(m.compute_slots)
     << "\nmemory_gib = " << num(m.memory_gib) << "\nstep_overhead_us = " << num(m.step_overhead_us) << "\n";
   auto link = [&](const char* which, const model::Link& l) {
     o << "\n[link." << which << "]\nname = " << quoted(l.name) << "\nlatency_us = " << num(l.latency_us)

@@ -43,6 +43,13 @@ std::vector<std::string> split_list(const std::string& text) {
   return out;
 }
 
+// TFLOP/s with three significant digits below 10 (CPU machines), one decimal above (as bench prints).
+std::string tflops_text(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), v >= 10.0 ? "%.1f" : "%.3g", v);
+  return buf;
+}
+
 std::string tokens_text(int64_t n) {
   if (n <= 0) return n == 0 ? "never" : "n/a";
   if (n % (1 << 20) == 0) return std::to_string(n >> 20) + "M";
@@ -125,10 +132,10 @@ int run_plan(const PlanFlags& f) {
               "strategy", "route", "time ms", "TFLOP/s", "visible", "ring eff", "exposed", "mem GiB", "hides at", "model s");
   for (const Row& r : rows) {
     const model::Prediction& p = r.pred;
-    std::printf("%10lld %6d %5d %10lld %9s %6s %10.3f %10.1f %8.1f %8.1f%% %6.2f%% %9.2f %9s %9.3f\n",
+    std::printf("%10lld %6d %5d %10lld %9s %6s %10.3f %10s %8s %8.1f%% %6.2f%% %9.2f %9s %9.3f\n",
                 static_cast<long long>(r.spec.seq_len), p.world, p.hosts, static_cast<long long>(p.tokens_per_gpu),
-                model::strategy_name(p.strategy), route_name(p.route), p.total_ms, p.tflops_per_gpu,
-                p.visible_tflops_per_gpu, 100.0 * p.efficiency,
+                model::strategy_name(p.strategy), route_name(p.route), p.total_ms, tflops_text(p.tflops_per_gpu).c_str(),
+                tflops_text(p.visible_tflops_per_gpu).c_str(), 100.0 * p.efficiency,
                 p.total_ms > 0 ? 100.0 * p.exposed_ms / p.total_ms : 0.0, p.memory_bytes / kGiB, tokens_text(r.hide).c_str(),
                 r.seconds);
   }

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 
 #include "ringattn/error.hpp"
@@ -573,11 +574,13 @@ Prediction predict(const AttentionSpec& spec_in, int world, const Machine& machi
   out.layout = plan.ranks.layout;
   out.rows_sent = static_cast<double>(plan.rows_sent);
   const int ranks_here = std::min(world, g);
-  const double share = ranks_here > machine.compute_slots && machine.compute_slots > 0
-                           ? static_cast<double>(machine.compute_slots) / ranks_here
-                           : 1.0;
-  if (share < 1.0) out.notes.push_back(std::to_string(ranks_here) + " ranks share " + std::to_string(machine.compute_slots) +
-                                       " compute slots per host: each computes at " + std::to_string(share) + "x");
+  const double share = machine.compute_slots > 0.0 ? std::min(1.0, machine.compute_slots / ranks_here) : 1.0;
+  if (share < 1.0) {
+    char buf[160];
+    std::snprintf(buf, sizeof(buf), "%d ranks share %.2f compute slots per host: each computes at %.2fx", ranks_here,
+                  machine.compute_slots, share);
+    out.notes.push_back(buf);
+  }
   const double kv = static_cast<double>(kv_row_bytes(spec)) * static_cast<double>(spec.local_seq(world));
   const double grad = kv * (spec.dtype == DType::kF64 ? 1.0 : 4.0 / dtype_size(spec.dtype));
   Context ctx{spec, machine, world, fwd, fb ? fb : fwd, share, chosen_ranks(world, options.sample_ranks),

@@ -42,7 +42,7 @@ struct Machine {
   std::string description;
   int gpus_per_host = 1;    // ranks per host; rank r lives on host r / gpus_per_host
   int max_hosts = 1;        // 0: any number of hosts
-  int compute_slots = 1;    // ranks of one host that compute at full rate at once (GPUs; CPU cores)
+  double compute_slots = 1.0;  // ranks of one host that compute at full rate at once (GPUs; CPU cores, measured)
   double memory_gib = 0.0;  // per rank (GPU); 0: unknown
   double step_overhead_us = 0.0;  // per computed step: launches, marks, the exchange's post and wait
   Link intra;  // between ranks of one host
