@@ -17,6 +17,10 @@
 #include "ringattn/layout.hpp"
 #include "ringattn/session.hpp"
 
+#ifdef RINGATTN_HAVE_MPI
+#include <mpi.h>
+#endif
+
 namespace ringattn::cli {
 namespace {
 
@@ -29,6 +33,27 @@ constexpr int kLinkRepeats = 5;
 // Ranks of a CPU host the model may place (the cores bound how many compute at full rate).
 constexpr int kCpuRanksPerHost = 64;
 constexpr double kForwardBackwardFactor = 3.5;
+
+// How often a rank that waits for rank 0's kernels looks whether it is done.
+constexpr auto kIdlePoll = std::chrono::milliseconds(2);
+
+// A barrier whose waiting ranks sleep between polls: MPI's own barrier spins, and on a host with
+// fewer cores than ranks the spinning ranks would slow the one rank being timed.
+void idle_barrier(Session& session) {
+#ifdef RINGATTN_HAVE_MPI
+  if (session.world() > 1 && session.mpi_comm() != nullptr) {
+    MPI_Request req;
+    MPI_Ibarrier(*static_cast<MPI_Comm*>(session.mpi_comm()), &req);
+    int done = 0;
+    while (true) {
+      MPI_Test(&req, &done, MPI_STATUS_IGNORE);
+      if (done) return;
+      std::this_thread::sleep_for(kIdlePoll);
+    }
+  }
+#endif
+  session.barrier();
+}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -173,7 +198,7 @@ int run_calibrate(const CalibrateOptions& o) {
       m.rates.push_back(fb);
     }
   }
-  session->barrier();
+  idle_barrier(*session);
 
   // Ranks sharing the host's cores: every rank times the middle size at once; slots = ranks x
   // (time alone / time together), so that the model slows each rank as the CPU did.
@@ -186,7 +211,7 @@ int run_calibrate(const CalibrateOptions& o) {
     std::unique_ptr<Backend> be = session->make_backend();
     session->barrier();
     const double alone = root ? time_step(*be, s, o.iters, o.warmup, o.problem.seed).fwd_ms : 0.0;
-    session->barrier();
+    idle_barrier(*session);
     const double together = session->max_over_ranks(time_step(*be, s, o.iters, o.warmup, o.problem.seed).fwd_ms);
     const double alone_ms = session->max_over_ranks(alone);
     m.compute_slots = std::clamp(world * alone_ms / together, 1.0, static_cast<double>(world));
