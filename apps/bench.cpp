@@ -236,7 +236,7 @@ struct SizeResult {
   double model_mem_bytes = 0.0;  // model_memory(): what the formula says one rank needs
   bool checked = false;
   SampledCheckResult check;
-  bool grad_checked = false;  // -c 1 with --backward: dQ/dK/dV on sampled rows (apps/grad_check.hpp)
+  bool grad_checked = false;  // -c 1 with --backward: dQ/dK/dV on sampled rows (src/check/grad_check.hpp)
   GradCheckResult grad;
   std::vector<HopSummary> hops;
   std::string per_rank_json;  // rank 0: array of per-rank details
@@ -340,6 +340,13 @@ double used_device_bytes(const Backend& backend) {
   return 0.0;
 }
 
+// The first n rows' worth of memory of a (B, S, H, D) tensor as a (B, n, H, D) tensor: the stand-in
+// for n arriving rows in the one-GPU baselines (the values are the local ones; only time matters).
+TensorView first_rows(const TensorView& t, int64_t n) {
+  if (n == t.shape[1]) return t;
+  return make_view(t.data, t.dtype, t.device, {t.shape[0], n, t.shape[2], t.shape[3]});
+}
+
 // Device buffers of the backward pass of one size: dO, dQ/dK/dV and the fp32 dK/dV accumulators.
 struct BackwardBuffers {
   TensorView dout, dq, dk, dv, dk_acc, dv_acc;
@@ -358,17 +365,21 @@ double baseline_backward_pass(const RingAttention& ring, const RankLayout& ranks
   if (p == 1) {  // as the ring on one rank: the step rounds dK/dV into the gradients
     backend.backward_step_into(k, v, ranks.positions(r), g.dk, g.dv);
   } else {
-    // One GPU keeps one dK/dV accumulator for all its steps: the first visible step stores into it
-    // (as each of the ring's steps stores into its share), the later ones add.
+    // The plan's steps (plan_steps: the ring's chunks or a direct plan's rows) with local memory
+    // standing in for the arriving rows. One dK/dV accumulator serves all steps: the first visible
+    // step stores into it (as each step stores into its share), the later ones add; a direct plan's
+    // adds of the dK/dV its readers return (small, bandwidth-bound) are left out.
     bool stored = false;
-    for (int s = 0; s < p; ++s) {
-      const int src = ((r - s) % p + p) % p;
-      const ChunkPositions k_pos = ranks.positions(src);
+    for (const PlanStep& st : plan_steps(ring.plan(), r)) {
+      if (st.owner < 0) continue;
+      const ChunkPositions k_pos = positions_from(st.positions);
       if (classify_chunks(spec.mask.view(), spec.heads, ranks.positions(r), k_pos) == Visibility::kEmpty) continue;
+      const TensorView sk = first_rows(k, st.num_rows()), sv = first_rows(v, st.num_rows());
+      const TensorView dk = first_rows(g.dk_acc, st.num_rows()), dv = first_rows(g.dv_acc, st.num_rows());
       if (stored) {
-        backend.backward_step(k, v, k_pos, g.dk_acc, g.dv_acc);
+        backend.backward_step(sk, sv, k_pos, dk, dv);
       } else {
-        backend.backward_step_into(k, v, k_pos, g.dk_acc, g.dv_acc);
+        backend.backward_step_into(sk, sv, k_pos, dk, dv);
         stored = true;
       }
     }
@@ -397,11 +408,11 @@ double baseline_pass(const RingAttention& ring, const RankLayout& ranks, Backend
   if (p == 1) {  // as the ring on one rank: the only step writes out and lse
     backend.forward_step_into(k, v, ranks.positions(r), out, lse);
   } else {
-    for (int s = 0; s < p; ++s) {
-      const int src = ((r - s) % p + p) % p;
-      const ChunkPositions k_pos = ranks.positions(src);
+    for (const PlanStep& st : plan_steps(ring.plan(), r)) {  // the ring's chunks or a direct plan's rows
+      if (st.owner < 0) continue;
+      const ChunkPositions k_pos = positions_from(st.positions);
       if (classify_chunks(spec.mask.view(), spec.heads, ranks.positions(r), k_pos) == Visibility::kEmpty) continue;
-      backend.forward_step(k, v, k_pos);
+      backend.forward_step(first_rows(k, st.num_rows()), first_rows(v, st.num_rows()), k_pos);
     }
     backend.forward_end(out, lse);
   }
@@ -918,11 +929,11 @@ void apply_config(CLI::App& app, const std::string& path) {
 Command add_bench_command(CLI::App& root) {
   auto flags = std::make_shared<BenchFlags>();
   BenchFlags& f = *flags;
-  // Defaults: the standard shape (32 heads, head_dim 128, bf16, zigzag).
+  // Defaults: the standard shape (32 heads, head_dim 128, bf16; layout auto: zigzag for causal).
   f.problem.heads = 32;
   f.problem.head_dim = 128;
   f.problem.dtype = "bf16";
-  f.problem.layout = "zigzag";
+  f.problem.layout = "auto";
   CLI::App* app = root.add_subcommand(
       "bench", "Sweep the ring forward over sequence lengths (nccl-tests style flags); rank 0 prints one table");
   app->add_option("--config", f.config_path,

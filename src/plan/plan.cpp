@@ -249,4 +249,39 @@ RingPlan plan_ring(const AttentionSpec& spec, int world, bool peer_exchange) {
   return plan;
 }
 
+std::vector<PlanStep> plan_steps(const RingPlan& plan, int rank) {
+  std::vector<PlanStep> steps;
+  auto add = [&](int hop, int owner, std::vector<RowRange> rows) {
+    PlanStep st;
+    st.hop = hop;
+    st.owner = rows.empty() ? -1 : owner;
+    st.rows = std::move(rows);
+    const ChunkPositions pos = plan.ranks.positions(owner);
+    for (const RowRange& rr : st.rows) {
+      for (const Segment& g : slice_segments(pos, rr.lo, rr.hi)) {
+        if (!st.positions.empty()) {
+          Segment& last = st.positions.back();
+          if (last.stride == g.stride && last.start + last.stride * last.count == g.start) {
+            last.count += g.count;
+            continue;
+          }
+        }
+        st.positions.push_back(g);
+      }
+    }
+    steps.push_back(std::move(st));
+  };
+  const int64_t own_rows = plan.ranks.positions(rank).size();
+  add(0, rank, {RowRange{0, own_rows}});
+  for (int t : plan.hops) {
+    const int owner = plan.owner_at(rank, t);
+    if (plan.route == Route::kRing) {
+      add(t, owner, {RowRange{0, plan.ranks.positions(owner).size()}});
+    } else {
+      add(t, owner, plan.needed[rank][owner]);
+    }
+  }
+  return steps;
+}
+
 }  // namespace ringattn

@@ -64,6 +64,22 @@ struct RingPlan {
   }
 };
 
+// One compute step of a rank: the rows of `owner`'s chunk that it computes on, in the order they
+// arrive (a whole chunk on the ring; the needed rows on a direct hop), with their positions.
+struct PlanStep {
+  int hop = 0;     // distance t: step 0 is the own block
+  int owner = -1;  // -1: nothing arrives in this hop
+  std::vector<RowRange> rows;
+  std::vector<Segment> positions;  // runs that continue each other are merged
+  int64_t num_rows() const {
+    int64_t n = 0;
+    for (const auto& r : rows) n += r.size();
+    return n;
+  }
+};
+// The compute steps of `rank` in execution order: the own block, then one per hop of plan.hops.
+std::vector<PlanStep> plan_steps(const RingPlan& plan, int rank);
+
 // Plans `spec` on `world` ranks. `peer_exchange`: whether the transport can send to any peer
 // (else the plan is the neighbour ring, which moves every chunk everywhere but stays exact).
 RingPlan plan_ring(const AttentionSpec& spec, int world, bool peer_exchange);

@@ -104,33 +104,24 @@ RingAttention::RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend>
   // causal masks, whose ring efficiency was measured at 95-99%; direct plans there come with the
   // masked kernels. Host rings and masked problems take the plan's choice.
   const bool masked = spec_.mask.has_pattern() || spec_.mask.has_documents();
-  const bool peers = transport_->supports_peer_exchange() && (backend_->device() == Device::kHost || masked);
+  const bool forced = std::getenv("RINGATTN_PLAN_ROUTE") != nullptr;  // timing and tests: the plan's override
+  const bool peers =
+      transport_->supports_peer_exchange() && (backend_->device() == Device::kHost || masked || forced);
   plan_ = std::make_unique<RingPlan>(plan_ring(spec_, transport_->world(), peers));
   q_pos_ = plan_->ranks.positions(transport_->rank());
   backend_->prepare(spec_, local_seq_, local_seq_);
   if (plan_->route == Route::kDirect) {
     const int r = transport_->rank();
-    for (int t : plan_->hops) {
+    const std::vector<PlanStep> steps = plan_steps(*plan_, r);
+    for (std::size_t i = 1; i < steps.size(); ++i) {
       DirectHop h;
-      h.hop = t;
-      const int owner = plan_->owner_at(r, t), reader = plan_->reader_at(r, t);
-      h.recv_rows = plan_->rows(plan_->needed[r][owner]);
+      h.hop = steps[i].hop;
+      const int reader = plan_->reader_at(r, h.hop);
+      h.recv_rows = steps[i].num_rows();
       h.send_rows = plan_->rows(plan_->needed[reader][r]);
-      h.owner = h.recv_rows > 0 ? owner : -1;
+      h.owner = steps[i].owner;
       h.reader = h.send_rows > 0 ? reader : -1;
-      const ChunkPositions owner_pos = plan_->ranks.positions(owner);
-      for (const RowRange& rr : plan_->needed[r][owner]) {
-        for (const Segment& g : slice_segments(owner_pos, rr.lo, rr.hi)) {
-          if (!h.recv_segments.empty()) {
-            Segment& last = h.recv_segments.back();
-            if (last.stride == g.stride && last.start + last.stride * last.count == g.start) {
-              last.count += g.count;  // runs that continue each other stay one segment
-              continue;
-            }
-          }
-          h.recv_segments.push_back(g);
-        }
-      }
+      h.recv_segments = steps[i].positions;
       direct_.push_back(std::move(h));
     }
   }
