@@ -187,6 +187,9 @@ struct Context {
   bool all_ranks;
   double kv_bytes, grad_bytes;  // one chunk's K+V, and its fp32 dK+dV
   double step_overhead_ms;
+  // Visible pairs of evaluated rank j against source s at [j * world + s] (< 0: not counted yet),
+  // shared by the forward and backward passes and both strategies.
+  mutable std::vector<double> pairs;
 };
 
 // One exchange of a step: rank r receives `bytes` from `from[r]` over the link between them.
@@ -266,9 +269,10 @@ PassPrediction finish(const std::vector<double>& start, const std::vector<double
   return p;
 }
 
-// Compute of rank r at a ring step whose chunk comes from `src` (skipped steps cost nothing).
-double ring_step_ms(const Context& ctx, const RankLayout& ranks, int r, int src, bool backward_step) {
-  const double pairs = pairs_between(ctx.spec.mask.view(), ctx.spec, ranks.segments[r], ranks.segments[src]);
+// Compute of evaluated rank j at a ring step whose chunk comes from `src` (skipped steps cost nothing).
+double ring_step_ms(const Context& ctx, const RankLayout& ranks, std::size_t j, int src, bool backward_step) {
+  double& pairs = ctx.pairs[j * static_cast<std::size_t>(ctx.world) + static_cast<std::size_t>(src)];
+  if (pairs < 0.0) pairs = pairs_between(ctx.spec.mask.view(), ctx.spec, ranks.segments[ctx.ranks[j]], ranks.segments[src]);
   if (pairs <= 0.0) return 0.0;
   return compute_ms(pairs, ctx.spec, ctx.fwd, ctx.fb, ctx.spec.local_seq(ctx.world), backward_step, ctx.share) +
          ctx.step_overhead_ms;
@@ -291,7 +295,7 @@ PassPrediction ring_pass(const Context& ctx, const RankLayout& ranks, bool backw
         const int r = ctx.ranks[j];
         const int h = r / inner, l = r % inner;
         const int src = ((h - o) % outer + outer) % outer * inner + ((l - i) % inner + inner) % inner;
-        c[j] = ring_step_ms(ctx, ranks, r, src, backward_pass);
+        c[j] = ring_step_ms(ctx, ranks, j, src, backward_pass);
       }
       Exchange ex;
       if (g > 0) {  // inner ring: g - 1 rotations inside the host per round
@@ -584,7 +588,8 @@ Prediction predict(const AttentionSpec& spec_in, int world, const Machine& machi
   const double kv = static_cast<double>(kv_row_bytes(spec)) * static_cast<double>(spec.local_seq(world));
   const double grad = kv * (spec.dtype == DType::kF64 ? 1.0 : 4.0 / dtype_size(spec.dtype));
   Context ctx{spec, machine, world, fwd, fb ? fb : fwd, share, chosen_ranks(world, options.sample_ranks),
-              options.sample_ranks <= 0 || world <= options.sample_ranks, kv, grad, machine.step_overhead_us * 1e-3};
+              options.sample_ranks <= 0 || world <= options.sample_ranks, kv, grad, machine.step_overhead_us * 1e-3, {}};
+  if (plan.route == Route::kRing) ctx.pairs.assign(ctx.ranks.size() * static_cast<std::size_t>(world), -1.0);
 
   Strategy s = options.strategy;
   const bool two_possible = plan.route == Route::kRing && hosts > 1 && world % g == 0;
@@ -593,8 +598,9 @@ Prediction predict(const AttentionSpec& spec_in, int world, const Machine& machi
                                    : "two-level needs the neighbour-ring route and whole hosts: evaluated flat");
     s = Strategy::kFlat;
   }
-  const double visible_flops =
-      visible_forward_flops(spec) * (options.backward ? kForwardBackwardFactor : 1.0);
+  const double visible_flops = options.count_visible
+                                   ? visible_forward_flops(spec) * (options.backward ? kForwardBackwardFactor : 1.0)
+                                   : 0.0;
   auto evaluate = [&](Strategy st) {
     const int inner = st == Strategy::kTwoLevel ? g : 0;
     Prediction p = out;
@@ -636,6 +642,7 @@ int64_t hiding_tokens_per_gpu(const AttentionSpec& spec_in, int world, const Mac
                        (spec.resolved_layout(world) == Layout::kBalanced ? kBalancedBlock : 1);
   Options o = options;
   if (o.sample_ranks <= 0) o.sample_ranks = kHideSampleRanks;
+  o.count_visible = false;
   // A masked problem's plan counts every query's keys (O(tokens)): its search runs on fewer ranks,
   // two hosts' worth, where the pattern of needs repeats (a window's halo, the documents' spans).
   const int g = std::max(1, machine.gpus_per_host);

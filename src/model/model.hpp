@@ -106,6 +106,8 @@ struct Options {
   bool backward = false;
   // Evaluate at most this many ranks per step (the rest assumed alike): 0 evaluates every rank.
   int sample_ranks = 0;
+  // Count the visible pairs of the whole problem for visible_tflops_per_gpu (O(tokens)).
+  bool count_visible = true;
 };
 
 // Evaluates `spec` on `world` ranks of `machine` (throws naming --np when the machine is too small).

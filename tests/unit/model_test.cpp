@@ -1,8 +1,8 @@
 // The scaling model: exact pair counts, the recorded H200 rows of docs/BENCHMARKS.md, strategies, p = 1024 speed, machine files.
 #include <gtest/gtest.h>
 
-#include <chrono>
 #include <cmath>
+#include <ctime>
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -200,13 +200,14 @@ TEST(ModelScale, AThousandRanksAnswerWithinASecond) {
   const model::Machine m = cli::read_machine_file(kMachines + "h100x8-ib.toml");
   for (bool causal : {false, true}) {
     const AttentionSpec s = standard(int64_t{16} << 20, causal);
-    const auto t0 = std::chrono::steady_clock::now();
+    // Processor time: the 2 cores of the CI are shared with other jobs, whose load stretches wall time.
+    const std::clock_t t0 = std::clock();
     model::Options o;
     o.backward = true;
     const model::Prediction p = model::predict(s, 1024, m, o);
     o.strategy = p.strategy;
     const int64_t hide = model::hiding_tokens_per_gpu(s, 1024, m, o);
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double seconds = static_cast<double>(std::clock() - t0) / CLOCKS_PER_SEC;
     std::printf("[ model    ] p = 1024, 16M %s fwd+bwd: %.3f s (%s, eff %.1f%%, hides from %lld)\n", causal ? "causal" : "dense",
                 seconds, model::strategy_name(p.strategy), 100 * p.efficiency, static_cast<long long>(hide));
     EXPECT_LT(seconds, 1.0);
