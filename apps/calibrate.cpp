@@ -33,6 +33,9 @@ constexpr int kLinkRepeats = 5;
 // Ranks of a CPU host the model may place (the cores bound how many compute at full rate).
 constexpr int kCpuRanksPerHost = 64;
 constexpr double kForwardBackwardFactor = 3.5;
+// The fewest compute slots a host is written with (a host that other jobs hold almost entirely).
+constexpr double kMinSlots = 0.05;
+constexpr int kSlotProbeIters = 5;
 
 // How often a rank that waits for rank 0's kernels looks whether it is done.
 constexpr auto kIdlePoll = std::chrono::milliseconds(2);
@@ -201,7 +204,8 @@ int run_calibrate(const CalibrateOptions& o) {
   idle_barrier(*session);
 
   // Ranks sharing the host's cores: every rank times the middle size at once; slots = ranks x
-  // (time alone / time together), so that the model slows each rank as the CPU did.
+  // (time alone / time together), so that the model slows each rank as the CPU did (below 1 when
+  // other jobs hold the cores too).
   if (!session->on_gpu() && world > 1) {
     AttentionSpec s = base;
     s.seq_len = o.tokens[o.tokens.size() / 2];
@@ -210,11 +214,13 @@ int run_calibrate(const CalibrateOptions& o) {
     s.validate(1);
     std::unique_ptr<Backend> be = session->make_backend();
     session->barrier();
-    const double alone = root ? time_step(*be, s, o.iters, o.warmup, o.problem.seed).fwd_ms : 0.0;
+    // Forward+backward passes, as many as a bench size runs: short probes catch the load of a moment.
+    const int iters = std::max(o.iters, kSlotProbeIters);
+    const double alone = root ? time_step(*be, s, iters, o.warmup, o.problem.seed).fwd_bwd_ms : 0.0;
     idle_barrier(*session);
-    const double together = session->max_over_ranks(time_step(*be, s, o.iters, o.warmup, o.problem.seed).fwd_ms);
+    const double together = session->max_over_ranks(time_step(*be, s, iters, o.warmup, o.problem.seed).fwd_bwd_ms);
     const double alone_ms = session->max_over_ranks(alone);
-    m.compute_slots = std::clamp(world * alone_ms / together, 1.0, static_cast<double>(world));
+    m.compute_slots = std::clamp(world * alone_ms / together, kMinSlots, static_cast<double>(world));
     if (root) {
       std::printf("# %d ranks at once: %.3f ms per step vs %.3f ms alone: %.2f compute slots\n", world, together, alone_ms,
                   m.compute_slots);
