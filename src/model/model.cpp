@@ -636,7 +636,7 @@ Prediction predict(const AttentionSpec& spec_in, int world, const Machine& machi
 }
 
 int64_t hiding_tokens_per_gpu(const AttentionSpec& spec_in, int world, const Machine& machine, const Options& options) {
-  if (spec_in.mask.has_documents()) return -1;
+  if (spec_in.mask.has_documents() || world == 1) return -1;
   AttentionSpec spec = spec_in;
   const int64_t unit = std::max<int64_t>(1, layout_divisor(spec.resolved_layout(world), world) / world) *
                        (spec.resolved_layout(world) == Layout::kBalanced ? kBalancedBlock : 1);

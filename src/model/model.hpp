@@ -115,7 +115,8 @@ Prediction predict(const AttentionSpec& spec, int world, const Machine& machine,
 
 // The smallest tokens per GPU (a multiple the layout accepts) at which the exchange hides: the
 // waits, the unhidable last hop of a backward pass aside, are at most kHideFraction of the pass.
-// 0 when it hides nowhere up to kMaxHideTokens, -1 when the mask does not scale (documents).
+// 0 when it hides nowhere up to kMaxHideTokens, -1 when the mask does not scale (documents) or
+// nothing travels (one rank).
 inline constexpr double kHideFraction = 0.01;
 inline constexpr int64_t kMaxHideTokens = int64_t{1} << 24;
 int64_t hiding_tokens_per_gpu(const AttentionSpec& spec, int world, const Machine& machine, const Options& options);
