@@ -56,6 +56,7 @@ def run_sweep(cli, sweep):
         for pass_name in ("forward", "backward"):  # the per-step detail stays out of the checked-in summary
             if pass_name in pred:
                 pred[pass_name] = {k: v for k, v in pred[pass_name].items() if k != "steps"}
+        pred.pop("model_seconds", None)  # a timing: it would change the checked-in files at every run
         preds.append(pred)
     return {"sweep": name, "label": label, "machine": machine, "flags": STANDARD + flags, "predictions": preds}
 
