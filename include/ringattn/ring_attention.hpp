@@ -189,6 +189,9 @@ class RingAttention {
   void* own_grad_ = nullptr;                   // fp32 dK/dV of this rank's own rows, summed over readers
   Mask mask_;       // view of spec_.mask
   Layout layout_;   // spec_.layout resolved for this ring
+  // Embedded device rings: the end-of-pass NaN guard. Declared first, so it outlives the transport
+  // whose watchdog sets its failure word.
+  std::unique_ptr<PassGuard> guard_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Transport> transport_;
   int64_t local_seq_ = 0;
@@ -209,7 +212,6 @@ class RingAttention {
   bool embedded_ = false;
   const PassOptions* pass_options_ = nullptr;  // the embedded call in progress
   std::vector<TensorView> pass_outputs_;       // its outputs: the guard fills them with NaN on failure
-  std::unique_ptr<PassGuard> guard_;           // device backends: the end-of-pass NaN guard
   std::optional<Error> kept_;                  // the first failure; returned by poll() and every later call
 };
 
