@@ -95,25 +95,36 @@ RINGATTN_MASK_HD int doc_index(const Mask& m, int64_t pos) {
 RINGATTN_MASK_HD int64_t doc_begin(const Mask& m, int d) { return m.doc_offsets ? m.doc_offsets[d] : 0; }
 RINGATTN_MASK_HD int64_t doc_end(const Mask& m, int d) { return m.doc_offsets ? m.doc_offsets[d + 1] : INT64_MAX; }
 
-// Query position q sees key position k (for a head that is patterned or not).
-RINGATTN_MASK_HD bool visible(const Mask& m, int64_t q, int64_t k, bool patterned) {
+namespace mask_detail {
+// Whether s (> 0) divides d, of either sign. In 32 bits when both fit: a 64-bit remainder is a
+// subroutine call on the GPU, and the kernels' per-element test runs it for every pair.
+RINGATTN_MASK_HD bool divides(int64_t s, int64_t d) {
+  if (s <= INT32_MAX && d >= INT32_MIN && d <= INT32_MAX) return static_cast<int32_t>(d) % static_cast<int32_t>(s) == 0;
+  return d % s == 0;
+}
+}  // namespace mask_detail
+
+// The rule once the document is known: [doc_lo, doc_hi) is the document of q or of k (a pair is
+// visible only inside one document, so either will do; kernels hoist it out of their per-element
+// loops), [0, INT64_MAX) without documents.
+RINGATTN_MASK_HD bool visible_in_doc(const Mask& m, int64_t q, int64_t k, int64_t doc_lo, int64_t doc_hi,
+                                     bool patterned) {
   if (m.causal && k > q) return false;
-  int64_t start = 0;
-  if (m.doc_offsets != nullptr) {
-    const int d = doc_index(m, q);
-    if (k < m.doc_offsets[d] || k >= m.doc_offsets[d + 1]) return false;
-    start = m.doc_offsets[d];
-  }
+  if (q < doc_lo || q >= doc_hi || k < doc_lo || k >= doc_hi) return false;
   if (!patterned || !m.has_pattern()) return true;
   if (m.has_window && (m.window_left < 0 || k >= q - m.window_left) && (m.window_right < 0 || k <= q + m.window_right)) {
     return true;
   }
-  if (m.stride > 0) {
-    const int64_t d = q - k;
-    if (((d % m.stride) + m.stride) % m.stride == 0) return true;
-  }
-  if (m.global_tokens > 0 && (q - start < m.global_tokens || k - start < m.global_tokens)) return true;
+  if (m.stride > 0 && mask_detail::divides(m.stride, q - k)) return true;
+  if (m.global_tokens > 0 && (q - doc_lo < m.global_tokens || k - doc_lo < m.global_tokens)) return true;
   return false;
+}
+
+// Query position q sees key position k (for a head that is patterned or not).
+RINGATTN_MASK_HD bool visible(const Mask& m, int64_t q, int64_t k, bool patterned) {
+  if (m.doc_offsets == nullptr) return visible_in_doc(m, q, k, 0, INT64_MAX, patterned);
+  const int d = doc_index(m, q);
+  return visible_in_doc(m, q, k, m.doc_offsets[d], m.doc_offsets[d + 1], patterned);
 }
 
 namespace mask_detail {
