@@ -45,7 +45,9 @@ __device__ __forceinline__ void st_shared_v4(uint32_t addr, float a, float b, fl
   asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
 
-template <typename Elem, int kHeadDim_>
+// kProducerRegs_: the producer warpgroup's registers after setmaxnreg; the any-mask walk (64-bit
+// position bounds, the full rule per tile) needs 32 not to spill.
+template <typename Elem, int kHeadDim_, int kProducerRegs_ = 24>
 struct TmaBwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;   // query rows per tile
@@ -54,7 +56,7 @@ struct TmaBwdTraits {
   static constexpr int kWarpgroupThreads = 128;
   static constexpr int kConsumerThreads = kConsumers * kWarpgroupThreads;
   static constexpr int kThreads = kWarpgroupThreads + kConsumerThreads;  // producer warpgroup first
-  static constexpr int kProducerRegs = 24;
+  static constexpr int kProducerRegs = kProducerRegs_;
   static constexpr int kConsumerRegs = 240;
   static constexpr int kStages = 3;    // Q/dO/lse/delta tiles: current, next, the one being loaded
   static constexpr int kDsStages = 2;  // dS^T: this tile's, the previous tile's (its dQ may still read it)
@@ -111,12 +113,16 @@ __device__ __forceinline__ void bulk_load(uint32_t smem_dst, const void* src, ui
       : "memory");
 }
 
-template <typename Elem, int kHeadDim>
-__global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
-    flash_bwd_sm90_tma_kernel(const __grid_constant__ TmaBwdArgs args, const ChunkPositions q_pos,
-                              const ChunkPositions k_pos) {
+template <typename Elem, int kHeadDim, MaskClass kMask>
+using TmaBwdTraitsFor = TmaBwdTraits<Elem, kHeadDim, kMask == MaskClass::kGeneral ? 32 : 24>;
+
+// kMask: the mask class (flash_mask.hpp), as flash_bwd_kernel.
+template <typename Elem, int kHeadDim, MaskClass kMask = MaskClass::kCausal>
+__global__ void __launch_bounds__(TmaBwdTraitsFor<Elem, kHeadDim, kMask>::kThreads, 1)
+    flash_bwd_sm90_tma_kernel(const __grid_constant__ TmaBwdArgs args, const __grid_constant__ ChunkPositions q_pos,
+                              const __grid_constant__ ChunkPositions k_pos) {
 #if RINGATTN_SM90A_ENABLED
-  using Tr = TmaBwdTraits<Elem, kHeadDim>;
+  using Tr = TmaBwdTraitsFor<Elem, kHeadDim, kMask>;
   const FlashBwdParams& p = args.p;
   constexpr int D = kHeadDim, M = Tr::kBlockM, N = Tr::kBlockN;
   constexpr int kDT = D / 8;  // n8 tiles of a dK / dV row block
@@ -141,7 +147,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   const int64_t pad_rows = blk.pad_rows;
 
   __shared__ QTileBounds bounds;
-  store_q_tile_bounds<M>(bounds, p, q_pos, k_pos, k0, k_end);
+  store_walk_bounds<kMask, M>(bounds, p, q_pos, k_pos, k0, k_end);
   if (tid == 0) {
     mbar_init(bar_kv, 1);
     for (int s = 0; s < Tr::kStages; ++s) {
@@ -155,7 +161,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     fence_barrier_init();
   }
   __syncthreads();
-  const QTileWalk walk{bounds, num_q_tiles, group};
+  const auto walk = make_q_walk<kMask, M>(bounds, p, q_pos, k_pos, k0, k_end, num_q_tiles, group, hkv);
   const QTile first = walk.first();
   if (walk.done(first)) {  // this K/V tile is invisible to every query: its dK/dV get nothing
     bwd::write_invisible_rows<Elem, D>(p, b, hkv, k0, k_end);
@@ -266,12 +272,21 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     // P^T in place of S^T (element 4j + e: key row wrow + g + 8 (e >> 1), query column 8j + 2t + (e & 1)).
     // The key rows' mask positions are looked up in partial tiles only (registers are short).
     const bool partial = k_tail || cur.kind == 1;
-    const int64_t kpos0 = partial ? key_mask_pos(p, k_pos, k0, wrow + g) : 0;
-    const int64_t kpos1 = partial ? key_mask_pos(p, k_pos, k0, wrow + g + 8) : 0;
-    if (partial) {
-      softmax_p<true>(s, lse, scale_log2, kpos0, kpos1, q_pos, q0, t);
+    if constexpr (kMask == MaskClass::kGeneral) {
+      if (partial) {
+        softmax_p_general(s, lse, scale_log2, p, p.mask.patterned_head(hkv * group + cur.hg), k_pos, k0, wrow + g,
+                          q_pos, q0, t);
+      } else {
+        softmax_p<false>(s, lse, scale_log2, 0, 0, q_pos, q0, t);
+      }
     } else {
-      softmax_p<false>(s, lse, scale_log2, kpos0, kpos1, q_pos, q0, t);
+      const int64_t kpos0 = partial ? key_mask_pos(p, k_pos, k0, wrow + g) : 0;
+      const int64_t kpos1 = partial ? key_mask_pos(p, k_pos, k0, wrow + g + 8) : 0;
+      if (partial) {
+        softmax_p<true>(s, lse, scale_log2, kpos0, kpos1, q_pos, q0, t);
+      } else {
+        softmax_p<false>(s, lse, scale_log2, kpos0, kpos1, q_pos, q0, t);
+      }
     }
     uint32_t pa[4][4];
     pack_a<Elem>(s, pa);
