@@ -96,6 +96,12 @@ RINGATTN_MASK_HD int64_t doc_begin(const Mask& m, int d) { return m.doc_offsets 
 RINGATTN_MASK_HD int64_t doc_end(const Mask& m, int d) { return m.doc_offsets ? m.doc_offsets[d + 1] : INT64_MAX; }
 
 namespace mask_detail {
+// a / b for a >= 0 and b > 0, in 32 bits when both fit (a 64-bit division is a subroutine call on
+// the GPU that takes many registers; the kernels classify tiles with these in their loops).
+RINGATTN_MASK_HD int64_t quot(int64_t a, int64_t b) {
+  if (a <= INT32_MAX && b <= INT32_MAX) return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+  return a / b;
+}
 // Whether s (> 0) divides d, of either sign. In 32 bits when both fit: a 64-bit remainder is a
 // subroutine call on the GPU, and the kernels' per-element test runs it for every pair.
 RINGATTN_MASK_HD bool divides(int64_t s, int64_t d) {
@@ -141,7 +147,7 @@ RINGATTN_MASK_HD Visibility either(Visibility a, Visibility b) {
 }
 // Whether [lo, hi] holds a multiple of s (s > 0).
 RINGATTN_MASK_HD bool holds_multiple(int64_t lo, int64_t hi, int64_t s) {
-  const int64_t first = lo >= 0 ? (lo + s - 1) / s * s : -((-lo) / s * s);
+  const int64_t first = lo >= 0 ? quot(lo + s - 1, s) * s : -(quot(-lo, s) * s);
   return first <= hi;
 }
 

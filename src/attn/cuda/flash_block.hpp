@@ -48,8 +48,9 @@ RINGATTN_BLOCK_HD int64_t first_row_in(const ChunkPositions& p, int64_t from, in
     if (s >= p.num_segments) break;
     const Segment& g = p.seg[s];
     if (from < base + g.count && lo <= hi && hi >= g.start) {
-      const int64_t r0 = lo <= g.start ? 0 : (lo - g.start + g.stride - 1) / g.stride;  // first row >= lo
-      const int64_t r1 = (hi - g.start) / g.stride;                                      // last row <= hi
+      // First row at or after lo, last row at or before hi (hi >= start here).
+      const int64_t r0 = lo <= g.start ? 0 : mask_detail::quot(lo - g.start + g.stride - 1, g.stride);
+      const int64_t r1 = mask_detail::quot(hi - g.start, g.stride);
       const int64_t a = r0 > from - base ? r0 : from - base;
       const int64_t b = r1 < g.count - 1 ? r1 : g.count - 1;
       if (a <= b) return base + a;

@@ -222,27 +222,27 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_ker
 
     if constexpr (kMask == MaskClass::kGeneral) {
       if (kind == TileKind::kPartial) {
-        // Any mask: the rule per element, each query row's document looked up once per tile (one
-        // m16 tile's rows at a time: fewer live registers).
+        // Any mask: per query row of the thread, a bit per key column of the tile (a loop, not
+        // unrolled: the rule's 64-bit arithmetic then needs few registers beside the accumulators),
+        // then the masking, unrolled. Key rows past seq_k are masked.
+        static_assert(2 * kNTilesS <= 32, "one bit per key column of a thread");
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          RowMask qm[kRows];
 #pragma unroll
           for (int r = 0; r < kRows; ++r) {
             const int row = q_lo + warp_row0 + mt * T::kMmaM + quad_row + r * kHalfTileRows;
-            qm[r] = row_mask(p.mask, position_at(p.q_pos, row), row < p.seq_q);
-          }
-#pragma unroll
-          for (int nt = 0; nt < kNTilesS; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int key = k_lo + nt * T::kMmaN + 2 * quad_col + e;
-              const int64_t key_position = position_at(p.k_pos, key);
-#pragma unroll
-              for (int r = 0; r < kRows; ++r)  // rows past seq_k: masked
-                if (key >= p.seq_k || !row_sees(p.mask, rule.patterned, qm[r], key_position))
-                  s[mt][nt][2 * r + e] = -INFINITY;
+            const RowMask qm = row_mask(p.mask, position_at(p.q_pos, row), row < p.seq_q);
+            uint32_t bits = 0;
+#pragma unroll 1
+            for (int i = 0; i < 2 * kNTilesS; ++i) {  // key column i: n8 tile i / 2, element i % 2
+              const int key = k_lo + (i >> 1) * T::kMmaN + 2 * quad_col + (i & 1);
+              if (key < p.seq_k && row_sees(p.mask, rule.patterned, qm, position_at(p.k_pos, key))) bits |= 1u << i;
             }
+#pragma unroll
+            for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e)
+                if (!((bits >> (2 * nt + e)) & 1u)) s[mt][nt][2 * r + e] = -INFINITY;
           }
         }
       }
