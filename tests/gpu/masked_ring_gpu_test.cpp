@@ -7,6 +7,8 @@
 #include <cmath>
 #include <exception>
 #include <functional>
+#include <map>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
@@ -98,21 +100,44 @@ std::vector<RingMask> ring_masks() {
   return out;
 }
 
+// The inputs and the fp64 reference of one spec (the same for every layout and ring size: cached).
+struct RingCase {
+  HostTensor q, k, v, dout, ro, rl, rdq, rdk, rdv;
+  explicit RingCase(const AttentionSpec& spec)
+      : q(DType::kBF16, {spec.batch, spec.seq_len, spec.heads, spec.head_dim}),
+        k(DType::kBF16, {spec.batch, spec.seq_len, spec.effective_kv_heads(), spec.head_dim}),
+        v(DType::kBF16, {spec.batch, spec.seq_len, spec.effective_kv_heads(), spec.head_dim}),
+        dout(DType::kBF16, {spec.batch, spec.seq_len, spec.heads, spec.head_dim}),
+        ro(DType::kF64, {spec.batch, spec.seq_len, spec.heads, spec.head_dim}),
+        rl(DType::kF64, {spec.batch, spec.heads, spec.seq_len}),
+        rdq(DType::kF64, {spec.batch, spec.seq_len, spec.heads, spec.head_dim}),
+        rdk(DType::kF64, {spec.batch, spec.seq_len, spec.effective_kv_heads(), spec.head_dim}),
+        rdv(DType::kF64, {spec.batch, spec.seq_len, spec.effective_kv_heads(), spec.head_dim}) {
+    std::mt19937 rng(static_cast<unsigned>(spec.seq_len + spec.head_dim));
+    fill_normal(q, rng);
+    fill_normal(k, rng);
+    fill_normal(v, rng);
+    fill_normal(dout, rng);
+    const ChunkPositions all = identity_positions(spec.seq_len);
+    reference_attention(spec, q.view, all, k.view, v.view, all, ro.view, rl.view);
+    reference_attention_backward(spec, q.view, k.view, v.view, dout.view, rdq.view, rdk.view, rdv.view);
+  }
+};
+const RingCase& ring_case(const AttentionSpec& spec) {
+  static std::map<std::string, std::unique_ptr<RingCase>> cache;
+  std::string key = spec.mask.describe() + " d" + std::to_string(spec.head_dim) + " S" + std::to_string(spec.seq_len);
+  for (int64_t o : spec.mask.doc_offsets) key += " " + std::to_string(o);
+  auto& slot = cache[key];
+  if (!slot) slot = std::make_unique<RingCase>(spec);
+  return *slot;
+}
+
 // Forward and backward of `spec` on `world` ranks of one GPU against the global fp64 reference.
 void check_ring(const AttentionSpec& spec, int world, const std::string& what) {
-  const int64_t B = spec.batch, S = spec.seq_len, H = spec.heads, Hkv = spec.effective_kv_heads(), D = spec.head_dim;
-  std::mt19937 rng(static_cast<unsigned>(S + world * 7 + D));
-  HostTensor q(DType::kBF16, {B, S, H, D}), k(DType::kBF16, {B, S, Hkv, D}), v(DType::kBF16, {B, S, Hkv, D});
-  HostTensor dout(DType::kBF16, {B, S, H, D});
-  fill_normal(q, rng);
-  fill_normal(k, rng);
-  fill_normal(v, rng);
-  fill_normal(dout, rng);
-  const ChunkPositions all = identity_positions(S);
-  HostTensor ro(DType::kF64, {B, S, H, D}), rl(DType::kF64, {B, H, S});
-  reference_attention(spec, q.view, all, k.view, v.view, all, ro.view, rl.view);
-  HostTensor rdq(DType::kF64, {B, S, H, D}), rdk(DType::kF64, {B, S, Hkv, D}), rdv(DType::kF64, {B, S, Hkv, D});
-  reference_attention_backward(spec, q.view, k.view, v.view, dout.view, rdq.view, rdk.view, rdv.view);
+  const int64_t B = spec.batch, H = spec.heads, Hkv = spec.effective_kv_heads(), D = spec.head_dim;
+  const RingCase& rc = ring_case(spec);
+  const HostTensor &q = rc.q, &k = rc.k, &v = rc.v, &dout = rc.dout, &ro = rc.ro, &rl = rc.rl;
+  const HostTensor &rdq = rc.rdq, &rdk = rc.rdk, &rdv = rc.rdv;
 
   std::vector<cudaStream_t> streams(static_cast<std::size_t>(world));
   std::vector<void*> stream_ptrs;
