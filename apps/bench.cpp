@@ -234,7 +234,7 @@ struct SizeResult {
   double model_mem_bytes = 0.0;  // model_memory(): what the formula says one rank needs
   bool checked = false;
   SampledCheckResult check;
-  bool grad_checked = false;  // -c 1 with --backward: dQ/dK/dV on sampled rows (apps/grad_check.hpp)
+  bool grad_checked = false;  // -c 1 with --backward: dQ/dK/dV on sampled rows (src/check/grad_check.hpp)
   GradCheckResult grad;
   std::vector<HopSummary> hops;
   std::string per_rank_json;  // rank 0: array of per-rank details
@@ -927,11 +927,11 @@ void apply_config(CLI::App& app, const std::string& path) {
 Command add_bench_command(CLI::App& root) {
   auto flags = std::make_shared<BenchFlags>();
   BenchFlags& f = *flags;
-  // Defaults: the standard shape (32 heads, head_dim 128, bf16, zigzag).
+  // Defaults: the standard shape (32 heads, head_dim 128, bf16; layout auto: zigzag for causal).
   f.problem.heads = 32;
   f.problem.head_dim = 128;
   f.problem.dtype = "bf16";
-  f.problem.layout = "zigzag";
+  f.problem.layout = "auto";
   CLI::App* app = root.add_subcommand(
       "bench", "Sweep the ring forward over sequence lengths (nccl-tests style flags); rank 0 prints one table");
   app->add_option("--config", f.config_path,

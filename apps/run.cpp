@@ -321,7 +321,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
 
   // --check against the fp64 reference.
   // A sampled check (long sequences) merges per-rank fp64 partials over each rank's own K/V
-  // (src/runtime/check.cpp), so no rank regenerates or streams the whole K/V; the exhaustive check
+  // (src/check/sampled_check.cpp), so no rank regenerates or streams the whole K/V; the exhaustive check
   // of short runs streams the global K/V through the naive reference.
   CheckResult check;
   if (f.check) {

@@ -93,6 +93,8 @@ class RingAttention {
   void backward_direct(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                        const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
                        const TensorView& dv);
+  // Adds remote hop j's K/V messages (this rank's rows to the reader, the owner's rows into buffer j % 2).
+  void add_kv_messages(PeerExchange& ex, int j, const TensorView& k, const TensorView& v) const;
   // Rows of remote hop h (0-based into plan().hops) that this rank receives, with their positions.
   struct DirectHop {
     int hop = 0;          // distance t

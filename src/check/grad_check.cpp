@@ -59,7 +59,7 @@ GradCheckResult check_gradients(Session& session, const AttentionSpec& spec, con
                                 const TensorView& dq, const TensorView& dk, const TensorView& dv,
                                 const std::vector<int64_t>& q_rows, const std::vector<int64_t>& k_rows) {
   const int64_t B = spec.batch, H = spec.heads, Hkv = spec.effective_kv_heads(), D = spec.head_dim;
-  const int64_t S = spec.seq_len, Sl = q.shape[1], group = H / Hkv;
+  const int64_t Sl = q.shape[1], group = H / Hkv;
   const double scale = spec.scale();
   auto qi = [&](int64_t b, int64_t i, int64_t h) { return ((b * Sl + i) * H + h) * D; };
   auto ki = [&](int64_t b, int64_t i, int64_t h) { return ((b * Sl + i) * Hkv + h) * D; };

@@ -152,7 +152,7 @@ SampledCheckResult distributed_sampled_check(const AttentionSpec& spec_in, Sessi
   const int rank = session.rank(), world = session.world();
   AttentionSpec spec = spec_in;
   if (spec.kv_heads == 0) spec.kv_heads = spec.heads;
-  const int64_t B = spec.batch, S = spec.seq_len, Sl = spec.local_seq(world);
+  const int64_t B = spec.batch, Sl = spec.local_seq(world);
   const int64_t H = spec.heads, Hkv = spec.effective_kv_heads(), D = spec.head_dim, group = H / Hkv;
   const double scale = spec.scale();
   for (const TensorView* t : {&q, &k, &v, &out}) {

@@ -242,7 +242,11 @@ class LoopbackTransport final : public Transport {
         wait_for_copies_locked(lock);
         fail(ErrorKind::kComm, why, kTimeoutHint);
       }
-      hub_->cv.wait_until(lock, deadline);
+      if (open != nullptr) {
+        hub_->cv.wait_until(lock, deadline);
+      } else {
+        hub_->cv.wait(lock);  // only copies in progress remain: their end notifies
+      }
     }
 #ifdef RINGATTN_HAVE_CUDA
     if (hub_->device_mode) {

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -438,6 +439,9 @@ const Case kCases[] = {
     {"Bwd_contig3_bf16_d64_causal_final", DType::kBF16, 1, 2, 2, 64, 390, true, Layout::kContiguous, 3, 0, false, false,
      DkvWrite::kFinal},
 };
+
+// gtest prints a parameter with PrintTo (else as raw bytes: pointers and padding).
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 INSTANTIATE_TEST_SUITE_P(FlashBwd, FlashBwdTest, ::testing::ValuesIn(kCases),
                          [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });

@@ -2,10 +2,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <ostream>
 #include <random>
 #include <string>
 #include <tuple>
@@ -154,6 +156,11 @@ struct Combo {
   bool causal;
 };
 
+// gtest prints a parameter with PrintTo (else as raw bytes, padding included).
+void PrintTo(const Combo& c, std::ostream* os) {
+  *os << dtype_name(c.dtype) << " d" << c.head_dim << (c.causal ? " causal" : " full");
+}
+
 class FlashFwdBasic : public ::testing::TestWithParam<Combo> {};
 
 TEST_P(FlashFwdBasic, MatchesReferenceWithTails) {
@@ -170,7 +177,11 @@ INSTANTIATE_TEST_SUITE_P(DtypesHeadDimsMasks, FlashFwdBasic,
                          ::testing::Values(Combo{DType::kBF16, 64, false}, Combo{DType::kBF16, 64, true},
                                            Combo{DType::kBF16, 128, false}, Combo{DType::kBF16, 128, true},
                                            Combo{DType::kF16, 64, false}, Combo{DType::kF16, 64, true},
-                                           Combo{DType::kF16, 128, false}, Combo{DType::kF16, 128, true}));
+                                           Combo{DType::kF16, 128, false}, Combo{DType::kF16, 128, true}),
+                         [](const ::testing::TestParamInfo<Combo>& info) {  // e.g. bf16_d128_causal
+                           return std::string(dtype_name(info.param.dtype)) + "_d" +
+                                  std::to_string(info.param.head_dim) + (info.param.causal ? "_causal" : "_full");
+                         });
 
 TEST(FlashFwd, GroupedQueryAttention) {
   RINGATTN_SKIP_WITHOUT_GPU();
@@ -218,6 +229,10 @@ struct RingCase {
   DType dtype;
 };
 
+void PrintTo(const RingCase& c, std::ostream* os) {
+  *os << layout_name(c.layout) << (c.causal ? " causal" : " full") << " d" << c.head_dim << " " << dtype_name(c.dtype);
+}
+
 class FlashFwdRing : public ::testing::TestWithParam<RingCase> {};
 
 // Every rank of a 4-rank ring: the step chaining must equal attention over the whole sequence.
@@ -241,7 +256,12 @@ INSTANTIATE_TEST_SUITE_P(Layouts, FlashFwdRing,
                                            RingCase{Layout::kStriped, true, 128, DType::kBF16},
                                            RingCase{Layout::kZigzag, true, 64, DType::kF16},
                                            RingCase{Layout::kStriped, true, 64, DType::kBF16},
-                                           RingCase{Layout::kContiguous, false, 128, DType::kF16}));
+                                           RingCase{Layout::kContiguous, false, 128, DType::kF16}),
+                         [](const ::testing::TestParamInfo<RingCase>& info) {  // e.g. zigzag_causal_d128_bf16
+                           return std::string(layout_name(info.param.layout)) +
+                                  (info.param.causal ? "_causal_d" : "_full_d") + std::to_string(info.param.head_dim) +
+                                  "_" + dtype_name(info.param.dtype);
+                         });
 
 // Both forward kernels (RINGATTN_FWD_KERNEL=mma, and wgmma: the Hopper kernel where it runs, else
 // mma.sync again) on cases of several 128-row tiles, so the TMA / mbarrier stages wrap around.
@@ -296,7 +316,17 @@ TEST_P(FlashFwdKernels, MatchReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(MmaAndWgmma, FlashFwdKernels,
-                         ::testing::Combine(::testing::Values("mma", "wgmma"), ::testing::Range(0, kKernelCases)));
+                         ::testing::Combine(::testing::Values("mma", "wgmma"), ::testing::Range(0, kKernelCases)),
+                         [](const ::testing::TestParamInfo<FlashFwdKernels::ParamType>& info) {
+                           // <kernel>_<case>_<describe(case)>, e.g. wgmma_1_bf16_B1_H4_4_D128_causal_S1100_contiguous_x1
+                           std::string name = std::string(std::get<0>(info.param)) + "_" +
+                                              std::to_string(std::get<1>(info.param)) + "_" +
+                                              describe(kernel_case(std::get<1>(info.param)));
+                           for (char& ch : name) {
+                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           }
+                           return name;
+                         });
 
 // Block order in sections of 3 (batch, head) pairs out of 8 (a short last section): every query
 // tile of every head must still be computed once.
@@ -317,7 +347,10 @@ TEST_P(FlashFwdSections, EveryBlockOnce) {
 }
 
 INSTANTIATE_TEST_SUITE_P(MmaAndWgmma, FlashFwdSections,
-                         ::testing::Combine(::testing::Values("mma", "wgmma"), ::testing::Bool()));
+                         ::testing::Combine(::testing::Values("mma", "wgmma"), ::testing::Bool()),
+                         [](const ::testing::TestParamInfo<FlashFwdSections::ParamType>& info) {  // e.g. wgmma_causal
+                           return std::string(std::get<0>(info.param)) + (std::get<1>(info.param) ? "_causal" : "_full");
+                         });
 
 // Queries at positions 0..99 against keys 50..149 (causal): rows 0..49 see nothing.
 TEST(FlashFwd, RowsThatSeeNothing) {

@@ -268,3 +268,55 @@ TEST(Flags, SpecFromFlagsParsesNamesAndSizes) {
 
 }  // namespace
 }  // namespace ringattn::cli
+
+// ---- mask flags -----------------------------------------------------------------------------------
+
+namespace ringattn::cli {
+namespace {
+
+TEST(CliMaskFlags, WindowTakesExactlyTwoIntegersAtLeastMinusOne) {
+  int64_t l = 0, r = 0;
+  parse_window("4095,0", &l, &r);
+  EXPECT_EQ(l, 4095);
+  EXPECT_EQ(r, 0);
+  parse_window("-1,7", &l, &r);
+  EXPECT_EQ(l, -1);
+  EXPECT_EQ(r, 7);
+  for (const char* bad : {"5", "1,2,3", "a,0", "0,", "-2,0", "0,-5", "1.5,0", ""}) {
+    EXPECT_THROW(parse_window(bad, &l, &r), ringattn::Error) << bad;
+  }
+}
+
+TEST(CliMaskFlags, LengthsArePositiveIntegers) {
+  EXPECT_EQ(parse_lengths("3,1,4", "--doc-lens"), (std::vector<int64_t>{3, 1, 4}));
+  for (const char* bad : {"3,0,4", "3,-1", "x", "3,,4", "3,"}) {
+    EXPECT_THROW(parse_lengths(bad, "--doc-lens"), ringattn::Error) << bad;
+  }
+}
+
+TEST(CliMaskFlags, SpecFromFlagsCarriesTheMask) {
+  ProblemFlags f;
+  f.seq_len = "64";
+  f.heads = 4;
+  f.kv_heads = 2;
+  f.causal = true;
+  f.window = "7,0";
+  f.stride = "5";
+  f.global_tokens = "2";
+  f.mask_heads = "2";
+  f.doc_lens = "20,44";
+  AttentionSpec spec = spec_from_flags(f);
+  apply_doc_lens(f, spec);
+  EXPECT_EQ(spec.layout, Layout::kAuto);
+  EXPECT_TRUE(spec.mask.causal && spec.mask.has_window);
+  EXPECT_EQ(spec.mask.window_left, 7);
+  EXPECT_EQ(spec.mask.stride, 5);
+  EXPECT_EQ(spec.mask.global_tokens, 2);
+  EXPECT_EQ(spec.mask.mask_heads, 2);
+  EXPECT_EQ(spec.mask.doc_offsets, (std::vector<int64_t>{0, 20, 64}));
+  f.stride = "0";
+  EXPECT_THROW(spec_from_flags(f), ringattn::Error);
+}
+
+}  // namespace
+}  // namespace ringattn::cli

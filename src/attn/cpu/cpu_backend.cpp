@@ -1,4 +1,5 @@
 // CpuBackend: blockwise online-softmax attention (forward and backward) on the host in fp64 or fp32.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -78,7 +79,7 @@ class CpuEngine {
           const int64_t i1 = std::min(Sq_, i0 + kTileQ);
           for (int64_t j0 = 0; j0 < Sk; j0 += kTileK) {
             const int64_t j1 = std::min(Sk, j0 + kTileK);
-            const Visibility vis = classify_tile(mask_, patterned, q_pos_, i0, i1, k_pos, j0, j1);
+            const Visibility vis = tile_visibility(patterned, q_abs_, i0, i1, k_abs, j0, j1);
             if (vis == Visibility::kEmpty) continue;
             for (int64_t i = i0; i < i1; ++i) {
               const T* qr = &q_[((b * Sq_ + i) * H_ + h) * D_];
@@ -178,7 +179,7 @@ class CpuEngine {
           const int64_t i1 = std::min(Sq_, i0 + kTileQ);
           for (int64_t j0 = 0; j0 < Sk; j0 += kTileK) {
             const int64_t j1 = std::min(Sk, j0 + kTileK);
-            const Visibility vis = classify_tile(mask_, patterned, q_pos_, i0, i1, k_pos, j0, j1);
+            const Visibility vis = tile_visibility(patterned, q_abs_, i0, i1, k_abs, j0, j1);
             if (vis == Visibility::kEmpty) continue;
             for (int64_t i = i0; i < i1; ++i) {
               const T row_lse = lse_[(b * H_ + h) * Sq_ + i];
@@ -220,6 +221,14 @@ class CpuEngine {
  private:
   AttentionSpec spec_;
   Mask mask_;
+  // The mask's class of rows [i0, i1) x [j0, j1) from the expanded positions (a scan of the tile's
+  // rows: the balanced layout's long segment lists would make a per-tile segment walk dominate).
+  Visibility tile_visibility(bool patterned, const std::vector<int64_t>& q, int64_t i0, int64_t i1,
+                             const std::vector<int64_t>& k, int64_t j0, int64_t j1) const {
+    const auto [q_lo, q_hi] = std::minmax_element(q.begin() + i0, q.begin() + i1);
+    const auto [k_lo, k_hi] = std::minmax_element(k.begin() + j0, k.begin() + j1);
+    return classify(mask_, *q_lo, *q_hi, *k_lo, *k_hi, patterned);
+  }
   // Rows of a visiting K/V chunk (or a slice of one): k is (B, Sk, Hkv, D) and k_pos covers Sk rows.
   int64_t rows_of(const TensorView& k, const ChunkPositions& k_pos, const char* what) const {
     const int64_t sk = k.rank == 4 ? k.shape[1] : -1;

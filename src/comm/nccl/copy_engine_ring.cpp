@@ -197,6 +197,11 @@ void CopyEngineRing::mark_free(long seq) {
   free_marked_[s] = seq;
 }
 
+void CopyEngineRing::unmark_free(long seq) {
+  const int s = slot(seq);
+  if (free_marked_[s] == seq) free_marked_[s] = -1;
+}
+
 void CopyEngineRing::export_pointer(void* ptr, cudaIpcMemHandle_t* handle, unsigned long long* offset) {
   GetAddressRangeFn range = address_range_fn();
   RINGATTN_CHECK(range != nullptr, ErrorKind::kCuda, "cuMemGetAddressRange is not available from the driver",

@@ -46,6 +46,9 @@ class CopyEngineRing {
 
   // Records the receiver's free event for exchange `seq` on the compute stream (at the fence).
   void mark_free(long seq);
+  // Forgets mark_free(seq) (its fence served an exchange of NCCL's kernels instead): post(seq)
+  // then records the free event itself, at its own time.
+  void unmark_free(long seq);
   // Posts exchange `seq`: the receiver message to rank-1 (recording free now unless mark_free ran
   // for this seq), the sender's copies on `comm_stream` once rank+1 said its buffers are free.
   void post(long seq, const ExchangePart* parts, int num_parts, cudaStream_t comm_stream, const Poll& poll);

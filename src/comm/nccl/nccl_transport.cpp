@@ -241,6 +241,28 @@ std::string NcclTransport::peer_text(int peer) const {
   return s;
 }
 
+std::string NcclTransport::ring_route() const {
+  return " (send to " + peer_text(next_) + ", receive from " + peer_text(prev_) + ")";
+}
+
+std::string NcclTransport::route_of(const Slot& slot) const {
+  return slot.route.empty() ? ring_route() : slot.route;
+}
+
+std::string NcclTransport::peer_route(const PeerExchange& exchange) const {
+  auto list = [this](const std::vector<PeerMessage>& messages) {
+    std::vector<bool> named(static_cast<std::size_t>(world_), false);
+    std::string text;
+    for (const PeerMessage& m : messages) {
+      if (m.peer < 0 || m.peer >= world_ || named[m.peer]) continue;
+      named[m.peer] = true;
+      text += (text.empty() ? "" : ", ") + peer_text(m.peer);
+    }
+    return text.empty() ? std::string("none") : text;
+  };
+  return " (send to " + list(exchange.sends) + "; receive from " + list(exchange.recvs) + ")";
+}
+
 void NcclTransport::check() const {
   if (failed_.load()) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -259,7 +281,7 @@ void NcclTransport::fail_locked(const std::string& message) {
   }
 }
 
-void NcclTransport::settle_locked(const char* what, int hop) {
+void NcclTransport::settle_locked(const char* what, int hop, const std::string& route) {
   const auto deadline = Clock::now() + timeout();
   ncclResult_t state = ncclInProgress;
   while (true) {
@@ -271,22 +293,19 @@ void NcclTransport::settle_locked(const char* what, int hop) {
   }
   if (state == ncclSuccess) return;
   std::string where = hop >= 0 ? "hop " + std::to_string(hop) + ": " : "";
+  const std::string peers = route.empty() ? ring_route() : route;
   std::string msg;
   if (state == ncclInProgress) {
-    msg = where + std::string(what) + " did not complete within " + seconds_text(timeout_ms_.load()) +
-          " (send to " + peer_text(next_) + ", receive from " + peer_text(prev_) +
-          "); a peer is stalled or dead; communicator aborted";
+    msg = where + std::string(what) + " did not complete within " + seconds_text(timeout_ms_.load()) + peers +
+          "; a peer is stalled or dead; communicator aborted";
   } else {
-    msg = where + std::string(what) + " failed: " + ncclGetErrorString(state) + " (send to " + peer_text(next_) +
-          ", receive from " + peer_text(prev_) + "); communicator aborted";
+    msg = where + std::string(what) + " failed: " + ncclGetErrorString(state) + peers + "; communicator aborted";
   }
   fail_locked(msg + " (hint: set NCCL_DEBUG=WARN; raise -T if a step legitimately takes longer)");
   throw Error(ErrorKind::kComm, failure_);
 }
 
-void NcclTransport::start_exchange_pieces(const ExchangePart* parts, int num_parts, int hop,
-                                          const ExchangePrologue& before) {
-  std::unique_lock<std::mutex> lock(mu_);
+NcclTransport::Slot& NcclTransport::acquire_slot_locked(std::unique_lock<std::mutex>& lock, int hop) {
   if (failed_.load()) throw Error(ErrorKind::kComm, failure_);
   RINGATTN_CHECK(hop >= 0, ErrorKind::kInternal, "negative hop " + std::to_string(hop), "");
   Slot& slot = slot_for(hop);
@@ -296,7 +315,7 @@ void NcclTransport::start_exchange_pieces(const ExchangePart* parts, int num_par
     while (cudaEventQuery(slot.done) == cudaErrorNotReady) {
       if (Clock::now() > deadline) {
         fail_locked("hop " + std::to_string(slot.hop) + ": exchange still pending when hop " + std::to_string(hop) +
-                    " needs its slot (send to " + peer_text(next_) + ", receive from " + peer_text(prev_) + ")");
+                    " needs its slot" + route_of(slot));
         throw Error(ErrorKind::kComm, failure_);
       }
       lock.unlock();
@@ -306,6 +325,10 @@ void NcclTransport::start_exchange_pieces(const ExchangePart* parts, int num_par
     }
     slot.pending = false;
   }
+  return slot;
+}
+
+void NcclTransport::order_after_compute_locked(Slot& slot, int hop) {
   // Sends must see finished data; receives must not overwrite a buffer that compute still reads:
   // the comm stream waits for the compute stream up to this hop's fence (or up to now).
   if (slot.fence_hop == hop) {
@@ -315,6 +338,13 @@ void NcclTransport::start_exchange_pieces(const ExchangePart* parts, int num_par
     check_cuda(cudaEventRecord(ready_, compute_stream_), "cudaEventRecord (compute -> comm)");
     check_cuda(cudaStreamWaitEvent(comm_stream_, ready_, 0), "cudaStreamWaitEvent (comm waits for compute)");
   }
+}
+
+void NcclTransport::start_exchange_pieces(const ExchangePart* parts, int num_parts, int hop,
+                                          const ExchangePrologue& before) {
+  std::unique_lock<std::mutex> lock(mu_);
+  Slot& slot = acquire_slot_locked(lock, hop);
+  order_after_compute_locked(slot, hop);
   // The prologue's work runs on the comm stream ahead of the transfer, beside the compute enqueued
   // after the fence (it only enqueues, so calling it under the lock is cheap).
   if (before) before(comm_stream_);
@@ -331,6 +361,7 @@ void NcclTransport::start_exchange_pieces(const ExchangePart* parts, int num_par
     slot.seq = seq_++;
     slot.pending = true;
     slot.posted = Clock::now();
+    slot.route.clear();  // the ring's: named on failure only
     lock.unlock();
     cv_.notify_all();
     return;
@@ -351,7 +382,7 @@ void NcclTransport::start_exchange_pieces(const ExchangePart* parts, int num_par
   if (r == ncclSuccess || r == ncclInProgress) r = end;
   if (r != ncclSuccess && r != ncclInProgress) {
     fail_locked("hop " + std::to_string(hop) + ": posting the NCCL exchange failed: " + ncclGetErrorString(r) +
-                " (send to " + peer_text(next_) + ", receive from " + peer_text(prev_) + ")");
+                ring_route());
     throw Error(ErrorKind::kComm, failure_);
   }
   // Non-blocking communicator: the kernels are on the stream only once the group has settled
@@ -361,6 +392,61 @@ void NcclTransport::start_exchange_pieces(const ExchangePart* parts, int num_par
   slot.hop = hop;
   slot.pending = true;
   slot.posted = Clock::now();
+  slot.route.clear();  // the ring's: named on failure only
+  lock.unlock();
+  cv_.notify_all();
+}
+
+void NcclTransport::start_peer_exchange(const PeerExchange& exchange, int hop, const ExchangePrologue& before) {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (const auto* list : {&exchange.sends, &exchange.recvs}) {
+    for (const PeerMessage& m : *list) {
+      RINGATTN_CHECK(m.peer >= 0 && m.peer < world_, ErrorKind::kInternal,
+                     "peer exchange of hop " + std::to_string(hop) + " names rank " + std::to_string(m.peer) +
+                         " of a ring of " + std::to_string(world_),
+                     "the plan names peers in [0, world)");
+    }
+  }
+  Slot& slot = acquire_slot_locked(lock, hop);
+  // A fence of this hop marked the copy-engine ring's next receive buffers free; this exchange is
+  // not that ring's, so the ring's next post records its own free point.
+  if (ce_ && slot.fence_hop == hop) ce_->unmark_free(seq_);
+  order_after_compute_locked(slot, hop);
+  if (before) before(comm_stream_);
+  const std::string route = peer_route(exchange);
+  if (!exchange.empty()) {
+    // NCCL's kernels, never the copy engines (they reach the ring neighbour only). Byte counts with
+    // ncclInt8; receives and sends of one group, so no order of peers can deadlock; several
+    // messages of one pair match in posting order. Empty pieces are skipped on both sides alike
+    // (the plan gives both the same sizes).
+    ncclResult_t r = ncclGroupStart();
+    auto ok = [&r] { return r == ncclSuccess || r == ncclInProgress; };
+    for (const PeerMessage& m : exchange.recvs) {
+      for (const PeerPiece& p : m.pieces) {
+        if (ok() && p.bytes > 0) r = ncclRecv(p.data, p.bytes, ncclInt8, m.peer, comm_, comm_stream_);
+      }
+    }
+    for (const PeerMessage& m : exchange.sends) {
+      for (const PeerPiece& p : m.pieces) {
+        if (ok() && p.bytes > 0) r = ncclSend(p.data, p.bytes, ncclInt8, m.peer, comm_, comm_stream_);
+      }
+    }
+    const ncclResult_t end = ncclGroupEnd();
+    if (ok()) r = end;
+    if (!ok()) {
+      fail_locked("hop " + std::to_string(hop) + ": posting the NCCL peer exchange failed: " +
+                  ncclGetErrorString(r) + route);
+      throw Error(ErrorKind::kComm, failure_);
+    }
+    settle_locked("NCCL peer exchange", hop, route);
+    kernel_exchange_in_pass_ = true;
+  }
+  check_cuda(cudaEventRecord(slot.done, comm_stream_), "cudaEventRecord (exchange done)");
+  slot.hop = hop;
+  slot.seq = -1;  // not an exchange of the copy-engine ring: wait() has nothing to ask it
+  slot.pending = true;
+  slot.posted = Clock::now();
+  slot.route = route;
   lock.unlock();
   cv_.notify_all();
 }
@@ -383,7 +469,7 @@ void NcclTransport::wait(int hop) {
     Slot& slot = slot_for(hop);
     RINGATTN_CHECK(slot.hop == hop, ErrorKind::kInternal,
                    "wait for hop " + std::to_string(hop) + " that was never started", "");
-    if (ce_) {  // rank-1's data landed
+    if (ce_ && slot.seq >= 0) {  // rank-1's data landed (a ring exchange on the copy engines)
       try {
         ce_->wait(slot.seq, ce_poll(lock, Clock::now() + timeout(), hop));
       } catch (const Error& e) {
@@ -436,7 +522,11 @@ CopyEngineRing::Poll NcclTransport::ce_poll(std::unique_lock<std::mutex>& lock, 
 }
 
 void NcclTransport::end_pass(const std::function<void()>& meanwhile) {
-  if (ce_ || world_ < 2) {  // copy engines: each arrival is a message from the peer that sent it
+  // Copy engines: each arrival is a message from the peer that sent it; a peer exchange in the pass
+  // ran on NCCL's kernels, which prove nothing of the kind, so it is confirmed like a kernel ring.
+  const bool kernels = kernel_exchange_in_pass_;
+  kernel_exchange_in_pass_ = false;
+  if ((ce_ && !kernels) || world_ < 2) {
     meanwhile();
     return;
   }
@@ -520,14 +610,14 @@ void NcclTransport::watchdog_loop() {
     if (r != ncclSuccess) state = r;
     if (state != ncclSuccess && state != ncclInProgress) {
       const int hop = oldest ? oldest->hop : -1;
-      fail_locked("hop " + std::to_string(hop) + ": NCCL reported " + ncclGetErrorString(state) + " (send to " +
-                  peer_text(next_) + ", receive from " + peer_text(prev_) + "); communicator aborted");
+      fail_locked("hop " + std::to_string(hop) + ": NCCL reported " + ncclGetErrorString(state) +
+                  (oldest ? route_of(*oldest) : ring_route()) + "; communicator aborted");
     } else if (oldest) {
       const auto start = std::max(oldest->posted, last_progress);
       if (Clock::now() - start > timeout()) {
         fail_locked("hop " + std::to_string(oldest->hop) + ": NCCL exchange timed out after " +
-                    seconds_text(timeout_ms_.load()) + " (send to " + peer_text(next_) + ", receive from " +
-                    peer_text(prev_) + " never completed); a peer is stalled or dead; communicator aborted "
+                    seconds_text(timeout_ms_.load()) + route_of(*oldest) +
+                    ", never completed; a peer is stalled or dead; communicator aborted "
                     "(hint: raise -T if one step legitimately takes longer)");
       }
     }

@@ -50,11 +50,16 @@ class NcclTransport final : public Transport {
   int world() const override { return world_; }
   void start_exchange_pieces(const ExchangePart* parts, int num_parts, int hop,
                              const ExchangePrologue& before) override;
+  // Any set of peers, one NCCL group of ncclSend/ncclRecv per piece on the comm stream, ordered
+  // against the compute stream like the ring's. Always NCCL's kernels, also when the ring runs on
+  // copy engines: that path maps only the ring neighbour's buffers (CUDA IPC).
+  bool supports_peer_exchange() const override { return true; }
+  void start_peer_exchange(const PeerExchange& exchange, int hop, const ExchangePrologue& before) override;
   void fence(int hop) override;
   // hop >= 0: the compute stream waits (on the device) for that hop's exchange.
   // hop < 0: the host waits, with the timeout, until every posted exchange has completed.
   void wait(int hop) override;
-  // NCCL's kernels (not the copy-engine path): all ranks add 1 in a one-integer allreduce queued
+  // NCCL's kernels (not the copy-engine path, unless a peer exchange ran in the pass): all ranks add 1 in a one-integer allreduce queued
   // behind the last exchange, and the host waits (with the timeout) for the sum to equal the ring
   // size. A completed NCCL receive alone does not prove that the ring is intact: with a peer
   // silent, a rank was seen to finish its forward while its neighbours timed out.
@@ -78,12 +83,22 @@ class NcclTransport final : public Transport {
     long seq = -1;                // the exchange's number (copy-engine path)
     bool pending = false;
     Clock::time_point posted;
+    std::string route;            // a peer exchange's " (send to ...; receive from ...)"; empty: the ring's
   };
 
   Slot& slot_for(int hop) { return slots_[static_cast<std::size_t>(hop) % slots_.size()]; }
   std::string peer_text(int peer) const;
+  // " (send to rank 1 (host pid), receive from rank 3 (...))": the ring's peers, or an exchange's.
+  std::string ring_route() const;
+  std::string peer_route(const PeerExchange& exchange) const;
+  std::string route_of(const Slot& slot) const;
+  // The slot of `hop`, once an older hop that used it has completed (with the deadline); mu_ held.
+  Slot& acquire_slot_locked(std::unique_lock<std::mutex>& lock, int hop);
+  // The comm stream waits for the compute stream up to the hop's fence, or up to now; mu_ held.
+  void order_after_compute_locked(Slot& slot, int hop);
   // Polls ncclCommGetAsyncError until the last call left the in-progress state; mu_ held.
-  void settle_locked(const char* what, int hop);
+  // `route` names the peers in messages (the ring's when empty).
+  void settle_locked(const char* what, int hop, const std::string& route = "");
   // Aborts the communicator once and records `message`; mu_ held.
   void fail_locked(const std::string& message);
   void watchdog_loop();
@@ -111,7 +126,9 @@ class NcclTransport final : public Transport {
   cudaEvent_t agree_done_ = nullptr;
   // Ranks of one host (unless RINGATTN_COPY_ENGINE=0): the data moves by copy engines, not NCCL kernels.
   std::unique_ptr<CopyEngineRing> ce_;
-  long seq_ = 0;  // exchanges started so far (the same count on every rank)
+  long seq_ = 0;  // ring exchanges started so far (the same count on every rank)
+  // A peer exchange ran on NCCL's kernels in this pass: end_pass confirms it like a kernel ring's.
+  bool kernel_exchange_in_pass_ = false;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

@@ -1,62 +1,24 @@
-#!/usr/bin/env bash
-# One device call on a 4-GPU machine: build, MPI+GPU tests (p = 4, 2), bench vs PyTorch context_parallel, 1M run, kill-a-rank tests, summary.
+# 4 GPUs of one host (~7 min): MPI+GPU tests (p = 4, 2), bench vs PyTorch context_parallel, 1M run, kill-a-rank tests.
+# shellcheck shell=bash
 #
-# Usage (device machine, repository root): scripts/device_ring.sh [all|nccl-variants]
+# Usage: bench/run.sh ring [all|nccl-variants]     (was scripts/device_ring.sh)
 #   all (default): the steps below.
 #   nccl-variants: build, then time the ring at 8k and 32k tokens per GPU under NCCL channel/CTA
-#   settings, pick the best, run bench_vs_peers.sh with it, and the Llama-3-8B 1M config.
-# Env: OUT (logs; the device tool sets it), NP (4), BUDGET_S (wall seconds for the whole script, 450),
-# VARIANT_SWEEP (the bench sizes of nccl-variants, default "-b 32K -e 128K -f 4"), VARIANTS_ONLY=1
-# (nccl-variants stops after the variants).
+#   settings, pick the best, run the vs-peers comparison with it, and the Llama-3-8B 1M config.
+# Env: NP (4), BUDGET_S (wall seconds for the whole suite, 450), VARIANT_SWEEP (the bench sizes of
+# nccl-variants, default "-b 32K -e 128K -f 4"), VARIANTS_ONLY=1 (nccl-variants stops after the
+# variants), RINGATTN_USE_WORKTREE=1 (build the copied working tree, not HEAD).
 # Steps run in order of importance and are skipped once the budget is nearly spent; every step has
-# its own timeout so a hang cannot eat the call. Logs (at most 8 files) go to $OUT.
-set -u
-START=$(date +%s)
-OUT=${OUT:-/tmp/ringattn_out}
+# its own timeout so a hang cannot eat the call.
 NP=${NP:-4}
-BUDGET_S=${BUDGET_S:-450}
-BUILD=build-dev
-mkdir -p "$OUT"
-export OUT
-export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-export TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
-export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
-MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none -x NCCL_NVLS_ENABLE
-        -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS)
-SUMMARY="$OUT/summary.txt"
-elapsed() { echo $(( $(date +%s) - START )); }
-# left N: true when at least N seconds of the budget remain.
-left() { [ $(( BUDGET_S - $(elapsed) )) -ge "$1" ]; }
-note() { echo "$*" | tee -a "$SUMMARY"; }
-
-# Build and run the committed tree (HEAD), so numbers belong to a commit and others' uncommitted
-# work in the copied working tree cannot break the build; RINGATTN_USE_WORKTREE=1 uses the copy.
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo worktree)
-if [ "${RINGATTN_USE_WORKTREE:-0}" != 1 ] && [ "$COMMIT" != worktree ]; then
-  SRC=/tmp/ringattn_src
-  rm -rf "$SRC" && mkdir -p "$SRC" && git archive HEAD | tar -x -C "$SRC" && cd "$SRC" || exit 1
-else
-  COMMIT="$COMMIT+worktree"
-fi
-COMMIT=${RINGATTN_COMMIT:-$COMMIT}
+ra_budget 450
+ra_use_commit
 MODE=${1:-all}
-note "# device_ring.sh $MODE $(date -u +%FT%TZ) commit $COMMIT"
-nvidia-smi --query-gpu=index,name,pci.bus_id,memory.total,driver_version --format=csv,noheader | tee -a "$SUMMARY"
+ra_header
 nvidia-smi topo -m 2>/dev/null | head -8 >>"$SUMMARY"
 
 # ---- build ------------------------------------------------------------------------------------
-gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
-nvcc_path=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-if ! { cmake -S . -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$nvcc_path" \
-         -DRINGATTN_BUILD_TESTS=ON &&
-       timeout 300 cmake --build "$BUILD" -j "$(nproc)" --target ringattn_cli ringattn_mpi_gpu_tests; } \
-     >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"
-  note "# BUILD FAILED after $(elapsed) s"
-  exit 1
-fi
-grep -E "ringattn: CUDA=" "$OUT/build.log" | tee -a "$SUMMARY"
-note "# built in $(elapsed) s"
+ra_build ringattn_cli ringattn_mpi_gpu_tests
 BIN="$BUILD/bin/ringattn"
 
 if [ "$MODE" = nccl-variants ]; then
@@ -67,7 +29,7 @@ if [ "$MODE" = nccl-variants ]; then
     name=${v%%:*}; envs=${v#*:}
     echo "==== variant $name ($envs)" >>"$OUT/bench.log"
     rm -f "/tmp/ra_v_$name.json"
-    env $envs timeout 90 "${MPIRUN[@]}" -np "$NP" "$BIN" bench ${VARIANT_SWEEP:--b 32K -e 128K -f 4} --heads 32 --head-dim 128 \
+    rt 90 env $envs "${MPIRUN[@]}" -np "$NP" "$BIN" bench ${VARIANT_SWEEP:--b 32K -e 128K -f 4} --heads 32 --head-dim 128 \
       --causal --layout zigzag --dtype bf16 -n 10 -w 3 -c 1 -J "/tmp/ra_v_$name.json" >>"$OUT/bench.log" 2>&1
     [ -f "/tmp/ra_v_$name.json" ] && { echo "== variant $name ($envs)"; cat "/tmp/ra_v_$name.json"; } >>"$OUT/bench_json.txt"
     line=$(python3 - "/tmp/ra_v_$name.json" <<'PY'
@@ -85,28 +47,27 @@ PY
     if python3 -c "import sys; sys.exit(0 if float('$score') > float('$best_score') else 1)"; then best=$envs; best_score=$score; fi
   done
   note "# best variant: '${best:-default}' (min ring efficiency $best_score%)"
-  [ "${VARIANTS_ONLY:-0}" = 1 ] && { cat "$SUMMARY"; exit 0; }
+  [ "${VARIANTS_ONLY:-0}" = 1 ] && return 0
   if left 120; then
-    env $best NP=$NP BENCH_TIMEOUT=90 PEER_TIMEOUT=150 SEQS=32768,131072 scripts/bench_vs_peers.sh "$BUILD" \
+    # shellcheck disable=SC2163,SC2086  # best holds NAME=VALUE words
+    ( [ -n "$best" ] && export $best; NP=$NP BENCH_TIMEOUT=90 PEER_TIMEOUT=150 SEQS=32768,131072 ra_vs_peers ) \
       2>&1 | tee "$OUT/vs_peers.txt" | tail -8
     tail -6 "$OUT/vs_peers.txt" >>"$SUMMARY"
   fi
   if left 60; then
     echo "==== llama3_8b_1m ($best)" >>"$OUT/bench.log"
-    env $best timeout 120 "${MPIRUN[@]}" -np "$NP" "$BIN" bench --config configs/llama3_8b_1m.toml -n 1 -w 1 \
+    rt 120 env $best "${MPIRUN[@]}" -np "$NP" "$BIN" bench --config configs/llama3_8b_1m.toml -n 1 -w 1 \
       --no-baseline -J /tmp/ra_l1m.json 2>&1 | tee -a "$OUT/bench.log" | grep -E "^ +[0-9]|^# (OK|FAILED)" | tee -a "$SUMMARY"
     [ -f /tmp/ra_l1m.json ] && { echo "== llama3_8b_1m ($best)"; cat /tmp/ra_l1m.json; } >>"$OUT/bench_json.txt"
   fi
-  echo
-  echo "================ summary ($(elapsed) s) ================"
-  cat "$SUMMARY"
-  exit 0
+  return 0
 fi
 
 # ---- MPI + GPU tests at p = 4 -------------------------------------------------------------------
 run_tests() {  # np timeout
-  timeout "$2" "${MPIRUN[@]}" -np "$1" "$BUILD/bin/ringattn_mpi_gpu_tests" >>"$OUT/tests.log" 2>&1
+  rt "$2" "${MPIRUN[@]}" -np "$1" "$BUILD/bin/ringattn_mpi_gpu_tests" >>"$OUT/tests.log" 2>&1
   local rc=$?
+  ra_result "mpi_gpu tests np$1" "$rc" "$(ra_gtest_summary "$OUT/tests.log") (so far)"
   grep -E "^\[ (ring|check|hang) " "$OUT/tests.log" | grep "p=$1" | tail -30
   note "# mpi_gpu tests np=$1: exit $rc ($(grep -c '\[       OK \]' "$OUT/tests.log") OK lines so far, $(grep -c '\[  FAILED  \]' "$OUT/tests.log") FAILED lines) at $(elapsed) s"
 }
@@ -115,7 +76,7 @@ run_tests 4 150
 
 # ---- our bench and the peer, side by side (8k and 32k tokens per GPU at p = 4) -----------------
 if left 150; then
-  NP=$NP BENCH_TIMEOUT=120 PEER_TIMEOUT=150 SEQS=32768,131072 scripts/bench_vs_peers.sh "$BUILD" \
+  NP=$NP BENCH_TIMEOUT=120 PEER_TIMEOUT=150 SEQS=32768,131072 ra_vs_peers \
     2>&1 | tee "$OUT/vs_peers.txt" | tail -8
   tail -6 "$OUT/vs_peers.txt" >>"$SUMMARY"
 fi
@@ -123,9 +84,11 @@ fi
 # ---- 1M tokens, causal, 4 GPUs, with the distributed check and peak memory ---------------------
 if left 90; then
   echo "==== standard_1m" >>"$OUT/bench.log"
-  timeout 150 "${MPIRUN[@]}" -np "$NP" "$BIN" bench --config configs/standard_1m.toml -n 2 -w 0 --no-baseline \
+  rt 150 "${MPIRUN[@]}" -np "$NP" "$BIN" bench --config configs/standard_1m.toml -n 2 -w 0 --no-baseline \
     -J /tmp/ra_1m.json 2>&1 | tee -a "$OUT/bench.log" | grep -vE "^#  rank" | tail -9
-  note "# 1M run exit ${PIPESTATUS[0]} at $(elapsed) s"
+  rc1m=${PIPESTATUS[0]}
+  ra_result "standard_1m np$NP" "$rc1m" "bench --config configs/standard_1m.toml"
+  note "# 1M run exit $rc1m at $(elapsed) s"
   grep -E "^ +1048576 " "$OUT/bench.log" | tail -1 >>"$SUMMARY"
   [ -f /tmp/ra_1m.json ] && { echo "== standard_1m"; cat /tmp/ra_1m.json; } >>"$OUT/bench_json.txt"
 fi
@@ -135,8 +98,9 @@ fi
 # the hop and the peer, and the job must end non-zero. SIGKILL: mpirun ends the job non-zero.
 kill_test() {  # signal
   local sig=$1 log=/tmp/ra_kill_$1.log pid="" i
+  dry && { echo "[dry-run] kill -$sig rank 2 of a running bench" >&2; return 0; }
   rm -f "$log"
-  ( timeout 80 "${MPIRUN[@]}" -np "$NP" "$BIN" bench -b 128K -e 128K --causal -n 100000 -w 0 -c 0 --no-baseline \
+  ( rt 80 "${MPIRUN[@]}" -np "$NP" "$BIN" bench -b 128K -e 128K --causal -n 100000 -w 0 -c 0 --no-baseline \
       -T 8 >"$log" 2>&1; echo "JOB EXIT CODE $?" >>"$log" ) &
   local job=$!
   for i in $(seq 1 60); do
@@ -154,6 +118,9 @@ kill_test() {  # signal
     >>"$OUT/kill.log"
   note "# kill -$sig rank 2: $(grep -m1 'JOB EXIT CODE' "$log"), $took s after the signal; messages naming a hop: $(grep -c 'hop [0-9]' "$log")"
   grep -m3 -E "watchdog|timed out|error" "$log" | cut -c1-300 | tee -a "$SUMMARY"
+  # The job must end, and end non-zero.
+  if grep -q 'JOB EXIT CODE [1-9]' "$log"; then ra_result "kill -$sig rank 2" 0 "job ended non-zero $took s later"
+  else ra_result "kill -$sig rank 2" 1 "$(grep -m1 'JOB EXIT CODE' "$log" || echo 'no exit code')"; fi
 }
 if left 60; then kill_test STOP; fi
 if left 35; then kill_test KILL; fi
@@ -167,11 +134,8 @@ fi
 # ---- Llama-3-8B shape at 128k (GQA) --------------------------------------------------------------
 if left 40; then
   echo "==== llama3_8b_128k" >>"$OUT/bench.log"
-  timeout 60 "${MPIRUN[@]}" -np "$NP" "$BIN" bench --config configs/llama3_8b_128k.toml -J /tmp/ra_llama128k.json \
+  rt 60 "${MPIRUN[@]}" -np "$NP" "$BIN" bench --config configs/llama3_8b_128k.toml -J /tmp/ra_llama128k.json \
     2>&1 | tee -a "$OUT/bench.log" | grep -E "^ +[0-9]" | tee -a "$SUMMARY"
   [ -f /tmp/ra_llama128k.json ] && { echo "== llama3_8b_128k"; cat /tmp/ra_llama128k.json; } >>"$OUT/bench_json.txt"
 fi
 
-echo
-echo "================ summary ($(elapsed) s) ================"
-cat "$SUMMARY"

@@ -1,7 +1,7 @@
 # One-GPU forward+backward, ours (ringattn bench) against torch SDPA's cuDNN backend under two equal protocols.
 #
 # Why: an H200 holds its boost clock (1980 MHz) for a short burst of work and settles near 1755 MHz
-# under sustained load (scripts/device_profile.sh clocks, 2026-11-28: ours and cuDNN both at 1725-1785 MHz after
+# under sustained load (bench/run.sh profile clocks, 2026-11-28: ours and cuDNN both at 1725-1785 MHz after
 # a second of load, 14.46 vs 14.56 ms at 16K causal). A 13 ms problem timed in a burst after an idle
 # gap therefore reads up to 12% faster than the same problem timed on a warm GPU, whichever
 # implementation it is. This script gives both the same conditions:
@@ -9,8 +9,9 @@
 #   sustained: at least 1.5 s of the same passes as warm-up, then 20 (16K) / 8 (64K) timed, median.
 # Each (size, causal) pair runs ours and cuDNN alternately, the order swapped every round. FLOPs are
 # 3.5 x 4 S^2 H D (halved for causal), as both benches count them. Prints JSON lines and a table.
-# Usage (device, repository root, after building build/bin/ringattn): python3 scripts/onegpu_vs_cudnn.py
-# Env: RINGATTN_BIN (default build/bin/ringattn), SEQS (default 16384,65536), ROUNDS (default 2), SMI_GPU
+# Usage (device, repository root): bench/run.sh onegpu or all-onegpu (build, tests, then this), or after a
+# build: RINGATTN_BIN=build/release/bin/ringattn python3 bench/onegpu_vs_cudnn.py
+# Env: RINGATTN_BIN (default build/release/bin/ringattn, the release preset), SEQS (default 16384,65536), ROUNDS (default 2), SMI_GPU
 # (nvidia-smi index of the GPU, default 0), OUT (where smi_fair.csv goes).
 import datetime
 import json
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BIN = os.environ.get("RINGATTN_BIN", "build/bin/ringattn")
+BIN = os.environ.get("RINGATTN_BIN", "build/release/bin/ringattn")
 SEQS = [int(s) for s in os.environ.get("SEQS", "16384,65536").split(",")]
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
 H, D = 32, 128

@@ -1,12 +1,12 @@
-#!/usr/bin/env bash
-# One device call on a 4-GPU machine for issues 4 and 5: build, MPI+GPU tests at p = 4, forward and forward+backward ring efficiency, torch context_parallel beside it, 1M tokens with --check.
+# 4 GPUs of one host (~5-9 min): MPI+GPU tests, fwd and fwd+bwd ring efficiency, context_parallel at 128k, 1M tokens with --check.
+# shellcheck shell=bash
 #
-# Usage (device machine, repository root): scripts/device_p4.sh [all|variants]
+# Usage: bench/run.sh p4 [all|variants]     (was scripts/device_p4.sh)
 #   variants: time the forward (with VARIANT_FLAGS=--backward: forward+backward) at VARIANT_SIZES
 #   (default 8k tokens per GPU) under each entry of
 #   VARIANTS ("name:ENV=V,ENV2=W ..." words), then forward and forward+backward at 8k and 32k tokens per GPU
 #   with the best, then `run --backward --check` at 1M tokens (the rest of the budget).
-# Env: OUT (logs; the device tool sets it), NP (4), BUDGET_S (wall seconds, default 560),
+# Env: NP (4), BUDGET_S (wall seconds, default 560),
 #      RINGATTN_COMMIT (the commit the copied tree is; the device copy has no .git),
 #      SKIP_TESTS=1, SKIP_FWD=1, SKIP_PEER=1, SKIP_1M=1 (leave out a part), SIZES (the ring sweep's
 #      total tokens, "-b 32K -e 128K -f 2": 8k to 32k tokens per GPU at NP=4), BASE_TREE (the source
@@ -17,45 +17,20 @@
 #      the best becomes RUN_ENV of the ring benches), RUN_ENV (environment of every bench).
 # Steps run in order of importance, each under its own timeout, and are skipped once the budget is
 # nearly spent. The summary ($OUT/summary.txt) is printed last.
-set -u
-START=$(date +%s)
-OUT=${OUT:-/tmp/ringattn_out}
 NP=${NP:-4}
-BUDGET_S=${BUDGET_S:-560}
-BUILD=build-p4
+ra_budget 560
 MODE=${1:-all}
-mkdir -p "$OUT"
-export OUT
-export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-export TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
-export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
-MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none -x NCCL_NVLS_ENABLE
-        -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -np "$NP")
-SUMMARY="$OUT/summary.txt"
-elapsed() { echo $(( $(date +%s) - START )); }
-left() { [ $(( BUDGET_S - $(elapsed) )) -ge "$1" ]; }
-note() { echo "$*" | tee -a "$SUMMARY"; }
-COMMIT=${RINGATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo worktree)}
-note "# device_p4.sh $(date -u +%FT%TZ) commit $COMMIT, NP=$NP"
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee -a "$SUMMARY"
-
-gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
+MPIRUN+=(-np "$NP")
+ra_header
 if [ -n "${BASE_TREE:-}" ]; then
-  ( cmake -S "$BASE_TREE" -B build-p4-base "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DRINGATTN_BUILD_TESTS=OFF &&
-    timeout 300 cmake --build build-p4-base -j "$(nproc)" --target ringattn_cli ) >"$OUT/build_base.log" 2>&1 &
+  ra_build_tree "$BASE_TREE" build-p4-base "$OUT/build_base.log" ringattn_cli &
   BASE_PID=$!
 fi
-if ! { cmake -S . -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DRINGATTN_BUILD_TESTS=ON &&
-       timeout 300 cmake --build "$BUILD" -j "$(nproc)" --target ringattn_cli ringattn_mpi_gpu_tests \
-         ${GPU_TESTS:+ringattn_gpu_tests}; } \
-     >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; note "# BUILD FAILED after $(elapsed) s"; exit 1
-fi
-note "# built in $(elapsed) s"
+ra_build ringattn_cli ringattn_mpi_gpu_tests ${GPU_TESTS:+ringattn_gpu_tests}
 BIN="$BUILD/bin/ringattn"
 bench() {  # bench TIMEOUT ARGS...
   local t=$1; shift
-  timeout "$t" env ${RUN_ENV:-} "${MPIRUN[@]}" "$BIN" bench --dtype bf16 --heads 32 --head-dim 128 --causal --layout zigzag "$@" \
+  rt "$t" env ${RUN_ENV:-} "${MPIRUN[@]}" "$BIN" bench --dtype bf16 --heads 32 --head-dim 128 --causal --layout zigzag "$@" \
     2>&1 | tee -a "$OUT/bench.log" | grep -E "^ +[0-9]|^# (OK|FAILED)" | tee -a "$SUMMARY"
 }
 
@@ -67,7 +42,7 @@ if [ "$MODE" = variants ]; then
     dbg=(); [ "$name" = default ] && dbg=(NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P)
     rm -f "/tmp/ra_v.json"
     echo "==== variant $name ($envs)" >>"$OUT/bench.log"
-    env "${dbg[@]}" $envs timeout 60 "${MPIRUN[@]}" "$BIN" bench --dtype bf16 --heads 32 \
+    rt 60 env "${dbg[@]}" $envs "${MPIRUN[@]}" "$BIN" bench --dtype bf16 --heads 32 \
       --head-dim 128 --causal --layout zigzag ${VARIANT_SIZES:--b 32K -e 32K} ${VARIANT_FLAGS:-} -n 20 -w 5 -c 0 -J /tmp/ra_v.json \
       >"/tmp/ra_v.log" 2>&1
     rc=$?
@@ -85,17 +60,17 @@ if [ "$MODE" = variants ]; then
   left 100 && bench 90 -b 32K -e 128K -f 4 -n 5 -w 2 -c 1 --backward -J "$OUT/p4_fwdbwd.json"
   if left 150; then
     note "# run --backward --check at 1M, best variant (sampled dQ rows and dK/dV rows vs fp64, streamed)"
-    env $best timeout $(( BUDGET_S - $(elapsed) )) "${MPIRUN[@]}" "$BIN" run --dtype bf16 --seq-len 1M --heads 32 \
+    rt $(( BUDGET_S - $(elapsed) )) env $best "${MPIRUN[@]}" "$BIN" run --dtype bf16 --seq-len 1M --heads 32 \
       --head-dim 128 --causal --layout zigzag --backward --check --check-rows 4 --timeout 600 >"$OUT/run_1m_bwd.log" 2>&1
-    note "# run 1M --backward --check: exit $? at $(elapsed) s"
+    rc=$?; ra_result "run 1M --backward --check" "$rc"
+    note "# run 1M --backward --check: exit $rc at $(elapsed) s"
     grep -E "^#|PASS|FAIL" "$OUT/run_1m_bwd.log" | grep -vE "^#  rank" | tail -12 | tee -a "$SUMMARY"
   fi
-  echo; echo "================ summary ($(elapsed) s) ================"; cat "$SUMMARY"
-  exit 0
+  return 0
 fi
 
 if [ -n "${GPU_TESTS:-}" ]; then
-  timeout 150 "$BUILD/bin/ringattn_gpu_tests" --gtest_filter="$GPU_TESTS" >"$OUT/gpu_tests.log" 2>&1
+  ra_gtest gpu-tests 150 "$OUT/gpu_tests.log" -- --gtest_filter="$GPU_TESTS"
   note "# one-GPU tests '$GPU_TESTS': exit $? ($(grep -c '\[       OK \]' "$OUT/gpu_tests.log") OK, $(grep -c '\[  FAILED  \]' "$OUT/gpu_tests.log") FAILED lines)"
 fi
 
@@ -108,7 +83,7 @@ if [ -n "${KERNEL_AB:-}" ]; then
     row=()
     for c in "" --causal; do
       rm -f /tmp/ra_k.json
-      env $envs timeout 60 mpirun --allow-run-as-root -np 1 "$BIN" bench -b 16K -e 64K -f 4 --layout contiguous -c 0 \
+      rt 60 env $envs mpirun --allow-run-as-root -np 1 "$BIN" bench -b 16K -e 64K -f 4 --layout contiguous -c 0 \
         --dtype bf16 --heads 32 --head-dim 128 -n 3 -w 1 --backward $c -J /tmp/ra_k.json >>"$OUT/kernel_ab.log" 2>&1
       row+=($(python3 -c "import json; print(' '.join('%.1f' % x['tflops_per_gpu'] for x in json.load(open('/tmp/ra_k.json'))['results']))" 2>/dev/null || echo "- -"))
     done
@@ -118,7 +93,7 @@ if [ -n "${KERNEL_AB:-}" ]; then
   done
   note "# best kernel variant: '${best_k}' ($best_g); the ring benches below run under it"
   RUN_ENV=${RUN_ENV:-$best_k}
-  PEER_SEQS=16384,65536 timeout 90 python3 tests/bench/peers/torch_sdpa.py 2>&1 | grep -v efficient >"$OUT/torch_sdpa.txt"
+  ra_peer_sdpa 90 PEER_SEQS=16384,65536 2>&1 | grep -v efficient >"$OUT/torch_sdpa.txt"
   python3 - "$OUT/torch_sdpa.txt" <<'PY' | tee -a "$SUMMARY"
 import json, sys
 rows = {}
@@ -134,16 +109,18 @@ fi
 
 # ---- MPI + GPU tests at p = NP (ring vs one-GPU kernel, layouts, check, hang safety, embedding) ----
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout 240 "${MPIRUN[@]}" "$BUILD/bin/ringattn_mpi_gpu_tests" >"$OUT/tests.log" 2>&1
-  note "# mpi_gpu tests np=$NP: exit $? ($(grep -c '\[       OK \]' "$OUT/tests.log") OK lines, $(grep -c '\[  FAILED  \]' "$OUT/tests.log") FAILED lines, $(grep -c '\[  SKIPPED \]' "$OUT/tests.log") SKIPPED lines) at $(elapsed) s"
+  rt 240 "${MPIRUN[@]}" "$BUILD/bin/ringattn_mpi_gpu_tests" >"$OUT/tests.log" 2>&1
+  rc=$?; ra_result "mpi_gpu tests np$NP" "$rc" "$(ra_gtest_summary "$OUT/tests.log")"
+  note "# mpi_gpu tests np=$NP: exit $rc ($(grep -c '\[       OK \]' "$OUT/tests.log") OK lines, $(grep -c '\[  FAILED  \]' "$OUT/tests.log") FAILED lines, $(grep -c '\[  SKIPPED \]' "$OUT/tests.log") SKIPPED lines) at $(elapsed) s"
   grep -E "^\[  FAILED  \]|Failure" "$OUT/tests.log" | sort -u | head -10 | tee -a "$SUMMARY"
   grep -E -A3 "Failure" "$OUT/tests.log" | head -24 | tee -a "$SUMMARY"
   grep -E "^\[ hang|^\[ ring bwd" "$OUT/tests.log" | tee -a "$SUMMARY"
 fi
 if [ -n "${NCCL_TESTS:-}" ]; then  # the same suite over NCCL's kernels (the copy-engine exchange off)
-  RINGATTN_COPY_ENGINE=0 timeout 200 "${MPIRUN[@]}" -x RINGATTN_COPY_ENGINE "$BUILD/bin/ringattn_mpi_gpu_tests" \
+  rt 200 env RINGATTN_COPY_ENGINE=0 "${MPIRUN[@]}" -x RINGATTN_COPY_ENGINE "$BUILD/bin/ringattn_mpi_gpu_tests" \
     --gtest_filter="$NCCL_TESTS" >"$OUT/tests_nccl.log" 2>&1
-  note "# mpi_gpu tests np=$NP over NCCL ('$NCCL_TESTS'): exit $? ($(grep -c '\[       OK \]' "$OUT/tests_nccl.log") OK, $(grep -c '\[  FAILED  \]' "$OUT/tests_nccl.log") FAILED lines)"
+  rc=$?; ra_result "mpi_gpu tests np$NP nccl" "$rc" "$(ra_gtest_summary "$OUT/tests_nccl.log")"
+  note "# mpi_gpu tests np=$NP over NCCL ('$NCCL_TESTS'): exit $rc ($(grep -c '\[       OK \]' "$OUT/tests_nccl.log") OK, $(grep -c '\[  FAILED  \]' "$OUT/tests_nccl.log") FAILED lines)"
   grep -E "^\[ hang|^\[  FAILED" "$OUT/tests_nccl.log" | tee -a "$SUMMARY"
 fi
 
@@ -168,9 +145,9 @@ fi
 
 if [ "${SKIP_PEER:-0}" != 1 ] && left 150; then
   note "# ---- torch context_parallel p=$NP, causal, 128k total (forward, forward+backward)"
-  PYTHONUNBUFFERED=1 PEER_SEQS=131072 PEER_CAUSAL=1 timeout 160 \
-    torchrun --nproc_per_node="$NP" scripts/peers/torch_context_parallel.py >"$OUT/peer.log" 2>&1
-  note "# peer exit $? at $(elapsed) s"
+  ra_peer_cp "$NP" 160 PEER_SEQS=131072 PEER_CAUSAL=1 >"$OUT/peer.log" 2>&1
+  rc=$?; ra_result "torch-cp np$NP" "$rc" "128k causal"
+  note "# peer exit $rc at $(elapsed) s"
   grep '^{' "$OUT/peer.log" | tee -a "$SUMMARY"
 fi
 
@@ -180,12 +157,10 @@ if [ "${SKIP_1M:-0}" != 1 ]; then
   left 80 && bench 240 -b 1M -e 1M -n 1 -w 0 -c 1 --no-baseline --backward -T 600 -J "$OUT/p4_1m_fwdbwd.json"
   if left 100; then
     note "# run --backward --check at 1M (sampled dQ rows and dK/dV rows vs fp64, streamed)"
-    timeout $(( BUDGET_S - $(elapsed) )) "${MPIRUN[@]}" "$BIN" run --dtype bf16 --seq-len 1M --heads 32 --head-dim 128 \
+    rt $(( BUDGET_S - $(elapsed) )) "${MPIRUN[@]}" "$BIN" run --dtype bf16 --seq-len 1M --heads 32 --head-dim 128 \
       --causal --layout zigzag --backward --check --check-rows 8 --timeout 600 >"$OUT/run_1m_bwd.log" 2>&1
-    note "# run 1M --backward --check: exit $? at $(elapsed) s"
+    rc=$?; ra_result "run 1M --backward --check" "$rc"
+    note "# run 1M --backward --check: exit $rc at $(elapsed) s"
     grep -E "^#|PASS|FAIL" "$OUT/run_1m_bwd.log" | grep -vE "^#  rank" | tail -12 | tee -a "$SUMMARY"
   fi
 fi
-echo
-echo "================ summary ($(elapsed) s) ================"
-cat "$SUMMARY"

@@ -1,21 +1,19 @@
-#!/usr/bin/env bash
-# One device call, one GPU, fwd+bwd of ours and torch cuDNN: per-kernel GPU time (`kernels`, the default:
-# ours under ncu, cuDNN under torch.profiler) or the SM clock and power while each runs plus both
-# kernels' isolated durations under ncu (`clocks`: kernel speed told apart from clock throttling).
-# Usage: scripts/device_profile.sh [kernels|clocks]
-# Env: S (tokens, default 16384), CAUSAL (1 default), SKIP_BUILD=1 (use build/bin/ringattn as built), OUT.
-set -u -o pipefail
-OUT=${OUT:-/tmp/ringattn_out}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
+# One GPU (~2-4 min): fwd+bwd per-kernel time of ours (ncu) and cuDNN (torch.profiler), or the SM clock and power while each runs.
+# shellcheck shell=bash
+#
+# Usage: bench/run.sh profile [kernels|clocks]     (was scripts/device_profile.sh)
+#   kernels (default): per-kernel GPU time of one fwd+bwd pass, ours under ncu, cuDNN under torch.profiler.
+#   clocks: the SM clock and power while each runs, plus both kernels' isolated durations under ncu
+#   (kernel speed told apart from clock throttling).
+# Env: S (tokens, default 16384), CAUSAL (1 default), SKIP_BUILD=1 (use $BUILD/bin/ringattn as another
+# suite built it).
 S=${S:-16384}
 CAUSAL=${CAUSAL:-1}
 flag=$([ "$CAUSAL" = 1 ] && echo --causal)
-echo "## device"; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
-if [ "${SKIP_BUILD:-0}" != 1 ] || [ ! -x build/bin/ringattn ]; then  # SKIP_BUILD=1: the CLI another script built
-  cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1 &&
-    cmake --build build -j16 --target ringattn_cli >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-fi
+PBIN=$BUILD/bin/ringattn
+ra_header
+if [ "${SKIP_BUILD:-0}" != 1 ] || [ ! -x "$PBIN" ]; then ra_build ringattn_cli; fi
+if dry; then echo "[dry-run] ncu / torch.profiler on $PBIN bench -b $S -e $S --backward $flag" >&2; return 0; fi
 if [ "${1:-kernels}" = clocks ]; then  # ---- clocks mode ----
 cat >"$OUT/torch_fb.py" <<'PY'
 import os, sys, time, torch, torch.nn.functional as F
@@ -46,7 +44,7 @@ PY
 }
 echo "## ours: bench, S=$S causal=$CAUSAL, -n 20"
 pid=$(sample ours)
-build/bin/ringattn bench -b "$S" -e "$S" -n 20 -w 2 -c 0 --dtype bf16 --heads 32 --head-dim 128 --backward $flag 2>&1 |
+"$PBIN" bench -b "$S" -e "$S" -n 20 -w 2 -c 0 --dtype bf16 --heads 32 --head-dim 128 --backward $flag 2>&1 |
   grep -E "^ +[0-9]|per-hop" | tee "$OUT/ours_bench.txt"
 kill "$pid"; sleep 0.2
 echo "## torch cuDNN, 40 iterations"
@@ -57,7 +55,7 @@ echo "## isolated kernels (ncu, --clock-control none)"
 timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
   env S=$S CAUSAL=$CAUSAL python3 "$OUT/torch_fb.py" 2 >"$OUT/ncu_cudnn.csv" 2>"$OUT/ncu_cudnn.err"
 timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-  build/bin/ringattn bench -b "$S" -e "$S" -n 1 -w 1 -c 0 --no-baseline --dtype bf16 --heads 32 --head-dim 128 \
+  "$PBIN" bench -b "$S" -e "$S" -n 1 -w 1 -c 0 --no-baseline --dtype bf16 --heads 32 --head-dim 128 \
   --backward $flag >"$OUT/ncu_ours.csv" 2>"$OUT/ncu_ours.err"
 python3 - "$OUT/ncu_cudnn.csv" "$OUT/ncu_ours.csv" <<'PY'
 import csv, sys
@@ -72,14 +70,14 @@ for path in sys.argv[1:]:
 PY
 echo "## clocks while running"
 summ ours; summ cudnn
-exit 0
+return 0
 fi
 # ---- kernels mode ----
 echo "## ours: ncu, one pass after one warm-up, S=$S causal=$CAUSAL"
 timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-  build/bin/ringattn bench -b "$S" -e "$S" -n 1 -w 1 -c 0 --no-baseline --dtype bf16 --heads 32 --head-dim 128 \
+  "$PBIN" bench -b "$S" -e "$S" -n 1 -w 1 -c 0 --no-baseline --dtype bf16 --heads 32 --head-dim 128 \
   --backward $flag >"$OUT/ncu_ours.csv" 2>"$OUT/ncu_ours.err"
-echo "ncu rc=$?"
+ra_result ncu-ours $? "S=$S causal=$CAUSAL"
 python3 - "$OUT/ncu_ours.csv" <<'PY'
 import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1], errors="replace")) if len(r) > 10]

@@ -1,26 +1,18 @@
-#!/usr/bin/env bash
-# One-GPU device call: per-instruction stall attribution (Nsight Compute source view, SASS) of the Hopper backward step kernel.
+# One GPU (~4-8 min): per-instruction stall attribution (Nsight Compute source view, SASS) of the Hopper backward step kernel.
+# shellcheck shell=bash
 #
-# Usage (device machine, repository root): scripts/device_bwd_profile.sh
-# Env: OUT (logs; the device tool sets it), KERNELS (RINGATTN_BWD_SM90_NO_TMA values: 0 the TMA kernel,
-#      1 its cp.async fallback; "0"), CAUSAL ("0 1": non-causal and causal), SEQ (tokens, 16K),
-#      TOP (instructions listed, 40).
-# Writes $OUT/summary_v<V>.txt (speed of light, warp states), /tmp/source_v<V>.csv (the SASS source view)
-# and $OUT/top_stalls_v<V>.txt: the TOP SASS
-# instructions by sampled stalls with their stall reasons, so the next kernel change aims at the
-# instructions that wait, not at a guess.
-set -u
-OUT=${OUT:-/tmp/ringattn_out}
-mkdir -p "$OUT"
+# Usage: bench/run.sh bwd-profile     (was scripts/device_bwd_profile.sh)
+# Env: KERNELS (RINGATTN_BWD_SM90_NO_TMA values: 0 the TMA kernel, 1 its cp.async fallback; "0"),
+#      CAUSAL ("0 1": non-causal and causal), SEQ (tokens, 16K), TOP (instructions listed, 40).
+# Writes $OUT/summary_v<V>.txt (speed of light, warp states), /tmp/source_v<V>.csv (the SASS source
+# view) and $OUT/top_stalls_v<V>.txt: the TOP SASS instructions by sampled stalls with their stall
+# reasons, so the next kernel change aims at the instructions that wait, not at a guess. The library
+# is built with -lineinfo (CMakeLists.txt), so the release build serves; no tests are built.
 SEQ=${SEQ:-16K}
 TOP=${TOP:-40}
-BUILD=build-prof
-T0=$(date +%s)
-cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DRINGATTN_BUILD_TESTS=OFF -DCMAKE_CUDA_FLAGS="-lineinfo" \
-  >"$OUT/build.log" 2>&1 &&
-  cmake --build "$BUILD" -j "$(nproc)" --target ringattn_cli >>"$OUT/build.log" 2>&1 ||
-  { tail -30 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
-echo "# built in $(( $(date +%s) - T0 )) s"
+ra_header
+ra_build ringattn_cli
+if dry; then echo "[dry-run] ncu --set full --import-source yes on $BUILD/bin/ringattn bench --backward (KERNELS=${KERNELS:-0}, CAUSAL=${CAUSAL:-0 1})" >&2; return 0; fi
 for v0 in ${KERNELS:-0}; do
 for c in ${CAUSAL:-0 1}; do
   v=${v0}c$c
@@ -32,7 +24,9 @@ for c in ${CAUSAL:-0 1}; do
     --launch-skip 1 --launch-count 1 --set full --import-source yes -o "$rep" \
     "$BUILD/bin/ringattn" bench -b "$SEQ" -e "$SEQ" -n 1 -w 1 -c 0 --no-baseline --dtype bf16 --heads 32 \
     --head-dim 128 --backward $flags >"$OUT/ncu_run_v$v.log" 2>&1
-  echo "# variant $v: ncu exit $? at $(( $(date +%s) - T0 )) s"
+  rc=$?
+  ra_result "ncu v$v" "$rc" "RINGATTN_BWD_SM90_NO_TMA=$v0 causal=$c"
+  echo "# variant $v: ncu exit $rc at $(elapsed) s"
   [ -f "$rep.ncu-rep" ] || { tail -20 "$OUT/ncu_run_v$v.log"; continue; }
   ncu --import "$rep.ncu-rep" --section SpeedOfLight --section WarpStateStats --print-details all \
     >"$OUT/summary_v$v.txt" 2>&1
@@ -68,4 +62,4 @@ PY
   head -"$(( TOP + 1 ))" "$OUT/top_stalls_v$v.txt"
 done
 done
-echo "# done in $(( $(date +%s) - T0 )) s"
+echo "# done in $(elapsed) s"
