@@ -22,6 +22,11 @@ bool launch_flash_bwd_sm90_tma(const FlashBwdParams& params, const ChunkPosition
                                cudaStream_t stream) {
   using Traits = bwd90::TmaBwdTraitsFor<Elem, kHeadDim, kMask>;
   constexpr bool kBf16 = std::is_same_v<Elem, __nv_bfloat16>;
+  // The any-mask kernel hands tiles over as (query tile < 2^20, group head < 2^8): else the cp.async kernel.
+  constexpr int64_t kMaxTiles = int64_t{1} << 20, kMaxGroup = 1 << 8;
+  if (kMask == MaskClass::kGeneral && ((params.seq_q + Traits::kBlockM - 1) / Traits::kBlockM >= kMaxTiles ||
+                                       params.heads / params.kv_heads >= kMaxGroup))
+    return false;
   bwd90::TmaBwdArgs args;
   args.p = params;
   if (!encode_tile_map(&args.q, kBf16, params.q, kHeadDim, params.seq_q, params.heads, params.batch, params.q_row_stride,
