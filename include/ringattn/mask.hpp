@@ -118,7 +118,8 @@ RINGATTN_MASK_HD bool visible_in_doc(const Mask& m, int64_t q, int64_t k, int64_
   if (m.causal && k > q) return false;
   if (q < doc_lo || q >= doc_hi || k < doc_lo || k >= doc_hi) return false;
   if (!patterned || !m.has_pattern()) return true;
-  if (m.has_window && (m.window_left < 0 || k >= q - m.window_left) && (m.window_right < 0 || k <= q + m.window_right)) {
+  // i - left <= j <= i + right, as differences (a side up to INT64_MAX must not overflow).
+  if (m.has_window && (m.window_left < 0 || q - k <= m.window_left) && (m.window_right < 0 || k - q <= m.window_right)) {
     return true;
   }
   if (m.stride > 0 && mask_detail::divides(m.stride, q - k)) return true;
@@ -145,11 +146,11 @@ RINGATTN_MASK_HD Visibility either(Visibility a, Visibility b) {
   if (a == Visibility::kEmpty && b == Visibility::kEmpty) return Visibility::kEmpty;
   return Visibility::kPartial;
 }
+// Floor and ceiling of a / s (s > 0) without overflow for any s.
+RINGATTN_MASK_HD int64_t floor_div(int64_t a, int64_t s) { return a >= 0 ? quot(a, s) : -quot(-(a + 1), s) - 1; }
+RINGATTN_MASK_HD int64_t ceil_div(int64_t a, int64_t s) { return a > 0 ? quot(a - 1, s) + 1 : -quot(-a, s); }
 // Whether [lo, hi] holds a multiple of s (s > 0).
-RINGATTN_MASK_HD bool holds_multiple(int64_t lo, int64_t hi, int64_t s) {
-  const int64_t first = lo >= 0 ? quot(lo + s - 1, s) * s : -(quot(-lo, s) * s);
-  return first <= hi;
-}
+RINGATTN_MASK_HD bool holds_multiple(int64_t lo, int64_t hi, int64_t s) { return floor_div(hi, s) >= ceil_div(lo, s); }
 
 }  // namespace mask_detail
 
@@ -243,7 +244,7 @@ RINGATTN_MASK_HD void key_bounds(const Mask& m, int64_t seq_len, int64_t q_min, 
   // Only a window alone narrows further (stride and global keys reach the whole document).
   if (patterned && m.has_window && m.stride <= 0 && m.global_tokens <= 0) {
     if (m.window_left >= 0 && q_min - m.window_left > lo) lo = q_min - m.window_left;
-    if (m.window_right >= 0 && q_max + m.window_right < hi) hi = q_max + m.window_right;
+    if (m.window_right >= 0 && m.window_right < hi - q_max) hi = q_max + m.window_right;
   }
   *k_lo = lo;
   *k_hi = hi;
@@ -261,7 +262,7 @@ RINGATTN_MASK_HD void query_bounds(const Mask& m, int64_t seq_len, int64_t k_min
   if (m.causal && k_min > lo) lo = k_min;
   if (patterned && m.has_window && m.stride <= 0 && m.global_tokens <= 0) {
     if (m.window_right >= 0 && k_min - m.window_right > lo) lo = k_min - m.window_right;
-    if (m.window_left >= 0 && k_max + m.window_left < hi) hi = k_max + m.window_left;
+    if (m.window_left >= 0 && m.window_left < hi - k_max) hi = k_max + m.window_left;
   }
   *q_lo = lo;
   *q_hi = hi;
