@@ -104,6 +104,9 @@ class CudaBackend final : public Backend {
     preparing_ = true;  // embedded: the document offsets are the one allocation, made here, once
     upload_mask();
     preparing_ = false;
+    // Embedded passes run on the callers' streams, which know nothing of this one: the upload
+    // lands before the constructor returns (a host wait at construction, never in a pass).
+    if (embedded_) RINGATTN_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (!same_shape && !embedded_) {  // embedded: bind_scratch() points them into the caller's workspace
       release_state();
       acc_ = static_cast<float*>(allocate(static_cast<std::size_t>(rows * spec.head_dim) * sizeof(float)));
