@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "attn/cuda/flash_bwd.hpp"
+#include "attn/cuda/flash_fwd_sm90.hpp"
 #include "attn/reference.hpp"
 #include "gpu_test_util.hpp"
 #include "ringattn/backend.hpp"
@@ -486,6 +487,9 @@ class MaskedFwd : public ::testing::TestWithParam<FwdParam> {};
 TEST_P(MaskedFwd, MatchesReference) {
   RINGATTN_SKIP_WITHOUT_GPU();
   const FwdParam& fp = GetParam();
+  if (std::string(fp.kernel) == "wgmma" && !cuda::kSm90MaskedForward) {
+    GTEST_SKIP() << "the wgmma masked forward is off (kSm90MaskedForward): masked forwards run on mma.sync";
+  }
   const ScopedEnv env("RINGATTN_FWD_KERNEL", fp.kernel);
   Problem pr;
   pr.dtype = fp.dtype;

@@ -43,7 +43,12 @@ bool try_sm90(const FlashFwdParams& params, DType dtype, int head_dim, cudaStrea
   if (!wgmma_allowed() || (head_dim != 64 && head_dim != 128)) return false;
   if (dtype != DType::kBF16 && dtype != DType::kF16) return false;
   if (!sm90_fwd_supported()) return false;
+  // The Hopper kernel's general-mask instantiation did not finish on an H200 (2026-12-04 20:56:
+  // every *_wgmma_* masked forward test and every windowed ring on it ran past its timeout, while the
+  // mma.sync kernel passed the same cases): masked forwards take the mma.sync kernel until it is
+  // fixed (kSm90MaskedForward; docs/KERNEL_NOTES.md "masks in the kernels").
   if (mask_class(params.mask) == MaskClass::kGeneral) {
+    if (!kSm90MaskedForward) return false;
     if (dtype == DType::kBF16)
       return head_dim == 128 ? launch_flash_fwd_sm90_masked<__nv_bfloat16, 128>(params, stream)
                              : launch_flash_fwd_sm90_masked<__nv_bfloat16, 64>(params, stream);

@@ -10,6 +10,10 @@
 
 namespace ringattn::cuda {
 
+// Whether general masks (MaskClass::kGeneral) run on the wgmma kernel: off since its masked
+// instantiation did not finish on an H200 (2026-12-04); they take the mma.sync kernel.
+inline constexpr bool kSm90MaskedForward = false;
+
 // True when the current device is sm_90 and this binary holds the sm_90a code of the kernel
 // (checked once per device, then cached).
 bool sm90_fwd_supported();
