@@ -38,6 +38,7 @@
 #include "check/inputs.hpp"
 #include "cli_common.hpp"
 #include "commands.hpp"
+#include "exit_codes.hpp"
 #include "plan/plan.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/ringattn.hpp"
@@ -47,8 +48,6 @@ namespace ringattn::cli {
 namespace {
 
 constexpr const char* kVersion = "0.1.0";
-constexpr int kExitFailed = 1;       // a size failed its check (or an error)
-constexpr int kExitCommFailure = 3;  // a peer hung or died: timeout / NCCL error, job aborted
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 constexpr double kBackwardFlopsFactor = 2.5;  // backward = 2.5x forward FLOPs, as peers count
 constexpr auto kGraceBeforeAbort = std::chrono::seconds(2);  // lets every surviving rank print its message
@@ -95,62 +94,30 @@ void check_comm(const Transport& t) {
 #endif
 }
 
-// Collectives with a deadline: a barrier or reduction that a stalled peer never joins must not
-// hang the survivors (and each poll also surfaces a transport failure seen by the watchdog).
+// The session's collectives with the step they belong to (named when one times out, see
+// Session) and the ring's transport polled while they wait (a watchdog failure surfaces).
 class TimedCollectives {
  public:
-  TimedCollectives(Session& session, double timeout_ms) : session_(session), timeout_ms_(timeout_ms) {}
-  void set_transport(const Transport* t) { transport_ = t; }
-
+  explicit TimedCollectives(Session& session) : session_(session) {}
+  void set_transport(const Transport* t) {
+    if (t == nullptr) {
+      session_.set_collective_poll(nullptr);
+    } else {
+      session_.set_collective_poll([t] { check_comm(*t); });
+    }
+  }
   void barrier(const std::string& where) {
-#ifdef RINGATTN_HAVE_MPI
-    if (session_.world() == 1 || !session_.mpi_comm()) return;
-    MPI_Request req;
-    MPI_Ibarrier(comm(), &req);
-    complete(&req, where);
-#else
-    (void)where;
-#endif
+    session_.set_step(where);
+    session_.barrier();
   }
   // In place, max or sum over ranks.
   void reduce(double* values, int n, bool is_max, const std::string& where) {
-#ifdef RINGATTN_HAVE_MPI
-    if (session_.world() == 1 || !session_.mpi_comm()) return;
-    std::vector<double> in(values, values + n);
-    MPI_Request req;
-    MPI_Iallreduce(in.data(), values, n, MPI_DOUBLE, is_max ? MPI_MAX : MPI_SUM, comm(), &req);
-    complete(&req, where);
-#else
-    (void)values;
-    (void)n;
-    (void)is_max;
-    (void)where;
-#endif
+    session_.set_step(where);
+    session_.reduce_over_ranks(values, n, is_max);
   }
 
  private:
-#ifdef RINGATTN_HAVE_MPI
-  MPI_Comm comm() const { return *static_cast<MPI_Comm*>(session_.mpi_comm()); }
-  void complete(MPI_Request* req, const std::string& where) {
-    const auto deadline = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_ms_));
-    int done = 0;
-    while (true) {
-      MPI_Test(req, &done, MPI_STATUS_IGNORE);
-      if (done) return;
-      if (transport_) check_comm(*transport_);
-      if (Clock::now() > deadline) {
-        fail(ErrorKind::kComm,
-             where + ": not every rank arrived within " + std::to_string(timeout_ms_ / 1000.0) +
-                 " s; a peer is stalled or dead",
-             "check the other ranks' messages; raise -T if a step legitimately takes longer");
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
-  }
-#endif
   Session& session_;
-  double timeout_ms_;
-  const Transport* transport_ = nullptr;
 };
 
 // Progress on rank 0's stderr when it is a terminal: size, iteration, hop, elapsed, estimate.
@@ -785,7 +752,7 @@ int run_bench(const BenchFlags& f) {
   base.mask.validate(sizes.front(), base.heads, base.effective_kv_heads());
   std::unique_ptr<Session> session = Session::create(nullptr, nullptr, session_options_from_flags(f.problem));
   const int rank = session->rank(), world = session->world();
-  TimedCollectives coll(*session, f.problem.timeout_s * 1000.0);
+  TimedCollectives coll(*session);
   const bool root = rank == 0;
 
   const std::vector<std::string> ranks = session->gather_strings(session->describe_rank());
@@ -840,7 +807,7 @@ int run_bench(const BenchFlags& f) {
     return kExitCommFailure;
   }
 
-  const int exit_code = ok ? 0 : kExitFailed;
+  const int exit_code = ok ? kExitOk : kExitCheckFailed;
   if (root) {
     std::printf("#\n");
     if (!results.empty()) std::printf("# exchange: %s\n", results.front().exchange.c_str());

@@ -2,6 +2,8 @@
 // agreement on errors across ranks, atomic text files and JSON.
 #include "cli_common.hpp"
 
+#include "exit_codes.hpp"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -398,14 +400,23 @@ std::string describe_exception(const std::exception& e) {
 void collectively(Session& session, const std::function<void()>& fn) {
   bool ok = true;
   std::string message;
+  ErrorKind kind = ErrorKind::kInternal;
   try {
     fn();
-  } catch (const std::exception& e) {
+  } catch (const Error& e) {
+    ok = false;
+    message = e.what();
+    kind = e.kind();
+  } catch (const std::bad_alloc& e) {
     ok = false;
     message = describe_exception(e);
+    kind = ErrorKind::kOutOfMemory;
+  } catch (const std::exception& e) {
+    ok = false;
+    message = context_prefix() + " internal error: " + e.what();
   }
   try {
-    session.agree_ok(ok, message);
+    session.agree_ok(ok, message, kind);
   } catch (const Error& e) {
     throw CollectiveError(e.kind(), e.what());
   }
@@ -417,8 +428,16 @@ int run_reporting_errors(Session& session, const std::function<int()>& body) {
   } catch (const CollectiveError& e) {
     std::fprintf(stderr, "ringattn: error: %s\n", e.what());
     std::fflush(stderr);
+    session.set_step("the barrier after reporting an error");
     session.barrier();
-    return 1;
+    return exit_code_for(e.kind());
+  } catch (const Error& e) {
+    // One rank's own failure outside collectively (a collective or the ring): its peers may wait
+    // for it in the ring or a collective, so the job ends here.
+    std::fprintf(stderr, "ringattn: error: %s\n", e.what());
+    std::fflush(stderr);
+    if (session.world() > 1) session.abort_job(exit_code_for(e.kind()));
+    return exit_code_for(e.kind());
   }
 }
 

@@ -12,6 +12,7 @@
 #include "check/grad_check.hpp"
 #include "cli_common.hpp"
 #include "commands.hpp"
+#include "exit_codes.hpp"
 #include "core/logging.hpp"
 #include "core/npy.hpp"
 #include "plan/plan.hpp"
@@ -22,7 +23,6 @@
 namespace ringattn::cli {
 namespace {
 
-constexpr int kExitCheckFailed = 2;  // results were computed but are wrong (errors exit with 1)
 constexpr uint64_t kKeySampleSalt = 0x6b65797307ull;  // separates the key-row sample from the query-row one
 constexpr double kBackwardFlopsFactor = 2.5;  // backward = 2.5 x forward FLOPs, as peers count
 constexpr const char* kRunFaultEnv = "RINGATTN_RUN_FAULT";  // tests: corrupt one gradient before --check
@@ -243,7 +243,9 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   const int warmup = f.warmup >= 0 ? f.warmup : (session.on_gpu() ? 1 : 0);
   double wall_ms = 0.0;
   for (int it = 0; it < warmup + f.iters; ++it) {
+    session.set_step("the barrier before forward pass " + std::to_string(it));
     session.barrier();
+    session.set_step("agreeing on the outcome of forward pass " + std::to_string(it));
     collectively(session, [&] {
       const double t0 = now_ms();
       ring->forward(q_dev, k_dev, v_dev, out_dev, lse_dev);  // returns when the pass is complete
@@ -280,7 +282,9 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       copy_to_backend(dout.view, dout_dev);
     });
     for (int it = 0; it < warmup + f.iters; ++it) {
+      session.set_step("the barrier before backward pass " + std::to_string(it));
       session.barrier();
+      session.set_step("agreeing on the outcome of backward pass " + std::to_string(it));
       collectively(session, [&] {
         const double t0 = now_ms();
         ring->backward(q_dev, k_dev, v_dev, out_dev, lse_dev, dout_dev, dq_dev, dk_dev, dv_dev);
@@ -295,6 +299,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
     });
     inject_gradient_fault(kRunFaultEnv, dq.view, dk.view, dv.view);  // tests: --check must catch it
   }
+  session.set_step("reducing the timings");
   const double wall_bwd_max = session.max_over_ranks(wall_bwd_ms);
   const double bwd_compute_max = session.max_over_ranks(bwd_stats.compute_ms());
   const double bwd_exposed_max = session.max_over_ranks(bwd_stats.exposed_comm_ms());
@@ -324,6 +329,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   // (src/check/sampled_check.cpp), so no rank regenerates or streams the whole K/V; the exhaustive check
   // of short runs streams the global K/V through the naive reference.
   CheckResult check;
+  session.set_step("--check");
   if (f.check) {
     bool sampled_here = false;
     const std::vector<int64_t> rows =
@@ -372,6 +378,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   }
 
   // --save: gather rows to rank 0 in global token order, write out.npy and lse.npy there.
+  session.set_step("--save");
   if (!f.save_dir.empty()) {
     const DType save_dtype = (spec.dtype == DType::kF64 || spec.dtype == DType::kF32) ? spec.dtype : DType::kF32;
     HostTensor out_save = convert_host(out.view, save_dtype);

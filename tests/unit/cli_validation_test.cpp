@@ -38,7 +38,7 @@ class CliRejects : public ::testing::TestWithParam<BadCase> {};
 TEST_P(CliRejects, NonZeroExitNamingTheFlag) {
   const BadCase c = GetParam();
   const Result r = run_cli(std::string("run --backend cpu ") + c.args);
-  EXPECT_NE(r.code, 0) << r.output;
+  EXPECT_EQ(r.code, 1) << "bad input exits 1 (README, Exit codes):\n" << r.output;
   EXPECT_NE(r.output.find(c.must_mention), std::string::npos)
       << "expected '" << c.must_mention << "' in:\n" << r.output;
 }
@@ -81,7 +81,18 @@ TEST(Cli, InfoAndHelpWork) {
     EXPECT_NE(r.output.find(flag), std::string::npos) << flag;
   }
   r = run_cli("");
-  EXPECT_NE(r.code, 0);  // a subcommand is required
+  EXPECT_EQ(r.code, 1);  // a subcommand is required: bad input
+}
+
+TEST(Cli, HelpOfEverySubcommandPrintsTheExitCodeTable) {
+  for (const char* cmd : {"--help", "run --help", "bench --help", "info --help"}) {
+    const Result r = run_cli(cmd);
+    EXPECT_EQ(r.code, 0) << cmd;
+    EXPECT_NE(r.output.find("0 success, 1 bad input, 2 a check failed, 3 communication failure or timeout, 4 out of "
+                            "memory, 5 internal error"),
+              std::string::npos)
+        << cmd << ":\n" << r.output;
+  }
 }
 
 }  // namespace
