@@ -754,6 +754,24 @@ int run_bench(const BenchFlags& f) {
   const int rank = session->rank(), world = session->world();
   TimedCollectives coll(*session);
   const bool root = rank == 0;
+  // Options that change the steps the ranks take together, or the data (-J: whether given).
+  try {
+    agree_flags(*session, {{"-b/--min-tokens", std::to_string(sizes.front())},
+                           {"-e/--max-tokens", std::to_string(sizes.back())},
+                           {"-f/--factor", std::to_string(f.factor)},
+                           {"-n/--iters", std::to_string(f.iters)},
+                           {"-w/--warmup-iters", std::to_string(f.warmup)},
+                           {"-c/--check", std::to_string(f.check)},
+                           {"--check-rows", std::to_string(f.check_rows)},
+                           {"--no-baseline", !f.baseline ? "on" : "off"},
+                           {"--backward", f.backward ? "on" : "off"},
+                           {"--seed", std::to_string(f.problem.seed)},
+                           {"-J/--json", f.json_path.empty() ? "not given" : "given"},
+                           {"the problem (shapes, dtype, layout, mask, scale)", base.describe()}});
+  } catch (const CollectiveError& e) {
+    std::fprintf(stderr, "ringattn: error: %s\n", e.what());
+    return kExitBadInput;
+  }
 
   const std::vector<std::string> ranks = session->gather_strings(session->describe_rank());
   if (root) {

@@ -422,6 +422,48 @@ void collectively(Session& session, const std::function<void()>& fn) {
   }
 }
 
+void agree_flags(Session& session, const std::vector<std::pair<std::string, std::string>>& flags) {
+  // One line per flag; a value's own newlines would split it, so they are escaped.
+  std::string mine;
+  for (const auto& [name, value] : flags) {
+    std::string v = value;
+    for (std::size_t at = v.find('\n'); at != std::string::npos; at = v.find('\n', at + 2)) v.replace(at, 1, "\\n");
+    mine += name + "=" + v + "\n";
+  }
+  session.set_step("agreeing on the flags");
+  const std::vector<std::string> all = session.gather_strings(mine);
+  auto split = [](const std::string& text) {
+    std::vector<std::string> lines;
+    std::size_t start = 0;
+    for (std::size_t nl = text.find('\n'); nl != std::string::npos; start = nl + 1, nl = text.find('\n', start)) {
+      lines.push_back(text.substr(start, nl - start));
+    }
+    return lines;
+  };
+  const std::vector<std::string> first = split(all[0]);
+  for (std::size_t f = 0; f < flags.size(); ++f) {
+    const std::string& name = flags[f].first;
+    auto value_of = [&](const std::vector<std::string>& lines) {
+      return f < lines.size() ? lines[f].substr(std::min(lines[f].size(), name.size() + 1)) : std::string("?");
+    };
+    const std::string ref = value_of(first);
+    std::string differing;
+    int count = 0;
+    for (std::size_t r = 1; r < all.size(); ++r) {
+      const std::string v = value_of(split(all[r]));
+      if (v == ref) continue;
+      differing += std::string(count++ ? ", " : "") + "rank " + std::to_string(r) + " has " + (v.empty() ? "''" : v);
+    }
+    if (count > 0) {
+      throw CollectiveError(ErrorKind::kMismatch,
+                            context_prefix() + " ranks were launched with different " + name + ": rank 0 has " +
+                                (ref.empty() ? "''" : ref) + ", " + differing +
+                                " (hint: pass the same " + name +
+                                " to every rank; it changes the steps the ranks take together or the data)");
+    }
+  }
+}
+
 int run_reporting_errors(Session& session, const std::function<int()>& body) {
   try {
     return body();

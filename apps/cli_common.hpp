@@ -153,6 +153,13 @@ class CollectiveError : public Error {
 // CollectiveError with the first failure's message (no rank is left waiting in a collective).
 void collectively(Session& session, const std::function<void()>& fn);
 
+// Collective: every rank passes the same flags (name, value as text) in the same order; when a
+// value differs between ranks, every rank throws CollectiveError(kMismatch) naming the first such
+// flag, rank 0's value and each rank that differs with its value. For the options that change
+// the collective sequence or the problem's data (a rank with another --iters would wait forever
+// in a barrier, another --seed would silently compute another problem).
+void agree_flags(Session& session, const std::vector<std::pair<std::string, std::string>>& flags);
+
 // Runs a subcommand's body; on CollectiveError every rank prints "ringattn: error: ..." to stderr,
 // waits until all ranks have printed (mpirun kills the job at the first non-zero exit) and
 // returns 1. Other exceptions propagate to main().

@@ -194,6 +194,18 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       ensure_writable_dir(parent.empty() ? std::string(".") : parent.string(), "--json");
     }
   });
+  // Whether --save, --json, --load are given (not their paths) changes what the ranks do together.
+  auto given_text = [](const std::string& v) { return std::string(v.empty() ? "not given" : "given"); };
+  agree_flags(session, {{"--iters", std::to_string(f.iters)},
+                        {"--warmup", std::to_string(f.warmup)},
+                        {"--backward", f.backward ? "on" : "off"},
+                        {"--check", f.check ? "on" : "off"},
+                        {"--check-rows", std::to_string(f.check_rows)},
+                        {"--seed", std::to_string(f.problem.seed)},
+                        {"--save", given_text(f.save_dir)},
+                        {"--json", given_text(f.json_path)},
+                        {"--load", given_text(f.load_dir)},
+                        {"the problem (shapes, dtype, layout, mask, scale)", spec.describe()}});
   log().info("session up: {} ranks, backend {}, transport {}", world, session.backend_name(),
              session.transport_name());
   log().info("problem: {}", spec.describe());

@@ -77,6 +77,33 @@ case $case_name in
       [ "$rc" -eq 3 ] || die "exit $rc with --timeout 0.001, expected 3"
       expect_in_output "timed out after 0.001 s|did not complete within"
     done ;;
+  mismatched_flags)
+    # The last rank gets one flag more: every rank stops at start-up (exit 1) naming the flag and
+    # the ranks, instead of hanging in a barrier or silently computing another problem.
+    base=(run --backend cpu --seq-len 240 --heads 2 --head-dim 8 --timeout 20)
+    last=$((np - 1))
+    for extra in "--iters 3" "--warmup 2" "--backward" "--seed 5" "--check" "--save $work/save" \
+        "--json $work/run.json" "--check-rows 7" "--causal" "--window 8,0" "--scale 0.5"; do
+      flag=${extra%% *}
+      launch_time=$(date +%s)
+      echo "+ mismatch: rank $last adds $extra" >&2
+      # shellcheck disable=SC2086
+      timeout -k 5 60 "${prefix[@]}" $last "$cli" "${base[@]}" : -n 1 "$cli" "${base[@]}" $extra >"$out" 2>&1 &
+      job=$!
+      finish 60
+      no_crash
+      [ "$rc" -eq 1 ] || die "exit $rc with $extra on rank $last only, expected 1 (bad input)"
+      n=$(grep -cE -- "ranks were launched with different ($flag|the problem).*rank $last has" "$out")
+      [ "$n" -ge "$np" ] || die "expected every rank to name $flag and rank $last ($n of $np did)"
+    done
+    launch_time=$(date +%s)
+    bench_base=(bench --backend cpu --heads 2 --head-dim 8 -b 240 -e 240 -w 0 -c 0 --timeout 20)
+    timeout -k 5 60 "${prefix[@]}" $last "$cli" "${bench_base[@]}" -n 2 : -n 1 "$cli" "${bench_base[@]}" -n 3 \
+      >"$out" 2>&1 &
+    job=$!
+    finish 60
+    [ "$rc" -eq 1 ] || die "bench: exit $rc with -n 3 on rank $last only, expected 1"
+    expect_in_output "ranks were launched with different -n/--iters: rank 0 has 2, rank $last has 3" ;;
   *) die "unknown case $case_name" ;;
 esac
 echo "PASS: $case_name"
