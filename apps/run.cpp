@@ -332,6 +332,21 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   const double pairs_imbalance = pairs_mean > 0.0 ? pairs_max / pairs_mean : 1.0;
   const std::vector<std::string> rank_stats = session.gather_strings(stats_json(
       rank, session.describe_rank(), stats, f.backward ? &bwd_stats : nullptr, wall_ms, pairs[static_cast<std::size_t>(rank)]));
+  // Non-finite outputs (a NaN or inf input propagates, as in the reference): counted without
+  // --check too, so a run never reports success on outputs nobody can use.
+  auto non_finite = [](const HostTensor& t) {
+    double n = 0;
+    for (int64_t e = 0; e < t.view.numel(); ++e) n += std::isfinite(load_as_double(t.view, e)) ? 0 : 1;
+    return n;
+  };
+  double bad_values[4] = {non_finite(out), 0, 0, 0};
+  if (f.backward) {
+    bad_values[1] = non_finite(dq);
+    bad_values[2] = non_finite(dk);
+    bad_values[3] = non_finite(dv);
+  }
+  session.reduce_over_ranks(bad_values, 4, /*max=*/false);
+  const double bad_total = bad_values[0] + bad_values[1] + bad_values[2] + bad_values[3];
   int skipped = 0;
   for (const HopStats& h : stats.hops) skipped += h.skipped ? 1 : 0;
   const double skipped_total = session.sum_over_ranks(skipped);
@@ -445,6 +460,16 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
                   bwd_tflops, "");
       std::printf("  %12.3f %12s %16s %14.4f %13s  forward+backward\n", both_ms, "", "", both_tflops, "");
     }
+    if (bad_total > 0) {
+      std::printf("# non-finite outputs: %.0f in out%s (NaN or inf in the inputs, or an overflow)\n", bad_values[0],
+                  f.backward ? (", " + std::to_string(static_cast<int64_t>(bad_values[1])) + " in dq, " +
+                                std::to_string(static_cast<int64_t>(bad_values[2])) + " in dk, " +
+                                std::to_string(static_cast<int64_t>(bad_values[3])) + " in dv")
+                                   .c_str()
+                             : "");
+    } else {
+      std::printf("# non-finite outputs: none\n");
+    }
     if (f.check) {
       std::printf("# check vs fp64 reference: %lld rows (%s) x %lld batch x %d heads\n",
                   static_cast<long long>(check.rows), check.sampled ? "sampled" : "all",
@@ -493,6 +518,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       j.field("wall_ms", wall_max).field("compute_ms", compute_max);
       j.field("exposed_comm_ms", exposed_max).field("flops", flops).field("tflops_per_rank", tflops_per_rank);
       j.field("skipped_hops", static_cast<int64_t>(skipped_total));
+      j.field("non_finite_outputs", static_cast<int64_t>(bad_total));
       if (f.backward) {
         j.field("backward_wall_ms", wall_bwd_max).field("backward_compute_ms", bwd_compute_max);
         j.field("backward_exposed_comm_ms", bwd_exposed_max);
@@ -522,6 +548,10 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
     });
   }
 
+  if (rank == 0 && bad_total > 0) {
+    std::fprintf(stderr, "ringattn: warning: %s %.0f non-finite output values (out, and dq/dk/dv with --backward): "
+                 "check the inputs for NaN or inf, or the --scale\n", context_prefix().c_str(), bad_total);
+  }
   if (f.check && f.backward && !grad_check.pass) {
     std::fprintf(stderr, "ringattn: %s gradient check FAILED: dq %.3e dk %.3e dv %.3e non-finite %lld (tolerance %.0e)\n",
                  context_prefix().c_str(), grad_check.dq_rel_err, grad_check.dk_rel_err, grad_check.dv_rel_err,

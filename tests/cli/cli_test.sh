@@ -226,6 +226,24 @@ PY
     expect_error "cu_seqlens.npy' is not a usable .npy file: dtype is a float.*hint" --load "$work/in"
     "$py" "$helper" cu "$work/in" 0,30,64 --shape2d >/dev/null
     expect_error "cu_seqlens.npy' is not a usable .npy file: shape .* is not one-dimensional.*hint" --load "$work/in" ;;
+  nan_input)  # one NaN in q: that row's out is NaN (not 0), the summary counts it, --save keeps it
+    "$py" "$helper" make "$work/in" --batch 1 --seq 48 --heads 2 --head-dim 8 --dtype float64 || exit $?
+    "$py" - "$work/in" <<'PY' || die "poking a NaN into q.npy failed"
+import numpy as np, sys
+q = np.load(sys.argv[1] + "/q.npy"); q[0, 17, 1, 3] = np.nan; np.save(sys.argv[1] + "/q.npy", q)
+PY
+    expect_ok --load "$work/in" --dtype fp64 --save "$work/out"
+    grep -q "non-finite outputs: 8 in out" "$work/stdout.txt" || die "the summary does not count the 8 NaN outputs"
+    "$py" - "$work/out" <<'PY' || die "NaN did not propagate like the reference"
+import numpy as np, sys
+o = np.load(sys.argv[1] + "/out.npy"); l = np.load(sys.argv[1] + "/lse.npy")
+bad = ~np.isfinite(o)
+assert bad.sum() == 8 and bad[0, 17, 1].all(), np.argwhere(bad)
+assert np.isnan(l[0, 1, 17]) and np.isfinite(np.delete(l.ravel(), 1 * 48 + 17)).all(), l
+print("NaN row propagated")
+PY
+    expect_ok --seq-len 48 --heads 2 --head-dim 8
+    grep -q "non-finite outputs: none" "$work/stdout.txt" || die "a clean run must say none" ;;
   *) die "unknown case $case_name" ;;
 esac
 echo "PASS: $case_name"

@@ -17,6 +17,13 @@ constexpr int64_t kTileQ = 32;  // query rows per tile
 constexpr int64_t kTileK = 64;  // key rows per tile
 
 // Widens a host tensor of any dtype into a contiguous T buffer.
+// max that keeps a NaN (std::max(m, NaN) is m): a NaN score must reach the output as NaN, as in
+// the reference, not leave the row looking fully masked (out = 0, lse = -inf).
+template <typename T>
+T nan_max(T a, T b) {
+  return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+}
+
 template <typename T>
 void widen(const TensorView& src, std::vector<T>& dst) {
   const int64_t n = src.numel();
@@ -93,11 +100,11 @@ class CpuEngine {
                 T dot = 0;
                 for (int64_t d = 0; d < D_; ++d) dot += qr[d] * kr[d];
                 s[j - j0] = dot * scale;
-                tile_max = std::max(tile_max, s[j - j0]);
+                tile_max = nan_max(tile_max, s[j - j0]);
               }
               if (tile_max == -std::numeric_limits<T>::infinity()) continue;
               const std::size_t row = static_cast<std::size_t>((b * H_ + h) * Sq_ + i);
-              const T m_new = std::max(m_[row], tile_max);
+              const T m_new = nan_max(m_[row], tile_max);
               const T correction = std::exp(m_[row] - m_new);  // exp(-inf) = 0 for a fresh row
               T* acc = &acc_[((b * Sq_ + i) * H_ + h) * D_];
               for (int64_t d = 0; d < D_; ++d) acc[d] *= correction;
