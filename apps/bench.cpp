@@ -54,6 +54,7 @@ constexpr auto kGraceBeforeAbort = std::chrono::seconds(2);  // lets every survi
 constexpr const char* kBenchFaultEnv = "RINGATTN_BENCH_FAULT";  // tests: corrupt the output or a gradient
 constexpr uint64_t kGradQuerySalt = 29;  // seeds of the gradient check's query and key row samples
 constexpr uint64_t kGradKeySalt = 31;
+constexpr double kMaxSeededValue = 8.58;  // the largest |x| random_normal can give
 // Config keys whose TOML array (or string) is the flag's comma-separated list.
 const std::set<std::string> kListKeys = {"window", "doc-lens"};
 
@@ -750,6 +751,9 @@ int run_bench(const BenchFlags& f) {
     apply_doc_lens(f.problem, base);
   }
   base.mask.validate(sizes.front(), base.heads, base.effective_kv_heads());
+  // Seeded inputs are Box-Muller normals from 53-bit uniforms: |x| <= sqrt(-2 ln 2^-53) < 8.58.
+  const double seeded_norm = kMaxSeededValue * std::sqrt(static_cast<double>(base.head_dim));
+  check_scale_bound(base, seeded_norm, seeded_norm, "seeded values are below 8.58, so a row's norm is below 8.58 * sqrt(head_dim)");
   std::unique_ptr<Session> session = Session::create(nullptr, nullptr, session_options_from_flags(f.problem));
   const int rank = session->rank(), world = session->world();
   TimedCollectives coll(*session);

@@ -67,7 +67,7 @@ void add_problem_flags(CLI::App& app, ProblemFlags& f, bool with_seq_len) {
       ->capture_default_str();
   f.dtype_opt = app.add_option("--dtype", f.dtype, "Precision of q/k/v/out: fp64 | fp32 | bf16 | fp16")
                     ->capture_default_str();
-  app.add_option("--scale", f.softmax_scale, "Softmax scale (0 = 1/sqrt(head_dim))")->capture_default_str();
+  app.add_option("--scale", f.softmax_scale, "Softmax scale (0 = 1/sqrt(head_dim)); scale * max||q_i|| * max||k_j|| must stay below 1e4 (1e300 in fp64)")->capture_default_str();
   app.add_option("--seed", f.seed, "Seed of the random inputs (same global problem for any rank count)")
       ->capture_default_str();
 }
@@ -420,6 +420,42 @@ void collectively(Session& session, const std::function<void()>& fn) {
   } catch (const Error& e) {
     throw CollectiveError(e.kind(), e.what());
   }
+}
+
+double max_score_bound(DType dtype) { return dtype == DType::kF64 ? 1e300 : 1e4; }
+
+void check_scale_bound(const AttentionSpec& spec, double max_q_norm, double max_k_norm, const std::string& inputs) {
+  const double bound = max_score_bound(spec.dtype);
+  const double worst = spec.scale() * max_q_norm * max_k_norm;
+  if (!(worst <= bound)) {  // NaN norms (a NaN input) are not the scale's fault: they propagate
+    if (std::isnan(worst)) return;
+    char text[512];
+    std::snprintf(text, sizeof(text),
+                  "--scale %.6g is too large for these inputs in %s: scores reach up to scale * max|q_i| * max|k_j| = "
+                  "%.6g * %.6g * %.6g = %.3g, above the %.0e that %s computes correctly (the bound depends on the "
+                  "inputs' magnitudes: %s)",
+                  spec.scale(), dtype_name(spec.dtype), spec.scale(), max_q_norm, max_k_norm, worst, bound,
+                  dtype_name(spec.dtype), inputs.c_str());
+    char hint[160];
+    std::snprintf(hint, sizeof(hint), "pass --scale at most %.3g for these inputs, or scale the inputs down",
+                  bound / (max_q_norm * max_k_norm));
+    fail(ErrorKind::kInvalidArgument, text, hint);
+  }
+}
+
+double max_row_norm(const TensorView& t) {
+  const int64_t d = t.shape[t.rank - 1], rows = d > 0 ? t.numel() / d : 0;
+  double best = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < d; ++i) {
+      const double x = load_as_double(t, r * d + i);
+      sum += x * x;
+    }
+    if (std::isnan(sum)) return sum;
+    best = std::max(best, std::sqrt(sum));
+  }
+  return best;
 }
 
 void agree_flags(Session& session, const std::vector<std::pair<std::string, std::string>>& flags) {

@@ -160,6 +160,17 @@ void collectively(Session& session, const std::function<void()>& fn);
 // in a barrier, another --seed would silently compute another problem).
 void agree_flags(Session& session, const std::vector<std::pair<std::string, std::string>>& flags);
 
+// The largest score magnitude ringattn computes correctly in `dtype`: |scale * q_i . k_j| above it
+// loses the softmax to rounding in fp32/bf16/fp16 compute (the GPU kernels' exp2(fma(s, scale,
+// -max)) turns the product's rounding error into inf at about 2e9) and overflows in fp64 near 1e308.
+double max_score_bound(DType dtype);
+// Throws kInvalidArgument naming --scale when scale * max_q_norm * max_k_norm (a bound of every
+// |score| by Cauchy-Schwarz; the norms are of one head's row, max over the whole problem) exceeds
+// max_score_bound; `inputs` says where the norms come from (for the message).
+void check_scale_bound(const AttentionSpec& spec, double max_q_norm, double max_k_norm, const std::string& inputs);
+// The largest L2 norm of one head's row (the last dimension) of a host tensor.
+double max_row_norm(const TensorView& t);
+
 // Runs a subcommand's body; on CollectiveError every rank prints "ringattn: error: ..." to stderr,
 // waits until all ranks have printed (mpirun kills the job at the first non-zero exit) and
 // returns 1. Other exceptions propagate to main().

@@ -251,6 +251,15 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
     copy_to_backend(v.view, v_dev);
   });
 
+  // --scale against the inputs' magnitudes (max over every rank's rows; every rank has the same).
+  session.set_step("checking --scale against the inputs");
+  const double q_norm = session.max_over_ranks(max_row_norm(q.view));
+  const double k_norm = session.max_over_ranks(max_row_norm(k.view));
+  collectively(session, [&] {
+    check_scale_bound(spec, q_norm, k_norm,
+                      loaded ? "the largest row norms of q.npy and k.npy" : "the seeded inputs' largest row norms");
+  });
+
   // Warm-up passes (untimed), then `iters` timed passes, each started together after a barrier.
   const int warmup = f.warmup >= 0 ? f.warmup : (session.on_gpu() ? 1 : 0);
   double wall_ms = 0.0;

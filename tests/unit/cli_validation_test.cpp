@@ -64,6 +64,24 @@ TEST(Cli, UnwritableSaveDirectoryIsRejectedUpFront) {
   EXPECT_NE(r.output.find("--save"), std::string::npos) << r.output;
 }
 
+// --scale beyond what the compute type handles is refused up front naming --scale and the bound
+// (it gave all-NaN output and exit 0); a large scale inside the bound is computed correctly.
+TEST(Cli, ScaleBeyondTheBoundIsRefusedAndInsideItComputedCorrectly) {
+  for (const char* cmd : {"run --backend cpu --seq-len 64 --heads 2 --head-dim 8 --scale 1e300",
+                          "run --backend cpu --seq-len 64 --heads 2 --head-dim 8 --scale 1e30 --dtype bf16",
+                          "bench --backend cpu --heads 2 --head-dim 8 -b 64 -e 64 --scale 1e30 -n 1 -w 0"}) {
+    const Result r = run_cli(cmd);
+    EXPECT_EQ(r.code, 1) << cmd << "\n" << r.output;
+    EXPECT_NE(r.output.find("is too large for these inputs"), std::string::npos) << cmd << "\n" << r.output;
+    EXPECT_NE(r.output.find("above the 1e+04"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("pass --scale at most"), std::string::npos) << r.output;
+  }
+  const Result r = run_cli("run --backend cpu --seq-len 256 --heads 2 --head-dim 8 --scale 400 --check");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("\nPASS\n"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("non-finite outputs: none"), std::string::npos) << r.output;
+}
+
 TEST(Cli, SmallCheckedRunPasses) {
   const Result r = run_cli("run --backend cpu --seq-len 64 --heads 2 --kv-heads 1 --head-dim 8 --causal --check");
   EXPECT_EQ(r.code, 0) << r.output;
