@@ -52,7 +52,12 @@ INSTANTIATE_TEST_SUITE_P(
                       BadCase{"--batch 0", "--batch"}, BadCase{"--head-dim 0", "--head-dim"},
                       BadCase{"--timeout 0", "--timeout"}, BadCase{"--log-level loud", "--log-level"},
                       BadCase{"--load /nonexistent/ringattn", "/nonexistent/ringattn/q.npy"},
-                      BadCase{"--heads two", "--heads"}, BadCase{"--no-such-flag", "--no-such-flag"}));
+                      BadCase{"--heads two", "--heads"}, BadCase{"--no-such-flag", "--no-such-flag"},
+                      // Sizes whose products overflow (a segfault, a silent wrap to 1073741824).
+                      BadCase{"--batch 4611686018427387904 --seq-len 64", "the problem is too large"},
+                      BadCase{"--seq-len 17179869185G", "above the limit of 2^40"},
+                      BadCase{"--seq-len 1024G --heads 64 --head-dim 128", "the problem is too large"},
+                      BadCase{"--head-dim 1000000", "--head-dim 1000000 is above the limit of 1024"}));
 
 TEST(Cli, UnwritableSaveDirectoryIsRejectedUpFront) {
   namespace fs = std::filesystem;
