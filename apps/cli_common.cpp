@@ -238,7 +238,7 @@ HostTensor convert_host(const TensorView& src, DType dtype) {
   t.view.data = t.storage.data();
   const int64_t n = src.numel();
   if (src.dtype == dtype) {
-    std::memcpy(t.view.data, src.data, src.nbytes());
+    if (n > 0) std::memcpy(t.view.data, src.data, src.nbytes());  // an empty .npy has no data pointer
   } else {
     for (int64_t i = 0; i < n; ++i) store_from_double(t.view, i, load_as_double(src, i));
   }

@@ -37,7 +37,64 @@ struct RunFlags {
   std::string load_dir;
   std::string save_dir;
   std::string json_path;
+  CLI::Option* load_opt = nullptr;  // to tell an empty path given from none
+  CLI::Option* save_opt = nullptr;
+  CLI::Option* json_opt = nullptr;
 };
+
+// The --load values of the problem, for messages: a size read from q.npy is named as such, not as
+// a flag the user never passed ("--seq-len 100 is not divisible by 3" for a file of 100 tokens).
+std::string name_loaded_values(const RunFlags& f, std::string message) {
+  const std::string q = (std::filesystem::path(f.load_dir) / "q.npy").string();
+  const struct {
+    const char* flag;
+    const CLI::Option* opt;
+    std::string from;
+  } names[] = {{"--batch ", f.problem.batch_opt, "the batch (axis 0) of '" + q + "', "},
+               {"--seq-len ", f.problem.seq_len_opt, "the sequence length (axis 1) of '" + q + "', "},
+               {"--heads ", f.problem.heads_opt, "the heads (axis 2) of '" + q + "', "},
+               {"--kv-heads ", f.problem.kv_heads_opt, "the kv heads (axis 2) of k.npy, "},
+               {"--head-dim ", f.problem.head_dim_opt, "the head dimension (axis 3) of '" + q + "', "}};
+  // The hint keeps its flags: they are what the user can pass to change the problem.
+  const std::size_t hint_at = message.find(" (hint:");
+  std::string hint = hint_at == std::string::npos ? std::string() : message.substr(hint_at);
+  message = message.substr(0, hint_at);
+  for (const auto& n : names) {
+    if (given(n.opt)) continue;
+    const std::string flag = n.flag;
+    for (std::size_t at = message.find(flag); at != std::string::npos; at = message.find(flag, at + n.from.size())) {
+      message.replace(at, flag.size(), n.from);
+    }
+  }
+  return message + hint;
+}
+
+// Flags with a range: refused up front naming the flag and the values it takes.
+void validate_run_flags(const RunFlags& f) {
+  if (f.iters < 1) {
+    fail(ErrorKind::kInvalidArgument, "--iters " + std::to_string(f.iters) + " must be at least 1",
+         "pass --iters 1 or more");
+  }
+  if (f.warmup < -1) {
+    fail(ErrorKind::kInvalidArgument, "--warmup " + std::to_string(f.warmup) + " is below -1",
+         "pass 0 or more untimed passes, or -1 for the default (1 on the GPU, 0 on the CPU)");
+  }
+  if (f.check_rows < -1) {
+    fail(ErrorKind::kInvalidArgument, "--check-rows " + std::to_string(f.check_rows) + " is below -1",
+         "pass 0 (auto), -1 (all rows) or a number of sampled rows");
+  }
+  const std::pair<const CLI::Option*, const std::string*> paths[] = {
+      {f.load_opt, &f.load_dir}, {f.save_opt, &f.save_dir}, {f.json_opt, &f.json_path}};
+  for (const auto& [opt, value] : paths) {
+    if (given(opt) && value->empty()) {
+      fail(ErrorKind::kInvalidArgument, opt->get_name() + " was given an empty path", "pass a path, or omit the flag");
+    }
+  }
+  if (!f.json_path.empty() && std::filesystem::is_directory(f.json_path)) {
+    fail(ErrorKind::kInvalidArgument, "--json '" + f.json_path + "' is a directory",
+         "pass a file path, e.g. --json " + (std::filesystem::path(f.json_path) / "run.json").string());
+  }
+}
 
 // Global q/k/v read from --load, converted to the run's dtype.
 struct LoadedInputs {
@@ -176,18 +233,20 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   std::optional<LoadedInputs> loaded;
   collectively(session, [&] {
     if (!early_error.empty()) throw Error(ErrorKind::kInvalidArgument, early_error);
-    if (f.iters < 1) {
-      fail(ErrorKind::kInvalidArgument, "--iters " + std::to_string(f.iters) + " must be at least 1",
-           "pass --iters 1 or more");
-    }
+    validate_run_flags(f);
     init_logging(f.problem.log_level);
     spec = spec_from_flags(f.problem);
     if (!f.load_dir.empty()) {
       loaded = load_inputs(f, spec);
+      try {
+        spec.validate(world);
+      } catch (const Error& e) {
+        throw Error(e.kind(), name_loaded_values(f, e.what()));
+      }
     } else {
       apply_doc_lens(f.problem, spec);
+      spec.validate(world);
     }
-    spec.validate(world);
     if (rank == 0 && !f.save_dir.empty()) ensure_writable_dir(f.save_dir, "--save");
     if (rank == 0 && !f.json_path.empty()) {
       const auto parent = std::filesystem::path(f.json_path).parent_path();
@@ -594,10 +653,10 @@ Command add_run_command(CLI::App& root) {
   app->add_option("--warmup", flags->warmup, "Untimed passes before the timed ones (-1: 1 on GPU, 0 on CPU)")
       ->capture_default_str();
   app->add_option("--iters", flags->iters, "Timed passes; the mean time is reported")->capture_default_str();
-  app->add_option("--load", flags->load_dir,
+  flags->load_opt = app->add_option("--load", flags->load_dir,
                   "Read q.npy [B,S,H,D], k.npy and v.npy [B,S,Hkv,D] (global order, float32/64) from DIR");
-  app->add_option("--save", flags->save_dir, "Write out.npy [B,S,H,D] and lse.npy [B,H,S] (global order) to DIR");
-  app->add_option("--json", flags->json_path, "Write one JSON object with parameters, timings and check results");
+  flags->save_opt = app->add_option("--save", flags->save_dir, "Write out.npy [B,S,H,D] and lse.npy [B,H,S] (global order) to DIR");
+  flags->json_opt = app->add_option("--json", flags->json_path, "Write one JSON object with parameters, timings and check results");
   return {app, [flags] { return run_main(*flags); }};
 }
 

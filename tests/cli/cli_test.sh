@@ -226,6 +226,11 @@ PY
     expect_error "cu_seqlens.npy' is not a usable .npy file: dtype is a float.*hint" --load "$work/in"
     "$py" "$helper" cu "$work/in" 0,30,64 --shape2d >/dev/null
     expect_error "cu_seqlens.npy' is not a usable .npy file: shape .* is not one-dimensional.*hint" --load "$work/in" ;;
+  load_values_named)  # a size from q.npy is named as the file's, not as a flag the user never passed
+    "$py" "$helper" make "$work/in" --batch 1 --seq 100 --heads 2 --head-dim 8 || exit $?
+    expect_error "the sequence length (axis 1) of '$work/in/q.npy', 100 is not divisible by 3" --load "$work/in"
+    grep -q -- "--seq-len 100 is" "$work/stderr.txt" && die "the message names --seq-len, which was not given"
+    echo "ok: the file's value is named" ;;
   nan_input)  # one NaN in q: that row's out is NaN (not 0), the summary counts it, --save keeps it
     "$py" "$helper" make "$work/in" --batch 1 --seq 48 --heads 2 --head-dim 8 --dtype float64 || exit $?
     "$py" - "$work/in" <<'PY' || die "poking a NaN into q.npy failed"

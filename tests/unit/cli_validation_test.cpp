@@ -57,7 +57,14 @@ INSTANTIATE_TEST_SUITE_P(
                       BadCase{"--batch 4611686018427387904 --seq-len 64", "the problem is too large"},
                       BadCase{"--seq-len 17179869185G", "above the limit of 2^40"},
                       BadCase{"--seq-len 1024G --heads 64 --head-dim 128", "the problem is too large"},
-                      BadCase{"--head-dim 1000000", "--head-dim 1000000 is above the limit of 1024"}));
+                      BadCase{"--head-dim 1000000", "--head-dim 1000000 is above the limit of 1024"},
+                      // Values out of range, refused before any computation (256K tokens would take minutes).
+                      BadCase{"--seq-len 256K --warmup -7", "--warmup -7 is below -1"},
+                      BadCase{"--seq-len 256K --check-rows -5", "--check-rows -5 is below -1"},
+                      BadCase{"--seq-len 256K --save ''", "--save was given an empty path"},
+                      BadCase{"--seq-len 256K --json ''", "--json was given an empty path"},
+                      BadCase{"--seq-len 256K --load ''", "--load was given an empty path"},
+                      BadCase{"--seq-len 256K --json /tmp", "--json '/tmp' is a directory"}));
 
 TEST(Cli, UnwritableSaveDirectoryIsRejectedUpFront) {
   namespace fs = std::filesystem;

@@ -28,6 +28,7 @@ template <typename T>
 void widen(const TensorView& src, std::vector<T>& dst) {
   const int64_t n = src.numel();
   dst.resize(static_cast<std::size_t>(n));
+  if (n == 0) return;  // a zero-size view may have no data pointer: memcpy(_, nullptr, 0) is undefined
   if (src.dtype == DType::kF32 && std::is_same_v<T, float>) {
     std::memcpy(dst.data(), src.data, n * sizeof(float));
   } else if (src.dtype == DType::kF64 && std::is_same_v<T, double>) {
@@ -316,7 +317,9 @@ class CpuBackend final : public Backend {
     blocks_.emplace_back(new unsigned char[bytes == 0 ? 1 : bytes]());
     return blocks_.back().get();
   }
-  void copy(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void copy(void* dst, const void* src, std::size_t bytes) override {
+    if (bytes > 0) std::memcpy(dst, src, bytes);  // zero-size buffers may be null
+  }
   int mark() override {
     marks_.push_back(std::chrono::steady_clock::now());
     return static_cast<int>(marks_.size()) - 1;
