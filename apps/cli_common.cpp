@@ -4,6 +4,8 @@
 
 #include "exit_codes.hpp"
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -361,6 +363,35 @@ void ensure_writable_dir(const std::string& dir, const std::string& flag) {
   }
   std::fclose(f);
   std::remove(probe.c_str());
+}
+
+SaveDirLock::SaveDirLock(const std::string& dir, const std::string& flag) {
+  const std::string path = (std::filesystem::path(dir) / ".ringattn-save.lock").string();
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) {
+    fail(ErrorKind::kIo, "cannot create the lock '" + path + "' of " + flag + ": " + std::strerror(errno),
+         "pass a directory you can write to");
+  }
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    char owner[64] = {0};
+    const ssize_t n = ::pread(fd_, owner, sizeof(owner) - 1, 0);
+    ::close(fd_);
+    fd_ = -1;
+    std::string who = n > 0 ? std::string(owner, static_cast<std::size_t>(n)) : std::string("?");
+    while (!who.empty() && (who.back() == '\n' || who.back() == ' ')) who.pop_back();
+    fail(ErrorKind::kInvalidArgument,
+         flag + " '" + dir + "' is being written by another ringattn job (pid " + who + ", lock '" + path +
+             "'): two jobs in one directory would leave a mix of both jobs' files",
+         "wait for that job to end, or pass another " + flag + " directory");
+  }
+  const std::string me = std::to_string(static_cast<long>(getpid())) + " on " + process_context().host + "\n";
+  if (::ftruncate(fd_, 0) == 0) {
+    [[maybe_unused]] const ssize_t w = ::pwrite(fd_, me.data(), me.size(), 0);
+  }
+}
+
+SaveDirLock::~SaveDirLock() {
+  if (fd_ >= 0) ::close(fd_);  // releases the flock; the file stays (removing it would race a new locker)
 }
 
 void write_text_file(const std::string& path, const std::string& text) {

@@ -140,6 +140,21 @@ HostTensor gather_to_root(Session& session, const AttentionSpec& spec, const Ten
 // Creates `dir` (with parents) when missing and proves it writable with a probe file.
 // Throws naming `flag` and the fix.
 void ensure_writable_dir(const std::string& dir, const std::string& flag);
+// Holds DIR/.ringattn-save.lock (flock, exclusive) for its lifetime, so that two jobs never write
+// one --save directory at once (a reader would see one job's dk.npy beside the other's out.npy).
+// Throws naming --save, the other job's pid and the fix when another process holds it; the lock
+// goes with the process, so a crashed job leaves none behind.
+class SaveDirLock {
+ public:
+  SaveDirLock(const std::string& dir, const std::string& flag);
+  ~SaveDirLock();
+  SaveDirLock(const SaveDirLock&) = delete;
+  SaveDirLock& operator=(const SaveDirLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
 // Writes text to `path` through a temporary file and rename.
 void write_text_file(const std::string& path, const std::string& text);
 

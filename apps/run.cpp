@@ -231,6 +231,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   const int rank = session.rank(), world = session.world();
   AttentionSpec spec;
   std::optional<LoadedInputs> loaded;
+  std::optional<SaveDirLock> save_lock;
   collectively(session, [&] {
     if (!early_error.empty()) throw Error(ErrorKind::kInvalidArgument, early_error);
     validate_run_flags(f);
@@ -247,7 +248,10 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       apply_doc_lens(f.problem, spec);
       spec.validate(world);
     }
-    if (rank == 0 && !f.save_dir.empty()) ensure_writable_dir(f.save_dir, "--save");
+    if (rank == 0 && !f.save_dir.empty()) {
+      ensure_writable_dir(f.save_dir, "--save");
+      save_lock.emplace(f.save_dir, "--save");  // held until the job ends
+    }
     if (rank == 0 && !f.json_path.empty()) {
       const auto parent = std::filesystem::path(f.json_path).parent_path();
       ensure_writable_dir(parent.empty() ? std::string(".") : parent.string(), "--json");

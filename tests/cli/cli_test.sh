@@ -231,6 +231,20 @@ PY
     expect_error "the sequence length (axis 1) of '$work/in/q.npy', 100 is not divisible by 3" --load "$work/in"
     grep -q -- "--seq-len 100 is" "$work/stderr.txt" && die "the message names --seq-len, which was not given"
     echo "ok: the file's value is named" ;;
+  save_locked)  # a second job on a --save directory in use is refused up front; no stale lock after
+    mkdir -p "$work/out"
+    echo "+ flock $work/out/.ringattn-save.lock (another job holding the directory)" >&2
+    flock "$work/out/.ringattn-save.lock" timeout 120 "${mpi[@]}" "$cli" run --backend cpu --seq-len 48 --heads 2 \
+      --head-dim 8 --save "$work/out" >"$out" 2>"$err"
+    rc=$?
+    cat "$err" >&2
+    [ $rc -eq 1 ] || die "a locked --save directory gave exit $rc, expected 1"
+    grep -q "ringattn: error:.*--save '$work/out' is being written by another ringattn job.*hint" "$err" ||
+      die "no message naming --save and the other job"
+    ls "$work/out" | grep -q npy && die "the refused job wrote files"
+    expect_ok --seq-len 48 --heads 2 --head-dim 8 --save "$work/out"
+    [ -f "$work/out/out.npy" ] || die "no out.npy once the directory is free"
+    echo "ok: refused while locked, written once free" ;;
   nan_input)  # one NaN in q: that row's out is NaN (not 0), the summary counts it, --save keeps it
     "$py" "$helper" make "$work/in" --batch 1 --seq 48 --heads 2 --head-dim 8 --dtype float64 || exit $?
     "$py" - "$work/in" <<'PY' || die "poking a NaN into q.npy failed"
