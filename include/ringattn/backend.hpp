@@ -84,7 +84,33 @@ class Backend {
   virtual void reset_marks() = 0;
   // The compute stream (a cudaStream_t) for device backends; nullptr on the host.
   virtual void* stream() const { return nullptr; }
+
+  // ---- embedded mode (RingAttention built with RingOptions::embedded) ----
+  // Called once, before prepare(): prepare() then allocates nothing, a pass takes its scratch from
+  // bind_scratch(), and allocate() refuses (so nothing is ever allocated while a pass runs).
+  virtual void set_embedded(bool on) { (void)on; }
+  // Bytes of scratch one forward (backward) pass needs in the backend's memory, after prepare();
+  // 0 for a backend that keeps its own host memory (the CPU backend).
+  virtual std::size_t scratch_bytes(bool backward) const {
+    (void)backward;
+    return 0;
+  }
+  // Points the scratch of the passes that follow at `base` (scratch_bytes(backward) bytes,
+  // kWorkspaceAlignment-aligned, in the backend's memory).
+  virtual void bind_scratch(void* base, bool backward) {
+    (void)base;
+    (void)backward;
+  }
+  // The compute stream of the calls that follow, exactly as given (a cudaStream_t of the backend's
+  // device; nullptr is CUDA's default stream). Host backends ignore it.
+  virtual void set_stream(void* stream) { (void)stream; }
+  // Whether mark() records timeline markers (on by default). Off, marks are numbered but not
+  // recorded, and synchronize_and_read_marks() must not be called.
+  virtual void set_timeline(bool on) { (void)on; }
 };
+
+// Alignment of every buffer carved from a caller's workspace (and of the workspace itself).
+inline constexpr std::size_t kWorkspaceAlignment = 256;
 
 // The CPU reference backend (fp64, fp32; bf16/fp16 are widened to fp32 on the fly).
 std::unique_ptr<Backend> make_cpu_backend();

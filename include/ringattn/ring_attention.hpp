@@ -2,12 +2,15 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "ringattn/mask.hpp"
 
 #include "ringattn/backend.hpp"
+#include "ringattn/error.hpp"
 #include "ringattn/layout.hpp"
 #include "ringattn/spec.hpp"
 #include "ringattn/transport.hpp"
@@ -15,6 +18,7 @@
 namespace ringattn {
 
 struct RingPlan;  // src/plan/plan.hpp
+class PassGuard;  // src/runtime/pass_guard.hpp
 
 // Bytes this rank moved with one peer in one hop.
 struct PeerBytes {
@@ -48,12 +52,50 @@ struct PassStats {
 // Observer called on the host after each hop is enqueued (progress display, telemetry).
 using HopCallback = void (*)(int hop, int hops, void* user);
 
+enum class Pass { kForward, kBackward };
+
+// How a RingAttention runs its passes; fixed at construction.
+struct RingOptions {
+  // false: the blocking passes of the apps (the call returns when the pass is done, buffers are
+  // allocated on first use, per-hop times always). true: embedded passes (forward/backward with
+  // PassOptions) for a host program that owns streams and memory: the call enqueues the pass on
+  // the caller's stream and returns; scratch comes from the caller's workspace; nothing is
+  // allocated and nothing waits for the device inside a pass; failures are found by the
+  // transport's watchdog and by a guard kernel at the end of the pass (see poll()).
+  bool embedded = false;
+};
+
+// One embedded pass.
+struct PassOptions {
+  // The stream the pass is ordered on (a cudaStream_t of the backend's device; nullptr is CUDA's
+  // default stream): it starts after the work already there, and everything it does, the
+  // exchange streams included, is joined back into this stream before the call returns, so the
+  // caller may reuse inputs and workspace by stream order alone. Host backends ignore it.
+  void* stream = nullptr;
+  // workspace_bytes(pass) bytes in the backend's memory, kWorkspaceAlignment-aligned; owned by
+  // the caller, in use until the stream reaches the end of the pass. May change between calls.
+  void* workspace = nullptr;
+  std::size_t workspace_bytes = 0;
+  // Per-hop times in last_stats(): the call then waits for the pass (a host wait, on request).
+  bool timeline = false;
+};
+
+// Bits of PassGuard's verdict: why an embedded pass wrote NaN into its outputs.
+inline constexpr int kGuardAgreement = 1;  // the end-of-pass agreement counted fewer ranks
+inline constexpr int kGuardWatchdog = 2;   // the transport's watchdog failed the ring
+inline constexpr int kGuardForced = 4;     // the call itself failed after enqueuing work
+
 class RingAttention {
  public:
   // The transport's rank/world define the ring. Buffers (two K/V chunks, accumulators) are
   // allocated here, once for this shape.
   RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend> backend,
                 std::unique_ptr<Transport> transport);
+  // As above, with `options` (RingOptions::embedded: nothing is allocated here or later: every
+  // buffer lives in the workspace of each call). Throws kInvalidArgument when the transport cannot
+  // run embedded passes.
+  RingAttention(const AttentionSpec& spec, std::unique_ptr<Backend> backend, std::unique_ptr<Transport> transport,
+                const RingOptions& options);
   ~RingAttention();
   RingAttention(const RingAttention&) = delete;
   RingAttention& operator=(const RingAttention&) = delete;
@@ -78,6 +120,25 @@ class RingAttention {
                 const TensorView& lse, const TensorView& dout, const TensorView& dq,
                 const TensorView& dk, const TensorView& dv);
 
+  // ---- embedded passes (RingOptions::embedded) ----
+  bool embedded() const { return embedded_; }
+  // Workspace bytes one pass needs (ring buffers, backend scratch); the same on every call.
+  std::size_t workspace_bytes(Pass pass) const;
+  // The passes above, enqueued on options.stream with options.workspace; they return once the
+  // pass is enqueued. Tensors as above. Throws kInvalidArgument for bad arguments (nothing
+  // enqueued, nothing kept) and the kept error of an earlier failed pass (nothing enqueued). A
+  // pass that fails after enqueuing work fills its outputs (out, lse; dq, dk, dv) with NaN on the
+  // stream, keeps the error and throws it; one whose failure the watchdog or the guard finds
+  // later fills them with NaN on the device, and poll() (and every later call) returns the error.
+  // The ring is unusable after a failure (its communicator is aborted).
+  void forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+               const TensorView& lse, const PassOptions& options);
+  void backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                const TensorView& dv, const PassOptions& options);
+  // The kept failure of this ring, if any; never blocks.
+  std::optional<Error> poll();
+
   const PassStats& last_stats() const { return stats_; }
   void set_hop_callback(HopCallback cb, void* user) { hop_cb_ = cb; hop_user_ = user; }
 
@@ -93,6 +154,8 @@ class RingAttention {
   void backward_direct(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                        const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
                        const TensorView& dv);
+  // Adds remote hop j's K/V messages (this rank's rows to the reader, the owner's rows into buffer j % 2).
+  void add_kv_messages(PeerExchange& ex, int j, const TensorView& k, const TensorView& v) const;
   // Rows of remote hop h (0-based into plan().hops) that this rank receives, with their positions.
   struct DirectHop {
     int hop = 0;          // distance t
@@ -104,6 +167,18 @@ class RingAttention {
   };
   // Waits for the pass, then fills the per-hop compute / exposed-communication times.
   void read_timeline(const std::vector<HopMarks>& marks, int start_mark, int end_mark);
+  // The end of every pass: blocking, the transport's end_pass around read_timeline; embedded,
+  // the asynchronous end (src/runtime/ring_embedded.cpp).
+  void finish_pass(const std::vector<HopMarks>& marks, int start_mark, int end_mark);
+  // Embedded passes (ring_embedded.cpp): carves `base` (nullptr: only counts) into this pass's
+  // buffers, which it points the members at; returns the bytes used.
+  std::size_t lay_out_workspace(Pass pass, char* base);
+  void begin_embedded(Pass pass, const PassOptions& options);
+  void run_embedded(const std::vector<TensorView>& outputs, const PassOptions& options,
+                    const std::function<void()>& body);
+  void fill_nan_now(const std::vector<TensorView>& outputs);
+  void check_lse(const TensorView& lse) const;
+  void enable_embedded();  // the constructor, before the backend's prepare()
 
   AttentionSpec spec_;
   std::unique_ptr<RingPlan> plan_;
@@ -114,6 +189,9 @@ class RingAttention {
   void* own_grad_ = nullptr;                   // fp32 dK/dV of this rank's own rows, summed over readers
   Mask mask_;       // view of spec_.mask
   Layout layout_;   // spec_.layout resolved for this ring
+  // Embedded device rings: the end-of-pass NaN guard. Declared first, so it outlives the transport
+  // whose watchdog sets its failure word.
+  std::unique_ptr<PassGuard> guard_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Transport> transport_;
   int64_t local_seq_ = 0;
@@ -130,6 +208,11 @@ class RingAttention {
   void* hop_user_ = nullptr;
   bool post_early_ = false;  // RINGATTN_RING_POST=early: post exchanges before compute (timing only)
   bool fold_beside_ = true;  // RINGATTN_RING_FOLD=compute: folds on the compute stream (timing only)
+  // Embedded mode.
+  bool embedded_ = false;
+  const PassOptions* pass_options_ = nullptr;  // the embedded call in progress
+  std::vector<TensorView> pass_outputs_;       // its outputs: the guard fills them with NaN on failure
+  std::optional<Error> kept_;                  // the first failure; returned by poll() and every later call
 };
 
 }  // namespace ringattn

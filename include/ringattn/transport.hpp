@@ -105,6 +105,32 @@ class Transport {
   virtual void abort(const std::string& why) = 0;
   // Milliseconds a wait may take before the job is aborted.
   virtual void set_timeout_ms(double ms) = 0;
+
+  // ---- embedded passes (RingAttention built with RingOptions::embedded) ----
+  // Switches the transport to embedded passes, once, before the first one: no host wait on the
+  // device's progress inside a pass. Returns false, with the reason in `why`, when this transport
+  // cannot (the copy-engine ring needs IPC-mapped cudaMalloc memory and host messages per hop).
+  virtual bool enable_embedded(std::string* why) {
+    (void)why;
+    return true;
+  }
+  // The compute stream of the passes that follow, exactly as given (device transports; a
+  // cudaStream_t, nullptr being CUDA's default stream). Host transports ignore it.
+  virtual void set_compute_stream(void* stream) { (void)stream; }
+  // Ends an embedded pass, after its last wait, without a host wait: every stream of the transport
+  // joins the compute stream. A transport with an end-of-pass agreement enqueues it and returns
+  // the device word it sums into, which equals `expected` when every rank finished the pass; its
+  // watchdog enforces the timeout.
+  struct Verdict {
+    const int* device_sum = nullptr;  // nullptr: nothing to check on the device
+    int expected = 0;
+  };
+  virtual Verdict end_pass_async() { return {}; }
+  // A host word (mapped into the device) that a failure found off the calling thread (a watchdog)
+  // sets to nonzero before it aborts the communicator: the pass guard reads it. nullptr: none.
+  virtual void set_failure_flag(volatile int* flag) { (void)flag; }
+  // The failure a watchdog recorded; empty when none. Never blocks on the device.
+  virtual std::string failure() const { return {}; }
 };
 
 // A transport for one process (world 1): exchanges never happen.

@@ -278,6 +278,35 @@ class LoopbackTransport final : public Transport {
     hub_->abort_locked("loopback rank " + std::to_string(rank_) + " aborted: " + why);
   }
 
+  // Embedded passes: the host still meets its peers' posts (the ranks are threads of one process),
+  // but never waits for the device.
+  void set_compute_stream(void* stream) override {
+#ifdef RINGATTN_HAVE_CUDA
+    if (!hub_->device_mode) return;
+    std::lock_guard<std::mutex> lock(hub_->mu);
+    hub_->compute[rank_] = stream != nullptr ? static_cast<cudaStream_t>(stream) : cudaStreamLegacy;  // as the backend's
+#else
+    (void)stream;
+#endif
+  }
+
+  // This rank's exchange stream joins its compute stream: after the pass's last wait every copy
+  // into this rank is enqueued there (the copies out of it run on the receivers' streams, which
+  // the compute stream already waited for).
+  Verdict end_pass_async() override {
+#ifdef RINGATTN_HAVE_CUDA
+    if (hub_->device_mode) {
+      std::lock_guard<std::mutex> lock(hub_->mu);
+      check_cuda(cudaSetDevice(hub_->device), "cudaSetDevice");
+      cudaEvent_t joined = hub_->take_event_locked();
+      check_cuda(cudaEventRecord(joined, hub_->exchange[rank_]), "cudaEventRecord (exchange -> compute)");
+      check_cuda(cudaStreamWaitEvent(hub_->compute[rank_], joined, 0), "cudaStreamWaitEvent (compute joins exchange)");
+      hub_->give_event_locked(joined);  // the wait captured it
+    }
+#endif
+    return {};
+  }
+
  private:
   // What one rank posted for one hop: the keys of its messages (sends and receives).
   struct Post {

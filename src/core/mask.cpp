@@ -140,7 +140,8 @@ int64_t count_visible_keys(const Mask& m, int64_t seq_len, int64_t q, bool patte
   int n = 0;
   if (m.has_window) {
     const int64_t lo = m.window_left < 0 ? b_lo : std::max(b_lo, q - m.window_left);
-    const int64_t hi = m.window_right < 0 ? b_hi : std::min(b_hi, q + m.window_right);
+    // q + right as min(b_hi, .) without overflow (a side may be as large as INT64_MAX).
+    const int64_t hi = m.window_right < 0 || m.window_right >= b_hi - q ? b_hi : q + m.window_right;
     sets[n++] = {lo, hi, false};
   }
   if (m.stride > 0) sets[n++] = {b_lo, b_hi, true};

@@ -115,7 +115,7 @@ TEST(Cli, InfoAndHelpWork) {
 }
 
 TEST(Cli, HelpOfEverySubcommandPrintsTheExitCodeTable) {
-  for (const char* cmd : {"--help", "run --help", "bench --help", "info --help"}) {
+  for (const char* cmd : {"--help", "run --help", "bench --help", "info --help", "plan --help"}) {
     const Result r = run_cli(cmd);
     EXPECT_EQ(r.code, 0) << cmd;
     EXPECT_NE(r.output.find("0 success, 1 bad input, 2 a check failed, 3 communication failure or timeout, 4 out of "

@@ -314,6 +314,9 @@ class CpuBackend final : public Backend {
   }
 
   void* allocate(std::size_t bytes) override {
+    RINGATTN_CHECK(!embedded_, ErrorKind::kInternal,
+                   "an embedded ring asked the CPU backend for " + std::to_string(bytes) + " bytes",
+                   "every buffer of an embedded pass comes from its workspace (RingAttention::lay_out_workspace)");
     blocks_.emplace_back(new unsigned char[bytes == 0 ? 1 : bytes]());
     return blocks_.back().get();
   }
@@ -330,8 +333,12 @@ class CpuBackend final : public Backend {
     return ms;
   }
   void reset_marks() override { marks_.clear(); }
+  // Embedded: the ring's buffers come from the caller's workspace; the engines keep their own host
+  // vectors (scratch_bytes() is 0).
+  void set_embedded(bool on) override { embedded_ = on; }
 
  private:
+  bool embedded_ = false;
   bool wide_ = false;
   CpuEngine<double> f64_;
   CpuEngine<float> f32_;

@@ -273,6 +273,11 @@ void NcclTransport::check() const {
 void NcclTransport::fail_locked(const std::string& message) {
   if (failed_.load()) return;
   failure_ = context_prefix() + " " + message;
+  if (failure_flag_ != nullptr) {
+    // Before the abort: the kernels it ends are followed on the stream by a guard that reads it.
+    *failure_flag_ = 1;
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+  }
   failed_.store(true);
   if (comm_ != nullptr && !aborted_.load()) {
     // Ends the NCCL kernels in flight, so streams (and host threads synchronising on them) drain.
@@ -309,6 +314,7 @@ NcclTransport::Slot& NcclTransport::acquire_slot_locked(std::unique_lock<std::mu
   if (failed_.load()) throw Error(ErrorKind::kComm, failure_);
   RINGATTN_CHECK(hop >= 0, ErrorKind::kInternal, "negative hop " + std::to_string(hop), "");
   Slot& slot = slot_for(hop);
+  if (slot.pending && embedded_) slot.pending = false;  // see enable_embedded()
   if (slot.pending) {
     // Only possible when a caller posts more than two passes' hops without waiting: let it drain.
     const auto deadline = Clock::now() + timeout();
@@ -591,7 +597,9 @@ void NcclTransport::watchdog_loop() {
     cv_.wait_for(lock, kWatchdogPeriod);
     if (stop_ || failed_.load()) continue;
     const Slot* oldest = nullptr;
-    for (Slot& s : slots_) {
+    agree_slot_.done = agree_done_;
+    for (std::size_t i = 0; i <= slots_.size(); ++i) {
+      Slot& s = i < slots_.size() ? slots_[i] : agree_slot_;  // the last: an embedded pass's agreement
       if (!s.pending) continue;
       const cudaError_t e = cudaEventQuery(s.done);
       if (e == cudaSuccess) {
@@ -600,8 +608,7 @@ void NcclTransport::watchdog_loop() {
       } else if (e == cudaErrorNotReady) {
         if (!oldest || s.posted < oldest->posted) oldest = &s;
       } else {
-        fail_locked("hop " + std::to_string(s.hop) + ": CUDA error on the communication stream: " +
-                    cudaGetErrorString(e));
+        fail_locked(hop_text(s.hop) + ": CUDA error on the communication stream: " + cudaGetErrorString(e));
       }
     }
     if (failed_.load()) break;
@@ -610,12 +617,13 @@ void NcclTransport::watchdog_loop() {
     if (r != ncclSuccess) state = r;
     if (state != ncclSuccess && state != ncclInProgress) {
       const int hop = oldest ? oldest->hop : -1;
-      fail_locked("hop " + std::to_string(hop) + ": NCCL reported " + ncclGetErrorString(state) +
+      fail_locked((oldest && hop < 0 ? hop_text(hop) : "hop " + std::to_string(hop)) + ": NCCL reported " +
+                  ncclGetErrorString(state) +
                   (oldest ? route_of(*oldest) : ring_route()) + "; communicator aborted");
     } else if (oldest) {
       const auto start = std::max(oldest->posted, last_progress);
       if (Clock::now() - start > timeout()) {
-        fail_locked("hop " + std::to_string(oldest->hop) + ": NCCL exchange timed out after " +
+        fail_locked(hop_text(oldest->hop) + ": NCCL exchange timed out after " +
                     seconds_text(timeout_ms_.load()) + route_of(*oldest) +
                     ", never completed; a peer is stalled or dead; communicator aborted "
                     "(hint: raise -T if one step legitimately takes longer)");
@@ -628,6 +636,64 @@ void NcclTransport::watchdog_loop() {
     }
   }
 }
+
+bool NcclTransport::enable_embedded(std::string* why) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (ce_) {
+    if (why) {
+      *why = "its ring moves data by copy engines, which need IPC-mapped cudaMalloc memory and host messages per "
+             "hop; embedded passes run on NCCL's kernels";
+    }
+    return false;
+  }
+  embedded_ = true;
+  return true;
+}
+
+void NcclTransport::set_compute_stream(void* stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  compute_stream_ = stream != nullptr ? static_cast<cudaStream_t>(stream) : cudaStreamLegacy;  // as the backend's
+}
+
+void NcclTransport::set_failure_flag(volatile int* flag) {
+  std::lock_guard<std::mutex> lock(mu_);
+  failure_flag_ = flag;
+  if (flag != nullptr && failed_.load()) *flag = 1;
+}
+
+std::string NcclTransport::failure() const {
+  if (!failed_.load()) return {};
+  std::lock_guard<std::mutex> lock(mu_);
+  return failure_;
+}
+
+Transport::Verdict NcclTransport::end_pass_async() {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (failed_.load()) throw Error(ErrorKind::kComm, failure_);
+  kernel_exchange_in_pass_ = false;
+  if (world_ < 2) return {};
+  // Behind the pass's last exchange on the comm stream, as in end_pass(); the compute stream
+  // (the caller's) then waits for it, which joins every exchange of the pass into it.
+  check_cuda(cudaMemsetAsync(agree_dev_ + 1, 0, sizeof(int), comm_stream_), "cudaMemsetAsync (agreement)");
+  const ncclResult_t r = ncclAllReduce(agree_dev_, agree_dev_ + 1, 1, ncclInt32, ncclSum, comm_, comm_stream_);
+  if (r != ncclSuccess && r != ncclInProgress) {
+    fail_locked("after the last hop: posting the end-of-pass agreement failed: " + std::string(ncclGetErrorString(r)) +
+                ring_route());
+    throw Error(ErrorKind::kComm, failure_);
+  }
+  settle_locked("the end-of-pass agreement after the last hop", -1);
+  check_cuda(cudaEventRecord(agree_done_, comm_stream_), "cudaEventRecord (agreement)");
+  check_cuda(cudaStreamWaitEvent(compute_stream_, agree_done_, 0), "cudaStreamWaitEvent (compute joins the agreement)");
+  agree_slot_.hop = -1;
+  agree_slot_.pending = true;
+  agree_slot_.posted = Clock::now();
+  agree_slot_.route.clear();
+  lock.unlock();
+  cv_.notify_all();
+  return {agree_dev_ + 1, world_};
+}
+
+std::string NcclTransport::hop_text(int hop) { return hop >= 0 ? "hop " + std::to_string(hop) : "end-of-pass agreement"; }
 
 void check_transport(const Transport& transport) {
   if (const auto* nccl = dynamic_cast<const NcclTransport*>(&transport)) nccl->check();

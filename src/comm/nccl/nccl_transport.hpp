@@ -67,6 +67,18 @@ class NcclTransport final : public Transport {
   void abort(const std::string& why) override;
   void set_timeout_ms(double ms) override;
 
+  // Embedded passes: NCCL's kernels only (the copy-engine ring needs IPC-mapped cudaMalloc memory
+  // and host messages per hop, so a transport that set it up refuses); a slot still pending when
+  // its hop comes round again is taken over without a host wait (the comm stream runs in order, so
+  // the newer hop's completion implies the older's, and the watchdog follows the newer).
+  bool enable_embedded(std::string* why) override;
+  void set_compute_stream(void* stream) override;
+  // The end-of-pass agreement of end_pass(), enqueued only: the compute stream waits for it on the
+  // device, the watchdog times it like a hop, the pass guard compares the sum with the ring size.
+  Verdict end_pass_async() override;
+  void set_failure_flag(volatile int* flag) override;
+  std::string failure() const override;
+
   // Throws the recorded failure, if any (a hop timed out or NCCL reported an error).
   void check() const;
   bool failed() const { return failed_.load(); }
@@ -88,6 +100,7 @@ class NcclTransport final : public Transport {
 
   Slot& slot_for(int hop) { return slots_[static_cast<std::size_t>(hop) % slots_.size()]; }
   std::string peer_text(int peer) const;
+  static std::string hop_text(int hop);  // "hop 3", or "end-of-pass agreement" for -1
   // " (send to rank 1 (host pid), receive from rank 3 (...))": the ring's peers, or an exchange's.
   std::string ring_route() const;
   std::string peer_route(const PeerExchange& exchange) const;
@@ -124,6 +137,9 @@ class NcclTransport final : public Transport {
   int* agree_dev_ = nullptr;   // [this rank's 1, the allreduce's sum] (end_pass)
   int* agree_host_ = nullptr;  // pinned copy of the sum
   cudaEvent_t agree_done_ = nullptr;
+  Slot agree_slot_;  // embedded passes: the agreement, watched like a hop (hop -1); done = agree_done_
+  bool embedded_ = false;
+  volatile int* failure_flag_ = nullptr;  // set before an abort (the pass guard's word), mu_ held
   // Ranks of one host (unless RINGATTN_COPY_ENGINE=0): the data moves by copy engines, not NCCL kernels.
   std::unique_ptr<CopyEngineRing> ce_;
   long seq_ = 0;  // ring exchanges started so far (the same count on every rank)
