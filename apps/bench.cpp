@@ -39,6 +39,7 @@
 #include "calibrate.hpp"
 #include "cli_common.hpp"
 #include "commands.hpp"
+#include "exit_codes.hpp"
 #include "plan/plan.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/ringattn.hpp"
@@ -48,14 +49,13 @@ namespace ringattn::cli {
 namespace {
 
 constexpr const char* kVersion = "0.1.0";
-constexpr int kExitFailed = 1;       // a size failed its check (or an error)
-constexpr int kExitCommFailure = 3;  // a peer hung or died: timeout / NCCL error, job aborted
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 constexpr double kBackwardFlopsFactor = 2.5;  // backward = 2.5x forward FLOPs, as peers count
 constexpr auto kGraceBeforeAbort = std::chrono::seconds(2);  // lets every surviving rank print its message
 constexpr const char* kBenchFaultEnv = "RINGATTN_BENCH_FAULT";  // tests: corrupt the output or a gradient
 constexpr uint64_t kGradQuerySalt = 29;  // seeds of the gradient check's query and key row samples
 constexpr uint64_t kGradKeySalt = 31;
+constexpr double kMaxSeededValue = 8.58;  // the largest |x| random_normal can give
 // Config keys whose TOML array (or string) is the flag's comma-separated list.
 const std::set<std::string> kListKeys = {"window", "doc-lens"};
 
@@ -97,62 +97,30 @@ void check_comm(const Transport& t) {
 #endif
 }
 
-// Collectives with a deadline: a barrier or reduction that a stalled peer never joins must not
-// hang the survivors (and each poll also surfaces a transport failure seen by the watchdog).
+// The session's collectives with the step they belong to (named when one times out, see
+// Session) and the ring's transport polled while they wait (a watchdog failure surfaces).
 class TimedCollectives {
  public:
-  TimedCollectives(Session& session, double timeout_ms) : session_(session), timeout_ms_(timeout_ms) {}
-  void set_transport(const Transport* t) { transport_ = t; }
-
+  explicit TimedCollectives(Session& session) : session_(session) {}
+  void set_transport(const Transport* t) {
+    if (t == nullptr) {
+      session_.set_collective_poll(nullptr);
+    } else {
+      session_.set_collective_poll([t] { check_comm(*t); });
+    }
+  }
   void barrier(const std::string& where) {
-#ifdef RINGATTN_HAVE_MPI
-    if (session_.world() == 1 || !session_.mpi_comm()) return;
-    MPI_Request req;
-    MPI_Ibarrier(comm(), &req);
-    complete(&req, where);
-#else
-    (void)where;
-#endif
+    session_.set_step(where);
+    session_.barrier();
   }
   // In place, max or sum over ranks.
   void reduce(double* values, int n, bool is_max, const std::string& where) {
-#ifdef RINGATTN_HAVE_MPI
-    if (session_.world() == 1 || !session_.mpi_comm()) return;
-    std::vector<double> in(values, values + n);
-    MPI_Request req;
-    MPI_Iallreduce(in.data(), values, n, MPI_DOUBLE, is_max ? MPI_MAX : MPI_SUM, comm(), &req);
-    complete(&req, where);
-#else
-    (void)values;
-    (void)n;
-    (void)is_max;
-    (void)where;
-#endif
+    session_.set_step(where);
+    session_.reduce_over_ranks(values, n, is_max);
   }
 
  private:
-#ifdef RINGATTN_HAVE_MPI
-  MPI_Comm comm() const { return *static_cast<MPI_Comm*>(session_.mpi_comm()); }
-  void complete(MPI_Request* req, const std::string& where) {
-    const auto deadline = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_ms_));
-    int done = 0;
-    while (true) {
-      MPI_Test(req, &done, MPI_STATUS_IGNORE);
-      if (done) return;
-      if (transport_) check_comm(*transport_);
-      if (Clock::now() > deadline) {
-        fail(ErrorKind::kComm,
-             where + ": not every rank arrived within " + std::to_string(timeout_ms_ / 1000.0) +
-                 " s; a peer is stalled or dead",
-             "check the other ranks' messages; raise -T if a step legitimately takes longer");
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
-  }
-#endif
   Session& session_;
-  double timeout_ms_;
-  const Transport* transport_ = nullptr;
 };
 
 // Progress on rank 0's stderr when it is a terminal: size, iteration, hop, elapsed, estimate.
@@ -785,10 +753,31 @@ int run_bench(const BenchFlags& f) {
     apply_doc_lens(f.problem, base);
   }
   base.mask.validate(sizes.front(), base.heads, base.effective_kv_heads());
+  // Seeded inputs are Box-Muller normals from 53-bit uniforms: |x| <= sqrt(-2 ln 2^-53) < 8.58.
+  const double seeded_norm = kMaxSeededValue * std::sqrt(static_cast<double>(base.head_dim));
+  check_scale_bound(base, seeded_norm, seeded_norm, "seeded values are below 8.58, so a row's norm is below 8.58 * sqrt(head_dim)");
   std::unique_ptr<Session> session = Session::create(nullptr, nullptr, session_options_from_flags(f.problem));
   const int rank = session->rank(), world = session->world();
-  TimedCollectives coll(*session, f.problem.timeout_s * 1000.0);
+  TimedCollectives coll(*session);
   const bool root = rank == 0;
+  // Options that change the steps the ranks take together, or the data (-J: whether given).
+  try {
+    agree_flags(*session, {{"-b/--min-tokens", std::to_string(sizes.front())},
+                           {"-e/--max-tokens", std::to_string(sizes.back())},
+                           {"-f/--factor", std::to_string(f.factor)},
+                           {"-n/--iters", std::to_string(f.iters)},
+                           {"-w/--warmup-iters", std::to_string(f.warmup)},
+                           {"-c/--check", std::to_string(f.check)},
+                           {"--check-rows", std::to_string(f.check_rows)},
+                           {"--no-baseline", !f.baseline ? "on" : "off"},
+                           {"--backward", f.backward ? "on" : "off"},
+                           {"--seed", std::to_string(f.problem.seed)},
+                           {"-J/--json", f.json_path.empty() ? "not given" : "given"},
+                           {"the problem (shapes, dtype, layout, mask, scale)", base.describe()}});
+  } catch (const CollectiveError& e) {
+    std::fprintf(stderr, "ringattn: error: %s\n", e.what());
+    return kExitBadInput;
+  }
 
   const std::vector<std::string> ranks = session->gather_strings(session->describe_rank());
   if (root) {
@@ -842,7 +831,7 @@ int run_bench(const BenchFlags& f) {
     return kExitCommFailure;
   }
 
-  const int exit_code = ok ? 0 : kExitFailed;
+  const int exit_code = ok ? kExitOk : kExitCheckFailed;
   if (root) {
     std::printf("#\n");
     if (!results.empty()) std::printf("# exchange: %s\n", results.front().exchange.c_str());

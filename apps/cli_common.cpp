@@ -2,6 +2,10 @@
 // agreement on errors across ranks, atomic text files and JSON.
 #include "cli_common.hpp"
 
+#include "exit_codes.hpp"
+
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -65,7 +69,7 @@ void add_problem_flags(CLI::App& app, ProblemFlags& f, bool with_seq_len) {
       ->capture_default_str();
   f.dtype_opt = app.add_option("--dtype", f.dtype, "Precision of q/k/v/out: fp64 | fp32 | bf16 | fp16")
                     ->capture_default_str();
-  app.add_option("--scale", f.softmax_scale, "Softmax scale (0 = 1/sqrt(head_dim))")->capture_default_str();
+  app.add_option("--scale", f.softmax_scale, "Softmax scale (0 = 1/sqrt(head_dim)); scale * max||q_i|| * max||k_j|| must stay below 1e4 (1e300 in fp64)")->capture_default_str();
   app.add_option("--seed", f.seed, "Seed of the random inputs (same global problem for any rank count)")
       ->capture_default_str();
 }
@@ -236,7 +240,7 @@ HostTensor convert_host(const TensorView& src, DType dtype) {
   t.view.data = t.storage.data();
   const int64_t n = src.numel();
   if (src.dtype == dtype) {
-    std::memcpy(t.view.data, src.data, src.nbytes());
+    if (n > 0) std::memcpy(t.view.data, src.data, src.nbytes());  // an empty .npy has no data pointer
   } else {
     for (int64_t i = 0; i < n; ++i) store_from_double(t.view, i, load_as_double(src, i));
   }
@@ -361,6 +365,35 @@ void ensure_writable_dir(const std::string& dir, const std::string& flag) {
   std::remove(probe.c_str());
 }
 
+SaveDirLock::SaveDirLock(const std::string& dir, const std::string& flag) {
+  const std::string path = (std::filesystem::path(dir) / ".ringattn-save.lock").string();
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) {
+    fail(ErrorKind::kIo, "cannot create the lock '" + path + "' of " + flag + ": " + std::strerror(errno),
+         "pass a directory you can write to");
+  }
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    char owner[64] = {0};
+    const ssize_t n = ::pread(fd_, owner, sizeof(owner) - 1, 0);
+    ::close(fd_);
+    fd_ = -1;
+    std::string who = n > 0 ? std::string(owner, static_cast<std::size_t>(n)) : std::string("?");
+    while (!who.empty() && (who.back() == '\n' || who.back() == ' ')) who.pop_back();
+    fail(ErrorKind::kInvalidArgument,
+         flag + " '" + dir + "' is being written by another ringattn job (pid " + who + ", lock '" + path +
+             "'): two jobs in one directory would leave a mix of both jobs' files",
+         "wait for that job to end, or pass another " + flag + " directory");
+  }
+  const std::string me = std::to_string(static_cast<long>(getpid())) + " on " + process_context().host + "\n";
+  if (::ftruncate(fd_, 0) == 0) {
+    [[maybe_unused]] const ssize_t w = ::pwrite(fd_, me.data(), me.size(), 0);
+  }
+}
+
+SaveDirLock::~SaveDirLock() {
+  if (fd_ >= 0) ::close(fd_);  // releases the flock; the file stays (removing it would race a new locker)
+}
+
 void write_text_file(const std::string& path, const std::string& text) {
   const std::string tmp = path + ".tmp." + std::to_string(getpid());
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
@@ -398,16 +431,103 @@ std::string describe_exception(const std::exception& e) {
 void collectively(Session& session, const std::function<void()>& fn) {
   bool ok = true;
   std::string message;
+  ErrorKind kind = ErrorKind::kInternal;
   try {
     fn();
-  } catch (const std::exception& e) {
+  } catch (const Error& e) {
+    ok = false;
+    message = e.what();
+    kind = e.kind();
+  } catch (const std::bad_alloc& e) {
     ok = false;
     message = describe_exception(e);
+    kind = ErrorKind::kOutOfMemory;
+  } catch (const std::exception& e) {
+    ok = false;
+    message = context_prefix() + " internal error: " + e.what();
   }
   try {
-    session.agree_ok(ok, message);
+    session.agree_ok(ok, message, kind);
   } catch (const Error& e) {
     throw CollectiveError(e.kind(), e.what());
+  }
+}
+
+double max_score_bound(DType dtype) { return dtype == DType::kF64 ? 1e300 : 1e4; }
+
+void check_scale_bound(const AttentionSpec& spec, double max_q_norm, double max_k_norm, const std::string& inputs) {
+  const double bound = max_score_bound(spec.dtype);
+  const double worst = spec.scale() * max_q_norm * max_k_norm;
+  if (!(worst <= bound)) {  // NaN norms (a NaN input) are not the scale's fault: they propagate
+    if (std::isnan(worst)) return;
+    char text[512];
+    std::snprintf(text, sizeof(text),
+                  "--scale %.6g is too large for these inputs in %s: scores reach up to scale * max|q_i| * max|k_j| = "
+                  "%.6g * %.6g * %.6g = %.3g, above the %.0e that %s computes correctly (the bound depends on the "
+                  "inputs' magnitudes: %s)",
+                  spec.scale(), dtype_name(spec.dtype), spec.scale(), max_q_norm, max_k_norm, worst, bound,
+                  dtype_name(spec.dtype), inputs.c_str());
+    char hint[160];
+    std::snprintf(hint, sizeof(hint), "pass --scale at most %.3g for these inputs, or scale the inputs down",
+                  bound / (max_q_norm * max_k_norm));
+    fail(ErrorKind::kInvalidArgument, text, hint);
+  }
+}
+
+double max_row_norm(const TensorView& t) {
+  const int64_t d = t.shape[t.rank - 1], rows = d > 0 ? t.numel() / d : 0;
+  double best = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < d; ++i) {
+      const double x = load_as_double(t, r * d + i);
+      sum += x * x;
+    }
+    if (std::isnan(sum)) return sum;
+    best = std::max(best, std::sqrt(sum));
+  }
+  return best;
+}
+
+void agree_flags(Session& session, const std::vector<std::pair<std::string, std::string>>& flags) {
+  // One line per flag; a value's own newlines would split it, so they are escaped.
+  std::string mine;
+  for (const auto& [name, value] : flags) {
+    std::string v = value;
+    for (std::size_t at = v.find('\n'); at != std::string::npos; at = v.find('\n', at + 2)) v.replace(at, 1, "\\n");
+    mine += name + "=" + v + "\n";
+  }
+  session.set_step("agreeing on the flags");
+  const std::vector<std::string> all = session.gather_strings(mine);
+  auto split = [](const std::string& text) {
+    std::vector<std::string> lines;
+    std::size_t start = 0;
+    for (std::size_t nl = text.find('\n'); nl != std::string::npos; start = nl + 1, nl = text.find('\n', start)) {
+      lines.push_back(text.substr(start, nl - start));
+    }
+    return lines;
+  };
+  const std::vector<std::string> first = split(all[0]);
+  for (std::size_t f = 0; f < flags.size(); ++f) {
+    const std::string& name = flags[f].first;
+    auto value_of = [&](const std::vector<std::string>& lines) {
+      return f < lines.size() ? lines[f].substr(std::min(lines[f].size(), name.size() + 1)) : std::string("?");
+    };
+    const std::string ref = value_of(first);
+    std::string differing;
+    int count = 0;
+    for (std::size_t r = 1; r < all.size(); ++r) {
+      const std::string v = value_of(split(all[r]));
+      if (v == ref) continue;
+      differing += std::string(count++ ? ", " : "") + "rank " + std::to_string(r) + " has " + (v.empty() ? "''" : v);
+    }
+    if (count > 0) {
+      throw CollectiveError(ErrorKind::kMismatch,
+                            context_prefix() + " ranks were launched with different " + name + ": rank 0 has " +
+                                (ref.empty() ? "''" : ref) + ", " + differing +
+                                " (hint: pass the same " + name +
+                                " to every rank; it changes the steps the ranks take together or the data)");
+    }
   }
 }
 
@@ -417,8 +537,16 @@ int run_reporting_errors(Session& session, const std::function<int()>& body) {
   } catch (const CollectiveError& e) {
     std::fprintf(stderr, "ringattn: error: %s\n", e.what());
     std::fflush(stderr);
+    session.set_step("the barrier after reporting an error");
     session.barrier();
-    return 1;
+    return exit_code_for(e.kind());
+  } catch (const Error& e) {
+    // One rank's own failure outside collectively (a collective or the ring): its peers may wait
+    // for it in the ring or a collective, so the job ends here.
+    std::fprintf(stderr, "ringattn: error: %s\n", e.what());
+    std::fflush(stderr);
+    if (session.world() > 1) session.abort_job(exit_code_for(e.kind()));
+    return exit_code_for(e.kind());
   }
 }
 

@@ -140,6 +140,21 @@ HostTensor gather_to_root(Session& session, const AttentionSpec& spec, const Ten
 // Creates `dir` (with parents) when missing and proves it writable with a probe file.
 // Throws naming `flag` and the fix.
 void ensure_writable_dir(const std::string& dir, const std::string& flag);
+// Holds DIR/.ringattn-save.lock (flock, exclusive) for its lifetime, so that two jobs never write
+// one --save directory at once (a reader would see one job's dk.npy beside the other's out.npy).
+// Throws naming --save, the other job's pid and the fix when another process holds it; the lock
+// goes with the process, so a crashed job leaves none behind.
+class SaveDirLock {
+ public:
+  SaveDirLock(const std::string& dir, const std::string& flag);
+  ~SaveDirLock();
+  SaveDirLock(const SaveDirLock&) = delete;
+  SaveDirLock& operator=(const SaveDirLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
 // Writes text to `path` through a temporary file and rename.
 void write_text_file(const std::string& path, const std::string& text);
 
@@ -152,6 +167,24 @@ class CollectiveError : public Error {
 // Runs `fn` on this rank and then agrees with every rank: when any rank threw, every rank throws
 // CollectiveError with the first failure's message (no rank is left waiting in a collective).
 void collectively(Session& session, const std::function<void()>& fn);
+
+// Collective: every rank passes the same flags (name, value as text) in the same order; when a
+// value differs between ranks, every rank throws CollectiveError(kMismatch) naming the first such
+// flag, rank 0's value and each rank that differs with its value. For the options that change
+// the collective sequence or the problem's data (a rank with another --iters would wait forever
+// in a barrier, another --seed would silently compute another problem).
+void agree_flags(Session& session, const std::vector<std::pair<std::string, std::string>>& flags);
+
+// The largest score magnitude ringattn computes correctly in `dtype`: |scale * q_i . k_j| above it
+// loses the softmax to rounding in fp32/bf16/fp16 compute (the GPU kernels' exp2(fma(s, scale,
+// -max)) turns the product's rounding error into inf at about 2e9) and overflows in fp64 near 1e308.
+double max_score_bound(DType dtype);
+// Throws kInvalidArgument naming --scale when scale * max_q_norm * max_k_norm (a bound of every
+// |score| by Cauchy-Schwarz; the norms are of one head's row, max over the whole problem) exceeds
+// max_score_bound; `inputs` says where the norms come from (for the message).
+void check_scale_bound(const AttentionSpec& spec, double max_q_norm, double max_k_norm, const std::string& inputs);
+// The largest L2 norm of one head's row (the last dimension) of a host tensor.
+double max_row_norm(const TensorView& t);
 
 // Runs a subcommand's body; on CollectiveError every rank prints "ringattn: error: ..." to stderr,
 // waits until all ranks have printed (mpirun kills the job at the first non-zero exit) and

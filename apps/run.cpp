@@ -12,6 +12,7 @@
 #include "check/grad_check.hpp"
 #include "cli_common.hpp"
 #include "commands.hpp"
+#include "exit_codes.hpp"
 #include "core/logging.hpp"
 #include "core/npy.hpp"
 #include "plan/plan.hpp"
@@ -22,7 +23,6 @@
 namespace ringattn::cli {
 namespace {
 
-constexpr int kExitCheckFailed = 2;  // results were computed but are wrong (errors exit with 1)
 constexpr uint64_t kKeySampleSalt = 0x6b65797307ull;  // separates the key-row sample from the query-row one
 constexpr double kBackwardFlopsFactor = 2.5;  // backward = 2.5 x forward FLOPs, as peers count
 constexpr const char* kRunFaultEnv = "RINGATTN_RUN_FAULT";  // tests: corrupt one gradient before --check
@@ -37,7 +37,64 @@ struct RunFlags {
   std::string load_dir;
   std::string save_dir;
   std::string json_path;
+  CLI::Option* load_opt = nullptr;  // to tell an empty path given from none
+  CLI::Option* save_opt = nullptr;
+  CLI::Option* json_opt = nullptr;
 };
+
+// The --load values of the problem, for messages: a size read from q.npy is named as such, not as
+// a flag the user never passed ("--seq-len 100 is not divisible by 3" for a file of 100 tokens).
+std::string name_loaded_values(const RunFlags& f, std::string message) {
+  const std::string q = (std::filesystem::path(f.load_dir) / "q.npy").string();
+  const struct {
+    const char* flag;
+    const CLI::Option* opt;
+    std::string from;
+  } names[] = {{"--batch ", f.problem.batch_opt, "the batch (axis 0) of '" + q + "', "},
+               {"--seq-len ", f.problem.seq_len_opt, "the sequence length (axis 1) of '" + q + "', "},
+               {"--heads ", f.problem.heads_opt, "the heads (axis 2) of '" + q + "', "},
+               {"--kv-heads ", f.problem.kv_heads_opt, "the kv heads (axis 2) of k.npy, "},
+               {"--head-dim ", f.problem.head_dim_opt, "the head dimension (axis 3) of '" + q + "', "}};
+  // The hint keeps its flags: they are what the user can pass to change the problem.
+  const std::size_t hint_at = message.find(" (hint:");
+  std::string hint = hint_at == std::string::npos ? std::string() : message.substr(hint_at);
+  message = message.substr(0, hint_at);
+  for (const auto& n : names) {
+    if (given(n.opt)) continue;
+    const std::string flag = n.flag;
+    for (std::size_t at = message.find(flag); at != std::string::npos; at = message.find(flag, at + n.from.size())) {
+      message.replace(at, flag.size(), n.from);
+    }
+  }
+  return message + hint;
+}
+
+// Flags with a range: refused up front naming the flag and the values it takes.
+void validate_run_flags(const RunFlags& f) {
+  if (f.iters < 1) {
+    fail(ErrorKind::kInvalidArgument, "--iters " + std::to_string(f.iters) + " must be at least 1",
+         "pass --iters 1 or more");
+  }
+  if (f.warmup < -1) {
+    fail(ErrorKind::kInvalidArgument, "--warmup " + std::to_string(f.warmup) + " is below -1",
+         "pass 0 or more untimed passes, or -1 for the default (1 on the GPU, 0 on the CPU)");
+  }
+  if (f.check_rows < -1) {
+    fail(ErrorKind::kInvalidArgument, "--check-rows " + std::to_string(f.check_rows) + " is below -1",
+         "pass 0 (auto), -1 (all rows) or a number of sampled rows");
+  }
+  const std::pair<const CLI::Option*, const std::string*> paths[] = {
+      {f.load_opt, &f.load_dir}, {f.save_opt, &f.save_dir}, {f.json_opt, &f.json_path}};
+  for (const auto& [opt, value] : paths) {
+    if (given(opt) && value->empty()) {
+      fail(ErrorKind::kInvalidArgument, opt->get_name() + " was given an empty path", "pass a path, or omit the flag");
+    }
+  }
+  if (!f.json_path.empty() && std::filesystem::is_directory(f.json_path)) {
+    fail(ErrorKind::kInvalidArgument, "--json '" + f.json_path + "' is a directory",
+         "pass a file path, e.g. --json " + (std::filesystem::path(f.json_path) / "run.json").string());
+  }
+}
 
 // Global q/k/v read from --load, converted to the run's dtype.
 struct LoadedInputs {
@@ -174,26 +231,44 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   const int rank = session.rank(), world = session.world();
   AttentionSpec spec;
   std::optional<LoadedInputs> loaded;
+  std::optional<SaveDirLock> save_lock;
   collectively(session, [&] {
     if (!early_error.empty()) throw Error(ErrorKind::kInvalidArgument, early_error);
-    if (f.iters < 1) {
-      fail(ErrorKind::kInvalidArgument, "--iters " + std::to_string(f.iters) + " must be at least 1",
-           "pass --iters 1 or more");
-    }
+    validate_run_flags(f);
     init_logging(f.problem.log_level);
     spec = spec_from_flags(f.problem);
     if (!f.load_dir.empty()) {
       loaded = load_inputs(f, spec);
+      try {
+        spec.validate(world);
+      } catch (const Error& e) {
+        throw Error(e.kind(), name_loaded_values(f, e.what()));
+      }
     } else {
       apply_doc_lens(f.problem, spec);
+      spec.validate(world);
     }
-    spec.validate(world);
-    if (rank == 0 && !f.save_dir.empty()) ensure_writable_dir(f.save_dir, "--save");
+    if (rank == 0 && !f.save_dir.empty()) {
+      ensure_writable_dir(f.save_dir, "--save");
+      save_lock.emplace(f.save_dir, "--save");  // held until the job ends
+    }
     if (rank == 0 && !f.json_path.empty()) {
       const auto parent = std::filesystem::path(f.json_path).parent_path();
       ensure_writable_dir(parent.empty() ? std::string(".") : parent.string(), "--json");
     }
   });
+  // Whether --save, --json, --load are given (not their paths) changes what the ranks do together.
+  auto given_text = [](const std::string& v) { return std::string(v.empty() ? "not given" : "given"); };
+  agree_flags(session, {{"--iters", std::to_string(f.iters)},
+                        {"--warmup", std::to_string(f.warmup)},
+                        {"--backward", f.backward ? "on" : "off"},
+                        {"--check", f.check ? "on" : "off"},
+                        {"--check-rows", std::to_string(f.check_rows)},
+                        {"--seed", std::to_string(f.problem.seed)},
+                        {"--save", given_text(f.save_dir)},
+                        {"--json", given_text(f.json_path)},
+                        {"--load", given_text(f.load_dir)},
+                        {"the problem (shapes, dtype, layout, mask, scale)", spec.describe()}});
   log().info("session up: {} ranks, backend {}, transport {}", world, session.backend_name(),
              session.transport_name());
   log().info("problem: {}", spec.describe());
@@ -239,11 +314,22 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
     copy_to_backend(v.view, v_dev);
   });
 
+  // --scale against the inputs' magnitudes (max over every rank's rows; every rank has the same).
+  session.set_step("checking --scale against the inputs");
+  const double q_norm = session.max_over_ranks(max_row_norm(q.view));
+  const double k_norm = session.max_over_ranks(max_row_norm(k.view));
+  collectively(session, [&] {
+    check_scale_bound(spec, q_norm, k_norm,
+                      loaded ? "the largest row norms of q.npy and k.npy" : "the seeded inputs' largest row norms");
+  });
+
   // Warm-up passes (untimed), then `iters` timed passes, each started together after a barrier.
   const int warmup = f.warmup >= 0 ? f.warmup : (session.on_gpu() ? 1 : 0);
   double wall_ms = 0.0;
   for (int it = 0; it < warmup + f.iters; ++it) {
+    session.set_step("the barrier before forward pass " + std::to_string(it));
     session.barrier();
+    session.set_step("agreeing on the outcome of forward pass " + std::to_string(it));
     collectively(session, [&] {
       const double t0 = now_ms();
       ring->forward(q_dev, k_dev, v_dev, out_dev, lse_dev);  // returns when the pass is complete
@@ -280,7 +366,9 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       copy_to_backend(dout.view, dout_dev);
     });
     for (int it = 0; it < warmup + f.iters; ++it) {
+      session.set_step("the barrier before backward pass " + std::to_string(it));
       session.barrier();
+      session.set_step("agreeing on the outcome of backward pass " + std::to_string(it));
       collectively(session, [&] {
         const double t0 = now_ms();
         ring->backward(q_dev, k_dev, v_dev, out_dev, lse_dev, dout_dev, dq_dev, dk_dev, dv_dev);
@@ -295,6 +383,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
     });
     inject_gradient_fault(kRunFaultEnv, dq.view, dk.view, dv.view);  // tests: --check must catch it
   }
+  session.set_step("reducing the timings");
   const double wall_bwd_max = session.max_over_ranks(wall_bwd_ms);
   const double bwd_compute_max = session.max_over_ranks(bwd_stats.compute_ms());
   const double bwd_exposed_max = session.max_over_ranks(bwd_stats.exposed_comm_ms());
@@ -315,6 +404,21 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   const double pairs_imbalance = pairs_mean > 0.0 ? pairs_max / pairs_mean : 1.0;
   const std::vector<std::string> rank_stats = session.gather_strings(stats_json(
       rank, session.describe_rank(), stats, f.backward ? &bwd_stats : nullptr, wall_ms, pairs[static_cast<std::size_t>(rank)]));
+  // Non-finite outputs (a NaN or inf input propagates, as in the reference): counted without
+  // --check too, so a run never reports success on outputs nobody can use.
+  auto non_finite = [](const HostTensor& t) {
+    double n = 0;
+    for (int64_t e = 0; e < t.view.numel(); ++e) n += std::isfinite(load_as_double(t.view, e)) ? 0 : 1;
+    return n;
+  };
+  double bad_values[4] = {non_finite(out), 0, 0, 0};
+  if (f.backward) {
+    bad_values[1] = non_finite(dq);
+    bad_values[2] = non_finite(dk);
+    bad_values[3] = non_finite(dv);
+  }
+  session.reduce_over_ranks(bad_values, 4, /*max=*/false);
+  const double bad_total = bad_values[0] + bad_values[1] + bad_values[2] + bad_values[3];
   int skipped = 0;
   for (const HopStats& h : stats.hops) skipped += h.skipped ? 1 : 0;
   const double skipped_total = session.sum_over_ranks(skipped);
@@ -324,6 +428,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   // (src/check/sampled_check.cpp), so no rank regenerates or streams the whole K/V; the exhaustive check
   // of short runs streams the global K/V through the naive reference.
   CheckResult check;
+  session.set_step("--check");
   if (f.check) {
     bool sampled_here = false;
     const std::vector<int64_t> rows =
@@ -372,6 +477,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
   }
 
   // --save: gather rows to rank 0 in global token order, write out.npy and lse.npy there.
+  session.set_step("--save");
   if (!f.save_dir.empty()) {
     const DType save_dtype = (spec.dtype == DType::kF64 || spec.dtype == DType::kF32) ? spec.dtype : DType::kF32;
     HostTensor out_save = convert_host(out.view, save_dtype);
@@ -426,6 +532,16 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
                   bwd_tflops, "");
       std::printf("  %12.3f %12s %16s %14.4f %13s  forward+backward\n", both_ms, "", "", both_tflops, "");
     }
+    if (bad_total > 0) {
+      std::printf("# non-finite outputs: %.0f in out%s (NaN or inf in the inputs, or an overflow)\n", bad_values[0],
+                  f.backward ? (", " + std::to_string(static_cast<int64_t>(bad_values[1])) + " in dq, " +
+                                std::to_string(static_cast<int64_t>(bad_values[2])) + " in dk, " +
+                                std::to_string(static_cast<int64_t>(bad_values[3])) + " in dv")
+                                   .c_str()
+                             : "");
+    } else {
+      std::printf("# non-finite outputs: none\n");
+    }
     if (f.check) {
       std::printf("# check vs fp64 reference: %lld rows (%s) x %lld batch x %d heads\n",
                   static_cast<long long>(check.rows), check.sampled ? "sampled" : "all",
@@ -474,6 +590,7 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
       j.field("wall_ms", wall_max).field("compute_ms", compute_max);
       j.field("exposed_comm_ms", exposed_max).field("flops", flops).field("tflops_per_rank", tflops_per_rank);
       j.field("skipped_hops", static_cast<int64_t>(skipped_total));
+      j.field("non_finite_outputs", static_cast<int64_t>(bad_total));
       if (f.backward) {
         j.field("backward_wall_ms", wall_bwd_max).field("backward_compute_ms", bwd_compute_max);
         j.field("backward_exposed_comm_ms", bwd_exposed_max);
@@ -503,6 +620,10 @@ int run_body(const RunFlags& f, Session& session, const std::string& early_error
     });
   }
 
+  if (rank == 0 && bad_total > 0) {
+    std::fprintf(stderr, "ringattn: warning: %s %.0f non-finite output values (out, and dq/dk/dv with --backward): "
+                 "check the inputs for NaN or inf, or the --scale\n", context_prefix().c_str(), bad_total);
+  }
   if (f.check && f.backward && !grad_check.pass) {
     std::fprintf(stderr, "ringattn: %s gradient check FAILED: dq %.3e dk %.3e dv %.3e non-finite %lld (tolerance %.0e)\n",
                  context_prefix().c_str(), grad_check.dq_rel_err, grad_check.dk_rel_err, grad_check.dv_rel_err,
@@ -536,10 +657,10 @@ Command add_run_command(CLI::App& root) {
   app->add_option("--warmup", flags->warmup, "Untimed passes before the timed ones (-1: 1 on GPU, 0 on CPU)")
       ->capture_default_str();
   app->add_option("--iters", flags->iters, "Timed passes; the mean time is reported")->capture_default_str();
-  app->add_option("--load", flags->load_dir,
+  flags->load_opt = app->add_option("--load", flags->load_dir,
                   "Read q.npy [B,S,H,D], k.npy and v.npy [B,S,Hkv,D] (global order, float32/64) from DIR");
-  app->add_option("--save", flags->save_dir, "Write out.npy [B,S,H,D] and lse.npy [B,H,S] (global order) to DIR");
-  app->add_option("--json", flags->json_path, "Write one JSON object with parameters, timings and check results");
+  flags->save_opt = app->add_option("--save", flags->save_dir, "Write out.npy [B,S,H,D] and lse.npy [B,H,S] (global order) to DIR");
+  flags->json_opt = app->add_option("--json", flags->json_path, "Write one JSON object with parameters, timings and check results");
   return {app, [flags] { return run_main(*flags); }};
 }
 

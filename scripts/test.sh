@@ -4,6 +4,10 @@
 #
 #   scripts/test.sh               set up, build, run every test
 #   scripts/test.sh --build-only  set up and build (scripts/run.sh uses this)
+#   scripts/test.sh --sanitize    the sanitizer job: the CPU build of the `sanitize` preset
+#                                 (-fsanitize=address,undefined) in RINGATTN_SANITIZE_DIR (default
+#                                 build/sanitize), then the unit, MPI, CLI and fault tests under it,
+#                                 leaks checked (scripts/lsan_openmpi.supp: Open MPI's own only)
 #
 # Environment: RINGATTN_TEST_CUDA=0 builds without CUDA even when nvcc exists (default: CUDA when
 # nvcc is on PATH or in /usr/local/cuda/bin; GPU tests then skip visibly without a GPU).
@@ -14,11 +18,13 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD_DIR=${RINGATTN_BUILD_DIR:-$ROOT/build}
 JOBS=${RINGATTN_JOBS:-$(nproc 2>/dev/null || echo 2)}
 BUILD_ONLY=0
+SANITIZE=0
 for arg in "$@"; do
   case $arg in
     --build-only) BUILD_ONLY=1 ;;
-    -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    *) echo "test.sh: unknown argument '$arg' (use --build-only)" >&2; exit 2 ;;
+    --sanitize) SANITIZE=1 ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "test.sh: unknown argument '$arg' (use --build-only or --sanitize)" >&2; exit 2 ;;
   esac
 done
 
@@ -80,6 +86,27 @@ fi
 export OMPI_MCA_rmaps_base_oversubscribe=${OMPI_MCA_rmaps_base_oversubscribe:-1}
 # Containers often forbid the cross-memory attach that Open MPI's shared-memory transport tries first.
 export OMPI_MCA_btl_vader_single_copy_mechanism=${OMPI_MCA_btl_vader_single_copy_mechanism:-none}
+
+# ---- the sanitizer job ----------------------------------------------------------------------------
+if [ "$SANITIZE" = 1 ]; then
+  SAN_DIR=${RINGATTN_SANITIZE_DIR:-$ROOT/build/sanitize}
+  log "sanitizer job: configuring $SAN_DIR (preset sanitize: ASan + UBSan, CPU only)"
+  (cd "$ROOT" && cmake --preset sanitize -B "$SAN_DIR")
+  log "building with $JOBS jobs"
+  cmake --build "$SAN_DIR" -j "$JOBS"
+  # Leaks are checked at every process's exit; Open MPI's own are suppressed (the file says which).
+  # Full unwinding (Open MPI is built without frame pointers) and components kept loaded, so that
+  # every leak's stack names its library and the suppressions can match Open MPI's alone.
+  export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1:fast_unwind_on_malloc=0${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
+  export OMPI_MCA_mca_base_component_disable_dlclose=1
+  export LSAN_OPTIONS="suppressions=$ROOT/scripts/lsan_openmpi.supp:print_suppressions=0${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
+  export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
+  log "running the unit, MPI, CLI and fault tests under the sanitizers"
+  cd "$SAN_DIR"
+  # shellcheck disable=SC2086
+  ctest --output-on-failure -j "$JOBS" -L "unit|mpi|cli|fault" ${CTEST_ARGS:-}
+  exit $?
+fi
 
 # ---- configure and build ------------------------------------------------------------------------
 cmake_args=(-S "$ROOT" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release)

@@ -25,6 +25,7 @@ enum class ErrorKind {
   kMismatch,         // ranks disagree on the configuration
   kComm,             // MPI / NCCL failure, timeout or abort
   kCuda,             // CUDA runtime failure
+  kOutOfMemory,      // host or device memory exhausted
   kInternal,         // a bug in ringattn
 };
 

@@ -2,10 +2,12 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "ringattn/error.hpp"
 #include "ringattn/ring_attention.hpp"
 #include "ringattn/spec.hpp"
 
@@ -36,18 +38,28 @@ class Session {
   // "host pid device busid" of this rank (the benchmark preamble).
   virtual std::string describe_rank() const = 0;
 
+  // Every collective below has a deadline, SessionOptions::timeout_ms: when a rank never joins,
+  // the waiting ranks check in with every rank point to point and the first to finish ends the
+  // whole job (MPI_Abort, exit code 3) with a message naming the ranks that did not answer and the
+  // step (set_step); a collective that a peer never joins cannot be cancelled, so nothing could
+  // continue after it.
+  //
   // Collective: every rank passes its `value`; throws ErrorKind::kMismatch on every rank when any
   // differs, naming `what`, both values and the ranks.
   virtual void check_agreement(const std::string& what, const std::string& value) = 0;
   // Collective: when any rank passes ok = false, throws on every rank with the first failing
-  // rank's message (so every rank exits non-zero naming the real problem).
-  virtual void agree_ok(bool ok, const std::string& message) = 0;
+  // rank's message and kind (so every rank exits non-zero naming the real problem).
+  virtual void agree_ok(bool ok, const std::string& message, ErrorKind kind = ErrorKind::kInvalidArgument) = 0;
   virtual std::vector<std::string> gather_strings(const std::string& value) = 0;  // rank 0 gets all
   virtual double max_over_ranks(double value) = 0;
   virtual double sum_over_ranks(double value) = 0;
   // Collective: elementwise max (max = true) or sum of values[0..n) over the ranks, in place.
   virtual void reduce_over_ranks(double* values, int64_t n, bool max) = 0;
   virtual void barrier() = 0;
+  // What the next collectives belong to ("barrier before pass 3"), named when one times out.
+  virtual void set_step(const std::string& step) { (void)step; }
+  // Runs while a collective waits (e.g. a transport's watchdog check that throws on its failure).
+  virtual void set_collective_poll(std::function<void()> poll) { (void)poll; }
   // Ends the whole job at once after an unrecoverable error on this rank (never in library code
   // paths that can report instead; used by the CLI when a peer may be stuck in a collective).
   virtual void abort_job(int exit_code) = 0;

@@ -84,7 +84,10 @@ void reference_attention(const AttentionSpec& spec, const TensorView& q, const C
           const int64_t kb = ((b * Sk + j) * Hkv + hk) * D;
           for (int64_t d = 0; d < D; ++d) s += qrow[d] * load_as_double(k, kb + d);
           scores[j] = s * scale;
-          mx = std::max(mx, scores[j]);
+          // NaN-propagating max: a NaN score makes the row NaN (std::max would drop it and a row
+          // of NaN scores would look fully masked: out 0, lse -inf).
+          mx = (std::isnan(mx) || std::isnan(scores[j])) ? std::numeric_limits<double>::quiet_NaN()
+                                                         : std::max(mx, scores[j]);
         }
         std::fill(acc.begin(), acc.end(), 0.0);
         double* orow = o + ((b * Sq + i) * H + h) * D;

@@ -17,6 +17,7 @@ namespace {
 
 constexpr char kMagic[] = "\x93NUMPY";
 constexpr std::size_t kMagicLen = 6;
+constexpr uint64_t kMaxDataBytes = uint64_t{1} << 48;  // larger arrays are corrupt headers, not inputs
 constexpr std::size_t kAlign = 64;  // header + preamble padded to a multiple of this (NumPy >= 1.14)
 constexpr const char* kSaveHint = "save it with numpy.save(path, np.ascontiguousarray(x, dtype=np.float32)) "
                                   "or dtype=np.float64";
@@ -198,7 +199,13 @@ NpyArray read_npy_any(const std::string& path, int* int_bytes) {
     bad_file(path, "fortran_order '" + fortran + "' is neither True nor False");
   }
   a.shape = parse_shape(dict_value(dict, "shape", path), path);
-  const uint64_t want = static_cast<uint64_t>(a.numel()) * dtype_size(a.dtype);
+  // The byte count, checked: a shape whose product wraps would pass the truncation check below.
+  uint64_t want = dtype_size(a.dtype);
+  for (int64_t d : a.shape) {
+    if (__builtin_mul_overflow(want, static_cast<uint64_t>(d), &want) || want > kMaxDataBytes) {
+      bad_file(path, "shape " + a.shape_string() + " needs more than 2^48 bytes", "the header is corrupt; write the file again");
+    }
+  }
   const uint64_t have = file_size - preamble - header_len;
   if (have < want) {
     bad_file(path, "data is truncated: shape " + a.shape_string() + " needs " + std::to_string(want) +

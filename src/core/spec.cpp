@@ -2,13 +2,20 @@
 #include "ringattn/spec.hpp"
 
 #include <cctype>
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <sstream>
 
 #include "ringattn/error.hpp"
 #include "ringattn/layout.hpp"
 
 namespace ringattn {
+namespace {
+constexpr int64_t kMaxTokens = int64_t{1} << 40;        // a sequence length of 1024G tokens
+constexpr int64_t kMaxHeadDim = 1024;                   // beyond any model; bounds the per-row buffers
+constexpr int64_t kMaxTensorBytes = int64_t{1} << 48;   // one global tensor in fp64: 256 TiB
+}  // namespace
 
 const char* layout_name(Layout layout) {
   switch (layout) {
@@ -44,6 +51,26 @@ void AttentionSpec::validate(int world) const {
   if (heads < 1) bad("--heads " + std::to_string(heads) + " must be at least 1", "pass --heads 1 or more");
   if (kv_heads < 0) bad("--kv-heads " + std::to_string(kv_heads) + " is negative", "omit it or pass a divisor of --heads");
   if (head_dim < 1) bad("--head-dim " + std::to_string(head_dim) + " must be at least 1", "pass e.g. --head-dim 128");
+  if (head_dim > kMaxHeadDim) {
+    bad("--head-dim " + std::to_string(head_dim) + " is above the limit of " + std::to_string(kMaxHeadDim),
+        "pass a head dimension of at most " + std::to_string(kMaxHeadDim) + " (models use 64 to 256)");
+  }
+  if (seq_len > kMaxTokens) {
+    bad("--seq-len " + std::to_string(seq_len) + " is above the limit of 2^40 tokens", "pass at most 1024G tokens");
+  }
+  // Every size the runtime multiplies: elements of the largest tensor (q/out: batch * seq_len *
+  // heads * head_dim) and its bytes in fp64, checked so that nothing downstream wraps.
+  int64_t elems = 1;
+  const int64_t factors[] = {batch, seq_len, heads, head_dim, 8};
+  for (int64_t f : factors) {
+    if (f > 0 && __builtin_mul_overflow(elems, f, &elems)) elems = INT64_MAX;
+  }
+  if (seq_len >= 1 && batch >= 1 && heads >= 1 && elems > kMaxTensorBytes) {
+    bad("the problem is too large: --batch " + std::to_string(batch) + " x --seq-len " + std::to_string(seq_len) +
+            " x --heads " + std::to_string(heads) + " x --head-dim " + std::to_string(head_dim) +
+            " elements exceed the limit of 2^48 bytes (256 TiB) per tensor",
+        "use a smaller --batch, --seq-len, --heads or --head-dim");
+  }
   if (heads % effective_kv_heads() != 0) {
     bad("--kv-heads " + std::to_string(effective_kv_heads()) + " does not divide --heads " + std::to_string(heads),
         "pick kv heads that divide the query heads (GQA/MQA), e.g. --heads 32 --kv-heads 8");
@@ -91,7 +118,13 @@ int64_t parse_size(std::string_view text, std::string_view flag) {
   for (char c : digits) {
     if (!std::isdigit(static_cast<unsigned char>(c))) bad();
     value = value * 10 + (c - '0');
-    if (value > (int64_t{1} << 40)) bad();
+    if (value > kMaxTokens) break;  // the check below names the limit
+  }
+  if (value > kMaxTokens / multiplier) {
+    fail(ErrorKind::kInvalidArgument,
+         "'" + std::string(text) + "' for " + std::string(flag) + " is above the limit of 2^40 = " +
+             std::to_string(kMaxTokens) + " tokens",
+         "pass at most 1024G (2^40) tokens");
   }
   return value * multiplier;
 }

@@ -44,8 +44,8 @@ class LocalSession final : public Session {
            (gpu_ ? " device 0" : " device cpu");
   }
   void check_agreement(const std::string&, const std::string&) override {}
-  void agree_ok(bool ok, const std::string& message) override {
-    if (!ok) throw Error(ErrorKind::kInvalidArgument, message);
+  void agree_ok(bool ok, const std::string& message, ErrorKind kind) override {
+    if (!ok) throw Error(kind, message);
   }
   std::vector<std::string> gather_strings(const std::string& value) override { return {value}; }
   double max_over_ranks(double value) override { return value; }

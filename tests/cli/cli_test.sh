@@ -226,6 +226,43 @@ PY
     expect_error "cu_seqlens.npy' is not a usable .npy file: dtype is a float.*hint" --load "$work/in"
     "$py" "$helper" cu "$work/in" 0,30,64 --shape2d >/dev/null
     expect_error "cu_seqlens.npy' is not a usable .npy file: shape .* is not one-dimensional.*hint" --load "$work/in" ;;
+  load_values_named)  # a size from q.npy is named as the file's, not as a flag the user never passed
+    "$py" "$helper" make "$work/in" --batch 1 --seq 100 --heads 2 --head-dim 8 || exit $?
+    expect_error "the sequence length (axis 1) of '$work/in/q.npy', 100 is not divisible by 3" --load "$work/in"
+    grep -q -- "--seq-len 100 is" "$work/stderr.txt" && die "the message names --seq-len, which was not given"
+    echo "ok: the file's value is named" ;;
+  save_locked)  # a second job on a --save directory in use is refused up front; no stale lock after
+    mkdir -p "$work/out"
+    echo "+ flock $work/out/.ringattn-save.lock (another job holding the directory)" >&2
+    flock "$work/out/.ringattn-save.lock" timeout 120 "${mpi[@]}" "$cli" run --backend cpu --seq-len 48 --heads 2 \
+      --head-dim 8 --save "$work/out" >"$out" 2>"$err"
+    rc=$?
+    cat "$err" >&2
+    [ $rc -eq 1 ] || die "a locked --save directory gave exit $rc, expected 1"
+    grep -q "ringattn: error:.*--save '$work/out' is being written by another ringattn job.*hint" "$err" ||
+      die "no message naming --save and the other job"
+    ls "$work/out" | grep -q npy && die "the refused job wrote files"
+    expect_ok --seq-len 48 --heads 2 --head-dim 8 --save "$work/out"
+    [ -f "$work/out/out.npy" ] || die "no out.npy once the directory is free"
+    echo "ok: refused while locked, written once free" ;;
+  nan_input)  # one NaN in q: that row's out is NaN (not 0), the summary counts it, --save keeps it
+    "$py" "$helper" make "$work/in" --batch 1 --seq 48 --heads 2 --head-dim 8 --dtype float64 || exit $?
+    "$py" - "$work/in" <<'PY' || die "poking a NaN into q.npy failed"
+import numpy as np, sys
+q = np.load(sys.argv[1] + "/q.npy"); q[0, 17, 1, 3] = np.nan; np.save(sys.argv[1] + "/q.npy", q)
+PY
+    expect_ok --load "$work/in" --dtype fp64 --save "$work/out"
+    grep -q "non-finite outputs: 8 in out" "$work/stdout.txt" || die "the summary does not count the 8 NaN outputs"
+    "$py" - "$work/out" <<'PY' || die "NaN did not propagate like the reference"
+import numpy as np, sys
+o = np.load(sys.argv[1] + "/out.npy"); l = np.load(sys.argv[1] + "/lse.npy")
+bad = ~np.isfinite(o)
+assert bad.sum() == 8 and bad[0, 17, 1].all(), np.argwhere(bad)
+assert np.isnan(l[0, 1, 17]) and np.isfinite(np.delete(l.ravel(), 1 * 48 + 17)).all(), l
+print("NaN row propagated")
+PY
+    expect_ok --seq-len 48 --heads 2 --head-dim 8
+    grep -q "non-finite outputs: none" "$work/stdout.txt" || die "a clean run must say none" ;;
   *) die "unknown case $case_name" ;;
 esac
 echo "PASS: $case_name"

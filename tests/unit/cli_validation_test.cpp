@@ -38,7 +38,7 @@ class CliRejects : public ::testing::TestWithParam<BadCase> {};
 TEST_P(CliRejects, NonZeroExitNamingTheFlag) {
   const BadCase c = GetParam();
   const Result r = run_cli(std::string("run --backend cpu ") + c.args);
-  EXPECT_NE(r.code, 0) << r.output;
+  EXPECT_EQ(r.code, 1) << "bad input exits 1 (README, Exit codes):\n" << r.output;
   EXPECT_NE(r.output.find(c.must_mention), std::string::npos)
       << "expected '" << c.must_mention << "' in:\n" << r.output;
 }
@@ -52,7 +52,19 @@ INSTANTIATE_TEST_SUITE_P(
                       BadCase{"--batch 0", "--batch"}, BadCase{"--head-dim 0", "--head-dim"},
                       BadCase{"--timeout 0", "--timeout"}, BadCase{"--log-level loud", "--log-level"},
                       BadCase{"--load /nonexistent/ringattn", "/nonexistent/ringattn/q.npy"},
-                      BadCase{"--heads two", "--heads"}, BadCase{"--no-such-flag", "--no-such-flag"}));
+                      BadCase{"--heads two", "--heads"}, BadCase{"--no-such-flag", "--no-such-flag"},
+                      // Sizes whose products overflow (a segfault, a silent wrap to 1073741824).
+                      BadCase{"--batch 4611686018427387904 --seq-len 64", "the problem is too large"},
+                      BadCase{"--seq-len 17179869185G", "above the limit of 2^40"},
+                      BadCase{"--seq-len 1024G --heads 64 --head-dim 128", "the problem is too large"},
+                      BadCase{"--head-dim 1000000", "--head-dim 1000000 is above the limit of 1024"},
+                      // Values out of range, refused before any computation (256K tokens would take minutes).
+                      BadCase{"--seq-len 256K --warmup -7", "--warmup -7 is below -1"},
+                      BadCase{"--seq-len 256K --check-rows -5", "--check-rows -5 is below -1"},
+                      BadCase{"--seq-len 256K --save ''", "--save was given an empty path"},
+                      BadCase{"--seq-len 256K --json ''", "--json was given an empty path"},
+                      BadCase{"--seq-len 256K --load ''", "--load was given an empty path"},
+                      BadCase{"--seq-len 256K --json /tmp", "--json '/tmp' is a directory"}));
 
 TEST(Cli, UnwritableSaveDirectoryIsRejectedUpFront) {
   namespace fs = std::filesystem;
@@ -62,6 +74,24 @@ TEST(Cli, UnwritableSaveDirectoryIsRejectedUpFront) {
   fs::remove(file);
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.output.find("--save"), std::string::npos) << r.output;
+}
+
+// --scale beyond what the compute type handles is refused up front naming --scale and the bound
+// (it gave all-NaN output and exit 0); a large scale inside the bound is computed correctly.
+TEST(Cli, ScaleBeyondTheBoundIsRefusedAndInsideItComputedCorrectly) {
+  for (const char* cmd : {"run --backend cpu --seq-len 64 --heads 2 --head-dim 8 --scale 1e300",
+                          "run --backend cpu --seq-len 64 --heads 2 --head-dim 8 --scale 1e30 --dtype bf16",
+                          "bench --backend cpu --heads 2 --head-dim 8 -b 64 -e 64 --scale 1e30 -n 1 -w 0"}) {
+    const Result r = run_cli(cmd);
+    EXPECT_EQ(r.code, 1) << cmd << "\n" << r.output;
+    EXPECT_NE(r.output.find("is too large for these inputs"), std::string::npos) << cmd << "\n" << r.output;
+    EXPECT_NE(r.output.find("above the 1e+04"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("pass --scale at most"), std::string::npos) << r.output;
+  }
+  const Result r = run_cli("run --backend cpu --seq-len 256 --heads 2 --head-dim 8 --scale 400 --check");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("\nPASS\n"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("non-finite outputs: none"), std::string::npos) << r.output;
 }
 
 TEST(Cli, SmallCheckedRunPasses) {
@@ -81,7 +111,18 @@ TEST(Cli, InfoAndHelpWork) {
     EXPECT_NE(r.output.find(flag), std::string::npos) << flag;
   }
   r = run_cli("");
-  EXPECT_NE(r.code, 0);  // a subcommand is required
+  EXPECT_EQ(r.code, 1);  // a subcommand is required: bad input
+}
+
+TEST(Cli, HelpOfEverySubcommandPrintsTheExitCodeTable) {
+  for (const char* cmd : {"--help", "run --help", "bench --help", "info --help", "plan --help"}) {
+    const Result r = run_cli(cmd);
+    EXPECT_EQ(r.code, 0) << cmd;
+    EXPECT_NE(r.output.find("0 success, 1 bad input, 2 a check failed, 3 communication failure or timeout, 4 out of "
+                            "memory, 5 internal error"),
+              std::string::npos)
+        << cmd << ":\n" << r.output;
+  }
 }
 
 }  // namespace

@@ -82,6 +82,70 @@ TEST(CpuBackend, BlockwiseForwardEqualsNaiveReference) {
   }
 }
 
+// A NaN in one q element makes its row's scores NaN: out and lse of that row must be NaN, as in
+// the reference, not 0 and -inf (a masked row); every other row stays exact. In two key chunks,
+// and in fp32 too (a NaN in K poisons every row that sees that key).
+TEST(CpuBackend, NanInAnInputPropagatesLikeTheReference) {
+  std::mt19937_64 rng(7);
+  const int64_t B = 1, S = 96, H = 2, D = 8;
+  for (DType dtype : {DType::kF64, DType::kF32}) {
+    AttentionSpec spec = spec_for(B, H, H, D, false);
+    spec.seq_len = S;
+    spec.dtype = dtype;
+    Buf q = random_buf({B, S, H, D}, rng), k = random_buf({B, S, H, D}, rng), v = random_buf({B, S, H, D}, rng);
+    const int64_t bad_row = 5, bad_head = 1;
+    q.data[((0 * S + bad_row) * H + bad_head) * D + 3] = std::numeric_limits<double>::quiet_NaN();
+    const ChunkPositions pos = identity_positions(S);
+    Buf ref_o = poisoned({B, S, H, D}), ref_l = poisoned({B, H, S});
+    reference_attention(spec, q.view, pos, k.view, v.view, pos, ref_o.view, ref_l.view);
+    // The backend in `dtype`: inputs rounded, outputs widened back.
+    auto narrow = [&](const Buf& b) {
+      std::vector<float> f(b.data.begin(), b.data.end());
+      return f;
+    };
+    std::vector<float> qf = narrow(q), kf = narrow(k), vf = narrow(v), of(ref_o.data.size()), lf(ref_l.data.size());
+    auto be = make_cpu_backend();
+    be->prepare(spec, S, S);
+    Buf o = poisoned({B, S, H, D}), l = poisoned({B, H, S});
+    ChunkPositions first = identity_positions(S / 2), second = identity_positions(S / 2);
+    second.seg[0].start = S / 2;
+    if (dtype == DType::kF64) {
+      be->forward_begin(q.view, pos);
+      TensorView k1 = k.view, v1 = v.view, k2 = k.view, v2 = v.view;
+      k1.shape[1] = v1.shape[1] = k2.shape[1] = v2.shape[1] = S / 2;
+      k2.data = k.data.data() + S / 2 * H * D;
+      v2.data = v.data.data() + S / 2 * H * D;
+      be->forward_step(k1, v1, first);
+      be->forward_step(k2, v2, second);
+      be->forward_end(o.view, l.view);
+    } else {
+      auto view32 = [&](std::vector<float>& x, std::initializer_list<int64_t> shape) {
+        return make_view(x.data(), DType::kF32, Device::kHost, shape);
+      };
+      be->forward_begin(view32(qf, {B, S, H, D}), pos);
+      be->forward_step(view32(kf, {B, S, H, D}), view32(vf, {B, S, H, D}), pos);
+      be->forward_end(view32(of, {B, S, H, D}), view32(lf, {B, H, S}));
+      o.data.assign(of.begin(), of.end());
+      l.data.assign(lf.begin(), lf.end());
+    }
+    const double tol = dtype == DType::kF64 ? 1e-13 : 1e-5;
+    for (int64_t i = 0; i < S; ++i) {
+      for (int64_t h = 0; h < H; ++h) {
+        const bool bad = i == bad_row && h == bad_head;
+        const double lse = l.data[h * S + i];
+        ASSERT_EQ(std::isnan(ref_l.data[h * S + i]), bad) << "the reference itself: row " << i << " head " << h;
+        EXPECT_EQ(std::isnan(lse), bad) << "lse of row " << i << " head " << h << " is " << lse;
+        if (!bad) EXPECT_NEAR(lse, ref_l.data[h * S + i], tol);
+        for (int64_t d = 0; d < D; ++d) {
+          const double x = o.data[(i * H + h) * D + d];
+          EXPECT_EQ(std::isnan(x), bad) << "out of row " << i << " head " << h << " is " << x;
+          if (!bad) EXPECT_NEAR(x, ref_o.data[(i * H + h) * D + d], tol);
+        }
+      }
+    }
+  }
+}
+
 TEST(CpuBackend, ChainedChunksMergeExactlyAndHiddenRowsGiveMinusInfinity) {
   std::mt19937_64 rng(2);
   const int64_t B = 1, Sq = 40, Sk = 24, H = 2, D = 6;

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -184,6 +185,67 @@ TEST_F(NpyTest, RejectsBrokenHeaders) {
   expect_rejected(write_raw("k.npy", "{'descr': '<f4', 'fortran_order': False, }", floats(2)), "'shape'");
   expect_rejected(write_raw("q.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (2, x), }", floats(2)),
                   "non-integer");
+}
+
+// A shape whose byte count wraps uint64 (2^32 * 2^32 * 4 bytes = 2^66 -> 0) passed the
+// truncation check with an empty payload, and then failed without naming the file.
+TEST_F(NpyTest, RejectsShapesWhoseSizeWraps) {
+  expect_rejected(write_raw("w.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }", ""),
+                  "more than 2^48 bytes");
+  expect_rejected(
+      write_raw("w3.npy", "{'descr': '<f8', 'fortran_order': False, 'shape': (281474976710656, 65536, 1), }", ""),
+      "more than 2^48 bytes");
+  expect_rejected(write_raw("big.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (70368744177665,), }", ""),
+                  "more than 2^48 bytes");
+}
+
+// Seeded fuzz of the reader: random dtypes, orders, shapes (small, near 2^32, 2^48 and the int64
+// limit), payloads of the right, a shorter or a longer length, corrupted header bytes and cut
+// files. Every file is either read with exactly its shape's bytes, or refused with ringattn's
+// error naming the file and a fix: never another exception (length_error, bad_alloc), never a crash.
+TEST_F(NpyTest, FuzzedFilesAreReadExactlyOrRefusedNamingTheFile) {
+  std::mt19937_64 rng(20261204);
+  const char* descrs[] = {"<f4", "<f8", "<f2", "<i4", "|u1", ">f4", "<f16", "", "<f"};
+  const int64_t dims[] = {0, 1, 2, 3, 7, 64, 4294967295LL, 4294967296LL, 281474976710655LL, 281474976710656LL,
+                          9223372036854775807LL};
+  auto pick = [&](auto& arr) { return arr[rng() % (sizeof(arr) / sizeof(arr[0]))]; };
+  int read_ok = 0, refused = 0;
+  for (int iter = 0; iter < 3000; ++iter) {
+    const std::string descr = pick(descrs);
+    const int rank = static_cast<int>(rng() % 5);
+    std::string shape = "(";
+    long double want = descr == "<f8" ? 8 : descr == "<f2" ? 2 : 4;
+    for (int d = 0; d < rank; ++d) {
+      const int64_t n = rng() % 3 == 0 ? pick(dims) : static_cast<int64_t>(rng() % 5);
+      shape += std::to_string(n) + (rank == 1 || d + 1 < rank ? ", " : "");
+      want *= static_cast<long double>(n);
+    }
+    shape += ")";
+    std::string dict = std::string("{'descr': '") + descr + "', 'fortran_order': " + (rng() % 8 ? "False" : "True") +
+                       ", 'shape': " + shape + ", }";
+    if (rng() % 6 == 0) dict[rng() % dict.size()] = static_cast<char>(rng() % 256);  // a corrupted byte
+    std::size_t payload = want < 4096 ? static_cast<std::size_t>(want) : static_cast<std::size_t>(rng() % 4096);
+    if (rng() % 4 == 0) payload += rng() % 9;
+    if (rng() % 4 == 0 && payload > 0) payload -= 1 + rng() % payload;
+    std::string file = write_raw("fuzz.npy", dict, std::string(payload, '\x3c'));
+    if (rng() % 8 == 0) fs::resize_file(file, rng() % (fs::file_size(file) + 1));  // a cut file
+    try {
+      NpyArray a = read_npy(file);
+      long double bytes = static_cast<long double>(dtype_size(a.dtype));
+      for (int64_t n : a.shape) bytes *= static_cast<long double>(n);
+      ASSERT_EQ(static_cast<long double>(a.data.size()), bytes) << dict;
+      ++read_ok;
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      ASSERT_NE(msg.find(file), std::string::npos) << "iteration " << iter << " (" << dict << "): " << msg;
+      ASSERT_NE(msg.find("hint"), std::string::npos) << "iteration " << iter << ": " << msg;
+      ++refused;
+    } catch (const std::exception& e) {
+      FAIL() << "iteration " << iter << " (" << dict << ", " << payload << " payload bytes) threw " << e.what();
+    }
+  }
+  EXPECT_GT(read_ok, 100);  // the fuzz reaches valid files too, not only refusals
+  EXPECT_GT(refused, 100);
 }
 
 TEST_F(NpyTest, ShapeExpectationNamesFileAndAxes) {

@@ -17,10 +17,18 @@ constexpr int64_t kTileQ = 32;  // query rows per tile
 constexpr int64_t kTileK = 64;  // key rows per tile
 
 // Widens a host tensor of any dtype into a contiguous T buffer.
+// max that keeps a NaN (std::max(m, NaN) is m): a NaN score must reach the output as NaN, as in
+// the reference, not leave the row looking fully masked (out = 0, lse = -inf).
+template <typename T>
+T nan_max(T a, T b) {
+  return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+}
+
 template <typename T>
 void widen(const TensorView& src, std::vector<T>& dst) {
   const int64_t n = src.numel();
   dst.resize(static_cast<std::size_t>(n));
+  if (n == 0) return;  // a zero-size view may have no data pointer: memcpy(_, nullptr, 0) is undefined
   if (src.dtype == DType::kF32 && std::is_same_v<T, float>) {
     std::memcpy(dst.data(), src.data, n * sizeof(float));
   } else if (src.dtype == DType::kF64 && std::is_same_v<T, double>) {
@@ -93,11 +101,11 @@ class CpuEngine {
                 T dot = 0;
                 for (int64_t d = 0; d < D_; ++d) dot += qr[d] * kr[d];
                 s[j - j0] = dot * scale;
-                tile_max = std::max(tile_max, s[j - j0]);
+                tile_max = nan_max(tile_max, s[j - j0]);
               }
               if (tile_max == -std::numeric_limits<T>::infinity()) continue;
               const std::size_t row = static_cast<std::size_t>((b * H_ + h) * Sq_ + i);
-              const T m_new = std::max(m_[row], tile_max);
+              const T m_new = nan_max(m_[row], tile_max);
               const T correction = std::exp(m_[row] - m_new);  // exp(-inf) = 0 for a fresh row
               T* acc = &acc_[((b * Sq_ + i) * H_ + h) * D_];
               for (int64_t d = 0; d < D_; ++d) acc[d] *= correction;
@@ -312,7 +320,9 @@ class CpuBackend final : public Backend {
     blocks_.emplace_back(new unsigned char[bytes == 0 ? 1 : bytes]());
     return blocks_.back().get();
   }
-  void copy(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void copy(void* dst, const void* src, std::size_t bytes) override {
+    if (bytes > 0) std::memcpy(dst, src, bytes);  // zero-size buffers may be null
+  }
   int mark() override {
     marks_.push_back(std::chrono::steady_clock::now());
     return static_cast<int>(marks_.size()) - 1;

@@ -12,7 +12,7 @@ namespace ringattn::cuda {
 // Throws ringattn::Error(kCuda) naming the failed call, its place and CUDA's own message.
 inline void check(cudaError_t status, const char* what, const char* file, int line) {
   if (status == cudaSuccess) return;
-  fail(ErrorKind::kCuda,
+  fail(status == cudaErrorMemoryAllocation ? ErrorKind::kOutOfMemory : ErrorKind::kCuda,
        std::string(what) + " failed at " + file + ":" + std::to_string(line) + ": " + cudaGetErrorName(status) +
            " (" + cudaGetErrorString(status) + ")",
        status == cudaErrorMemoryAllocation

@@ -96,9 +96,10 @@ class MpiTransport final : public Transport {
             "MPI_Testall");
       if (done) break;
       if (Clock::now() > deadline) {
-        const std::string why = "exchange of hop " + std::to_string(hop) + " timed out after " +
-                                std::to_string(static_cast<long>(timeout_ms_ / 1000)) + " s waiting for " +
-                                pending_text();
+        char after[32];
+        std::snprintf(after, sizeof(after), "%g s", timeout_ms_ / 1000.0);  // 0.001 s, not "0 s"
+        const std::string why =
+            "exchange of hop " + std::to_string(hop) + " timed out after " + after + " waiting for " + pending_text();
         abort(why);
         fail(ErrorKind::kComm, why, "a peer rank died or is stuck; check its log, or raise the timeout (-T/--timeout)");
       }
