@@ -607,7 +607,10 @@ TEST(CudaBackend, CastRoundsEveryElementOnce) {
   RINGATTN_EXPECT_CUDA(cudaMemcpy(acc, host.data(), kCap * sizeof(float), cudaMemcpyHostToDevice));
   for (const int64_t offset : {0, 1, 8}) {
     const int64_t n = kCap - 8;
+    // The poison goes on the legacy default stream, which does not order the backend's non-blocking
+    // stream: wait for it, or the cast may run first and be overwritten.
     RINGATTN_EXPECT_CUDA(cudaMemset(dst, 0xff, kCap * 2));
+    RINGATTN_EXPECT_CUDA(cudaDeviceSynchronize());
     backend->cast_accumulator(make_view(acc + offset, DType::kF32, Device::kCuda, {n}),
                               make_view(dst + offset, DType::kBF16, Device::kCuda, {n}));
     backend->synchronize_and_read_marks();

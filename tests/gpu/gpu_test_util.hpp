@@ -50,10 +50,20 @@ struct DeviceTensor {
   DeviceTensor(const DeviceTensor&) = delete;
   DeviceTensor& operator=(const DeviceTensor&) = delete;
 
-  void upload(const HostTensor& h) { cudaMemcpy(data, h.bytes.data(), view.nbytes(), cudaMemcpyHostToDevice); }
+  // upload() and poison() run on the legacy default stream, which does not order the CUDA backend's
+  // own (cudaStreamNonBlocking) stream: both wait for the device so the backend's kernels that
+  // follow see the bytes (a pageable cudaMemcpy may return before its DMA lands; cudaMemset of
+  // device memory is asynchronous to the host).
+  void upload(const HostTensor& h) {
+    cudaMemcpy(data, h.bytes.data(), view.nbytes(), cudaMemcpyHostToDevice);
+    cudaDeviceSynchronize();
+  }
   void download(HostTensor& h) const { cudaMemcpy(h.bytes.data(), data, view.nbytes(), cudaMemcpyDeviceToHost); }
   // 0xFF bytes: NaN in every float format, so an element the kernel forgets to write fails the check.
-  void poison() { cudaMemset(data, 0xFF, view.nbytes()); }
+  void poison() {
+    cudaMemset(data, 0xFF, view.nbytes());
+    cudaDeviceSynchronize();
+  }
 };
 
 // Fills a host tensor with standard-normal values rounded to its dtype.
