@@ -17,6 +17,7 @@
 #endif
 
 #include "attn/reference.hpp"
+#include "plan/plan.hpp"
 #include "ringattn/ringattn.hpp"
 
 namespace ringattn {
@@ -378,6 +379,68 @@ ringattn_status ringattn_ring_positions(ringattn_ring ring, int64_t* positions, 
     require(count == r.local_seq(), "positions holds " + std::to_string(count) + " entries, the ring has " +
                                         std::to_string(r.local_seq()) + " local rows");
     for (int64_t i = 0; i < count; ++i) positions[i] = r.positions().at(i);
+  });
+}
+
+ringattn_status ringattn_layout_positions(const ringattn_spec* spec, int32_t world, int32_t rank, int64_t* positions,
+                                         int64_t count) {
+  return guarded([&] {
+    AttentionSpec s = spec_of(spec);
+    require(world >= 1, "world " + std::to_string(world) + " (hint: at least 1)");
+    require(rank >= 0 && rank < world, "rank " + std::to_string(rank) + " outside a ring of " + std::to_string(world));
+    s.validate(world);
+    require(positions != nullptr, "positions is NULL");
+    require(count == s.local_seq(world), "positions holds " + std::to_string(count) + " entries, a rank has " +
+                                             std::to_string(s.local_seq(world)) + " local rows");
+    const RankLayout ranks = layout_ranks(s, world);
+    const ChunkPositions p = ranks.positions(rank);
+    for (int64_t i = 0; i < count; ++i) positions[i] = p.at(i);
+  });
+}
+
+#ifdef RINGATTN_HAVE_MPI
+namespace {
+bool g_mpi_initialized_here = false;  // ringattn_mpi_world called MPI_Init_thread
+}  // namespace
+#endif
+
+ringattn_status ringattn_mpi_world(int64_t* comm, int32_t* rank, int32_t* world) {
+  return guarded([&] {
+#ifdef RINGATTN_HAVE_MPI
+    int initialized = 0, finalized = 0;
+    MPI_Initialized(&initialized);
+    MPI_Finalized(&finalized);
+    if (finalized) c_fail(RINGATTN_ERR_COMM, "MPI is already finalized in this process");
+    if (!initialized) {
+      int provided = 0;
+      if (MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+        c_fail(RINGATTN_ERR_COMM, "MPI_Init_thread failed (hint: launch with mpirun, or check the Open MPI installation)");
+      }
+      g_mpi_initialized_here = true;
+    }
+    int r = 0, w = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &r);
+    MPI_Comm_size(MPI_COMM_WORLD, &w);
+    if (comm) *comm = static_cast<int64_t>(MPI_Comm_c2f(MPI_COMM_WORLD));
+    if (rank) *rank = r;
+    if (world) *world = w;
+#else
+    (void)comm;
+    (void)rank;
+    (void)world;
+    c_fail(RINGATTN_ERR_UNSUPPORTED, "ringattn_mpi_world in a ringattn built without MPI");
+#endif
+  });
+}
+
+ringattn_status ringattn_mpi_finalize(void) {
+  return guarded([&] {
+#ifdef RINGATTN_HAVE_MPI
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (g_mpi_initialized_here && !finalized) MPI_Finalize();
+    g_mpi_initialized_here = false;
+#endif
   });
 }
 
