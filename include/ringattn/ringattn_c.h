@@ -146,6 +146,32 @@ RINGATTN_C_EXPORT ringattn_status ringattn_ring_positions(ringattn_ring ring, in
 RINGATTN_C_EXPORT ringattn_status ringattn_layout_positions(const ringattn_spec* spec, int32_t world, int32_t rank,
                                                             int64_t* positions, int64_t count);
 
+/* Since 1.1. Host callbacks that carry a CPU ring's exchanges over a binding's own communication
+ * (torch.distributed over gloo, for one). They are called on the thread that runs the pass (the one
+ * in ringattn_forward, ringattn_backward or ringattn_ring_create_callbacks) and must not throw. */
+typedef struct ringattn_callbacks {
+  size_t struct_size; /* sizeof(ringattn_callbacks) */
+  void* user;         /* passed back to every callback */
+  int32_t rank;       /* this process's rank in the ring */
+  int32_t world;      /* ranks in the ring */
+  /* Posts a non-blocking send (send = 1) of `bytes` at `data` to `peer`, or a receive (send = 0) of
+   * `bytes` from `peer` into `data`. Every rank posts the same tags in the same order, so a send
+   * and its receive carry the same tag (0 <= tag < 2^30). Returns 0, or nonzero on a failure. */
+  int32_t (*post)(void* user, int32_t send, int32_t peer, void* data, size_t bytes, int64_t tag);
+  /* Completes everything posted so far within timeout_ms; 0, or nonzero on a failure or timeout. */
+  int32_t (*wait_all)(void* user, double timeout_ms);
+  /* Drops whatever is still posted after a failure; may be NULL. */
+  void (*abort)(void* user);
+  /* The text of the last failure (copied at once); may be NULL. */
+  const char* (*last_error)(void* user);
+} ringattn_callbacks;
+
+/* Since 1.1. A CPU ring (options->device -1) over `callbacks`; timeout_ms per hop (0: 300 s). */
+RINGATTN_C_EXPORT ringattn_status ringattn_ring_create_callbacks(const ringattn_spec* spec,
+                                                                 const ringattn_callbacks* callbacks, double timeout_ms,
+                                                                 const ringattn_ring_options* options,
+                                                                 ringattn_ring* out);
+
 /* Since 1.1. MPI for bindings without an MPI package of their own (mpi4py): initializes MPI
  * (MPI_THREAD_FUNNELED) when nobody has, and gives MPI_Comm_c2f(MPI_COMM_WORLD) for
  * ringattn_transport_desc.mpi_comm with this process's rank and the world size (each may be NULL).

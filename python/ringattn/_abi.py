@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 API_MAJOR = 1
-API_MINOR_NEEDED = 1  # ringattn_layout_positions, ringattn_mpi_world
+API_MINOR_NEEDED = 1  # ringattn_layout_positions, ringattn_mpi_world, ringattn_ring_create_callbacks
 
 # ringattn_status
 OK = 0
@@ -28,6 +28,7 @@ LAYOUTS = {"contiguous": 0, "zigzag": 1, "striped": 2, "auto": 3, "balanced": 4}
 PASS_FORWARD, PASS_BACKWARD = 0, 1
 # ringattn_transport_kind
 TRANSPORT_LOCAL, TRANSPORT_MPI, TRANSPORT_NCCL, TRANSPORT_LOOPBACK = 0, 1, 2, 3
+TRANSPORT_CALLBACKS = -1  # this binding's marker for ringattn_ring_create_callbacks (not an ABI value)
 
 
 class RingAttnError(RuntimeError):
@@ -93,6 +94,80 @@ class RingOptions(ctypes.Structure):
     ]
 
 
+POST_FN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p,
+                           ctypes.c_size_t, ctypes.c_int64)
+WAIT_ALL_FN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_double)
+ABORT_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+LAST_ERROR_FN = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)
+
+
+class Callbacks(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("user", ctypes.c_void_p),
+        ("rank", ctypes.c_int32),
+        ("world", ctypes.c_int32),
+        ("post", POST_FN),
+        ("wait_all", WAIT_ALL_FN),
+        ("abort", ABORT_FN),
+        ("last_error", LAST_ERROR_FN),
+    ]
+
+
+class HostExchange:
+    """A ring's exchanges in Python (ringattn_callbacks): subclasses post sends/receives and wait for them.
+
+    post(send, peer, address, nbytes, tag) and wait_all(timeout_s) raise on failure; the library
+    gets the message. The instance must outlive its rings (Ring keeps a reference).
+    """
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self._error = b""
+        self._struct = Callbacks()
+        self._struct.struct_size = ctypes.sizeof(Callbacks)
+        self._struct.rank, self._struct.world = rank, world
+        # The CFUNCTYPE objects must stay alive as long as the library may call them.
+        self._fns = (POST_FN(self._post), WAIT_ALL_FN(self._wait_all), ABORT_FN(self._abort),
+                     LAST_ERROR_FN(self._last_error))
+        self._struct.post, self._struct.wait_all, self._struct.abort, self._struct.last_error = self._fns
+
+    def post(self, send: bool, peer: int, address: int, nbytes: int, tag: int) -> None:
+        raise NotImplementedError
+
+    def wait_all(self, timeout_s: float) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        pass
+
+    # Exceptions never cross into the library: they become a nonzero return and last_error's text.
+    def _post(self, user, send, peer, data, nbytes, tag):
+        try:
+            self.post(bool(send), int(peer), int(data or 0), int(nbytes), int(tag))
+            return 0
+        except BaseException as e:  # noqa: BLE001 (returned to the library as its message)
+            self._error = f"{type(e).__name__}: {e}".encode(errors="replace")
+            return 1
+
+    def _wait_all(self, user, timeout_ms):
+        try:
+            self.wait_all(timeout_ms / 1000.0)
+            return 0
+        except BaseException as e:  # noqa: BLE001
+            self._error = f"{type(e).__name__}: {e}".encode(errors="replace")
+            return 1
+
+    def _abort(self, user):
+        try:
+            self.abort()
+        except BaseException:  # noqa: BLE001 (abort is best effort)
+            pass
+
+    def _last_error(self, user):
+        return self._error
+
+
 _P = ctypes.POINTER
 _SIGNATURES = {
     "ringattn_api_version": (ctypes.c_uint32, []),
@@ -101,6 +176,8 @@ _SIGNATURES = {
     "ringattn_loopback_create": (ctypes.c_int, [ctypes.c_int32, ctypes.c_int32, ctypes.c_double, _P(ctypes.c_void_p)]),
     "ringattn_loopback_destroy": (None, [ctypes.c_void_p]),
     "ringattn_ring_create": (ctypes.c_int, [_P(Spec), _P(TransportDesc), _P(RingOptions), _P(ctypes.c_void_p)]),
+    "ringattn_ring_create_callbacks": (ctypes.c_int, [_P(Spec), _P(Callbacks), ctypes.c_double, _P(RingOptions),
+                                                      _P(ctypes.c_void_p)]),
     "ringattn_ring_destroy": (None, [ctypes.c_void_p]),
     "ringattn_ring_info": (ctypes.c_int, [ctypes.c_void_p, _P(ctypes.c_int32), _P(ctypes.c_int32), _P(ctypes.c_int64)]),
     "ringattn_ring_positions": (ctypes.c_int, [ctypes.c_void_p, _P(ctypes.c_int64), ctypes.c_int64]),
@@ -270,18 +347,26 @@ class Ring:
     _live: "list[Ring]" = []
 
     def __init__(self, problem: Problem, kind: int, *, device: int = -1, embedded: bool = False,
-                 mpi_comm: int = 0, nccl_comm: int = 0, timeout_ms: float = 0.0):
+                 mpi_comm: int = 0, nccl_comm: int = 0, timeout_ms: float = 0.0,
+                 exchange: Optional[HostExchange] = None):
+        """kind: a TRANSPORT_* value, or TRANSPORT_CALLBACKS with `exchange` (CPU rings only)."""
         self.problem = problem
         self._lock = threading.Lock()
+        self._exchange = exchange  # the library calls into it as long as the ring lives
         spec, keep = problem.to_c()
-        t = TransportDesc()
-        t.struct_size = ctypes.sizeof(TransportDesc)
-        t.kind, t.mpi_comm, t.nccl_comm, t.timeout_ms = kind, mpi_comm, nccl_comm or None, timeout_ms
         o = RingOptions()
         o.struct_size = ctypes.sizeof(RingOptions)
         o.device, o.embedded = device, int(embedded)
         handle = ctypes.c_void_p()
-        check(lib().ringattn_ring_create(ctypes.byref(spec), ctypes.byref(t), ctypes.byref(o), ctypes.byref(handle)))
+        if kind == TRANSPORT_CALLBACKS:
+            check(lib().ringattn_ring_create_callbacks(ctypes.byref(spec), ctypes.byref(exchange._struct), timeout_ms,
+                                                       ctypes.byref(o), ctypes.byref(handle)))
+        else:
+            t = TransportDesc()
+            t.struct_size = ctypes.sizeof(TransportDesc)
+            t.kind, t.mpi_comm, t.nccl_comm, t.timeout_ms = kind, mpi_comm, nccl_comm or None, timeout_ms
+            check(lib().ringattn_ring_create(ctypes.byref(spec), ctypes.byref(t), ctypes.byref(o),
+                                             ctypes.byref(handle)))
         del keep
         self._handle = handle
         rank, world, local = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int64()

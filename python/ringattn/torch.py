@@ -18,6 +18,8 @@ _DTYPES = {torch.float64: _abi.DTYPE_F64, torch.float32: _abi.DTYPE_F32,
 
 # ---- communicators: a string key names one inside the ops (ops take no Python objects) -------------
 # "local": world 1 in this process; "mpi": MPI_COMM_WORLD through the library (run under mpirun);
+# "pg:<group name>": CPU tensors over a torch.distributed group (gloo): the library's host callbacks
+# (ringattn_callbacks) post torch.distributed isend/irecv;
 # "nccl:<group name>": CUDA tensors over a torch.distributed group, with an NCCL communicator of
 # ringattn's own made from a unique id broadcast over the group (made on first use, per device).
 _LOCAL, _MPI = "local", "mpi"
@@ -35,10 +37,7 @@ def _comm_key(group, device: torch.device) -> str:
         raise ValueError(f"ringattn: group must be a torch.distributed ProcessGroup, None or 'mpi', got {type(group)}")
     if group.size() == 1:
         return _LOCAL
-    if device.type != "cuda":
-        raise ValueError("ringattn: CPU tensors over a torch.distributed group: this build has no gloo transport; "
-                         "run the job under mpirun and pass group='mpi' (the library's MPI transport)")
-    return "nccl:" + group.group_name
+    return ("nccl:" if device.type == "cuda" else "pg:") + group.group_name
 
 
 _nccl_lock = threading.Lock()
@@ -80,12 +79,58 @@ def _nccl_comm(group_name: str, device: torch.device) -> Tuple[int, int, int]:
         return _nccl_comms[key]
 
 
+class _GroupExchange(_abi.HostExchange):
+    """A CPU ring's exchanges as torch.distributed isend/irecv over a group (gloo), on host memory."""
+
+    def __init__(self, group):
+        super().__init__(group.rank(), group.size())
+        import torch.distributed as dist
+        self._dist = dist
+        self._group = group
+        self._global = [dist.get_global_rank(group, r) for r in range(group.size())]
+        self._works = []
+
+    def post(self, send, peer, address, nbytes, tag):
+        buf = torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address), dtype=torch.uint8)
+        op = self._dist.isend if send else self._dist.irecv
+        self._works.append(op(buf, self._global[peer], group=self._group, tag=tag))
+
+    def wait_all(self, timeout_s):
+        import datetime
+        works, self._works = self._works, []
+        for w in works:
+            w.wait(datetime.timedelta(seconds=timeout_s))
+
+    def abort(self):
+        works, self._works = self._works, []
+        for w in works:
+            try:
+                w.abort()
+            except Exception:  # noqa: BLE001 (not every backend's Work can abort)
+                pass
+
+
+_exchanges: dict = {}  # group name -> _GroupExchange
+
+
+def _group_exchange(group_name: str) -> _GroupExchange:
+    with _nccl_lock:
+        ex = _exchanges.get(group_name)
+        if ex is None:
+            from torch.distributed.distributed_c10d import _resolve_process_group
+            ex = _exchanges[group_name] = _GroupExchange(_resolve_process_group(group_name))
+        return ex
+
+
 def _comm_world_rank(comm: str, device: torch.device) -> Tuple[int, int]:
     if comm == _LOCAL:
         return 1, 0
     if comm == _MPI:
         _, rank, world = _abi.mpi_world()
         return world, rank
+    if comm.startswith("pg:"):
+        ex = _group_exchange(comm[len("pg:"):])
+        return ex.world, ex.rank
     _, rank, world = _nccl_comm(comm[len("nccl:"):], device)
     return world, rank
 
@@ -109,6 +154,10 @@ def _ring(problem: _abi.Problem, comm: str, device: torch.device) -> _abi.Ring:
             if cuda:
                 raise ValueError("ringattn: the MPI transport moves host memory: use CPU tensors with group='mpi'")
             ring = _abi.Ring(problem, _abi.TRANSPORT_MPI, mpi_comm=_abi.mpi_world()[0])
+        elif comm.startswith("pg:"):
+            if cuda:
+                raise ValueError("ringattn: CUDA tensors over a group go over NCCL, not host callbacks")
+            ring = _abi.Ring(problem, _abi.TRANSPORT_CALLBACKS, exchange=_group_exchange(comm[len("pg:"):]))
         else:
             nccl, _, _ = _nccl_comm(comm[len("nccl:"):], device)
             ring = _abi.Ring(problem, _abi.TRANSPORT_NCCL, device=dev, embedded=True, nccl_comm=nccl)
@@ -271,7 +320,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     q: (B, S_local, H, D); k, v: (B, S_local, Hkv, D), this rank's rows as `shard` gives them under
     `layout` (the global sequence is S_local * world). Positions (causal, window, documents, stride,
     global tokens) are global. group: None (world 1), 'mpi' (MPI_COMM_WORLD, CPU tensors, under
-    mpirun) or a torch.distributed group (CUDA tensors). Returns out like q, and with return_lse the
+    mpirun) or a torch.distributed group (CPU tensors: host callbacks over it, e.g. gloo; CUDA
+    tensors: an NCCL communicator of ringattn's own). Returns out like q, and with return_lse the
     log-sum-exp (B, H, S_local) in fp32 (fp64 for fp64), differentiable too.
     """
     _check_inputs(q, k, v)

@@ -213,7 +213,19 @@ def test_mpi_ranks(ranks):
     if os.geteuid() == 0:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    r = subprocess.run([_mpiexec(), "-n", str(ranks), sys.executable, os.path.join(HERE, "mpi_ranks.py")],
+    r = subprocess.run([_mpiexec(), "-n", str(ranks), sys.executable, os.path.join(HERE, "dist_ranks.py"), "mpi"],
                        env=env, capture_output=True, text=True, timeout=600)
     print(r.stdout[-4000:], r.stderr[-4000:])
-    assert r.returncode == 0, f"mpiexec -n {ranks} mpi_ranks.py failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    assert r.returncode == 0, f"mpiexec -n {ranks} dist_ranks.py failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="this torch has no gloo backend")
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_gloo_ranks_torchrun(ranks):
+    """torchrun ranks over a gloo process group: the library's host callbacks post torch.distributed isend/irecv."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                        os.path.join(HERE, "dist_ranks.py"), "gloo"], env=_child_env(), capture_output=True,
+                       text=True, timeout=600)
+    print(r.stdout[-4000:], r.stderr[-4000:])
+    assert r.returncode == 0, f"torchrun {ranks} ranks of dist_ranks.py failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
