@@ -36,6 +36,7 @@
 #include "check/check.hpp"
 #include "check/grad_check.hpp"
 #include "check/inputs.hpp"
+#include "calibrate.hpp"
 #include "cli_common.hpp"
 #include "commands.hpp"
 #include "plan/plan.hpp"
@@ -70,6 +71,7 @@ struct BenchFlags {
   int check = 1;
   int64_t check_rows = 32;
   std::string json_path;
+  std::string calibrate_path;  // --calibrate: write a machine file instead of the sweep
   bool baseline = true;
   std::string config_path;
   std::string progress = "auto";  // auto: when rank 0's stderr is a terminal; on; off
@@ -948,6 +950,9 @@ Command add_bench_command(CLI::App& root) {
       ->capture_default_str();
   app->add_option("--check-rows", f.check_rows, "Query rows sampled by -c 1 (each over all heads)")
       ->capture_default_str();
+  app->add_option("--calibrate", f.calibrate_path,
+                  "Measure kernel rates (dense, causal, masked with mask flags; -b..-e tokens per step) and the ring "
+                  "exchange (more than one rank), and write a machine file for `ringattn plan`");
   app->add_option("-J,--json", f.json_path, "Write results (with per-rank, per-hop detail) to this JSON file");
   app->add_option("-T", f.problem.timeout_s, "Seconds any wait for a peer may take (same as --timeout)");
   app->add_option("--progress", f.progress,
@@ -961,6 +966,15 @@ Command add_bench_command(CLI::App& root) {
   add_session_flags(*app, f.problem);
   return {app, [flags, app] {
             if (!flags->config_path.empty()) apply_config(*app, flags->config_path);
+            if (!flags->calibrate_path.empty()) {
+              CalibrateOptions o;
+              o.problem = flags->problem;
+              o.tokens = sweep_sizes(*flags);
+              o.iters = flags->iters;
+              o.warmup = flags->warmup;
+              o.path = flags->calibrate_path;
+              return run_calibrate(o);
+            }
             return run_bench(*flags);
           }};
 }

@@ -15,5 +15,6 @@ struct Command {
 Command add_run_command(CLI::App& root);    // apps/run.cpp: one forward (+backward) pass, --check
 Command add_bench_command(CLI::App& root);  // apps/bench.cpp: nccl-tests style sweep
 Command add_info_command(CLI::App& root);   // apps/info.cpp: build options, devices, ranks
+Command add_plan_command(CLI::App& root);   // apps/plan.cpp: the scaling model (no GPU, no MPI)
 
 }  // namespace ringattn::cli

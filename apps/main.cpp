@@ -1,4 +1,4 @@
-// ringattn CLI entry point: dispatches to the run, bench and info subcommands.
+// ringattn CLI entry point: dispatches to the run, bench, info and plan subcommands.
 #include <cstdio>
 #include <exception>
 #include <new>
@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
       ringattn::cli::add_run_command(app),
       ringattn::cli::add_bench_command(app),
       ringattn::cli::add_info_command(app),
+      ringattn::cli::add_plan_command(app),
   };
   try {
     app.parse(argc, argv);

@@ -66,6 +66,13 @@ if [ -n "$PYTHON" ] && ! "$PYTHON" -c "import numpy" >/dev/null 2>&1; then
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-numpy >/dev/null 2>&1; } ||
     log "could not install numpy: the numpy end-to-end tests will be skipped"
 fi
+# matplotlib only for the scaling plot's test (model.plot_scaling skips visibly without it).
+if [ -n "$PYTHON" ] && ! "$PYTHON" -c "import matplotlib" >/dev/null 2>&1; then
+  log "installing matplotlib for the scaling plot test"
+  "$PYTHON" -m pip install --quiet matplotlib >/dev/null 2>&1 ||
+    "$PYTHON" -m pip install --quiet --break-system-packages matplotlib >/dev/null 2>&1 ||
+    log "could not install matplotlib: the scaling plot test will be skipped"
+fi
 
 # ---- the Python package (pyproject.toml, python/ringattn/, tests/python/) ---------------------------
 # RINGATTN_TEST_PYTHON: unset: scikit-build-core and pytest (small) and jax (about 400 MB, 1.5 min)

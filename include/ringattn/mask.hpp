@@ -105,13 +105,11 @@ RINGATTN_MASK_HD bool visible(const Mask& m, int64_t q, int64_t k, bool patterne
     start = m.doc_offsets[d];
   }
   if (!patterned || !m.has_pattern()) return true;
-  if (m.has_window && (m.window_left < 0 || k >= q - m.window_left) && (m.window_right < 0 || k <= q + m.window_right)) {
+  // Differences, not sums: a side near INT64_MAX acts as unbounded instead of wrapping.
+  if (m.has_window && (m.window_left < 0 || q - k <= m.window_left) && (m.window_right < 0 || k - q <= m.window_right)) {
     return true;
   }
-  if (m.stride > 0) {
-    const int64_t d = q - k;
-    if (((d % m.stride) + m.stride) % m.stride == 0) return true;
-  }
+  if (m.stride > 0 && (q - k) % m.stride == 0) return true;  // a multiple, either sign
   if (m.global_tokens > 0 && (q - start < m.global_tokens || k - start < m.global_tokens)) return true;
   return false;
 }
@@ -128,10 +126,12 @@ RINGATTN_MASK_HD Visibility either(Visibility a, Visibility b) {
   if (a == Visibility::kEmpty && b == Visibility::kEmpty) return Visibility::kEmpty;
   return Visibility::kPartial;
 }
-// Whether [lo, hi] holds a multiple of s (s > 0).
+// Whether [lo, hi] holds a multiple of s (s > 0); no sum that could overflow near INT64_MAX.
 RINGATTN_MASK_HD bool holds_multiple(int64_t lo, int64_t hi, int64_t s) {
-  const int64_t first = lo >= 0 ? (lo + s - 1) / s * s : -((-lo) / s * s);
-  return first <= hi;
+  if (lo > hi) return false;
+  int64_t r = lo % s;  // lo - r is the multiple at or below lo
+  if (r < 0) r += s;
+  return r == 0 || hi - lo >= s - r;
 }
 
 }  // namespace mask_detail
@@ -225,8 +225,8 @@ RINGATTN_MASK_HD void key_bounds(const Mask& m, int64_t seq_len, int64_t q_min, 
   if (m.causal && q_max < hi) hi = q_max;
   // Only a window alone narrows further (stride and global keys reach the whole document).
   if (patterned && m.has_window && m.stride <= 0 && m.global_tokens <= 0) {
-    if (m.window_left >= 0 && q_min - m.window_left > lo) lo = q_min - m.window_left;
-    if (m.window_right >= 0 && q_max + m.window_right < hi) hi = q_max + m.window_right;
+    if (m.window_left >= 0 && q_min - lo > m.window_left) lo = q_min - m.window_left;
+    if (m.window_right >= 0 && hi - q_max > m.window_right) hi = q_max + m.window_right;
   }
   *k_lo = lo;
   *k_hi = hi;
@@ -243,8 +243,8 @@ RINGATTN_MASK_HD void query_bounds(const Mask& m, int64_t seq_len, int64_t k_min
   }
   if (m.causal && k_min > lo) lo = k_min;
   if (patterned && m.has_window && m.stride <= 0 && m.global_tokens <= 0) {
-    if (m.window_right >= 0 && k_min - m.window_right > lo) lo = k_min - m.window_right;
-    if (m.window_left >= 0 && k_max + m.window_left < hi) hi = k_max + m.window_left;
+    if (m.window_right >= 0 && k_min - lo > m.window_right) lo = k_min - m.window_right;
+    if (m.window_left >= 0 && hi - k_max > m.window_left) hi = k_max + m.window_left;
   }
   *q_lo = lo;
   *q_hi = hi;

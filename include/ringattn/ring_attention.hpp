@@ -154,6 +154,8 @@ class RingAttention {
   void backward_direct(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                        const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
                        const TensorView& dv);
+  // Adds remote hop j's K/V messages (this rank's rows to the reader, the owner's rows into buffer j % 2).
+  void add_kv_messages(PeerExchange& ex, int j, const TensorView& k, const TensorView& v) const;
   // Rows of remote hop h (0-based into plan().hops) that this rank receives, with their positions.
   struct DirectHop {
     int hop = 0;          // distance t
@@ -187,6 +189,9 @@ class RingAttention {
   void* own_grad_ = nullptr;                   // fp32 dK/dV of this rank's own rows, summed over readers
   Mask mask_;       // view of spec_.mask
   Layout layout_;   // spec_.layout resolved for this ring
+  // Embedded device rings: the end-of-pass NaN guard. Declared first, so it outlives the transport
+  // whose watchdog sets its failure word.
+  std::unique_ptr<PassGuard> guard_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Transport> transport_;
   int64_t local_seq_ = 0;
@@ -207,7 +212,6 @@ class RingAttention {
   bool embedded_ = false;
   const PassOptions* pass_options_ = nullptr;  // the embedded call in progress
   std::vector<TensorView> pass_outputs_;       // its outputs: the guard fills them with NaN on failure
-  std::unique_ptr<PassGuard> guard_;           // device backends: the end-of-pass NaN guard
   std::optional<Error> kept_;                  // the first failure; returned by poll() and every later call
 };
 

@@ -26,8 +26,9 @@ bool reference_visible(const MaskSpec& m, int64_t i, int64_t j, int head) {
   if (m.mask_heads > 0 && head >= m.mask_heads) return true;  // not a patterned head
   bool window = false, stride = false, global = false;
   if (m.has_window) {
-    const bool left_ok = m.window_left == -1 || i - m.window_left <= j;
-    const bool right_ok = m.window_right == -1 || j <= i + m.window_right;
+    // i - left <= j <= i + right, written as differences so that a side near INT64_MAX cannot wrap
+    const bool left_ok = m.window_left == -1 || i - j <= m.window_left;
+    const bool right_ok = m.window_right == -1 || j - i <= m.window_right;
     window = left_ok && right_ok;
   }
   if (m.stride > 0) {

@@ -284,7 +284,7 @@ class LoopbackTransport final : public Transport {
 #ifdef RINGATTN_HAVE_CUDA
     if (!hub_->device_mode) return;
     std::lock_guard<std::mutex> lock(hub_->mu);
-    hub_->compute[rank_] = static_cast<cudaStream_t>(stream);
+    hub_->compute[rank_] = stream != nullptr ? static_cast<cudaStream_t>(stream) : cudaStreamLegacy;  // as the backend's
 #else
     (void)stream;
 #endif

@@ -18,6 +18,9 @@ constexpr const char* kRouteEnv = "RINGATTN_PLAN_ROUTE";
 // The ring is kept while it moves at most this many times the rows the readers need: it is the
 // tuned path (copy engines, folds beside the compute) and needs no gathers.
 constexpr double kRingSlack = 1.25;
+// A run shorter than the stride needs shifted copies of itself; beyond this many per run the plan
+// takes the run's whole document instead (a superset, and a bounded plan).
+constexpr int64_t kMaxStrideCopies = 4096;
 
 // A closed interval of global positions; with mod > 1 only the positions = res (mod mod).
 struct Span {
@@ -54,15 +57,31 @@ void keys_of_run(const Mask& m, int64_t a, int64_t b, int64_t step, int64_t ds, 
   if (m.has_window) {
     const int64_t lo = m.window_left < 0 ? ds : std::max(ds, a - m.window_left);
     const int64_t hi = m.window_right < 0 ? base_hi : std::min(base_hi, b + m.window_right);
-    out.push_back({lo, hi});
+    const bool bounded = m.window_left >= 0 && m.window_right >= 0;
+    if (step > 1 && bounded && m.window_left + m.window_right + 1 < step && b > a) {
+      // A strided run whose windows leave gaps (a narrow window on the striped layout): the keys
+      // are the residues a + o (mod step) for the offsets o of the window, not the hull.
+      for (int64_t o = -m.window_left; o <= m.window_right; ++o) out.push_back({lo, hi, step, ((a + o) % step + step) % step});
+    } else {
+      out.push_back({lo, hi});
+    }
   }
   if (m.stride > 0) {
     // Queries a, a + step, ... reach the residues a + k gcd(step, stride) (mod stride) once the run
     // is long enough; their keys are the positions of those residues.
     const int64_t d = std::gcd(step, m.stride);
-    const bool all_residues = (b - a) / step + 1 >= m.stride / d;
+    const int64_t members = (b - a) / step + 1;
+    const bool all_residues = members >= m.stride / d;
     if (d > 1 && all_residues) {
       out.push_back({ds, base_hi, d, ((a % d) + d) % d});
+    } else if (!all_residues && step == 1 && (base_hi - ds) / m.stride < kMaxStrideCopies) {
+      // A contiguous run shorter than the stride: its keys are the run shifted by multiples of
+      // the stride (the copies before it when causal), clipped to the document.
+      const int64_t c_lo = -((a - ds) / m.stride) - 1, c_hi = (de - 1 - a) / m.stride + 1;
+      for (int64_t c = c_lo; c <= c_hi; ++c) {
+        const int64_t lo = std::max(ds, a + c * m.stride), hi = std::min(base_hi, b + c * m.stride);
+        if (lo <= hi) out.push_back({lo, hi});
+      }
     } else {
       out.push_back({ds, base_hi});
     }

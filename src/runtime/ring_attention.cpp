@@ -65,6 +65,28 @@ void add_row_pieces(std::vector<PeerPiece>& out, const void* base, int64_t B, in
   }
 }
 
+// A direct hop's bytes: per peer everything, sent/received_bytes K+V only (the dK/dV apart).
+void record_peer_bytes(HopStats& st, const PeerExchange& ex, std::size_t grad_sent, std::size_t grad_received) {
+  auto entry = [&](int peer) -> PeerBytes& {  // one entry per peer
+    for (PeerBytes& p : st.peers) {
+      if (p.rank == peer) return p;
+    }
+    return st.peers.emplace_back(PeerBytes{peer, 0, 0});
+  };
+  for (const PeerMessage& m : ex.sends) {
+    st.sent_bytes += m.bytes();
+    entry(m.peer).sent_bytes += m.bytes();
+  }
+  for (const PeerMessage& m : ex.recvs) {
+    st.received_bytes += m.bytes();
+    entry(m.peer).received_bytes += m.bytes();
+  }
+  st.grad_sent_bytes = grad_sent;
+  st.grad_received_bytes = grad_received;
+  st.sent_bytes -= grad_sent;
+  st.received_bytes -= grad_received;
+}
+
 // The matching receive side: the same piece sizes, laid out one after another from `base`.
 void add_packed_pieces(std::vector<PeerPiece>& out, void* base, int64_t B, std::size_t row_bytes,
                        const std::vector<RowRange>& ranges) {
@@ -405,6 +427,28 @@ void RingAttention::backward(const TensorView& q, const TensorView& k, const Ten
 
 namespace ringattn {
 
+void RingAttention::add_kv_messages(PeerExchange& ex, int j, const TensorView& k, const TensorView& v) const {
+  const int r = rank();
+  const int64_t B = spec_.batch, S = local_seq_;
+  const std::size_t row_bytes = static_cast<std::size_t>(spec_.effective_kv_heads() * spec_.head_dim) *
+                                dtype_size(spec_.dtype);
+  const DirectHop& h = direct_[j];
+  if (h.reader >= 0) {  // this rank's rows that the reader's queries see, from its own K and V
+    PeerMessage m{h.reader, {}};
+    add_row_pieces(m.pieces, k.data, B, S, row_bytes, plan_->needed[h.reader][r]);
+    add_row_pieces(m.pieces, v.data, B, S, row_bytes, plan_->needed[h.reader][r]);
+    ex.sends.push_back(std::move(m));
+  }
+  if (h.owner >= 0) {  // the owner's rows, packed into buffer j % 2: K (B, n, Hkv, D) then V
+    void* buf = direct_kv_[j % 2];
+    PeerMessage m{h.owner, {}};
+    add_packed_pieces(m.pieces, buf, B, row_bytes, plan_->needed[r][h.owner]);
+    add_packed_pieces(m.pieces, static_cast<char*>(buf) + B * h.recv_rows * row_bytes, B, row_bytes,
+                      plan_->needed[r][h.owner]);
+    ex.recvs.push_back(std::move(m));
+  }
+}
+
 // Direct plan, forward. Step j computes C[j] (j = 0: this rank's own block; j >= 1: the rows that
 // remote hop j-1 brought) while remote hop j's rows travel into the other buffer: the owner sends
 // them from its own K/V, so nothing is forwarded and a rank with nothing to move posts nothing.
@@ -412,7 +456,7 @@ void RingAttention::forward_direct(const TensorView& q, const TensorView& k, con
                                    const TensorView& out, const TensorView& lse) {
   const int r = rank();
   const int H = static_cast<int>(direct_.size());
-  const int64_t B = spec_.batch, S = local_seq_, Hkv = spec_.effective_kv_heads(), D = spec_.head_dim;
+  const int64_t B = spec_.batch, Hkv = spec_.effective_kv_heads(), D = spec_.head_dim;
   const Device dev = backend_->device();
   const std::size_t es = dtype_size(spec_.dtype);
   const std::size_t row_bytes = static_cast<std::size_t>(Hkv * D) * es;  // one K (or V) row of one batch row
@@ -431,23 +475,7 @@ void RingAttention::forward_direct(const TensorView& q, const TensorView& k, con
   const bool post_after_launch = backend_->stream() != nullptr && !post_early_;
   for (int j = 0; j <= H; ++j) {
     PeerExchange ex;
-    if (j < H) {
-      const DirectHop& h = direct_[j];
-      if (h.reader >= 0) {
-        PeerMessage m{h.reader, {}};
-        add_row_pieces(m.pieces, k.data, B, S, row_bytes, plan_->needed[h.reader][r]);
-        add_row_pieces(m.pieces, v.data, B, S, row_bytes, plan_->needed[h.reader][r]);
-        ex.sends.push_back(std::move(m));
-      }
-      if (h.owner >= 0) {
-        void* buf = direct_kv_[j % 2];
-        PeerMessage m{h.owner, {}};
-        add_packed_pieces(m.pieces, buf, B, row_bytes, plan_->needed[r][h.owner]);
-        add_packed_pieces(m.pieces, static_cast<char*>(buf) + B * h.recv_rows * row_bytes, B, row_bytes,
-                          plan_->needed[r][h.owner]);
-        ex.recvs.push_back(std::move(m));
-      }
-    }
+    if (j < H) add_kv_messages(ex, j, k, v);
     const bool exchange = !ex.empty();
     if (exchange && post_after_launch) {
       transport_->fence(j);
@@ -478,14 +506,7 @@ void RingAttention::forward_direct(const TensorView& q, const TensorView& k, con
     if (exchange && post_after_launch) transport_->start_peer_exchange(ex, j);
     if (exchange) transport_->wait(j);
     marks[j].arrived = backend_->mark();
-    for (const PeerMessage& m : ex.sends) {
-      st.sent_bytes += m.bytes();
-      st.peers.push_back({m.peer, m.bytes(), 0});
-    }
-    for (const PeerMessage& m : ex.recvs) {
-      st.received_bytes += m.bytes();
-      st.peers.push_back({m.peer, 0, m.bytes()});
-    }
+    record_peer_bytes(st, ex, 0, 0);
     if (hop_cb_) hop_cb_(j, H + 1, hop_user_);
   }
   stats_.visible_pairs = plan_->visible_pairs[r];
@@ -537,23 +558,7 @@ void RingAttention::backward_direct(const TensorView& q, const TensorView& k, co
   const bool post_after_launch = backend_->stream() != nullptr && !post_early_;
   for (int j = 0; j < steps; ++j) {
     PeerExchange ex;
-    if (j < H) {  // remote hop j's K/V, as in the forward
-      const DirectHop& h = direct_[j];
-      if (h.reader >= 0) {
-        PeerMessage m{h.reader, {}};
-        add_row_pieces(m.pieces, k.data, B, S, row_bytes, plan_->needed[h.reader][r]);
-        add_row_pieces(m.pieces, v.data, B, S, row_bytes, plan_->needed[h.reader][r]);
-        ex.sends.push_back(std::move(m));
-      }
-      if (h.owner >= 0) {
-        void* buf = direct_kv_[j % 2];
-        PeerMessage m{h.owner, {}};
-        add_packed_pieces(m.pieces, buf, B, row_bytes, plan_->needed[r][h.owner]);
-        add_packed_pieces(m.pieces, static_cast<char*>(buf) + B * h.recv_rows * row_bytes, B, row_bytes,
-                          plan_->needed[r][h.owner]);
-        ex.recvs.push_back(std::move(m));
-      }
-    }
+    if (j < H) add_kv_messages(ex, j, k, v);  // remote hop j's K/V, as in the forward
     const int g = j - 2;  // remote hop whose dK/dV travel home in this exchange
     std::size_t grad_sent = 0, grad_received = 0;
     if (g >= 0 && g < H) {
@@ -622,14 +627,7 @@ void RingAttention::backward_direct(const TensorView& q, const TensorView& k, co
       }
     }
     marks[j].arrived = backend_->mark();
-    for (const PeerMessage& m : ex.sends) st.peers.push_back({m.peer, m.bytes(), 0});
-    for (const PeerMessage& m : ex.recvs) st.peers.push_back({m.peer, 0, m.bytes()});
-    for (const PeerMessage& m : ex.sends) st.sent_bytes += m.bytes();
-    for (const PeerMessage& m : ex.recvs) st.received_bytes += m.bytes();
-    st.grad_sent_bytes = grad_sent;
-    st.grad_received_bytes = grad_received;
-    st.sent_bytes -= grad_sent;  // sent_bytes / received_bytes count K+V only
-    st.received_bytes -= grad_received;
+    record_peer_bytes(st, ex, grad_sent, grad_received);
     if (hop_cb_) hop_cb_(j, steps, hop_user_);
   }
   backend_->cast_accumulator(own_dk, dk);

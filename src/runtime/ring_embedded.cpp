@@ -214,9 +214,7 @@ void RingAttention::run_embedded(const std::vector<TensorView>& outputs, const P
                                  const std::function<void()>& body) {
   pass_options_ = &options;
   pass_outputs_ = outputs;
-  try {
-    body();
-  } catch (const Error& e) {
+  auto failed = [&](const Error& e) {
     pass_options_ = nullptr;
     if (!kept_) kept_ = e;
     fill_nan_now(outputs);
@@ -224,6 +222,14 @@ void RingAttention::run_embedded(const std::vector<TensorView>& outputs, const P
       transport_->abort(e.what());  // peers must not wait for the rest of this pass
     } catch (const Error&) {
     }
+  };
+  try {
+    body();
+  } catch (const Error& e) {
+    failed(e);
+    throw;
+  } catch (const std::exception& e) {
+    failed(Error(ErrorKind::kInternal, context_prefix() + " an embedded pass failed: " + e.what()));
     throw;
   }
   pass_options_ = nullptr;

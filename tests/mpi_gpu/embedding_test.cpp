@@ -5,7 +5,9 @@
 #include <nccl.h>
 
 #include <cmath>
+#include <optional>
 #include <random>
+#include <vector>
 
 #include "attn/reference.hpp"
 #include "gpu/gpu_test_util.hpp"
@@ -104,6 +106,99 @@ TEST(Embedding, HostCommunicatorStreamAndPointersDriveForwardAndBackward) {
   EXPECT_EQ(sum, static_cast<float>(world));
   ncclCommDestroy(comm);
   cudaStreamDestroy(stream);
+}
+
+// Embedded passes over the host program's communicator: a stream per call (not the one the ring
+// was built with), the caller's workspace, calls that return before the pass ends; the bits equal
+// a blocking ring's, and the end-of-pass agreement runs on the device (poll() stays clean).
+TEST(Embedding, EmbeddedPassesOnTheCallersStreamEqualBlockingBits) {
+  RINGATTN_SKIP_WITHOUT_GPU_PER_RANK();
+  session();
+  int rank = 0, world = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  ncclUniqueId id;
+  if (rank == 0) ASSERT_EQ(ncclGetUniqueId(&id), ncclSuccess);
+  MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD);
+  ncclComm_t comm = nullptr;
+  ASSERT_EQ(ncclCommInitRank(&comm, world, id, rank), ncclSuccess);
+  cudaStream_t built = nullptr, call = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&built, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&call, cudaStreamNonBlocking), cudaSuccess);
+
+  AttentionSpec spec;
+  spec.batch = 1;
+  spec.seq_len = 2048;
+  spec.heads = 4;
+  spec.kv_heads = 2;
+  spec.head_dim = 128;
+  spec.mask.causal = true;
+  spec.layout = Layout::kZigzag;
+  spec.dtype = DType::kBF16;
+  const int64_t B = spec.batch, H = spec.heads, Hkv = spec.kv_heads, D = spec.head_dim, L = spec.seq_len / world;
+  std::mt19937 rng(7 + rank);
+  HostTensor hq(DType::kBF16, {B, L, H, D}), hk(DType::kBF16, {B, L, Hkv, D}), hv(DType::kBF16, {B, L, Hkv, D});
+  HostTensor hdo(DType::kBF16, {B, L, H, D});
+  fill_normal(hq, rng);
+  fill_normal(hk, rng);
+  fill_normal(hv, rng);
+  fill_normal(hdo, rng);
+  DeviceTensor q(DType::kBF16, {B, L, H, D}), k(DType::kBF16, {B, L, Hkv, D}), v(DType::kBF16, {B, L, Hkv, D});
+  DeviceTensor dout(DType::kBF16, {B, L, H, D});
+  q.upload(hq);
+  k.upload(hk);
+  v.upload(hv);
+  dout.upload(hdo);
+  struct Outputs {
+    DeviceTensor out, lse, dq, dk, dv;
+    Outputs(int64_t B, int64_t L, int64_t H, int64_t Hkv, int64_t D)
+        : out(DType::kBF16, {B, L, H, D}), lse(DType::kF32, {B, H, L}), dq(DType::kBF16, {B, L, H, D}),
+          dk(DType::kBF16, {B, L, Hkv, D}), dv(DType::kBF16, {B, L, Hkv, D}) {}
+    std::vector<std::vector<unsigned char>> bits() const {
+      std::vector<std::vector<unsigned char>> all;
+      for (const DeviceTensor* t : {&out, &lse, &dq, &dk, &dv}) {
+        std::vector<unsigned char> h(t->view.nbytes());
+        cudaMemcpy(h.data(), t->data, h.size(), cudaMemcpyDeviceToHost);
+        all.push_back(std::move(h));
+      }
+      return all;
+    }
+  };
+  Outputs blocking_out(B, L, H, Hkv, D), embedded_out(B, L, H, Hkv, D);
+  {
+    RingAttention ring(spec, make_cuda_backend(built), make_nccl_transport_borrowed(comm, built));
+    ring.forward(q.view, k.view, v.view, blocking_out.out.view, blocking_out.lse.view);
+    ring.backward(q.view, k.view, v.view, blocking_out.out.view, blocking_out.lse.view, dout.view,
+                  blocking_out.dq.view, blocking_out.dk.view, blocking_out.dv.view);
+  }
+  ASSERT_EQ(cudaStreamSynchronize(built), cudaSuccess);
+  {
+    RingAttention ring(spec, make_cuda_backend(built), make_nccl_transport_borrowed(comm, built), RingOptions{true});
+    void* fws = nullptr;
+    void* bws = nullptr;
+    const std::size_t fb = ring.workspace_bytes(Pass::kForward), bb = ring.workspace_bytes(Pass::kBackward);
+    ASSERT_EQ(cudaMalloc(&fws, fb), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&bws, bb), cudaSuccess);
+    for (int pass = 0; pass < 2; ++pass) {
+      for (DeviceTensor* t : {&embedded_out.out, &embedded_out.lse, &embedded_out.dq, &embedded_out.dk, &embedded_out.dv}) {
+        t->poison();
+      }
+      cudaDeviceSynchronize();
+      ring.forward(q.view, k.view, v.view, embedded_out.out.view, embedded_out.lse.view, PassOptions{call, fws, fb, false});
+      ring.backward(q.view, k.view, v.view, embedded_out.out.view, embedded_out.lse.view, dout.view,
+                    embedded_out.dq.view, embedded_out.dk.view, embedded_out.dv.view, PassOptions{call, bws, bb, false});
+      ASSERT_EQ(cudaStreamSynchronize(call), cudaSuccess);
+      const std::optional<Error> failure = ring.poll();
+      EXPECT_FALSE(failure.has_value()) << (failure ? failure->what() : "");
+      EXPECT_TRUE(embedded_out.bits() == blocking_out.bits()) << "rank " << rank << " pass " << pass
+                                                              << ": embedded bits differ from blocking";
+    }
+    cudaFree(fws);
+    cudaFree(bws);
+  }
+  ncclCommDestroy(comm);
+  cudaStreamDestroy(built);
+  cudaStreamDestroy(call);
 }
 
 }  // namespace

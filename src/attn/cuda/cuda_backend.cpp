@@ -434,7 +434,11 @@ class CudaBackend final : public Backend {
 
   // ---- embedded mode ----
   void set_embedded(bool on) override { embedded_ = on; }
-  void set_stream(void* stream) override { stream_ = static_cast<cudaStream_t>(stream); }
+  // nullptr is the caller's legacy default stream (PyTorch's default stream is 0): named by its
+  // handle, so the scheduler still sees a device stream and fences its exchanges.
+  void set_stream(void* stream) override {
+    stream_ = stream != nullptr ? static_cast<cudaStream_t>(stream) : cudaStreamLegacy;
+  }
   void set_timeline(bool on) override { timeline_ = on; }
 
   // Forward: acc (B, H, q_rows, D) fp32, row max and row sum (B, H, q_rows) fp32. Backward: the dQ

@@ -652,7 +652,7 @@ bool NcclTransport::enable_embedded(std::string* why) {
 
 void NcclTransport::set_compute_stream(void* stream) {
   std::lock_guard<std::mutex> lock(mu_);
-  compute_stream_ = static_cast<cudaStream_t>(stream);
+  compute_stream_ = stream != nullptr ? static_cast<cudaStream_t>(stream) : cudaStreamLegacy;  // as the backend's
 }
 
 void NcclTransport::set_failure_flag(volatile int* flag) {
