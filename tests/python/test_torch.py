@@ -173,16 +173,64 @@ def test_bad_input_raises():
         rt.ring_attention(q, k, v, doc_lens=(3, 3))  # does not sum to the sequence
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA op tests need a GPU")
-def test_cuda_forward_backward_world1():
-    seq, dim = 256, 64
-    q, k, v = (t.cuda().requires_grad_() for t in make(1, seq, 4, 4, dim, torch.bfloat16))
-    out = rt.ring_attention(q, k, v, causal=True)
-    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2).double() for t in (q, k, v)),
-                                                           is_causal=True).transpose(1, 2)
-    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
-    out.sum().backward()
-    assert torch.isfinite(q.grad).all()
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA op tests need a GPU")
+
+
+def _sdpa(q, k, v, causal):
+    group = q.shape[2] // k.shape[2]
+    q, k, v = (t.transpose(1, 2).double() for t in (q, k, v.float()))
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_forward_backward_world1(causal):
+    seq, dim = 512, 64
+    q, k, v = (t.cuda().requires_grad_() for t in make(2, seq, 4, 2, dim, torch.bfloat16))
+    out = rt.ring_attention(q, k, v, causal=causal)
+    torch.testing.assert_close(out.double(), _sdpa(q, k, v, causal), rtol=2e-2, atol=2e-2)
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    _sdpa(qr, kr, vr, causal).backward(dout.double())
+    for got, want in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2)
+
+
+@needs_cuda
+def test_cuda_side_stream_and_compile():
+    q, k, v = (t.cuda() for t in make(1, 256, 4, 4, 64, torch.bfloat16, seed=2))
+    eager = rt.ring_attention(q, k, v, causal=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = rt.ring_attention(q, k, v, causal=True)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(on_side, eager)
+    compiled = torch.compile(lambda q, k, v: rt.ring_attention(q, k, v, causal=True), fullgraph=True)
+    assert torch.equal(compiled(q, k, v), eager)
+
+
+@needs_cuda
+def test_cuda_opcheck():
+    q, k, v = (t.cuda().requires_grad_() for t in make(1, 128, 4, 2, 64, torch.bfloat16))
+    args = _op_args(q, k, v, causal=True)
+    torch.library.opcheck(torch.ops.ringattn.fwd.default, args + (False,),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@needs_cuda
+def test_cuda_graph_capture():
+    q, k, v = (t.cuda() for t in make(1, 256, 4, 4, 64, torch.bfloat16, seed=4))
+    eager = rt.ring_attention(q, k, v, causal=True)  # the ring is made outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = rt.ring_attention(q, k, v, causal=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
 
 
 def _mpiexec():
