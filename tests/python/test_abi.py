@@ -1,4 +1,5 @@
 """The ctypes binding with numpy only: version, layouts from the library, a world-1 ring and the library's reference vs reference.py."""
+import ctypes
 import math
 
 import numpy as np
@@ -76,3 +77,55 @@ def test_errors_are_python_exceptions():
         _abi.layout_positions(problem(q, q, {}, "zigzag", 1), 2, 2)
     with pytest.raises((ValueError, RuntimeError)):
         _abi.layout_positions(problem(q, q, {}, "zigzag", 1), 3, 0)  # 8 tokens over 3 ranks
+
+
+@pytest.mark.parametrize("layout", sorted(_abi.LAYOUTS))
+@pytest.mark.parametrize("world", [2, 3])
+def test_loopback_rings_match_layout_positions_and_reference(layout, world):
+    """world loopback ranks in one process, one thread each: every ring's positions equal
+    ringattn_layout_positions, and the chunks of the forward equal the numpy reference."""
+    import threading
+    seq = 256 * world if layout == "balanced" else 12 * world
+    mask = resolve({"causal": True, "window": (29, 0), "doc_lens": "thirds"}, seq)
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((1, seq, 2, 4)) for _ in range(3))
+    want_out, want_lse = attention_numpy(q, k, v, 1 / math.sqrt(4), visible(seq, 2, **mask))
+    p = problem(q[:, : seq // world], k[:, : seq // world], mask, layout=layout, world=world)
+    lb = ctypes.c_void_p()
+    _abi.check(_abi.lib().ringattn_loopback_create(world, -1, 60000.0, ctypes.byref(lb)))
+    results, errors = {}, []
+
+    def rank_main(r):
+        try:
+            spec, keep = p.to_c()
+            t = _abi.TransportDesc(struct_size=ctypes.sizeof(_abi.TransportDesc), kind=_abi.TRANSPORT_LOOPBACK, rank=r,
+                                   loopback=lb, timeout_ms=60000.0)
+            o = _abi.RingOptions(struct_size=ctypes.sizeof(_abi.RingOptions), device=-1, embedded=0)
+            h = ctypes.c_void_p()
+            _abi.check(_abi.lib().ringattn_ring_create(ctypes.byref(spec), ctypes.byref(t), ctypes.byref(o),
+                                                       ctypes.byref(h)))
+            n = seq // world
+            pos = (ctypes.c_int64 * n)()
+            _abi.check(_abi.lib().ringattn_ring_positions(h, pos, n))
+            idx = np.array(list(pos))
+            ql, kl, vl = (np.ascontiguousarray(a[:, idx]) for a in (q, k, v))
+            out, lse = np.empty_like(ql), np.empty((1, 2, n))
+            b = ctypes.byref
+            _abi.check(_abi.lib().ringattn_forward(h, b(c(ql)), b(c(kl)), b(c(vl)), b(c(out)), b(c(lse)), None, 0, None))
+            _abi.lib().ringattn_ring_destroy(h)
+            results[r] = (idx, out, lse)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(f"rank {r}: {e}")
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    _abi.lib().ringattn_loopback_destroy(lb)
+    assert not errors, errors
+    for r in range(world):
+        idx, out, lse = results[r]
+        assert idx.tolist() == _abi.layout_positions(p, world, r), f"rank {r}: ring and layout positions differ"
+        np.testing.assert_allclose(out, want_out[:, idx], rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(lse, want_lse[:, :, idx], rtol=1e-10, atol=1e-10)
