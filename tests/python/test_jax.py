@@ -66,3 +66,37 @@ def test_bad_input_raises():
         rj.ring_attention(q[0], k, v)
     with pytest.raises(ValueError, match="group"):
         rj.ring_attention(q, k, v, group=object())
+
+
+def _mpi_env():
+    import os
+    import sys
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__))] + sys.path)
+    env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
+    env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    if os.geteuid() == 0:
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return env
+
+
+def test_mpi_ranks_equal_world1():
+    """mpiexec -n 2 jax_ranks.py: the op over MPI_COMM_WORLD equals the world-1 op, gradients included."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    mpiexec = shutil.which("mpiexec") or shutil.which("mpirun")
+    if mpiexec is None:
+        pytest.skip("no mpiexec on PATH: the multi-rank JAX test needs Open MPI")
+    env = _mpi_env()
+    probe = subprocess.run([sys.executable, "-c", "from ringattn import _abi; _abi.mpi_world()"], env=env,
+                           capture_output=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip("the library is built without MPI (RINGATTN_WITH_MPI=OFF)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([mpiexec, "-n", "2", sys.executable, os.path.join(here, "jax_ranks.py")], env=env,
+                       capture_output=True, text=True, timeout=600)
+    print(r.stdout[-4000:], r.stderr[-4000:])
+    assert r.returncode == 0, f"mpiexec -n 2 jax_ranks.py failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
