@@ -40,7 +40,7 @@ def _comm_key(group, device: torch.device) -> str:
     return ("nccl:" if device.type == "cuda" else "pg:") + group.group_name
 
 
-_nccl_lock = threading.Lock()
+_comm_lock = threading.Lock()
 _nccl_comms: dict = {}  # (group name, device index) -> (ncclComm_t address, rank, world)
 
 
@@ -51,7 +51,7 @@ class _NcclUniqueId(ctypes.Structure):
 def _nccl_comm(group_name: str, device: torch.device) -> Tuple[int, int, int]:
     """ringattn's own NCCL communicator over a torch group: a unique id from group rank 0, broadcast over the group."""
     key = (group_name, device.index)
-    with _nccl_lock:
+    with _comm_lock:
         if key in _nccl_comms:
             return _nccl_comms[key]
         import torch.distributed as dist
@@ -114,7 +114,7 @@ _exchanges: dict = {}  # group name -> _GroupExchange
 
 
 def _group_exchange(group_name: str) -> _GroupExchange:
-    with _nccl_lock:
+    with _comm_lock:
         ex = _exchanges.get(group_name)
         if ex is None:
             from torch.distributed.distributed_c10d import _resolve_process_group
@@ -240,9 +240,6 @@ def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def _bwd_fake(dout, q, k, v, out, lse, causal, softmax_scale, window, doc_lens, stride, global_tokens, mask_heads,
               layout, comm):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-_MASK_ARGS = ("causal", "softmax_scale", "window", "doc_lens", "stride", "global_tokens", "mask_heads", "layout", "comm")
 
 
 def _setup_context(ctx, inputs, output):

@@ -5,12 +5,10 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch)")
 import ringattn.torch as rt  # noqa: E402
-from ringattn import _abi  # noqa: E402
 
 from reference import CASES, resolve, visible  # noqa: E402
 
@@ -39,10 +37,6 @@ def make(batch, seq, heads, kv_heads, dim, dtype, seed=0):
             for h in (heads, kv_heads, kv_heads)]
 
 
-def ring_kwargs(mask):
-    return {k: v for k, v in mask.items()}
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name,heads,kv_heads,mask", CASES, ids=[c[0] for c in CASES])
 def test_forward_backward_world1(name, heads, kv_heads, mask, dtype):
@@ -53,7 +47,7 @@ def test_forward_backward_world1(name, heads, kv_heads, mask, dtype):
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     vis = visible(seq, heads, **mask)
     ref_out, ref_lse = attention_torch(qr, kr, vr, 1 / math.sqrt(dim), vis)
-    out, lse = rt.ring_attention(q, k, v, return_lse=True, **ring_kwargs(mask))
+    out, lse = rt.ring_attention(q, k, v, return_lse=True, **mask)
     assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(out.double(), ref_out.detach(), rtol=tol, atol=tol)
