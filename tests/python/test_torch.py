@@ -271,3 +271,17 @@ def test_gloo_ranks_torchrun(ranks):
                        text=True, timeout=600)
     print(r.stdout[-4000:], r.stderr[-4000:])
     assert r.returncode == 0, f"torchrun {ranks} ranks of dist_ranks.py failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="this torch has no gloo backend")
+@pytest.mark.parametrize("ranks,layout", [(2, "zigzag"), (4, "balanced")])
+def test_training_step_example(ranks, layout):
+    """examples/ring_train.py: per-step losses and final weights over the ring equal one process with SDPA (fp64)."""
+    example = os.path.join(os.path.dirname(os.path.dirname(HERE)), "examples", "ring_train.py")
+    seq = "512" if layout == "balanced" else "96"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                        example, "--layout", layout, "--seq", seq, "--rtol", "1e-6"], env=_child_env(),
+                       capture_output=True, text=True, timeout=600)
+    print(r.stdout[-4000:], r.stderr[-2000:])
+    assert r.returncode == 0 and "# OK" in r.stdout, f"ring_train.py on {ranks} ranks failed:\n{r.stdout[-4000:]}"
