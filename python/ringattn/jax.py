@@ -1,8 +1,11 @@
-"""JAX op: ring attention on local chunks with custom_vjp, over host callbacks (jax.pure_callback, CPU backend)."""
+"""JAX op: ring attention on local chunks with custom_vjp, through XLA FFI handlers (libringattn_jax) or jax.pure_callback."""
 from __future__ import annotations
 
+import ctypes
 import functools
+import glob
 import math
+import os
 import threading
 from typing import Optional, Sequence, Tuple
 
@@ -12,7 +15,7 @@ import numpy as np
 
 from . import _abi
 
-__all__ = ["ring_attention", "shard", "unshard", "positions"]
+__all__ = ["ring_attention", "shard", "unshard", "positions", "ffi_available"]
 
 _LOCAL, _MPI = "local", "mpi"
 
@@ -94,25 +97,96 @@ def _host_backward(q, k, v, out, lse, dout, dlse, *, mask, comm, lse_grad):
     return dq, dk, dv
 
 
+# ---- the XLA FFI path: libringattn_jax's CPU handlers, called with jax.ffi.ffi_call --------------------
+_ffi_lock = threading.Lock()
+_ffi_state: dict = {}
+
+
+def _ffi_library() -> Optional[str]:
+    env = os.environ.get("RINGATTN_JAX_LIBRARY")
+    if env:
+        return env
+    found = sorted(glob.glob(os.path.join(os.path.dirname(_abi.library_path()), "libringattn_jax.so*")), key=len)
+    return found[0] if found else None
+
+
+def ffi_available() -> bool:
+    """Whether the FFI handlers are there and registered (RINGATTN_JAX_IMPL=callback turns them off)."""
+    if os.environ.get("RINGATTN_JAX_IMPL", "") == "callback":
+        return False
+    with _ffi_lock:
+        if "ok" not in _ffi_state:
+            path = _ffi_library()
+            ok = False
+            if path is not None and hasattr(jax, "ffi"):
+                _abi.lib()  # libringattn_jax needs libringattn_c.so.1 loaded (or next to it)
+                handle = ctypes.CDLL(path)
+                jax.ffi.register_ffi_target("ringattn_forward", jax.ffi.pycapsule(handle.ringattn_jax_forward_cpu),
+                                            platform="cpu")
+                jax.ffi.register_ffi_target("ringattn_backward", jax.ffi.pycapsule(handle.ringattn_jax_backward_cpu),
+                                            platform="cpu")
+                _ffi_state["handle"] = handle
+                ok = True
+            _ffi_state["ok"] = ok
+        return _ffi_state["ok"]
+
+
+def _ffi_attrs(mask: tuple, comm: str, seq_local: int) -> dict:
+    causal, scale, window, doc_lens, stride, global_tokens, mask_heads, layout = mask
+    world, _ = _world_rank(comm)
+    offsets = [0]
+    for n in doc_lens or ():
+        offsets.append(offsets[-1] + n)
+    return dict(causal=bool(causal), scale=np.float64(scale), has_window=np.int64(window is not None),
+                window_left=np.int64(window[0] if window else -1), window_right=np.int64(window[1] if window else -1),
+                stride=np.int64(stride), global_tokens=np.int64(global_tokens), mask_heads=np.int64(mask_heads),
+                layout=np.int64(_abi.LAYOUTS[layout]), doc_offsets=np.asarray(offsets, np.int64),
+                mpi_comm=np.int64(-1 if comm == _LOCAL else _abi.mpi_world()[0]), world=np.int64(world))
+
+
+def _ffi_forward(q, k, v, mask, comm):
+    return jax.ffi.ffi_call("ringattn_forward", _shapes(q, k, v), vmap_method="sequential")(
+        q, k, v, **_ffi_attrs(mask, comm, q.shape[1]))
+
+
+def _ffi_backward(q, k, v, out, lse, dout, mask, comm):
+    shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v))
+    return jax.ffi.ffi_call("ringattn_backward", shapes, vmap_method="sequential")(
+        q, k, v, out, lse, dout, **_ffi_attrs(mask, comm, q.shape[1]))
+
+
 def _shapes(q, k, v):
     lse = jax.ShapeDtypeStruct((q.shape[0], q.shape[2], q.shape[1]), _lse_dtype(q.dtype))
     return jax.ShapeDtypeStruct(q.shape, q.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _attention(q, k, v, mask, comm, lse_grad):
+# impl: "ffi" (libringattn_jax through jax.ffi.ffi_call) or "callback" (jax.pure_callback into this module).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, k, v, mask, comm, lse_grad, impl):
+    if impl == "ffi":
+        return _ffi_forward(q, k, v, mask, comm)
     return jax.pure_callback(functools.partial(_host_forward, mask=mask, comm=comm), _shapes(q, k, v), q, k, v,
                              vmap_method="sequential")
 
 
-def _attention_fwd(q, k, v, mask, comm, lse_grad):
-    out, lse = _attention(q, k, v, mask, comm, lse_grad)
+def _attention_fwd(q, k, v, mask, comm, lse_grad, impl):
+    out, lse = _attention(q, k, v, mask, comm, lse_grad, impl)
     return (out, lse), (q, k, v, out, lse)
 
 
-def _attention_bwd(mask, comm, lse_grad, res, cotangents):
+def _attention_bwd(mask, comm, lse_grad, impl, res, cotangents):
     q, k, v, out, lse = res
     dout, dlse = cotangents
+    if impl == "ffi":
+        dq, dk, dv = _ffi_backward(q, k, v, out, lse, dout, mask, comm)
+        if lse_grad:  # as in _host_backward: dq += scale * dlse * (P k), dk += scale * P^T (dlse q)
+            scale = mask[1]
+            w = jnp.swapaxes(dlse, 1, 2)[..., None].astype(q.dtype)
+            pk, lse_k = _ffi_forward(q, k, k, mask, comm)
+            _, _, dk_lse = _ffi_backward(q, k, k, pk, lse_k, (w * q).astype(q.dtype), mask, comm)
+            dq = (dq + scale * w * pk).astype(q.dtype)
+            dk = (dk + scale * dk_lse).astype(k.dtype)
+        return dq, dk, dv
     shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v))
     return jax.pure_callback(functools.partial(_host_backward, mask=mask, comm=comm, lse_grad=lse_grad), shapes,
                              q, k, v, out, lse, dout, dlse, vmap_method="sequential")
@@ -128,7 +202,9 @@ def ring_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[flo
     """Exact attention of this process's chunk (B, S_local, H, D) against the ring's keys (see ringattn.torch).
 
     group: None (world 1) or 'mpi' (MPI_COMM_WORLD through the library, one process per rank under mpirun).
-    Runs on the host through jax.pure_callback; differentiable with jax.grad (custom_vjp), lse too.
+    Runs on the CPU through libringattn_jax's XLA FFI handlers (jax.ffi.ffi_call) when they were built,
+    else through jax.pure_callback (RINGATTN_JAX_IMPL=callback forces that); differentiable with
+    jax.grad (custom_vjp), lse too.
     """
     for name, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 4:
@@ -150,7 +226,8 @@ def ring_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[flo
     mask = (bool(causal), scale, tuple(int(x) for x in window) if window is not None else None,
             tuple(int(n) for n in doc_lens) if doc_lens else None, int(stride or 0), int(global_tokens),
             int(mask_heads), str(layout))
-    out, lse = _attention(q, k, v, mask, group or _LOCAL, bool(return_lse))
+    impl = "ffi" if ffi_available() else "callback"
+    out, lse = _attention(q, k, v, mask, group or _LOCAL, bool(return_lse), impl)
     if not return_lse:
         return out
     return out, lse

@@ -14,6 +14,18 @@ import ringattn.jax as rj  # noqa: E402
 from reference import CASES, attention_numpy, resolve, visible  # noqa: E402
 
 
+@pytest.fixture(autouse=True, params=["ffi", "callback"])
+def impl(request, monkeypatch):
+    """Every test runs on both paths: the XLA FFI handlers (libringattn_jax) and jax.pure_callback."""
+    if request.param == "ffi":
+        monkeypatch.delenv("RINGATTN_JAX_IMPL", raising=False)
+        if not rj.ffi_available():
+            pytest.skip("libringattn_jax is not built (jax was not importable when CMake ran): the FFI path")
+    else:
+        monkeypatch.setenv("RINGATTN_JAX_IMPL", "callback")
+    return request.param
+
+
 def make(seq, heads, kv_heads, dim, dtype, seed=0):
     rng = np.random.default_rng(seed)
     return [jnp.asarray(rng.standard_normal((2, seq, h, dim)), dtype) for h in (heads, kv_heads, kv_heads)]
@@ -21,11 +33,14 @@ def make(seq, heads, kv_heads, dim, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 @pytest.mark.parametrize("name,heads,kv_heads,mask", CASES, ids=[x[0] for x in CASES])
-def test_forward_world1(name, heads, kv_heads, mask, dtype):
+def test_forward_world1(name, heads, kv_heads, mask, dtype, impl):
     seq, dim = 24, 8
     mask = resolve(mask, seq)
     q, k, v = make(seq, heads, kv_heads, dim, dtype)
-    out, lse = jax.jit(lambda q, k, v: rj.ring_attention(q, k, v, return_lse=True, **mask))(q, k, v)
+    fn = jax.jit(lambda q, k, v: rj.ring_attention(q, k, v, return_lse=True, **mask))
+    hlo = fn.lower(q, k, v).as_text()
+    assert ("ringattn_forward" in hlo) == (impl == "ffi"), "the op did not take the expected path"
+    out, lse = fn(q, k, v)
     want_out, want_lse = attention_numpy(q, k, v, 1 / math.sqrt(dim), visible(seq, heads, **mask))
     tol = 1e-10 if dtype == jnp.float64 else 2e-5
     assert out.dtype == dtype
@@ -81,7 +96,7 @@ def _mpi_env():
     return env
 
 
-def test_mpi_ranks_equal_world1():
+def test_mpi_ranks_equal_world1(impl):
     """mpiexec -n 2 jax_ranks.py: the op over MPI_COMM_WORLD equals the world-1 op, gradients included."""
     import os
     import shutil
@@ -91,6 +106,8 @@ def test_mpi_ranks_equal_world1():
     if mpiexec is None:
         pytest.skip("no mpiexec on PATH: the multi-rank JAX test needs Open MPI")
     env = _mpi_env()
+    if impl == "callback":
+        env["RINGATTN_JAX_IMPL"] = "callback"
     probe = subprocess.run([sys.executable, "-c", "from ringattn import _abi; _abi.mpi_world()"], env=env,
                            capture_output=True, timeout=120)
     if probe.returncode != 0:
