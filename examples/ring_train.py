@@ -129,6 +129,7 @@ def main() -> int:
         print(f"# final weights: largest relative difference {worst:.2e} (tolerance {args.rtol:g})")
         print("# FAILED" if failed else "# OK")
     if distributed:
+        dist.barrier()  # no rank tears its gloo pairs down while a peer still uses them
         dist.destroy_process_group()
     return 1 if failed else 0
 

@@ -62,6 +62,10 @@ def main(mode: str) -> int:
     failures += check_compiled(group, rank, world)
     print(f"rank {rank}/{world} ({mode}): {'OK' if failures == 0 else f'{failures} FAILED'} "
           f"({len(MPI_CASES)} cases x 2 dtypes, compiled step)", flush=True)
+    if mode != "mpi":
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
     return 1 if failures else 0
 
 

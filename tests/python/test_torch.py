@@ -283,5 +283,5 @@ def test_training_step_example(ranks, layout):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                         example, "--layout", layout, "--seq", seq, "--rtol", "1e-6"], env=_child_env(),
                        capture_output=True, text=True, timeout=600)
-    print(r.stdout[-4000:], r.stderr[-2000:])
+    print(r.stdout[-4000:], r.stderr[-8000:])
     assert r.returncode == 0 and "# OK" in r.stdout, f"ring_train.py on {ranks} ranks failed:\n{r.stdout[-4000:]}"
