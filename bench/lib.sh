@@ -171,7 +171,10 @@ ra_pack_logs() {
 
 # ---- peers (PyTorch on the same machine, in the same call) -----------------------------------------
 RA_PEERS=bench/peers
-RA_SHARED_PEERS=../shared/peers  # the workplace's peer scripts, when the checkout has them beside it
+# The workplace's peer scripts: the copy in bench/peers travels with the repository; ../shared/peers
+# is used when a checkout has it beside it and bench/peers lacks the script.
+RA_SHARED_PEERS=bench/peers
+[ -f "$RA_SHARED_PEERS/flex_masks.py" ] || RA_SHARED_PEERS=../shared/peers
 ra_have_torch() { python3 -c "import torch" >/dev/null 2>&1; }
 # ra_peer_sdpa TIMEOUT [ENV=V...]: bench/peers/torch_sdpa.py (PEER_SEQS, PEER_FWD_ONLY) to stdout.
 ra_peer_sdpa() {

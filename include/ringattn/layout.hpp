@@ -68,7 +68,7 @@ Visibility classify_tile(const Mask& mask, bool patterned, const ChunkPositions&
                          const ChunkPositions& k, int64_t k_lo, int64_t k_hi);
 // Visibility of whole chunks for any of `heads` query heads, used to skip a step's compute.
 Visibility classify_chunks(const Mask& mask, int heads, const ChunkPositions& q, const ChunkPositions& k);
-// The causal-only form, for the CUDA kernels that know no other mask yet (masked-kernels issue).
+// The causal-only form (tests; the kernels and the backends take the Mask form above).
 Visibility classify_chunks(const ChunkPositions& q, const ChunkPositions& k, bool causal);
 
 // Copies rank `rank`'s rows of a global host tensor (seq along dimension `seq_dim`) into `local`.

@@ -95,23 +95,43 @@ RINGATTN_MASK_HD int doc_index(const Mask& m, int64_t pos) {
 RINGATTN_MASK_HD int64_t doc_begin(const Mask& m, int d) { return m.doc_offsets ? m.doc_offsets[d] : 0; }
 RINGATTN_MASK_HD int64_t doc_end(const Mask& m, int d) { return m.doc_offsets ? m.doc_offsets[d + 1] : INT64_MAX; }
 
-// Query position q sees key position k (for a head that is patterned or not).
-RINGATTN_MASK_HD bool visible(const Mask& m, int64_t q, int64_t k, bool patterned) {
+namespace mask_detail {
+// a / b for a >= 0 and b > 0, in 32 bits when both fit (a 64-bit division is a subroutine call on
+// the GPU that takes many registers; the kernels classify tiles with these in their loops).
+RINGATTN_MASK_HD int64_t quot(int64_t a, int64_t b) {
+  if (a <= INT32_MAX && b <= INT32_MAX) return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+  return a / b;
+}
+// Whether s (> 0) divides d, of either sign. In 32 bits when both fit: a 64-bit remainder is a
+// subroutine call on the GPU, and the kernels' per-element test runs it for every pair.
+RINGATTN_MASK_HD bool divides(int64_t s, int64_t d) {
+  if (s <= INT32_MAX && d >= INT32_MIN && d <= INT32_MAX) return static_cast<int32_t>(d) % static_cast<int32_t>(s) == 0;
+  return d % s == 0;
+}
+}  // namespace mask_detail
+
+// The rule once the document is known: [doc_lo, doc_hi) is the document of q or of k (a pair is
+// visible only inside one document, so either will do; kernels hoist it out of their per-element
+// loops), [0, INT64_MAX) without documents.
+RINGATTN_MASK_HD bool visible_in_doc(const Mask& m, int64_t q, int64_t k, int64_t doc_lo, int64_t doc_hi,
+                                     bool patterned) {
   if (m.causal && k > q) return false;
-  int64_t start = 0;
-  if (m.doc_offsets != nullptr) {
-    const int d = doc_index(m, q);
-    if (k < m.doc_offsets[d] || k >= m.doc_offsets[d + 1]) return false;
-    start = m.doc_offsets[d];
-  }
+  if (q < doc_lo || q >= doc_hi || k < doc_lo || k >= doc_hi) return false;
   if (!patterned || !m.has_pattern()) return true;
-  // Differences, not sums: a side near INT64_MAX acts as unbounded instead of wrapping.
+  // i - left <= j <= i + right, as differences (a side up to INT64_MAX must not overflow).
   if (m.has_window && (m.window_left < 0 || q - k <= m.window_left) && (m.window_right < 0 || k - q <= m.window_right)) {
     return true;
   }
-  if (m.stride > 0 && (q - k) % m.stride == 0) return true;  // a multiple, either sign
-  if (m.global_tokens > 0 && (q - start < m.global_tokens || k - start < m.global_tokens)) return true;
+  if (m.stride > 0 && mask_detail::divides(m.stride, q - k)) return true;
+  if (m.global_tokens > 0 && (q - doc_lo < m.global_tokens || k - doc_lo < m.global_tokens)) return true;
   return false;
+}
+
+// Query position q sees key position k (for a head that is patterned or not).
+RINGATTN_MASK_HD bool visible(const Mask& m, int64_t q, int64_t k, bool patterned) {
+  if (m.doc_offsets == nullptr) return visible_in_doc(m, q, k, 0, INT64_MAX, patterned);
+  const int d = doc_index(m, q);
+  return visible_in_doc(m, q, k, m.doc_offsets[d], m.doc_offsets[d + 1], patterned);
 }
 
 namespace mask_detail {
@@ -126,13 +146,11 @@ RINGATTN_MASK_HD Visibility either(Visibility a, Visibility b) {
   if (a == Visibility::kEmpty && b == Visibility::kEmpty) return Visibility::kEmpty;
   return Visibility::kPartial;
 }
-// Whether [lo, hi] holds a multiple of s (s > 0); no sum that could overflow near INT64_MAX.
-RINGATTN_MASK_HD bool holds_multiple(int64_t lo, int64_t hi, int64_t s) {
-  if (lo > hi) return false;
-  int64_t r = lo % s;  // lo - r is the multiple at or below lo
-  if (r < 0) r += s;
-  return r == 0 || hi - lo >= s - r;
-}
+// Floor and ceiling of a / s (s > 0) without overflow for any s.
+RINGATTN_MASK_HD int64_t floor_div(int64_t a, int64_t s) { return a >= 0 ? quot(a, s) : -quot(-(a + 1), s) - 1; }
+RINGATTN_MASK_HD int64_t ceil_div(int64_t a, int64_t s) { return a > 0 ? quot(a - 1, s) + 1 : -quot(-a, s); }
+// Whether [lo, hi] holds a multiple of s (s > 0).
+RINGATTN_MASK_HD bool holds_multiple(int64_t lo, int64_t hi, int64_t s) { return floor_div(hi, s) >= ceil_div(lo, s); }
 
 }  // namespace mask_detail
 
@@ -225,8 +243,8 @@ RINGATTN_MASK_HD void key_bounds(const Mask& m, int64_t seq_len, int64_t q_min, 
   if (m.causal && q_max < hi) hi = q_max;
   // Only a window alone narrows further (stride and global keys reach the whole document).
   if (patterned && m.has_window && m.stride <= 0 && m.global_tokens <= 0) {
-    if (m.window_left >= 0 && q_min - lo > m.window_left) lo = q_min - m.window_left;
-    if (m.window_right >= 0 && hi - q_max > m.window_right) hi = q_max + m.window_right;
+    if (m.window_left >= 0 && q_min - m.window_left > lo) lo = q_min - m.window_left;
+    if (m.window_right >= 0 && m.window_right < hi - q_max) hi = q_max + m.window_right;
   }
   *k_lo = lo;
   *k_hi = hi;
@@ -243,8 +261,8 @@ RINGATTN_MASK_HD void query_bounds(const Mask& m, int64_t seq_len, int64_t k_min
   }
   if (m.causal && k_min > lo) lo = k_min;
   if (patterned && m.has_window && m.stride <= 0 && m.global_tokens <= 0) {
-    if (m.window_right >= 0 && k_min - lo > m.window_right) lo = k_min - m.window_right;
-    if (m.window_left >= 0 && hi - k_max > m.window_left) hi = k_max + m.window_left;
+    if (m.window_right >= 0 && k_min - m.window_right > lo) lo = k_min - m.window_right;
+    if (m.window_left >= 0 && m.window_left < hi - k_max) hi = k_max + m.window_left;
   }
   *q_lo = lo;
   *q_hi = hi;

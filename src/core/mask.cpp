@@ -139,8 +139,9 @@ int64_t count_visible_keys(const Mask& m, int64_t seq_len, int64_t q, bool patte
   Set sets[3];
   int n = 0;
   if (m.has_window) {
-    const int64_t lo = (m.window_left < 0 || q - b_lo <= m.window_left) ? b_lo : q - m.window_left;
-    const int64_t hi = (m.window_right < 0 || b_hi - q <= m.window_right) ? b_hi : q + m.window_right;
+    const int64_t lo = m.window_left < 0 ? b_lo : std::max(b_lo, q - m.window_left);
+    // q + right as min(b_hi, .) without overflow (a side may be as large as INT64_MAX).
+    const int64_t hi = m.window_right < 0 || m.window_right >= b_hi - q ? b_hi : q + m.window_right;
     sets[n++] = {lo, hi, false};
   }
   if (m.stride > 0) sets[n++] = {b_lo, b_hi, true};
@@ -149,7 +150,7 @@ int64_t count_visible_keys(const Mask& m, int64_t seq_len, int64_t q, bool patte
     sets[n++] = {b_lo, q_global ? b_hi : std::min(b_hi, ds + m.global_tokens - 1), false};
   }
   const int64_t s = m.stride > 0 ? m.stride : 1;
-  const int64_t r = q % s;  // q >= 0; no sum that could overflow for a huge stride
+  const int64_t r = ((q % s) + s) % s;
   int64_t total = 0;
   for (int subset = 1; subset < (1 << n); ++subset) {
     int64_t lo = b_lo, hi = b_hi;

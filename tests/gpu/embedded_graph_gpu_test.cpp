@@ -265,8 +265,13 @@ void check_graph(int world, const char* route) {
 
 TEST(EmbeddedGpu, SameBitsAsBlockingOnOneAndFourRanks) {
   RINGATTN_SKIP_WITHOUT_GPU();
-  for (int world : {1, 4}) {
-    const AttentionSpec spec = test_spec(4096);
+  AttentionSpec masked = test_spec(4096);  // documents and a window: the direct route, offsets on the device
+  masked.layout = Layout::kContiguous;
+  masked.mask.doc_offsets = doc_offsets_from_lengths({700, 1500, 396, 1500}, masked.seq_len);
+  masked.mask.has_window = true;
+  masked.mask.window_left = 255;
+  masked.mask.window_right = 0;
+  for (int world : {1, 4}) for (const AttentionSpec& spec : {test_spec(4096), masked}) {
     Job blocking(spec, world, false), embedded(spec, world, true);
     blocking.poison();
     embedded.poison();
@@ -276,7 +281,8 @@ TEST(EmbeddedGpu, SameBitsAsBlockingOnOneAndFourRanks) {
     embedded.sync();
     for (int r = 0; r < world; ++r) {
       EXPECT_TRUE(blocking.ranks[r]->results() == embedded.ranks[r]->results())
-          << world << " ranks, rank " << r << ": embedded results differ from blocking";
+          << world << " ranks, rank " << r << ", mask " << spec.mask.describe()
+          << ": embedded results differ from blocking";
     }
   }
 }

@@ -26,7 +26,8 @@ void require(bool cond, const std::string& what, const std::string& hint) {
 }
 
 // The kernels read at most kMaxSegments inline segments of a chunk's positions; a longer list (the
-// balanced layout, a halo gathered from several runs) is refused until the masked kernels land.
+// balanced layout's token blocks, a halo gathered from several runs) is refused: the kernels' tile
+// bounds (flash_block.hpp) walk the inline segments only.
 void require_kernel_positions(const ChunkPositions& pos, const char* what) {
   require(pos.list == nullptr && pos.num_segments <= kMaxSegments,
           std::string("the CUDA kernels take ") + what + " positions of at most " + std::to_string(kMaxSegments) +
@@ -84,11 +85,6 @@ class CudaBackend final : public Backend {
     require(spec.dtype == DType::kBF16 || spec.dtype == DType::kF16,
             std::string("the CUDA backend computes bf16 and fp16, not ") + dtype_name(spec.dtype),
             "use --dtype bf16 or fp16, or the CPU backend for fp32/fp64");
-    // The kernels apply the causal rule only (the masked-kernels issue brings the rest): any other
-    // mask is refused here rather than ignored.
-    require(!spec.mask.has_pattern() && !spec.mask.has_documents(),
-            "the CUDA backend's kernels apply the causal rule only, not the mask '" + spec.mask.describe() + "'",
-            "run --window/--stride/--global-tokens/--doc-lens masks with --backend cpu until the masked kernels land");
     require(spec.head_dim == 64 || spec.head_dim == 128,
             "the CUDA backend has kernels for head_dim 64 and 128, not " + std::to_string(spec.head_dim),
             "use --head-dim 64 or 128, or the CPU backend");
@@ -105,6 +101,12 @@ class CudaBackend final : public Backend {
     spec_ = spec;
     q_rows_ = q_rows;
     k_rows_ = k_rows;
+    preparing_ = true;  // embedded: the document offsets are the one allocation, made here, once
+    upload_mask();
+    preparing_ = false;
+    // Embedded passes run on the callers' streams, which know nothing of this one: the upload
+    // lands before the constructor returns (a host wait at construction, never in a pass).
+    if (embedded_) RINGATTN_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (!same_shape && !embedded_) {  // embedded: bind_scratch() points them into the caller's workspace
       release_state();
       acc_ = static_cast<float*>(allocate(static_cast<std::size_t>(rows * spec.head_dim) * sizeof(float)));
@@ -138,7 +140,7 @@ class CudaBackend final : public Backend {
   // earlier step, or for a chunk nobody sees, the step and forward_end as usual.
   void forward_step_into(const TensorView& k, const TensorView& v, const ChunkPositions& k_pos, const TensorView& out,
                          const TensorView& lse) override {
-    if (!first_step_ || q_.data == nullptr || classify_chunks(q_pos_, k_pos, spec_.mask.causal) == Visibility::kEmpty) {
+    if (!first_step_ || q_.data == nullptr || classify_chunks(host_mask_, spec_.heads, q_pos_, k_pos) == Visibility::kEmpty) {
       Backend::forward_step_into(k, v, k_pos, out, lse);
       return;
     }
@@ -165,7 +167,7 @@ class CudaBackend final : public Backend {
     require(k_pos.size() == sk, "key positions cover " + std::to_string(k_pos.size()) + " rows, k has " +
                                     std::to_string(sk), "");
     // A chunk nobody sees leaves the state alone (and does not count as the first step).
-    if (sk == 0 || classify_chunks(q_pos_, k_pos, spec_.mask.causal) == Visibility::kEmpty) return;
+    if (sk == 0 || classify_chunks(host_mask_, spec_.heads, q_pos_, k_pos) == Visibility::kEmpty) return;
     cuda::FlashFwdParams p;
     p.q = q_.data;
     p.k = k.data;
@@ -189,6 +191,7 @@ class CudaBackend final : public Backend {
     p.seq_k = static_cast<int>(sk);
     p.scale_log2 = static_cast<float>(spec_.scale() * kLog2e);
     p.causal = spec_.mask.causal;
+    p.mask = kernel_mask_;
     p.first_step = first_step_;
     p.q_pos = q_pos_;
     p.k_pos = k_pos;
@@ -260,6 +263,8 @@ class CudaBackend final : public Backend {
     bwd_.seq_q = static_cast<int>(q_rows_);
     bwd_.scale = static_cast<float>(spec_.scale());
     bwd_.causal = spec_.mask.causal;
+    bwd_.mask = kernel_mask_;
+    bwd_.mask_host = host_mask_;
     bwd_.q = q.data;
     bwd_.q_batch_stride = q.stride[0];
     bwd_.q_row_stride = q.stride[1];
@@ -397,7 +402,7 @@ class CudaBackend final : public Backend {
   void* allocate(std::size_t bytes) override {
     void* p = nullptr;
     if (bytes == 0) return nullptr;
-    RINGATTN_CHECK(!embedded_, ErrorKind::kInternal,
+    RINGATTN_CHECK(!embedded_ || preparing_, ErrorKind::kInternal,
                    "an embedded ring asked the CUDA backend for " + std::to_string(bytes) + " bytes",
                    "every buffer of an embedded pass comes from its workspace (RingAttention::lay_out_workspace)");
     RINGATTN_CUDA_CHECK(cudaMalloc(&p, bytes));
@@ -490,6 +495,38 @@ class CudaBackend final : public Backend {
             "fp32, contiguous, same size, on the device");
   }
 
+  // The mask for the host's decisions (host_mask_: spec_'s own documents) and for the kernels
+  // (kernel_mask_: the same with the documents copied to the device, once per prepare).
+  void upload_mask() {
+    host_mask_ = spec_.mask.view();
+    kernel_mask_ = host_mask_;
+    const std::vector<int64_t>& docs = spec_.mask.doc_offsets;
+    const std::size_t bytes = docs.size() * sizeof(int64_t);
+    if (bytes > doc_offsets_bytes_) {
+      if (doc_offsets_ != nullptr) {
+        RINGATTN_CUDA_CHECK(cudaStreamSynchronize(stream_));  // kernels in flight may still read it
+        free_allocation(doc_offsets_);
+      }
+      doc_offsets_ = static_cast<int64_t*>(allocate(bytes));
+      doc_offsets_bytes_ = bytes;
+    }
+    if (bytes > 0) {
+      // Pageable source: the call returns once it is staged, so spec_ may change afterwards.
+      RINGATTN_CUDA_CHECK(cudaMemcpyAsync(doc_offsets_, docs.data(), bytes, cudaMemcpyHostToDevice, stream_));
+      kernel_mask_.doc_offsets = doc_offsets_;
+    }
+  }
+
+  void free_allocation(void* p) {
+    RINGATTN_CUDA_CHECK(cudaFree(p));
+    for (auto it = allocations_.begin(); it != allocations_.end(); ++it) {
+      if (*it == p) {
+        allocations_.erase(it);
+        break;
+      }
+    }
+  }
+
   void release_state() {
     for (float* p : {acc_, row_max_, row_sum_, bwd_dq_accum_, bwd_lse_log2_, bwd_delta_}) {
       if (p == nullptr) continue;
@@ -513,6 +550,7 @@ class CudaBackend final : public Backend {
   bool owns_stream_ = false;
   bool embedded_ = false;  // no allocation: scratch from bind_scratch(); stream per call (set_stream)
   bool timeline_ = true;   // mark() records its event
+  bool preparing_ = false; // inside prepare(): an embedded backend may allocate (its mask's documents)
   std::vector<void*> allocations_;
   std::vector<cudaEvent_t> events_;
   int marks_ = 0;
@@ -523,6 +561,11 @@ class CudaBackend final : public Backend {
   float* acc_ = nullptr;      // (B, H, q_rows, D) unnormalised output
   float* row_max_ = nullptr;  // (B, H, q_rows) running max of score * scale * log2(e)
   float* row_sum_ = nullptr;  // (B, H, q_rows) running sum of 2^(score * scale * log2(e) - max)
+
+  Mask host_mask_;    // spec_.mask.view(): documents in host memory
+  Mask kernel_mask_;  // the same, documents in device memory (doc_offsets_)
+  int64_t* doc_offsets_ = nullptr;
+  std::size_t doc_offsets_bytes_ = 0;
 
   TensorView q_;
   ChunkPositions q_pos_;

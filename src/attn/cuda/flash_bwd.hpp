@@ -5,7 +5,9 @@
 
 #include <cstdint>
 
+#include "attn/cuda/flash_mask.hpp"
 #include "ringattn/layout.hpp"
+#include "ringattn/mask.hpp"
 #include "ringattn/tensor.hpp"
 
 namespace ringattn::cuda {
@@ -32,7 +34,9 @@ struct FlashBwdParams {
   int seq_q = 0;     // local query rows Sq
   int seq_k = 0;     // rows of the visiting K/V chunk Sk
   float scale = 0.f; // softmax scale (1/sqrt(head_dim) unless the spec says otherwise)
-  bool causal = false;
+  bool causal = false;  // the kCausal kernels' mask (flash_mask.hpp)
+  Mask mask;            // the kGeneral kernels' mask, doc_offsets in device memory
+  Mask mask_host;       // the same mask with doc_offsets in host memory: flash_bwd_step's skip test
 
   // q, out, dout: (B, Sq, H, D); dq: (B, Sq, H, D) output of finalize.
   const void* q = nullptr;
@@ -86,8 +90,9 @@ inline std::size_t flash_bwd_row_vector_bytes(int batch, int heads, int64_t seq_
 void flash_bwd_preprocess(const FlashBwdParams& params, cudaStream_t stream);
 
 // One visiting K/V chunk: dq_accum += scale dS K, dk_accum += scale dS^T Q, dv_accum += P^T dout,
-// with P = exp(scale Q K^T - lse) masked by the causal rule on global positions (key position
-// <= query position). Reads k, v, k-side strides and the workspace filled by preprocess.
+// with P = exp(scale Q K^T - lse) masked on global positions: by the causal rule (params.causal)
+// when params.mask has no documents and no pattern, else by params.mask (any mask; the kGeneral
+// kernels). Reads k, v, k-side strides and the workspace filled by preprocess.
 void flash_bwd_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
                     cudaStream_t stream);
 
@@ -102,12 +107,12 @@ void flash_bwd_fold(float* dst, const float* src, int64_t n, unsigned max_blocks
 // dst = round(a + b) into bf16/fp16, n elements: the last partial plus this rank's share, rounded once.
 void flash_bwd_cast_sum(const float* a, const float* b, void* dst, DType dtype, int64_t n, cudaStream_t stream);
 
-// The step for one compile-time (Elem, head_dim); one instantiation per translation unit.
-template <typename Elem, int kHeadDim>
+// The step for one compile-time (Elem, head_dim, mask class); one instantiation per translation unit.
+template <typename Elem, int kHeadDim, MaskClass kMask = MaskClass::kCausal>
 void launch_flash_bwd_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
                            cudaStream_t stream);
 // The Hopper (sm_90a, wgmma) step kernel, head_dim 128 only; same contract as launch_flash_bwd_step.
-template <typename Elem, int kHeadDim>
+template <typename Elem, int kHeadDim, MaskClass kMask = MaskClass::kCausal>
 void launch_flash_bwd_sm90_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
                                 cudaStream_t stream);
 

@@ -243,6 +243,26 @@ unsigned elementwise_blocks(int64_t n, bool vec4) {
   return static_cast<unsigned>(want < 1 ? 1 : (want > kMaxElementwiseBlocks ? kMaxElementwiseBlocks : want));
 }
 
+// The step kernel for the dtype, head_dim and kernel choice (flash_bwd_uses_wgmma) of p.
+template <MaskClass kMask>
+void launch_step(const FlashBwdParams& p, const ChunkPositions& q_pos, const ChunkPositions& k_pos, cudaStream_t stream) {
+  if (flash_bwd_uses_wgmma(p.head_dim)) {
+    if (p.dtype == DType::kBF16) {
+      launch_flash_bwd_sm90_step<__nv_bfloat16, 128, kMask>(p, q_pos, k_pos, stream);
+    } else {
+      launch_flash_bwd_sm90_step<__half, 128, kMask>(p, q_pos, k_pos, stream);
+    }
+    return;
+  }
+  if (p.dtype == DType::kBF16) {
+    p.head_dim == 64 ? launch_flash_bwd_step<__nv_bfloat16, 64, kMask>(p, q_pos, k_pos, stream)
+                     : launch_flash_bwd_step<__nv_bfloat16, 128, kMask>(p, q_pos, k_pos, stream);
+  } else {
+    p.head_dim == 64 ? launch_flash_bwd_step<__half, 64, kMask>(p, q_pos, k_pos, stream)
+                     : launch_flash_bwd_step<__half, 128, kMask>(p, q_pos, k_pos, stream);
+  }
+}
+
 }  // namespace
 
 BwdKernel flash_bwd_kernel_choice() {
@@ -275,7 +295,10 @@ void flash_bwd_step(const FlashBwdParams& p, const ChunkPositions& q_pos, const 
   if (p.batch == 0 || p.seq_q == 0 || p.seq_k == 0) return;
   require(q_pos.size() == p.seq_q && k_pos.size() == p.seq_k, "positions do not match seq_q / seq_k");
   // Nothing visible: nothing to add. The store modes still launch: every block writes its zeros.
-  if (classify_chunks(q_pos, k_pos, p.causal) == Visibility::kEmpty && p.dkv_write == DkvWrite::kAdd) return;
+  require(mask_class(p.mask) == mask_class(p.mask_host), "mask and mask_host are not the same mask");
+  Mask rule = p.mask_host;  // the kernels' mask, readable here
+  if (mask_class(rule) == MaskClass::kCausal) rule.causal = p.causal;  // what the kCausal kernels read
+  if (classify_chunks(rule, p.heads, q_pos, k_pos) == Visibility::kEmpty && p.dkv_write == DkvWrite::kAdd) return;
   check_tensor(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, "q");
   check_tensor(p.dout, p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride, "dout");
   check_tensor(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, "k");
@@ -288,20 +311,10 @@ void flash_bwd_step(const FlashBwdParams& p, const ChunkPositions& q_pos, const 
               p.dk_batch_stride % 2 == 0 && p.dk_row_stride % 2 == 0 && p.dk_head_stride % 2 == 0 &&
               p.dv_batch_stride % 2 == 0 && p.dv_row_stride % 2 == 0 && p.dv_head_stride % 2 == 0,
           "the dK/dV outputs must be 8-byte aligned with even strides");
-  if (flash_bwd_uses_wgmma(p.head_dim)) {
-    if (p.dtype == DType::kBF16) {
-      launch_flash_bwd_sm90_step<__nv_bfloat16, 128>(p, q_pos, k_pos, stream);
-    } else {
-      launch_flash_bwd_sm90_step<__half, 128>(p, q_pos, k_pos, stream);
-    }
-    return;
-  }
-  if (p.dtype == DType::kBF16) {
-    p.head_dim == 64 ? launch_flash_bwd_step<__nv_bfloat16, 64>(p, q_pos, k_pos, stream)
-                     : launch_flash_bwd_step<__nv_bfloat16, 128>(p, q_pos, k_pos, stream);
+  if (mask_class(p.mask) == MaskClass::kGeneral) {
+    launch_step<MaskClass::kGeneral>(p, q_pos, k_pos, stream);
   } else {
-    p.head_dim == 64 ? launch_flash_bwd_step<__half, 64>(p, q_pos, k_pos, stream)
-                     : launch_flash_bwd_step<__half, 128>(p, q_pos, k_pos, stream);
+    launch_step<MaskClass::kCausal>(p, q_pos, k_pos, stream);
   }
 }
 

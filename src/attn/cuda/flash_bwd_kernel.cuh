@@ -15,8 +15,10 @@
 
 #include <cstdint>
 
+#include "attn/cuda/flash_block.hpp"
 #include "attn/cuda/flash_bwd.hpp"
 #include "attn/cuda/flash_bwd_walk.hpp"
+#include "attn/cuda/flash_mask.hpp"
 
 namespace ringattn::cuda::bwd {
 
@@ -207,6 +209,53 @@ __device__ __forceinline__ void store_q_tile_bounds(QTileBounds& dst, const Flas
   }
 }
 
+// The query-tile walk of a block by mask class: kCausal the bounds-based walk over `bd` (filled by
+// store_walk_bounds), kGeneral the per-tile classification of MaskedQTileWalk (no shared state).
+template <MaskClass kMask, int kBlockM>
+__device__ __forceinline__ auto make_q_walk(const QTileBounds& bd, const FlashBwdParams& p, const ChunkPositions& q_pos,
+                                            const ChunkPositions& k_pos, int k0, int k_end, int num_q_tiles, int group,
+                                            int hkv) {
+  if constexpr (kMask == MaskClass::kGeneral) {
+    int64_t k_min = 0, k_max = 0;
+    pos_range(k_pos, k0, k_end, k_min, k_max);
+    return MaskedQTileWalk<kBlockM>{p.mask, q_pos, p.seq_q, num_q_tiles, group, hkv * group, k_min, k_max};
+  } else {
+    return QTileWalk{bd, num_q_tiles, group};
+  }
+}
+// The causal walk's bounds (kCausal only); call from every thread, then __syncthreads() before walking.
+template <MaskClass kMask, int kBlockM>
+__device__ __forceinline__ void store_walk_bounds(QTileBounds& dst, const FlashBwdParams& p, const ChunkPositions& q_pos,
+                                                  const ChunkPositions& k_pos, int k0, int k_end) {
+  if constexpr (kMask == MaskClass::kCausal) store_q_tile_bounds<kBlockM>(dst, p, q_pos, k_pos, k0, k_end);
+}
+
+// kGeneral, partial tiles: the key row r of the K/V tile starting at chunk row k0, with its
+// document, for the per-element rule (rows past the chunk see nothing).
+__device__ __forceinline__ RowMask key_row_mask(const FlashBwdParams& p, const ChunkPositions& k_pos, int k0, int r) {
+  return row_mask(p.mask, pos_at(k_pos, k0 + r), k0 + r < p.seq_k);
+}
+
+// kGeneral, partial tiles: bit 4j + e set when the thread's score element (j, e) is visible: key row
+// krow + 8 (e >> 1) of the K/V tile at chunk row k0, query column 8j + 2t + (e & 1) of the query
+// tile at row q0. A loop, not unrolled: the rule's 64-bit arithmetic then needs few registers next
+// to the accumulators (unrolled over the 32 elements, it spilled).
+template <int kNT>
+__device__ __forceinline__ uint32_t visible_bits(const FlashBwdParams& p, bool patterned, const ChunkPositions& k_pos,
+                                                 int k0, int krow, const ChunkPositions& q_pos, int q0, int t) {
+  static_assert(kNT * 4 <= 32, "one bit per element");
+  const RowMask km0 = key_row_mask(p, k_pos, k0, krow), km1 = key_row_mask(p, k_pos, k0, krow + 8);
+  uint32_t bits = 0;
+#pragma unroll 1
+  for (int i = 0; i < 2 * kNT; ++i) {  // query column 8 (i / 2) + 2t + i % 2
+    const int j = i >> 1, c = i & 1;
+    const int64_t q = pos_at(q_pos, q0 + j * 8 + 2 * t + c);
+    if (seen_by(p.mask, patterned, q, km0)) bits |= 1u << (4 * j + c);
+    if (seen_by(p.mask, patterned, q, km1)) bits |= 1u << (4 * j + 2 + c);
+  }
+  return bits;
+}
+
 // Position of row r of the K/V tile starting at chunk row k0, for the mask: INT64_MAX past the chunk
 // (always masked), INT64_MIN without a causal mask (never masked).
 __device__ __forceinline__ int64_t key_mask_pos(const FlashBwdParams& p, const ChunkPositions& k_pos, int k0, int r) {
@@ -325,9 +374,13 @@ __device__ __forceinline__ void gemm_rega_b(float (&acc)[kNT][4], const float (&
 
 // ---------------------------------------------------------------------------------------------
 
-template <typename Tr>
+// kMask: what the instantiation knows of the mask (flash_mask.hpp); kCausal is the dense / causal
+// kernel, kGeneral applies p.mask. Parameters are __grid_constant__: the masked walk holds
+// references to them.
+template <typename Tr, MaskClass kMask = MaskClass::kCausal>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
-    flash_bwd_kernel(const FlashBwdParams p, const ChunkPositions q_pos, const ChunkPositions k_pos) {
+    flash_bwd_kernel(const __grid_constant__ FlashBwdParams p, const __grid_constant__ ChunkPositions q_pos,
+                     const __grid_constant__ ChunkPositions k_pos) {
   using Elem = typename Tr::Elem;
   constexpr int D = Tr::kHeadDim, M = Tr::kBlockM, N = Tr::kBlockN;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -346,9 +399,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   const int64_t pad_rows = blk.pad_rows;
 
   __shared__ QTileBounds bounds;
-  store_q_tile_bounds<M>(bounds, p, q_pos, k_pos, k0, k_end);
+  store_walk_bounds<kMask, M>(bounds, p, q_pos, k_pos, k0, k_end);
   __syncthreads();
-  const QTileWalk walk{bounds, num_q_tiles, group};
+  const auto walk = make_q_walk<kMask, M>(bounds, p, q_pos, k_pos, k0, k_end, num_q_tiles, group, hkv);
   QTile cur = walk.first();
   if (walk.done(cur)) {  // this K/V tile is invisible to every query: its dK/dV get nothing
     write_invisible_rows<Elem, D>(p, b, hkv, k0, k_end);
@@ -420,14 +473,29 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     }
     gemm_a_bt<Elem, D, Tr::kNT>(s, sK, wrow, sQ);
     const bool partial = k_tail || cur.kind == 1;
+    if constexpr (kMask == MaskClass::kGeneral) {
+      // Any mask: the rule per element on partial tiles (visible_bits), none on full ones.
+      const uint32_t bits =
+          partial ? visible_bits<Tr::kNT>(p, p.mask.patterned_head(h), k_pos, k0, wrow + g, q_pos, q0, t) : ~0u;
 #pragma unroll
-    for (int j = 0; j < Tr::kNT; ++j) {
+      for (int j = 0; j < Tr::kNT; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = j * 8 + 2 * t + (e & 1);
-        float pv = ex2(fmaf(s[j][e], scale_log2, -lse[col]));
-        if (partial && ((e >> 1) ? kpos1 : kpos0) > pos_at(q_pos, q0 + col)) pv = 0.f;
-        s[j][e] = pv;
+        for (int e = 0; e < 4; ++e) {
+          const int col = j * 8 + 2 * t + (e & 1);
+          const float pv = ex2(fmaf(s[j][e], scale_log2, -lse[col]));
+          s[j][e] = (bits >> (4 * j + e)) & 1u ? pv : 0.f;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < Tr::kNT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = j * 8 + 2 * t + (e & 1);
+          float pv = ex2(fmaf(s[j][e], scale_log2, -lse[col]));
+          if (partial && ((e >> 1) ? kpos1 : kpos0) > pos_at(q_pos, q0 + col)) pv = 0.f;
+          s[j][e] = pv;
+        }
       }
     }
     // dV += P^T dO.

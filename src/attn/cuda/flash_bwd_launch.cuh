@@ -47,12 +47,12 @@ inline int bwd_variant() {
   return variant;
 }
 
-template <typename Elem, int kHeadDim, int kVariant>
+template <typename Elem, int kHeadDim, int kVariant, MaskClass kMask>
 void launch_flash_bwd_variant(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
                               cudaStream_t stream) {
   using Cfg = BwdTileConfig<kHeadDim, kVariant>;
   using Traits = bwd::BwdTraits<Elem, kHeadDim, Cfg::kBlockM, Cfg::kWarps, Cfg::kMinBlocks>;
-  auto* kernel = &bwd::flash_bwd_kernel<Traits>;
+  auto* kernel = &bwd::flash_bwd_kernel<Traits, kMask>;
   bwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes),
             "cudaFuncSetAttribute(flash_bwd_kernel)");
   const dim3 grid((params.seq_k + Traits::kBlockN - 1) / Traits::kBlockN, params.batch * params.kv_heads);
@@ -60,21 +60,25 @@ void launch_flash_bwd_variant(const FlashBwdParams& params, const ChunkPositions
   bwd_check(cudaGetLastError(), "launch of flash_bwd_kernel");
 }
 
-template <typename Elem, int kHeadDim>
+// kGeneral (any mask) has the default tile shape only.
+template <typename Elem, int kHeadDim, MaskClass kMask>
 void launch_flash_bwd_step(const FlashBwdParams& params, const ChunkPositions& q_pos, const ChunkPositions& k_pos,
                            cudaStream_t stream) {
   if (params.seq_q == 0 || params.seq_k == 0 || params.batch == 0) return;
-  if (bwd_variant() == 1) {
-    launch_flash_bwd_variant<Elem, kHeadDim, 1>(params, q_pos, k_pos, stream);
+  if constexpr (kMask == MaskClass::kGeneral) {
+    launch_flash_bwd_variant<Elem, kHeadDim, 0, kMask>(params, q_pos, k_pos, stream);
+  } else if (bwd_variant() == 1) {
+    launch_flash_bwd_variant<Elem, kHeadDim, 1, kMask>(params, q_pos, k_pos, stream);
   } else {
-    launch_flash_bwd_variant<Elem, kHeadDim, 0>(params, q_pos, k_pos, stream);
+    launch_flash_bwd_variant<Elem, kHeadDim, 0, kMask>(params, q_pos, k_pos, stream);
   }
 }
 
 }  // namespace ringattn::cuda
 
-// One translation unit per (dtype, head_dim).
-#define RINGATTN_INSTANTIATE_FLASH_BWD(Elem, kHeadDim)                                                     \
-  template void ::ringattn::cuda::launch_flash_bwd_step<Elem, kHeadDim>(const FlashBwdParams&,              \
-                                                                        const ChunkPositions&,              \
-                                                                        const ChunkPositions&, cudaStream_t);
+// One translation unit per (dtype, head_dim, mask class).
+#define RINGATTN_INSTANTIATE_FLASH_BWD_CLASS(Elem, kHeadDim, kMask)                                            \
+  template void ::ringattn::cuda::launch_flash_bwd_step<Elem, kHeadDim, ::ringattn::cuda::MaskClass::kMask>( \
+      const FlashBwdParams&, const ChunkPositions&, const ChunkPositions&, cudaStream_t);
+#define RINGATTN_INSTANTIATE_FLASH_BWD(Elem, kHeadDim) RINGATTN_INSTANTIATE_FLASH_BWD_CLASS(Elem, kHeadDim, kCausal)
+#define RINGATTN_INSTANTIATE_FLASH_BWD_MASKED(Elem, kHeadDim) RINGATTN_INSTANTIATE_FLASH_BWD_CLASS(Elem, kHeadDim, kGeneral)

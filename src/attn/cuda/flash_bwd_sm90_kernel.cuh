@@ -24,7 +24,9 @@
 #include <type_traits>
 
 #include "attn/cuda/flash_bwd.hpp"
+#include "attn/cuda/flash_block.hpp"
 #include "attn/cuda/flash_bwd_kernel.cuh"
+#include "attn/cuda/flash_mask.hpp"
 #include "attn/cuda/flash_fwd_sm90_device.cuh"
 
 namespace ringattn::cuda::bwd90 {
@@ -43,6 +45,9 @@ using bwd::BwdBlock;
 using bwd::QTile;
 using bwd::QTileBounds;
 using bwd::store_q_tile_bounds;
+using bwd::key_row_mask;
+using bwd::make_q_walk;
+using bwd::store_walk_bounds;
 using sm90::make_desc_sw128;
 using sm90::Wgmma;
 using sm90::wgmma_commit;
@@ -185,6 +190,23 @@ __device__ __forceinline__ void softmax_p(float (&s)[32], const float* lse, floa
   }
 }
 
+// P^T of a partial tile under any mask (kGeneral): softmax_p<true> with the mask's rule per element
+// (bwd::visible_bits: the thread's two key rows krow, krow + 8 of the tile at chunk row k0).
+__device__ __forceinline__ void softmax_p_general(float (&s)[32], const float* lse, float scale_log2,
+                                                  const FlashBwdParams& p, bool patterned, const ChunkPositions& k_pos,
+                                                  int k0, int krow, const ChunkPositions& q_pos, int q0, int t) {
+  const uint32_t bits = bwd::visible_bits<8>(p, patterned, k_pos, k0, krow, q_pos, q0, t);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = j * 8 + 2 * t + (e & 1);
+      const float pv = ex2(fmaf(s[4 * j + e], scale_log2, -lse[col]));
+      s[4 * j + e] = (bits >> (4 * j + e)) & 1u ? pv : 0.f;
+    }
+  }
+}
+
 // An m64 x k64 accumulator tile as the four k16 A fragments of an RS wgmma, rounded to Elem.
 template <typename Elem>
 __device__ __forceinline__ void pack_a(const float (&x)[32], uint32_t (&a)[4][4]) {
@@ -283,9 +305,11 @@ __device__ __forceinline__ void load_tile_sw128(uint32_t dst, const Elem* src, i
 // The fallback of the TMA kernel (flash_bwd_sm90_tma_kernel.cuh) for tensors no tensor map can
 // describe: dQ = dS K on wgmma, added into the tiled dq_accum with red.global.add.v2; two block
 // barriers per query tile.
-template <typename Elem, int kHeadDim>
+// kMask: the mask class (flash_mask.hpp), as flash_bwd_kernel.
+template <typename Elem, int kHeadDim, MaskClass kMask = MaskClass::kCausal>
 __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
-    flash_bwd_sm90_kernel(const FlashBwdParams p, const ChunkPositions q_pos, const ChunkPositions k_pos) {
+    flash_bwd_sm90_kernel(const __grid_constant__ FlashBwdParams p, const __grid_constant__ ChunkPositions q_pos,
+                          const __grid_constant__ ChunkPositions k_pos) {
 #if RINGATTN_SM90A_ENABLED
   using Tr = Sm90BwdTraits<Elem, kHeadDim>;
   constexpr int D = kHeadDim, M = Tr::kBlockM, N = Tr::kBlockN;
@@ -309,9 +333,9 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
   const int64_t pad_rows = blk.pad_rows;
 
   __shared__ QTileBounds bounds;
-  store_q_tile_bounds<M>(bounds, p, q_pos, k_pos, k0, k_end);
+  store_walk_bounds<kMask, M>(bounds, p, q_pos, k_pos, k0, k_end);
   __syncthreads();
-  const QTileWalk walk{bounds, num_q_tiles, group};
+  const auto walk = make_q_walk<kMask, M>(bounds, p, q_pos, k_pos, k0, k_end, num_q_tiles, group, hkv);
   QTile cur = walk.first();
   if (walk.done(cur)) {  // this K/V tile is invisible to every query: its dK/dV get nothing
     bwd::write_invisible_rows<Elem, D>(p, b, hkv, k0, k_end);
@@ -393,7 +417,13 @@ __global__ void __launch_bounds__(Sm90BwdTraits<Elem, kHeadDim>::kThreads, 1)
     fence_regs(s);
 
     // P^T in place of S^T (element 4j + e: key row wrow + g + 8 (e >> 1), query column 8j + 2t + (e & 1)).
-    if (k_tail || cur.kind == 1) {
+    if constexpr (kMask == MaskClass::kGeneral) {
+      if (k_tail || cur.kind == 1) {
+        softmax_p_general(s, lse, scale_log2, p, p.mask.patterned_head(h), k_pos, k0, wrow + g, q_pos, q0, t);
+      } else {
+        softmax_p<false>(s, lse, scale_log2, 0, 0, q_pos, q0, t);
+      }
+    } else if (k_tail || cur.kind == 1) {
       softmax_p<true>(s, lse, scale_log2, kpos0, kpos1, q_pos, q0, t);
     } else {
       softmax_p<false>(s, lse, scale_log2, kpos0, kpos1, q_pos, q0, t);

@@ -45,7 +45,10 @@ __device__ __forceinline__ void st_shared_v4(uint32_t addr, float a, float b, fl
   asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
 
-template <typename Elem, int kHeadDim_>
+// kProducerRegs_, kConsumerRegs_: registers after setmaxnreg. The any-mask kernel's producer walks
+// the query tiles with the full rule (64-bit position bounds): 56 / 224 (40 bytes of producer spills
+// left, one thread's; 32 / 240 spilled 160), the causal kernel's 24 / 240.
+template <typename Elem, int kHeadDim_, int kProducerRegs_ = 24, int kConsumerRegs_ = 240>
 struct TmaBwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;   // query rows per tile
@@ -54,8 +57,8 @@ struct TmaBwdTraits {
   static constexpr int kWarpgroupThreads = 128;
   static constexpr int kConsumerThreads = kConsumers * kWarpgroupThreads;
   static constexpr int kThreads = kWarpgroupThreads + kConsumerThreads;  // producer warpgroup first
-  static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = 240;
+  static constexpr int kProducerRegs = kProducerRegs_;
+  static constexpr int kConsumerRegs = kConsumerRegs_;
   static constexpr int kStages = 3;    // Q/dO/lse/delta tiles: current, next, the one being loaded
   static constexpr int kDsStages = 2;  // dS^T: this tile's, the previous tile's (its dQ may still read it)
   static constexpr int kRowBytes = 128;
@@ -82,7 +85,9 @@ struct TmaBwdTraits {
   static constexpr uint32_t kTileTx = 2 * kQBytes + 2 * kRowVecBytes;  // bytes landing per tile
   static constexpr int kCoreRowBytes = 8 * kRowBytes;
   static_assert(kHeadDim == 128, "the wgmma backward covers head_dim 128");
-  static_assert(kSmemBytes + static_cast<int>(sizeof(QTileBounds)) <= 227 * 1024, "shared memory");
+  // Static shared memory beside: the causal walk's bounds, the any-mask walk's tile and dQ slots.
+  static_assert(kSmemBytes + static_cast<int>(sizeof(QTileBounds)) + 4 * kStages + 8 * kConsumers <= 227 * 1024,
+                "shared memory");
   static_assert(kProducerRegs * kWarpgroupThreads + kConsumerRegs * kConsumerThreads <= 65536, "register file");
 };
 
@@ -111,12 +116,17 @@ __device__ __forceinline__ void bulk_load(uint32_t smem_dst, const void* src, ui
       : "memory");
 }
 
-template <typename Elem, int kHeadDim>
-__global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
-    flash_bwd_sm90_tma_kernel(const __grid_constant__ TmaBwdArgs args, const ChunkPositions q_pos,
-                              const ChunkPositions k_pos) {
+template <typename Elem, int kHeadDim, MaskClass kMask>
+using TmaBwdTraitsFor = TmaBwdTraits<Elem, kHeadDim, kMask == MaskClass::kGeneral ? 56 : 24,
+                                     kMask == MaskClass::kGeneral ? 224 : 240>;
+
+// kMask: the mask class (flash_mask.hpp), as flash_bwd_kernel.
+template <typename Elem, int kHeadDim, MaskClass kMask = MaskClass::kCausal>
+__global__ void __launch_bounds__(TmaBwdTraitsFor<Elem, kHeadDim, kMask>::kThreads, 1)
+    flash_bwd_sm90_tma_kernel(const __grid_constant__ TmaBwdArgs args, const __grid_constant__ ChunkPositions q_pos,
+                              const __grid_constant__ ChunkPositions k_pos) {
 #if RINGATTN_SM90A_ENABLED
-  using Tr = TmaBwdTraits<Elem, kHeadDim>;
+  using Tr = TmaBwdTraitsFor<Elem, kHeadDim, kMask>;
   const FlashBwdParams& p = args.p;
   constexpr int D = kHeadDim, M = Tr::kBlockM, N = Tr::kBlockN;
   constexpr int kDT = D / 8;  // n8 tiles of a dK / dV row block
@@ -141,7 +151,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   const int64_t pad_rows = blk.pad_rows;
 
   __shared__ QTileBounds bounds;
-  store_q_tile_bounds<M>(bounds, p, q_pos, k_pos, k0, k_end);
+  store_walk_bounds<kMask, M>(bounds, p, q_pos, k_pos, k0, k_end);
   if (tid == 0) {
     mbar_init(bar_kv, 1);
     for (int s = 0; s < Tr::kStages; ++s) {
@@ -155,7 +165,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     fence_barrier_init();
   }
   __syncthreads();
-  const QTileWalk walk{bounds, num_q_tiles, group};
+  const auto walk = make_q_walk<kMask, M>(bounds, p, q_pos, k_pos, k0, k_end, num_q_tiles, group, hkv);
   const QTile first = walk.first();
   if (walk.done(first)) {  // this K/V tile is invisible to every query: its dK/dV get nothing
     bwd::write_invisible_rows<Elem, D>(p, b, hkv, k0, k_end);
@@ -164,6 +174,20 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   // Row offset of a tile's lse_log2/delta slice and of its dq_accum rows.
   auto tile_rows = [&](const QTile& tile) {
     return (static_cast<int64_t>(b) * p.heads + hkv * group + tile.hg) * pad_rows + tile.qt * M;
+  };
+  // kGeneral: only the producer walks (the any-mask walk is 64-bit work the consumers have no
+  // registers for). It hands each tile to the consumers with the stage (written before it arms the
+  // stage's full barrier, read after that barrier completes), and the consumers hand each tile's
+  // dq_accum rows to the dQ thread with their staged block (written before they arrive on
+  // bar_dq_full, read after it completes; rewritten only after bar_dq_empty).
+  __shared__ int s_tile_info[Tr::kStages];
+  __shared__ int64_t s_dq_rows[Tr::kConsumers];
+  volatile int* tile_info = s_tile_info;
+  volatile int64_t* dq_rows = s_dq_rows;
+  constexpr int kInfoHgShift = 20, kInfoKindShift = 28, kInfoMore = 1 << 30;  // qt | hg | kind | more
+  constexpr int64_t kDqLast = int64_t{1} << 62;  // s_dq_rows: the walk's last tile
+  auto encode_tile = [&](const QTile& tile, bool more) {
+    return tile.qt | (tile.hg << kInfoHgShift) | (tile.kind << kInfoKindShift) | (more ? kInfoMore : 0);
   };
 
   if (warp < Tr::kWarpgroupThreads / 32) {
@@ -182,8 +206,11 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
       // previous tile (number n - kStages).
       int stage = 0;
       uint32_t parity = 0;
-      for (QTile tile = first; !walk.done(tile); tile = walk.after(tile, p.causal)) {
+      for (QTile tile = first; !walk.done(tile);) {
+        QTile next{};
+        if constexpr (kMask == MaskClass::kGeneral) next = walk.after(tile, p.causal);
         mbar_wait(bar_empty(stage), parity ^ 1u);
+        if constexpr (kMask == MaskClass::kGeneral) tile_info[stage] = encode_tile(tile, !walk.done(next));
         const uint32_t bar = bar_full(stage);
         const int h = hkv * group + tile.hg;
         const int q0 = tile.qt * M;
@@ -201,16 +228,27 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
           stage = 0;
           parity ^= 1u;
         }
+        if constexpr (kMask == MaskClass::kGeneral) {
+          tile = next;
+        } else {
+          tile = walk.after(tile, p.causal);
+        }
       }
     } else if (warp == 1 && lane == 0) {
       // Each consumer warpgroup's staged dQ block of a tile is added into the tiled dq_accum by one
       // bulk reduction; the staging is handed back once the reduction has read it.
       uint32_t parity = 0;
-      for (QTile tile = first; !walk.done(tile); tile = walk.after(tile, p.causal)) {
+      bool last = false;  // kGeneral: the tile just reduced was the walk's last
+      for (QTile tile = first; kMask == MaskClass::kGeneral ? !last : !walk.done(tile);) {
         float* rows = p.dq_accum + tile_rows(tile) * D;
 #pragma unroll
         for (int c = 0; c < Tr::kConsumers; ++c) {
           mbar_wait(bar_dq_full(c), parity);
+          if constexpr (kMask == MaskClass::kGeneral) {
+            const int64_t info = dq_rows[c];
+            last = (info & kDqLast) != 0;
+            rows = p.dq_accum + (info & ~kDqLast) * D;
+          }
           bulk_reduce_add_f32(rows + c * 64 * 64, base + Tr::kOffDqStage + c * Tr::kDqStageBytes, Tr::kDqStageBytes);
           bulk_commit();
         }
@@ -219,6 +257,7 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
         bulk_wait_read<0>();
         mbar_arrive(bar_dq_empty(1));
         parity ^= 1u;
+        if constexpr (kMask == MaskClass::kCausal) tile = walk.after(tile, p.causal);
       }
       bulk_wait_all();  // the reductions have landed in global memory
     }
@@ -246,14 +285,20 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
   int stage = 0;        // tile number n's stage: n % kStages
   uint32_t parity = 0;  // and its phase: (n / kStages) & 1
   uint32_t n = 0;
-  for (QTile cur = first; !walk.done(cur); cur = walk.after(cur, p.causal), ++n) {
+  for (QTile cur = first; !walk.done(cur); ++n) {
     const uint32_t sQ = base + Tr::kOffQ + stage * Tr::kQBytes;
     const uint32_t sDo = base + Tr::kOffDo + stage * Tr::kQBytes;
     const uint32_t sDs = base + Tr::kOffDs + (n & 1) * Tr::kDsBytes;
     const float* lse = sLse + stage * M;
     const float* delta = sDelta + stage * M;
-    const int q0 = cur.qt * M;
     mbar_wait(bar_full(stage), parity);
+    bool more = true;  // kGeneral: another tile follows (the producer's tile info)
+    if constexpr (kMask == MaskClass::kGeneral) {
+      const int info = tile_info[stage];
+      cur = QTile{(info >> kInfoHgShift) & 0xff, info & ((1 << kInfoHgShift) - 1), (info >> kInfoKindShift) & 3};
+      more = (info & kInfoMore) != 0;
+    }
+    const int q0 = cur.qt * M;
 
     // S^T = K_w Q^T and dP^T = V_w dO^T, two groups (the previous tile's dK may still be in flight).
     float s[32], dp[32];
@@ -266,12 +311,21 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
     // P^T in place of S^T (element 4j + e: key row wrow + g + 8 (e >> 1), query column 8j + 2t + (e & 1)).
     // The key rows' mask positions are looked up in partial tiles only (registers are short).
     const bool partial = k_tail || cur.kind == 1;
-    const int64_t kpos0 = partial ? key_mask_pos(p, k_pos, k0, wrow + g) : 0;
-    const int64_t kpos1 = partial ? key_mask_pos(p, k_pos, k0, wrow + g + 8) : 0;
-    if (partial) {
-      softmax_p<true>(s, lse, scale_log2, kpos0, kpos1, q_pos, q0, t);
+    if constexpr (kMask == MaskClass::kGeneral) {
+      if (partial) {
+        softmax_p_general(s, lse, scale_log2, p, p.mask.patterned_head(hkv * group + cur.hg), k_pos, k0, wrow + g,
+                          q_pos, q0, t);
+      } else {
+        softmax_p<false>(s, lse, scale_log2, 0, 0, q_pos, q0, t);
+      }
     } else {
-      softmax_p<false>(s, lse, scale_log2, kpos0, kpos1, q_pos, q0, t);
+      const int64_t kpos0 = partial ? key_mask_pos(p, k_pos, k0, wrow + g) : 0;
+      const int64_t kpos1 = partial ? key_mask_pos(p, k_pos, k0, wrow + g + 8) : 0;
+      if (partial) {
+        softmax_p<true>(s, lse, scale_log2, kpos0, kpos1, q_pos, q0, t);
+      } else {
+        softmax_p<false>(s, lse, scale_log2, kpos0, kpos1, q_pos, q0, t);
+      }
     }
     uint32_t pa[4][4];
     pack_a<Elem>(s, pa);
@@ -319,10 +373,18 @@ __global__ void __launch_bounds__(TmaBwdTraits<Elem, kHeadDim>::kThreads, 1)
       st_shared_v4(stage_dq + (j * 128 + tw) * 16, dq[4 * j] * p.scale, dq[4 * j + 1] * p.scale,
                    dq[4 * j + 2] * p.scale, dq[4 * j + 3] * p.scale);
     fence_proxy_async();
+    if constexpr (kMask == MaskClass::kGeneral) {
+      if (tw == 0) dq_rows[wg] = tile_rows(cur) | (more ? 0 : kDqLast);
+    }
     mbar_arrive(bar_dq_full(wg));
     if (++stage == Tr::kStages) {
       stage = 0;
       parity ^= 1;
+    }
+    if constexpr (kMask == MaskClass::kGeneral) {
+      if (!more) cur = QTile{group, 0, 0};  // the walk is done
+    } else {
+      cur = walk.after(cur, p.causal);
     }
   }
   wgmma_wait<0>();

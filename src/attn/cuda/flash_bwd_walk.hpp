@@ -3,7 +3,9 @@
 
 #include <cstdint>
 
+#include "attn/cuda/flash_block.hpp"
 #include "ringattn/layout.hpp"
+#include "ringattn/mask.hpp"
 
 #if defined(__CUDACC__)
 #define RINGATTN_HD __host__ __device__ __forceinline__
@@ -116,6 +118,50 @@ struct QTileWalk {
       }
       const int q = qt > bd.e1 ? qt : bd.e1;
       if (q < num_q_tiles) return {hg, q, kind(q)};
+    }
+    return {group, 0, 0};
+  }
+};
+
+// Backward, any mask: the query tiles (kBlockM rows) a block's key tile (positions [k_min,
+// k_max]) sees, in order: every visible tile of the group's first head, then of the next. Each
+// head takes its own kind (Mask::patterned_head) and hull (query_bounds); tiles outside the hull
+// are jumped over, the others classified. Unlike the causal walk above, a tile's
+// kind may fall and rise again along the tiles (windows, strides, documents). Holds references:
+// on the GPU, to kernel parameters (__grid_constant__), so nothing is copied.
+template <int kBlockM>
+struct MaskedQTileWalk {
+  const Mask& mask;
+  const ChunkPositions& q_pos;
+  int seq_q, num_q_tiles, group, head0;  // head0: the group's first query head
+  int64_t k_min, k_max;
+
+  RINGATTN_HD QTile first() const { return visible_from(0, 0); }
+  // The second argument matches the causal walk's signature; the mask decides here.
+  RINGATTN_HD QTile after(const QTile& c, bool = true) const {
+    return c.qt + 1 < num_q_tiles ? visible_from(c.hg, c.qt + 1) : visible_from(c.hg + 1, 0);
+  }
+  RINGATTN_HD bool done(const QTile& c) const { return c.hg >= group; }
+
+ private:
+  RINGATTN_HD QTile visible_from(int hg, int qt) const {
+    for (; hg < group; ++hg, qt = 0) {
+      const bool patterned = mask.patterned_head(head0 + hg);
+      int64_t lo = 0, hi = 0;
+      query_bounds(mask, INT64_MAX, k_min, k_max, patterned, &lo, &hi);
+      while (qt < num_q_tiles) {
+        const int64_t row = first_row_in(q_pos, static_cast<int64_t>(qt) * kBlockM, lo, hi);
+        if (row >= seq_q) break;
+        const int jump = static_cast<int>(row / kBlockM);
+        qt = jump > qt ? jump : qt;
+        const int64_t r0 = static_cast<int64_t>(qt) * kBlockM;
+        const int64_t r1 = r0 + kBlockM < seq_q ? r0 + kBlockM : seq_q;
+        int64_t mn = 0, mx = 0;
+        rows_position_range(q_pos, r0, r1, &mn, &mx);
+        const Visibility v = classify(mask, mn, mx, k_min, k_max, patterned);
+        if (v != Visibility::kEmpty) return {hg, qt, v == Visibility::kFull ? 2 : 1};
+        ++qt;
+      }
     }
     return {group, 0, 0};
   }

@@ -43,6 +43,13 @@ bool try_sm90(const FlashFwdParams& params, DType dtype, int head_dim, cudaStrea
   if (!wgmma_allowed() || (head_dim != 64 && head_dim != 128)) return false;
   if (dtype != DType::kBF16 && dtype != DType::kF16) return false;
   if (!sm90_fwd_supported()) return false;
+  if (mask_class(params.mask) == MaskClass::kGeneral) {
+    if (dtype == DType::kBF16)
+      return head_dim == 128 ? launch_flash_fwd_sm90_masked<__nv_bfloat16, 128>(params, stream)
+                             : launch_flash_fwd_sm90_masked<__nv_bfloat16, 64>(params, stream);
+    return head_dim == 128 ? launch_flash_fwd_sm90_masked<__half, 128>(params, stream)
+                           : launch_flash_fwd_sm90_masked<__half, 64>(params, stream);
+  }
   if (dtype == DType::kBF16)
     return head_dim == 128 ? launch_flash_fwd_sm90<__nv_bfloat16, 128>(params, stream)
                            : launch_flash_fwd_sm90<__nv_bfloat16, 64>(params, stream);
@@ -162,6 +169,15 @@ void flash_fwd_step(const FlashFwdParams& params, DType dtype, int head_dim, cud
     f.head_dim = head_dim;
     flash_fwd_finalize(f, dtype, stream);
     return;
+  }
+  if (mask_class(params.mask) == MaskClass::kGeneral) {  // any mask: one tile variant per head_dim
+    constexpr MaskClass kAny = MaskClass::kGeneral;
+    constexpr int k64 = kFwdMaskedVariant<64>, k128 = kFwdMaskedVariant<128>;
+    if (dtype == DType::kBF16 && head_dim == 64) return launch_flash_fwd<__nv_bfloat16, 64, k64, kAny>(params, stream);
+    if (dtype == DType::kBF16 && head_dim == 128) return launch_flash_fwd<__nv_bfloat16, 128, k128, kAny>(params, stream);
+    if (dtype == DType::kF16 && head_dim == 64) return launch_flash_fwd<__half, 64, k64, kAny>(params, stream);
+    if (dtype == DType::kF16 && head_dim == 128) return launch_flash_fwd<__half, 128, k128, kAny>(params, stream);
+    unsupported(dtype, head_dim);
   }
   const int variant = dtype == DType::kBF16 ? fwd_variant() : 0;
   if (dtype == DType::kBF16 && head_dim == 64) return launch_variant<__nv_bfloat16, 64>(params, stream, variant);

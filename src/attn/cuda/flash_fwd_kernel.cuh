@@ -100,7 +100,9 @@ inline dim3 fwd_grid(const FlashFwdParams& p, int block_m) {
   return dim3(static_cast<unsigned>(tiles * p.batch * p.heads));
 }
 
-template <typename T, typename Elem>
+// kMask: what the instantiation knows of the mask (flash_mask.hpp); kCausal is the dense / causal
+// kernel, kGeneral applies p.mask.
+template <typename T, typename Elem, MaskClass kMask = MaskClass::kCausal>
 __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_kernel(const __grid_constant__ FlashFwdParams p) {
   constexpr int kMTiles = T::kMTiles;
   constexpr int kNTilesS = T::kNTilesS;
@@ -152,7 +154,8 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_ker
   const int64_t q_min = position_min(p.q_pos, q_lo, q_hi);
   const int64_t q_max = position_max(p.q_pos, q_lo, q_hi);
   const int num_n_tiles = (p.seq_k + T::kBlockN - 1) / T::kBlockN;
-  int tile = next_visible_tile(p.k_pos, 0, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+  const FwdTileRule<kMask> rule = make_fwd_tile_rule<kMask>(p.mask, p.causal, h, q_min, q_max);
+  int tile = next_visible_tile(rule, p.k_pos, 0, num_n_tiles, T::kBlockN, p.seq_k);
   if (tile == num_n_tiles && !p.first_step) return;  // this chunk adds nothing: the state stays
 
   if (tile < num_n_tiles) {
@@ -185,7 +188,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_ker
 
   while (tile < num_n_tiles) {
     const int k_lo = tile * T::kBlockN;
-    const TileKind kind = classify_key_tile(p.k_pos, k_lo, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+    const TileKind kind = classify_key_tile(rule, p.k_pos, k_lo, T::kBlockN, p.seq_k);
 
     cp_async_wait_all();  // K_tile (and Q) landed; every warp is done with V of the previous tile
     __syncthreads();
@@ -217,7 +220,33 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_ker
       }
     }
 
-    if (kind == TileKind::kPartial) {
+    if constexpr (kMask == MaskClass::kGeneral) {
+      if (kind == TileKind::kPartial) {
+        // Any mask: per query row of the thread, a bit per key column of the tile (a loop, not
+        // unrolled: the rule's 64-bit arithmetic then needs few registers beside the accumulators),
+        // then the masking, unrolled. Key rows past seq_k are masked.
+        static_assert(2 * kNTilesS <= 32, "one bit per key column of a thread");
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) {
+            const int row = q_lo + warp_row0 + mt * T::kMmaM + quad_row + r * kHalfTileRows;
+            const RowMask qm = row_mask(p.mask, position_at(p.q_pos, row), row < p.seq_q);
+            uint32_t bits = 0;
+#pragma unroll 1
+            for (int i = 0; i < 2 * kNTilesS; ++i) {  // key column i: n8 tile i / 2, element i % 2
+              const int key = k_lo + (i >> 1) * T::kMmaN + 2 * quad_col + (i & 1);
+              if (key < p.seq_k && row_sees(p.mask, rule.patterned, qm, position_at(p.k_pos, key))) bits |= 1u << i;
+            }
+#pragma unroll
+            for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e)
+                if (!((bits >> (2 * nt + e)) & 1u)) s[mt][nt][2 * r + e] = -INFINITY;
+          }
+        }
+      }
+    } else if (kind == TileKind::kPartial) {
       int64_t q_position[kMTiles][kRows];  // rows past seq_q are never stored; any value will do
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
@@ -241,7 +270,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) flash_fwd_ker
       }
     }
 
-    const int next = next_visible_tile(p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+    const int next = next_visible_tile(rule, p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k);
     cp_async_wait_all();  // V_tile landed; every warp is done with K_tile
     __syncthreads();
     if (next < num_n_tiles) {

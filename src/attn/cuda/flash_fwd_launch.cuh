@@ -28,11 +28,11 @@ struct FwdTileConfig<128, 1> { using Traits = FlashFwdTraits<128, 128, 32, 4, 2>
 template <>
 struct FwdTileConfig<128, 2> { using Traits = FlashFwdTraits<128, 128, 48, 4, 2>; };
 
-template <typename Elem, int kHeadDim, int kVariant>
+template <typename Elem, int kHeadDim, int kVariant, MaskClass kMask>
 void launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
   using Traits = typename FwdTileConfig<kHeadDim, kVariant>::Traits;
   if (params.seq_q == 0 || params.batch == 0) return;
-  auto* kernel = &flash_fwd_kernel<Traits, Elem>;
+  auto* kernel = &flash_fwd_kernel<Traits, Elem, kMask>;
   RINGATTN_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));
   FlashFwdParams p = params;
@@ -45,5 +45,11 @@ void launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
 }  // namespace ringattn::cuda
 
 // One translation unit per (dtype, head_dim): explicit instantiations of the variants it serves.
-#define RINGATTN_INSTANTIATE_FLASH_FWD(Elem, kHeadDim, kVariant) \
-  template void ::ringattn::cuda::launch_flash_fwd<Elem, kHeadDim, kVariant>(const FlashFwdParams&, cudaStream_t);
+#define RINGATTN_INSTANTIATE_FLASH_FWD(Elem, kHeadDim, kVariant)                                                \
+  template void ::ringattn::cuda::launch_flash_fwd<Elem, kHeadDim, kVariant, ::ringattn::cuda::MaskClass::kCausal>( \
+      const FlashFwdParams&, cudaStream_t);
+// The any-mask kernel: one tile variant per head_dim (kFwdMaskedVariant).
+#define RINGATTN_INSTANTIATE_FLASH_FWD_MASKED(Elem, kHeadDim)                                                    \
+  template void ::ringattn::cuda::launch_flash_fwd<Elem, kHeadDim, ::ringattn::cuda::kFwdMaskedVariant<kHeadDim>, \
+                                                   ::ringattn::cuda::MaskClass::kGeneral>(const FlashFwdParams&,   \
+                                                                                          cudaStream_t);

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "ringattn/layout.hpp"
+#include "ringattn/mask.hpp"
 
 namespace ringattn::cuda {
 
@@ -30,7 +31,8 @@ struct FlashFwdParams {
   int seq_q = 0;
   int seq_k = 0;
   float scale_log2 = 0.f;  // softmax scale * log2(e)
-  bool causal = false;
+  bool causal = false;      // the kCausal kernels' mask (flash_mask.hpp)
+  Mask mask;                // the kGeneral kernels' mask, doc_offsets in device memory
   bool first_step = false;  // initialise the state instead of loading it
 
   // The pass's only step (Backend::forward_step_into, with first_step): `out` set, the kernel writes

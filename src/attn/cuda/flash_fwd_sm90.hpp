@@ -26,7 +26,11 @@ bool encode_tile_map(CUtensorMap* map, bool bf16, const void* base, int head_dim
 
 // Folds one K/V chunk into the running state with the wgmma kernel. Returns false (having launched
 // nothing) when the tensors cannot be described by tensor maps; the caller then uses the mma.sync kernel.
+// Dense or causal (params.causal: MaskClass::kCausal).
 template <typename Elem, int kHeadDim>
 bool launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream);
+// Any mask (params.mask: MaskClass::kGeneral); same contract.
+template <typename Elem, int kHeadDim>
+bool launch_flash_fwd_sm90_masked(const FlashFwdParams& params, cudaStream_t stream);
 
 }  // namespace ringattn::cuda

@@ -30,7 +30,9 @@ struct FwdArgs {
   FlashFwdParams p;
 };
 
-template <int kHeadDim_, int kBlockN_ = 128, int kStages_ = 2>
+// kProducerRegs_: the producer warpgroup's registers after setmaxnreg; the any-mask kernels'
+// producer classifies tiles with the full rule (64-bit position bounds) and needs 48 not to spill.
+template <int kHeadDim_, int kBlockN_ = 128, int kStages_ = 2, int kProducerRegs_ = 40>
 struct FwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;      // query rows per block
@@ -41,7 +43,7 @@ struct FwdTraits {
   static constexpr int kConsumerThreads = kWarpgroupThreads * kConsumers;
   static constexpr int kRowsPerConsumer = kBlockM / kConsumers;
   static constexpr int kStages = kStages_;  // K/V tile buffers
-  static constexpr int kProducerRegs = 40;
+  static constexpr int kProducerRegs = kProducerRegs_;
   static constexpr int kConsumerRegs = 232;
 
   // Tiles are stored as column blocks of 64 elements (128 bytes, the swizzle width); block c of a
@@ -79,11 +81,16 @@ struct FwdTraits {
 // (FlashAttention-3's intra-warpgroup pipelining). 2: 1, and the two consumer warpgroups take turns
 // issuing their GEMMs (named barriers), so one's softmax runs under the other's GEMMs ("ping-pong").
 // (Schedule 0, each GEMM waited for at once, measured 5-12% slower and was dropped.)
-template <typename Elem, int kHeadDim, int kSchedule, int kBlockN, int kStages>
-__global__ void __launch_bounds__(FwdTraits<kHeadDim, kBlockN, kStages>::kThreads, 1)
+// kMask: what the instantiation knows of the mask (flash_mask.hpp); kCausal is the dense / causal
+// kernel, kGeneral applies p.mask.
+template <int kHeadDim, int kBlockN, int kStages, MaskClass kMask>
+using FwdTraitsFor = FwdTraits<kHeadDim, kBlockN, kStages, kMask == MaskClass::kGeneral ? 48 : 40>;
+
+template <typename Elem, int kHeadDim, int kSchedule, int kBlockN, int kStages, MaskClass kMask = MaskClass::kCausal>
+__global__ void __launch_bounds__(FwdTraitsFor<kHeadDim, kBlockN, kStages, kMask>::kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ FwdArgs args) {
 #if RINGATTN_SM90A_ENABLED
-  using T = FwdTraits<kHeadDim, kBlockN, kStages>;
+  using T = FwdTraitsFor<kHeadDim, kBlockN, kStages, kMask>;
   static_assert(kSchedule == 1 || kSchedule == 2, "schedules: 1 in-warpgroup overlap, 2 plus ping-pong");
   constexpr int kNTilesS = T::kBlockN / 8;  // n8 tiles of S per thread row pair
   constexpr int kNTilesO = T::kHeadDim / 8;
@@ -121,7 +128,8 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim, kBlockN, kStages>::kThread
   const int64_t q_min = position_min(p.q_pos, q_lo, q_hi);
   const int64_t q_max = position_max(p.q_pos, q_lo, q_hi);
   const int num_n_tiles = (p.seq_k + T::kBlockN - 1) / T::kBlockN;
-  const int first_tile = next_visible_tile(p.k_pos, 0, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+  const FwdTileRule<kMask> rule = make_fwd_tile_rule<kMask>(p.mask, p.causal, h, q_min, q_max);
+  const int first_tile = next_visible_tile(rule, p.k_pos, 0, num_n_tiles, T::kBlockN, p.seq_k);
   if (first_tile == num_n_tiles && !p.first_step) return;  // this chunk adds nothing: the state stays
 
   if (threadIdx.x == 0) {
@@ -155,8 +163,8 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim, kBlockN, kStages>::kThread
         const int stage = it % T::kStages;
         const uint32_t phase = static_cast<uint32_t>(it / T::kStages) & 1u;
         const int k_lo = tile * T::kBlockN;
-        const TileKind kind = classify_key_tile(p.k_pos, k_lo, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
-        const int next = next_visible_tile(p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k, q_min, q_max, p.causal);
+        const TileKind kind = classify_key_tile(rule, p.k_pos, k_lo, T::kBlockN, p.seq_k);
+        const int next = next_visible_tile(rule, p.k_pos, tile + 1, num_n_tiles, T::kBlockN, p.seq_k);
         mbar_wait(k_empty(stage), phase ^ 1u);
         tile_info[stage] = tile | (kind == TileKind::kPartial ? kInfoPartial : 0) | (next < num_n_tiles ? kInfoMore : 0);
         mbar_arrive_expect_tx(k_full(stage), T::kKVBytes);  // release: orders the tile_info store
@@ -237,21 +245,41 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim, kBlockN, kStages>::kThread
       }
       wgmma_commit();
     };
-    // Masks S on a partial tile: causal by global positions, and missing tail keys.
+    // Masks S on a partial tile: causal by global positions (kCausal) or the mask's rule per element
+    // (kGeneral, each query row's document looked up once per tile), and missing tail keys.
     auto mask = [&](int k_lo) {
-      int64_t q_position[kRows];  // rows past seq_q are never stored; any value will do
+      if constexpr (kMask == MaskClass::kGeneral) {
+        const bool patterned = p.mask.patterned_head(h);
+        RowMask qm[kRows];
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) q_position[r] = position_at(p.q_pos, row0 + 8 * r);
+        for (int r = 0; r < kRows; ++r) qm[r] = row_mask(p.mask, position_at(p.q_pos, row0 + 8 * r), row0 + 8 * r < p.seq_q);
 #pragma unroll
-      for (int nt = 0; nt < kNTilesS; ++nt) {
+        for (int nt = 0; nt < kNTilesS; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = k_lo + nt * 8 + 2 * quad_col + e;
-          // Missing tail keys sort after every query; without a causal mask real keys before all.
-          const int64_t key_position = key >= p.seq_k ? INT64_MAX : (p.causal ? position_at(p.k_pos, key) : INT64_MIN);
+          for (int e = 0; e < 2; ++e) {
+            const int key = k_lo + nt * 8 + 2 * quad_col + e;
+            const int64_t key_position = position_at(p.k_pos, key);
 #pragma unroll
-          for (int r = 0; r < kRows; ++r)
-            if (key_position > q_position[r]) s[0][nt][2 * r + e] = -INFINITY;
+            for (int r = 0; r < kRows; ++r)  // rows past seq_k: masked
+              if (key >= p.seq_k || !row_sees(p.mask, patterned, qm[r], key_position)) s[0][nt][2 * r + e] = -INFINITY;
+          }
+        }
+      } else {
+        int64_t q_position[kRows];  // rows past seq_q are never stored; any value will do
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) q_position[r] = position_at(p.q_pos, row0 + 8 * r);
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int key = k_lo + nt * 8 + 2 * quad_col + e;
+            // Missing tail keys sort after every query; without a causal mask real keys before all.
+            const int64_t key_position =
+                key >= p.seq_k ? INT64_MAX : (p.causal ? position_at(p.k_pos, key) : INT64_MIN);
+#pragma unroll
+            for (int r = 0; r < kRows; ++r)
+              if (key_position > q_position[r]) s[0][nt][2 * r + e] = -INFINITY;
+          }
         }
       }
     };

@@ -17,9 +17,9 @@ namespace ringattn::cuda {
 //   5 = schedule 1, 128-key tiles, 3 K/V stages.
 // Default: 4 without a causal mask (and for head_dim 64), 5 with one (diagonal tiles are cheaper
 // in 128-key tiles). Variants 0, 2 and 3 were measured slower and are no longer compiled.
-template <typename Elem, int kHeadDim, int kSchedule, int kBlockN, int kStages = 2>
+template <typename Elem, int kHeadDim, int kSchedule, int kBlockN, int kStages = 2, MaskClass kMask = MaskClass::kCausal>
 bool launch_sm90_tiles(const FlashFwdParams& params, cudaStream_t stream) {
-  using T = sm90::FwdTraits<kHeadDim, kBlockN, kStages>;
+  using T = sm90::FwdTraitsFor<kHeadDim, kBlockN, kStages, kMask>;
   constexpr bool kBf16 = std::is_same_v<Elem, __nv_bfloat16>;
   const int kv_heads = params.heads / params.kv_group;
   sm90::FwdArgs args;
@@ -32,7 +32,7 @@ bool launch_sm90_tiles(const FlashFwdParams& params, cudaStream_t stream) {
       !encode_tile_map(&args.v, kBf16, params.v, kHeadDim, params.seq_k, kv_heads, params.batch,
                        params.v_row_stride, params.v_head_stride, params.v_batch_stride, T::kBlockN))
     return false;
-  auto* kernel = &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, kSchedule, kBlockN, kStages>;
+  auto* kernel = &sm90::flash_fwd_sm90_kernel<Elem, kHeadDim, kSchedule, kBlockN, kStages, kMask>;
   RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
   const dim3 grid = fwd_grid(params, T::kBlockM);
   kernel<<<grid, T::kThreads, T::kSmemBytes, stream>>>(args);
@@ -43,6 +43,7 @@ bool launch_sm90_tiles(const FlashFwdParams& params, cudaStream_t stream) {
 template <typename Elem, int kHeadDim>
 bool launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
   if (params.seq_q == 0 || params.batch == 0) return true;
+  // The causal class only: flash_fwd_sm90_masked<> takes every other mask.
   const int chosen = sm90_fwd_variant();
   const int variant = chosen >= 0 ? chosen : (params.causal && kHeadDim == 128 ? 5 : 4);
   switch (variant) {
@@ -54,6 +55,20 @@ bool launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
 
 }  // namespace ringattn::cuda
 
-// One translation unit per (dtype, head_dim).
+namespace ringattn::cuda {
+
+// Any mask (MaskClass::kGeneral): one shape, variant 5's (schedule 1, 128-key tiles, 3 K/V
+// stages): masks skip tiles and mask some, as causal does, which that shape serves best.
+template <typename Elem, int kHeadDim>
+bool launch_flash_fwd_sm90_masked(const FlashFwdParams& params, cudaStream_t stream) {
+  if (params.seq_q == 0 || params.batch == 0) return true;
+  return launch_sm90_tiles<Elem, kHeadDim, 1, 128, 3, MaskClass::kGeneral>(params, stream);
+}
+
+}  // namespace ringattn::cuda
+
+// One translation unit per (dtype, head_dim, mask class).
 #define RINGATTN_INSTANTIATE_FLASH_FWD_SM90(Elem, kHeadDim) \
   template bool ::ringattn::cuda::launch_flash_fwd_sm90<Elem, kHeadDim>(const FlashFwdParams&, cudaStream_t);
+#define RINGATTN_INSTANTIATE_FLASH_FWD_SM90_MASKED(Elem, kHeadDim) \
+  template bool ::ringattn::cuda::launch_flash_fwd_sm90_masked<Elem, kHeadDim>(const FlashFwdParams&, cudaStream_t);
