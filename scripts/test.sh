@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what is missing (Debian packages as root, numpy via pip), configures and builds ringattn
+# Installs what is missing (Debian packages as root; numpy, pytest, scikit-build-core, jax via pip), configures and builds ringattn
 # in build/, and runs the whole test suite with ctest. Exits non-zero on any failure.
 #
 #   scripts/test.sh               set up, build, run every test
@@ -11,6 +11,7 @@
 #
 # Environment: RINGATTN_TEST_CUDA=0 builds without CUDA even when nvcc exists (default: CUDA when
 # nvcc is on PATH or in /usr/local/cuda/bin; GPU tests then skip visibly without a GPU).
+# RINGATTN_TEST_PYTHON=1 also installs torch for tests/python (0: installs nothing for them).
 # RINGATTN_BUILD_DIR (default build), RINGATTN_JOBS (default nproc), CTEST_ARGS (extra ctest flags).
 set -euo pipefail
 
@@ -23,7 +24,7 @@ for arg in "$@"; do
   case $arg in
     --build-only) BUILD_ONLY=1 ;;
     --sanitize) SANITIZE=1 ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "test.sh: unknown argument '$arg' (use --build-only or --sanitize)" >&2; exit 2 ;;
   esac
 done
@@ -77,6 +78,37 @@ if [ -n "$PYTHON" ] && ! "$PYTHON" -c "import matplotlib" >/dev/null 2>&1; then
   "$PYTHON" -m pip install --quiet matplotlib >/dev/null 2>&1 ||
     "$PYTHON" -m pip install --quiet --break-system-packages matplotlib >/dev/null 2>&1 ||
     log "could not install matplotlib: the scaling plot test will be skipped"
+fi
+
+# ---- the Python package (pyproject.toml, python/ringattn/, tests/python/) ---------------------------
+# RINGATTN_TEST_PYTHON: unset: scikit-build-core and pytest (small) and jax (about 400 MB, 1.5 min)
+# are installed when missing, torch only when it is already there; 1: torch too (PyPI's default
+# wheel pulls its CUDA libraries: about 4 GB and 6 minutes here, too heavy for every CI run; the
+# CPU wheel of download.pytorch.org is tried first); 0: nothing is installed. The torch and jax
+# tests skip visibly (ctest "Skipped") when their framework is not importable.
+pip_install() {  # pip_install WHAT PIP-ARGS...: quiet, and tolerant of an externally managed Python
+  local what=$1; shift
+  "$PYTHON" -m pip install --quiet "$@" >/dev/null 2>&1 ||
+    "$PYTHON" -m pip install --quiet --break-system-packages "$@" >/dev/null 2>&1 ||
+    { log "could not install $what: its Python tests will be skipped"; return 1; }
+}
+py_has() { "$PYTHON" -c "import $1" >/dev/null 2>&1; }
+if [ -n "$PYTHON" ] && [ "${RINGATTN_TEST_PYTHON:-}" != 0 ]; then
+  py_has scikit_build_core || { log "installing scikit-build-core (pip install --no-build-isolation .)"; pip_install scikit-build-core scikit-build-core || true; }
+  py_has pytest || { log "installing pytest for tests/python"; pip_install pytest pytest || true; }
+  py_has jax || { log "installing jax for the JAX op tests"; pip_install jax jax || true; }
+  if ! py_has torch; then
+    if [ "${RINGATTN_TEST_PYTHON:-}" = 1 ]; then
+      log "installing torch (CPU wheel, else PyPI's default wheel) for the PyTorch op tests"
+      "$PYTHON" -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu >/dev/null 2>&1 ||
+        pip_install torch torch || true
+    else
+      log "torch is not installed: the PyTorch op tests (ctest python.torch) will be SKIPPED" \
+          "(RINGATTN_TEST_PYTHON=1 installs it: about 4 GB from PyPI)"
+    fi
+  fi
+elif [ "${RINGATTN_TEST_PYTHON:-}" = 0 ]; then
+  log "RINGATTN_TEST_PYTHON=0: nothing installed for the Python tests (they run or skip with what is there)"
 fi
 
 # ---- MPI as root and with more ranks than cores ---------------------------------------------------

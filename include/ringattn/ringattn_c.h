@@ -18,7 +18,7 @@ extern "C" {
 /* Functions and enum values are only ever added. A binding checks
  * ringattn_api_version() >> 16 == RINGATTN_C_API_MAJOR before it calls anything else. */
 #define RINGATTN_C_API_MAJOR 1
-#define RINGATTN_C_API_MINOR 0
+#define RINGATTN_C_API_MINOR 1
 
 /* Status of every call; values fixed forever. The message of the last failure on the calling
  * thread (with rank, host and device) is ringattn_last_error(). */
@@ -138,6 +138,48 @@ RINGATTN_C_EXPORT ringattn_status ringattn_ring_info(ringattn_ring ring, int32_t
                                                      int64_t* local_seq);
 /* The global positions of this rank's local_seq rows, in local row order (how to shard). */
 RINGATTN_C_EXPORT ringattn_status ringattn_ring_positions(ringattn_ring ring, int64_t* positions, int64_t count);
+
+/* Since 1.1. The global positions of rank `rank`'s rows on a ring of `world` ranks for `spec`, in
+ * local row order, as ringattn_ring_positions would give them (auto resolved, balanced blocks
+ * assigned): a pure function of (spec, world, rank), no ring and no communication (how a binding
+ * shards a global tensor). count must be spec->seq_len / world. */
+RINGATTN_C_EXPORT ringattn_status ringattn_layout_positions(const ringattn_spec* spec, int32_t world, int32_t rank,
+                                                            int64_t* positions, int64_t count);
+
+/* Since 1.1. Host callbacks that carry a CPU ring's exchanges over a binding's own communication
+ * (torch.distributed over gloo, for one). They are called on the thread that runs the pass (the one
+ * in ringattn_forward, ringattn_backward or ringattn_ring_create_callbacks) and must not throw. */
+typedef struct ringattn_callbacks {
+  size_t struct_size; /* sizeof(ringattn_callbacks) */
+  void* user;         /* passed back to every callback */
+  int32_t rank;       /* this process's rank in the ring */
+  int32_t world;      /* ranks in the ring */
+  /* Posts a non-blocking send (send = 1) of `bytes` at `data` to `peer`, or a receive (send = 0) of
+   * `bytes` from `peer` into `data`. Every rank posts the same tags in the same order, so a send
+   * and its receive carry the same tag (0 <= tag < 2^30). Returns 0, or nonzero on a failure. */
+  int32_t (*post)(void* user, int32_t send, int32_t peer, void* data, size_t bytes, int64_t tag);
+  /* Completes everything posted so far within timeout_ms; 0, or nonzero on a failure or timeout. */
+  int32_t (*wait_all)(void* user, double timeout_ms);
+  /* Drops whatever is still posted after a failure; may be NULL. */
+  void (*abort)(void* user);
+  /* The text of the last failure (copied at once); may be NULL. */
+  const char* (*last_error)(void* user);
+} ringattn_callbacks;
+
+/* Since 1.1. A CPU ring (options->device -1) over `callbacks`; timeout_ms per hop (0: 300 s). */
+RINGATTN_C_EXPORT ringattn_status ringattn_ring_create_callbacks(const ringattn_spec* spec,
+                                                                 const ringattn_callbacks* callbacks, double timeout_ms,
+                                                                 const ringattn_ring_options* options,
+                                                                 ringattn_ring* out);
+
+/* Since 1.1. MPI for bindings without an MPI package of their own (mpi4py): initializes MPI
+ * (MPI_THREAD_FUNNELED) when nobody has, and gives MPI_Comm_c2f(MPI_COMM_WORLD) for
+ * ringattn_transport_desc.mpi_comm with this process's rank and the world size (each may be NULL).
+ * RINGATTN_ERR_UNSUPPORTED in a build without MPI. */
+RINGATTN_C_EXPORT ringattn_status ringattn_mpi_world(int64_t* comm, int32_t* rank, int32_t* world);
+/* Since 1.1. Finalizes MPI when ringattn_mpi_world initialized it (call after the last ring is
+ * destroyed); otherwise does nothing. */
+RINGATTN_C_EXPORT ringattn_status ringattn_mpi_finalize(void);
 
 /* Embedded passes: bytes of workspace a pass needs (0 is possible); the same for every call. */
 RINGATTN_C_EXPORT ringattn_status ringattn_workspace_bytes(ringattn_ring ring, int32_t pass, size_t* bytes);

@@ -17,6 +17,7 @@
 #endif
 
 #include "attn/reference.hpp"
+#include "plan/plan.hpp"
 #include "ringattn/ringattn.hpp"
 
 namespace ringattn {
@@ -183,6 +184,84 @@ class DeviceScope {
 };
 #endif
 
+// A host-memory ring over a binding's callbacks (ringattn_callbacks): the ring exchange only (the
+// plan then keeps to the neighbour ring), one tag per piece from a counter every rank advances alike.
+class CallbackTransport final : public Transport {
+ public:
+  CallbackTransport(const ringattn_callbacks& cb, double timeout_ms) : cb_(cb), timeout_ms_(timeout_ms) {}
+
+  const char* name() const override { return "callbacks"; }
+  int rank() const override { return cb_.rank; }
+  int world() const override { return cb_.world; }
+  void set_timeout_ms(double ms) override { timeout_ms_ = ms; }
+
+  void start_exchange_pieces(const ExchangePart* parts, int num_parts, int hop,
+                             const ExchangePrologue& before) override {
+    throw_if_aborted();
+    RINGATTN_CHECK(!posted_, ErrorKind::kInternal,
+                   "exchange of hop " + std::to_string(hop) + " posted while hop " + std::to_string(hop_) +
+                       " is still in flight",
+                   "wait for each hop before posting the next");
+    hop_ = hop;
+    if (before) before(nullptr);  // host memory: the prologue runs here, before the transfer is posted
+    const int next = (cb_.rank + 1) % cb_.world, prev = (cb_.rank + cb_.world - 1) % cb_.world;
+    posted_ = true;
+    for (int part = 0; part < num_parts; ++part) {
+      const int64_t tag = next_tag_;
+      next_tag_ = (next_tag_ + 1) % kTagModulus;
+      if (parts[part].bytes == 0) continue;
+      post(0, prev, parts[part].recv, parts[part].bytes, tag);
+      post(1, next, const_cast<void*>(parts[part].send), parts[part].bytes, tag);
+    }
+  }
+
+  void wait(int hop) override {
+    throw_if_aborted();
+    if (!posted_) return;
+    posted_ = false;
+    if (cb_.wait_all(cb_.user, timeout_ms_) != 0) {
+      const std::string why = "exchange of hop " + std::to_string(hop) + " failed in the wait_all callback: " + text();
+      abort(why);
+      fail(ErrorKind::kComm, why, "a peer rank died or is stuck, or the binding's communication failed");
+    }
+  }
+
+  void abort(const std::string& why) override {
+    if (aborted_.empty()) aborted_ = why.empty() ? "aborted" : why;
+    posted_ = false;
+    if (cb_.abort) cb_.abort(cb_.user);
+  }
+
+ private:
+  static constexpr int64_t kTagModulus = int64_t{1} << 30;
+
+  std::string text() const {
+    const char* t = cb_.last_error ? cb_.last_error(cb_.user) : nullptr;
+    return t && *t ? std::string(t) : std::string("(no message)");
+  }
+  void throw_if_aborted() const {
+    if (!aborted_.empty()) {
+      fail(ErrorKind::kComm, "the callback transport was aborted earlier (" + aborted_ + ")",
+           "a failed exchange ends the ring; make a new one");
+    }
+  }
+  void post(int32_t send, int peer, void* data, std::size_t bytes, int64_t tag) {
+    if (cb_.post(cb_.user, send, peer, data, bytes, tag) != 0) {
+      const std::string why = std::string("posting a ") + (send ? "send to" : "receive from") + " rank " +
+                              std::to_string(peer) + " at hop " + std::to_string(hop_) + " failed: " + text();
+      abort(why);
+      fail(ErrorKind::kComm, why, "check the binding's communicator (all ranks in the same group?)");
+    }
+  }
+
+  ringattn_callbacks cb_;
+  double timeout_ms_;
+  int64_t next_tag_ = 0;
+  int hop_ = -1;
+  bool posted_ = false;
+  std::string aborted_;
+};
+
 }  // namespace
 }  // namespace ringattn
 
@@ -336,6 +415,34 @@ ringattn_status ringattn_ring_create(const ringattn_spec* spec, const ringattn_t
   });
 }
 
+ringattn_status ringattn_ring_create_callbacks(const ringattn_spec* spec, const ringattn_callbacks* callbacks,
+                                               double timeout_ms, const ringattn_ring_options* options,
+                                               ringattn_ring* out) {
+  return guarded([&] {
+    require(out != nullptr, "ringattn_ring_create_callbacks: out is NULL");
+    *out = nullptr;
+    const AttentionSpec s = spec_of(spec);
+    const ringattn_callbacks& cb = input_struct(callbacks, "ringattn_callbacks");
+    const ringattn_ring_options& o = input_struct(options, "ringattn_ring_options");
+    require(o.device == -1, "callbacks move host memory: options->device must be -1 (the CPU backend)");
+    require(cb.post != nullptr && cb.wait_all != nullptr, "callbacks->post and callbacks->wait_all must be set");
+    require(cb.world >= 1 && cb.rank >= 0 && cb.rank < cb.world,
+            "callbacks->rank " + std::to_string(cb.rank) + " outside a ring of " + std::to_string(cb.world));
+    auto r = std::make_unique<ringattn_ring_s>();
+    r->device = -1;
+    std::unique_ptr<Transport> tr;
+    if (cb.world == 1) {
+      tr = make_local_transport();
+    } else {
+      tr = std::make_unique<CallbackTransport>(cb, timeout_ms > 0 ? timeout_ms : kDefaultTimeoutMs);
+    }
+    RingOptions ro;
+    ro.embedded = o.embedded != 0;
+    r->ring = std::make_unique<RingAttention>(s, make_cpu_backend(), std::move(tr), ro);
+    *out = r.release();
+  });
+}
+
 void ringattn_ring_destroy(ringattn_ring ring) {
   guarded([&] {
     if (ring == nullptr) return;
@@ -378,6 +485,68 @@ ringattn_status ringattn_ring_positions(ringattn_ring ring, int64_t* positions, 
     require(count == r.local_seq(), "positions holds " + std::to_string(count) + " entries, the ring has " +
                                         std::to_string(r.local_seq()) + " local rows");
     for (int64_t i = 0; i < count; ++i) positions[i] = r.positions().at(i);
+  });
+}
+
+ringattn_status ringattn_layout_positions(const ringattn_spec* spec, int32_t world, int32_t rank, int64_t* positions,
+                                         int64_t count) {
+  return guarded([&] {
+    AttentionSpec s = spec_of(spec);
+    require(world >= 1, "world " + std::to_string(world) + " (hint: at least 1)");
+    require(rank >= 0 && rank < world, "rank " + std::to_string(rank) + " outside a ring of " + std::to_string(world));
+    s.validate(world);
+    require(positions != nullptr, "positions is NULL");
+    require(count == s.local_seq(world), "positions holds " + std::to_string(count) + " entries, a rank has " +
+                                             std::to_string(s.local_seq(world)) + " local rows");
+    const RankLayout ranks = layout_ranks(s, world);
+    const ChunkPositions p = ranks.positions(rank);
+    for (int64_t i = 0; i < count; ++i) positions[i] = p.at(i);
+  });
+}
+
+#ifdef RINGATTN_HAVE_MPI
+namespace {
+bool g_mpi_initialized_here = false;  // ringattn_mpi_world called MPI_Init_thread
+}  // namespace
+#endif
+
+ringattn_status ringattn_mpi_world(int64_t* comm, int32_t* rank, int32_t* world) {
+  return guarded([&] {
+#ifdef RINGATTN_HAVE_MPI
+    int initialized = 0, finalized = 0;
+    MPI_Initialized(&initialized);
+    MPI_Finalized(&finalized);
+    if (finalized) c_fail(RINGATTN_ERR_COMM, "MPI is already finalized in this process");
+    if (!initialized) {
+      int provided = 0;
+      if (MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+        c_fail(RINGATTN_ERR_COMM, "MPI_Init_thread failed (hint: launch with mpirun, or check the Open MPI installation)");
+      }
+      g_mpi_initialized_here = true;
+    }
+    int r = 0, w = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &r);
+    MPI_Comm_size(MPI_COMM_WORLD, &w);
+    if (comm) *comm = static_cast<int64_t>(MPI_Comm_c2f(MPI_COMM_WORLD));
+    if (rank) *rank = r;
+    if (world) *world = w;
+#else
+    (void)comm;
+    (void)rank;
+    (void)world;
+    c_fail(RINGATTN_ERR_UNSUPPORTED, "ringattn_mpi_world in a ringattn built without MPI");
+#endif
+  });
+}
+
+ringattn_status ringattn_mpi_finalize(void) {
+  return guarded([&] {
+#ifdef RINGATTN_HAVE_MPI
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (g_mpi_initialized_here && !finalized) MPI_Finalize();
+    g_mpi_initialized_here = false;
+#endif
   });
 }
 
