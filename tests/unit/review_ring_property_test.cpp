@@ -174,8 +174,9 @@ Typed typed_like(const TensorView& src, DType dtype) {
   Typed t;
   t.bytes.assign(static_cast<std::size_t>(src.numel()) * dtype_size(dtype), 0);
   std::vector<int64_t> shape(src.shape.begin(), src.shape.begin() + src.rank);
-  t.view = make_view(t.bytes.data(), dtype, Device::kHost, {shape[0], shape[1], shape[2], shape[3]});
-  if (src.rank == 3) t.view = make_view(t.bytes.data(), dtype, Device::kHost, {shape[0], shape[1], shape[2]});
+  // shape[3] exists only for rank 4 (reading it for an lse of rank 3 overflowed: ASan).
+  t.view = src.rank == 3 ? make_view(t.bytes.data(), dtype, Device::kHost, {shape[0], shape[1], shape[2]})
+                         : make_view(t.bytes.data(), dtype, Device::kHost, {shape[0], shape[1], shape[2], shape[3]});
   for (int64_t i = 0; i < src.numel(); ++i) store_from_double(t.view, i, load_as_double(src, i));
   return t;
 }
