@@ -136,7 +136,10 @@ if [ "$SANITIZE" = 1 ]; then
   log "running the unit, MPI, CLI and fault tests under the sanitizers"
   cd "$SAN_DIR"
   # shellcheck disable=SC2086
-  ctest --output-on-failure -j "$JOBS" -L "unit|mpi|cli|fault" ${CTEST_ARGS:-}
+  # Speed tests measure time, which the sanitizers multiply: they run in the main suite only.
+  SAN_TIMING_TESTS='unit\.ModelScale\.AThousandRanksAnswerWithinASecond|c_abi\.overhead|model\.cpu_live'
+  log "left out under the sanitizers (timing tests, run by the main suite): $SAN_TIMING_TESTS"
+  ctest --output-on-failure -j "$JOBS" -L "unit|mpi|cli|fault" -E "$SAN_TIMING_TESTS" ${CTEST_ARGS:-}
   exit $?
 fi
 
