@@ -244,7 +244,7 @@ TEST(SampledCheck, PassesOnRingOutputAndCatchesCorruption) {
   SampledCheckOptions opt;
   opt.samples = 48;
   const SampledCheckResult good =
-      distributed_sampled_check(spec, s.rank(), s.world(), s.mpi_comm(), q.view, k.view, v.view, out.view, lse.view, opt);
+      distributed_sampled_check(spec, s, q.view, k.view, v.view, out.view, lse.view, opt);
   if (s.rank() == 0) {
     std::printf("[ check p=%d ] rows %lld max rel err %.3e rel l2 %.3e lse %.2e\n", s.world(),
                 static_cast<long long>(good.rows), good.max_rel_err, good.rel_l2_err, good.max_lse_err);
@@ -257,7 +257,7 @@ TEST(SampledCheck, PassesOnRingOutputAndCatchesCorruption) {
   for (int64_t i = 0; i < h.view.numel(); ++i) store_from_double(h.view, i, 1.5 * load_as_double(h.view, i));
   out.upload(h);
   const SampledCheckResult bad =
-      distributed_sampled_check(spec, s.rank(), s.world(), s.mpi_comm(), q.view, k.view, v.view, out.view, lse.view, opt);
+      distributed_sampled_check(spec, s, q.view, k.view, v.view, out.view, lse.view, opt);
   EXPECT_FALSE(bad.pass) << "a corrupted output passed the check (max rel err " << bad.max_rel_err << ")";
 }
 
